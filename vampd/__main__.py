@@ -1,0 +1,3 @@
+from vampd.cli import main
+
+raise SystemExit(main())
