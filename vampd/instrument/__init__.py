@@ -1,0 +1,75 @@
+"""Everything that describes VAMPIRES itself: detectors, headers, angles, WCS, fields."""
+
+from vampd.instrument.angles import (
+    SUBARU,
+    SUBARU_LAT_DEG,
+    SUBARU_LON_DEG,
+    derotation_angle,
+    pa_offset,
+    parallactic_angle,
+    target_coord,
+    update_angles,
+    wrap,
+)
+from vampd.instrument.detectors import (
+    NBS_INSTALL_MJD,
+    Detector,
+    cmos_detector,
+    detector_from_header,
+    emccd_detector,
+    flipped_camera,
+    is_post_nbs,
+)
+from vampd.instrument.fields import (
+    calibrated_to_raw_yx,
+    default_field_centers,
+    field_names,
+    flip_cube,
+    is_flipped,
+    raw_to_calibrated_yx,
+)
+from vampd.instrument.headers import (
+    HeaderError,
+    camera_number,
+    fix_header,
+    header_mjd,
+    header_summary,
+    missing_keywords,
+    normalize_flc,
+    required_keywords,
+)
+from vampd.instrument.wcs import apply_wcs
+
+__all__ = [
+    "NBS_INSTALL_MJD",
+    "SUBARU",
+    "SUBARU_LAT_DEG",
+    "SUBARU_LON_DEG",
+    "Detector",
+    "HeaderError",
+    "apply_wcs",
+    "calibrated_to_raw_yx",
+    "camera_number",
+    "cmos_detector",
+    "default_field_centers",
+    "derotation_angle",
+    "detector_from_header",
+    "emccd_detector",
+    "field_names",
+    "fix_header",
+    "flip_cube",
+    "flipped_camera",
+    "header_mjd",
+    "header_summary",
+    "is_flipped",
+    "is_post_nbs",
+    "missing_keywords",
+    "normalize_flc",
+    "pa_offset",
+    "parallactic_angle",
+    "raw_to_calibrated_yx",
+    "required_keywords",
+    "target_coord",
+    "update_angles",
+    "wrap",
+]
