@@ -1,0 +1,192 @@
+"""Ledger: identity, decisions, retries, crash safety (real SQLite files, real subprocesses)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vampd.engine.ledger import SCHEMA_VERSION, Ledger, content_hash, file_identity, pid_alive
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return str(path)
+
+
+def _product(tmp_path, name, data=b"p"):
+    p = tmp_path / "out" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return str(p)
+
+
+def test_content_hash_first_and_last_mib(tmp_path):
+    mib = 1024 * 1024
+    data = bytes(range(256)) * (3 * mib // 256) + b"tail"
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    expected = hashlib.sha1(str(len(data)).encode() + data[:mib] + data[-mib:]).hexdigest()
+    assert content_hash(path) == expected
+    # a change in the middle (outside both MiB) is not seen; one in the last MiB is
+    mid = bytearray(data)
+    mid[len(data) // 2] ^= 1
+    path.write_bytes(bytes(mid))
+    assert content_hash(path) == expected
+    mid[-2] ^= 1
+    path.write_bytes(bytes(mid))
+    assert content_hash(path) != expected
+
+
+def test_schema_wal_and_readonly(tmp_path):
+    with Ledger(tmp_path) as led:
+        assert led.schema_version == SCHEMA_VERSION
+        assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert led.path == tmp_path.resolve() / "vampd.sqlite"
+    ro = Ledger(tmp_path, readonly=True)
+    with pytest.raises(sqlite3.OperationalError):
+        ro.conn.execute("INSERT INTO events (time, level, message) VALUES (1, 'x', 'y')")
+    ro.close()
+    with pytest.raises(FileNotFoundError, match="no ledger"):
+        Ledger(tmp_path / "nothing", readonly=True)
+
+
+def test_register_decisions(tmp_path):
+    f = _write(tmp_path / "a.fits", b"x" * 5000)
+    led = Ledger(tmp_path / "out")
+    assert led.register(f, "h1") == "new"
+    assert led.get(f)["state"] == "pending"
+    assert led.register(f, "h1") == "pending"  # still to do
+    prod = _product(tmp_path, "a_coll.fits")
+    led.mark_running(f)
+    lat = led.record_done(f, [("coadded", prod)], {"target": "AB Aur", "camera": 1, "hwp": 22.5}, {"nframes": 3})
+    assert lat >= 0
+    row = led.get(f)
+    assert (row["state"], row["target"], row["camera"], row["hwp"]) == ("done", "AB Aur", 1, 22.5)
+    assert led.register(f, "h1") == "done"  # nothing to do
+    # touched, same content: still done, new mtime recorded
+    os.utime(f, ns=(1_000_000_000, 2_000_000_000))
+    assert led.register(f, "h1") == "done"
+    assert led.get(f)["mtime_ns"] == 2_000_000_000
+    # config hash changed
+    assert led.register(f, "h2") == "config"
+    led.record_done(f, [("coadded", prod)], config_hash="h2")
+    assert led.register(f, "h2") == "done"
+    # content changed
+    _write(tmp_path / "a.fits", b"y" * 5000)
+    assert led.register(f, "h2") == "changed"
+    led.record_done(f, [("coadded", prod)])
+    # product deleted: not done any more
+    os.unlink(prod)
+    assert led.register(f, "h2") == "missing-product"
+    assert led.get(f)["nprocessed"] == 3
+    assert led.counts()["pending"] == 1
+
+
+def test_record_done_requires_products(tmp_path):
+    f = _write(tmp_path / "a.fits", b"x")
+    led = Ledger(tmp_path / "out")
+    led.register(f, "h")
+    with pytest.raises(FileNotFoundError):
+        led.record_done(f, [("coadded", str(tmp_path / "out" / "missing.fits"))])
+    assert led.get(f)["state"] == "pending"
+    assert led.products(f) == []
+
+
+def test_retries_then_parked(tmp_path):
+    f = _write(tmp_path / "a.fits", b"x")
+    g = _write(tmp_path / "b.fits", b"y")
+    led = Ledger(tmp_path / "out")
+    led.register(f, "h")
+    led.register(g, "h")
+    assert led.record_failure(f, "boom 1", max_tries=3) == "failed"
+    assert led.register(f, "h") == "retry"
+    assert led.record_failure(f, "boom 2", max_tries=3) == "failed"
+    assert led.record_failure(f, "boom 3", max_tries=3) == "parked"
+    row = led.get(f)
+    assert (row["state"], row["tries"], row["error"]) == ("parked", 3, "boom 3")
+    assert led.register(f, "h") == "parked"
+    # a bad input is parked at once
+    assert led.record_failure(g, "b.fits: header has no NAXIS3", max_tries=3, permanent=True) == "parked"
+    assert [e["message"] for e in led.events()][-1] == "b.fits: header has no NAXIS3"
+    # a new version of the file starts over
+    _write(tmp_path / "b.fits", b"zz")
+    assert led.register(g, "h") == "changed"
+    assert led.get(g)["tries"] == 0 and led.get(g)["error"] is None
+
+
+def test_reset_interrupted_and_requeue_config(tmp_path):
+    led = Ledger(tmp_path / "out")
+    paths = [_write(tmp_path / f"{i}.fits", bytes([i])) for i in range(4)]
+    for p in paths:
+        led.register(p, "h")
+    led.mark_running(paths[0])
+    led.conn.execute("UPDATE files SET state='queued' WHERE path=?", (paths[1],))
+    prod = _product(tmp_path, "p2")
+    led.record_done(paths[2], [("metrics", prod)])
+    assert led.reset_interrupted() == 2
+    assert led.counts()["pending"] == 3 and led.counts()["done"] == 1
+    assert [r["path"] for r in led.next_pending(10, exclude=[paths[3]])] == paths[:2]
+    assert led.requeue_config("h") == 0
+    assert led.requeue_config("other") == 1
+    assert led.get(paths[2])["state"] == "pending"
+
+
+def test_killed_writer_leaves_no_partial_commit(tmp_path):
+    """A process SIGKILLed inside a transaction leaves the ledger as it was before it."""
+    f = _write(tmp_path / "a.fits", b"x")
+    out = tmp_path / "out"
+    led = Ledger(out)
+    led.register(f, "h")
+    led.close()
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        from vampd.engine.ledger import Ledger
+        led = Ledger({str(out)!r})
+        led.conn.execute("BEGIN IMMEDIATE")
+        led.conn.execute("UPDATE files SET state='done' WHERE path=?", ({f!r},))
+        led.conn.execute("INSERT INTO products VALUES (?, 'coadded', '/nowhere', 0, 0, 0)", ({f!r},))
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert proc.returncode == -9
+    led = Ledger(out)
+    assert led.get(f)["state"] == "pending"
+    assert led.products(f) == []
+
+
+def test_daemon_row_and_pid_alive(tmp_path):
+    led = Ledger(tmp_path)
+    led.daemon_start(os.getpid(), "cfg.toml", "abc")
+    led.heartbeat()
+    info = led.daemon_info()
+    assert info["pid"] == os.getpid() and info["status"] == "running" and info["stopped"] is None
+    led.daemon_stop()
+    assert led.daemon_info()["status"] == "stopped"
+    assert pid_alive(os.getpid())
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert not pid_alive(proc.pid)
+    assert not pid_alive(None)
+
+
+def test_sets_counts(tmp_path):
+    led = Ledger(tmp_path)
+    led.upsert_set("cam1-001", "triplediff", "open", ["a", "b"])
+    led.upsert_set("cam1-001", "triplediff", "complete", ["a", "b", "c", "d"])
+    led.upsert_set("cam1-002", "triplediff", "broken", ["e"], reason="timeout")
+    assert led.set_counts() == {"open": 0, "complete": 1, "broken": 1}
+
+
+def test_identity_fields(tmp_path):
+    f = _write(tmp_path / "a.fits", b"abc")
+    ident = file_identity(f)
+    assert ident.size == 3 and ident.mtime_ns == os.stat(f).st_mtime_ns
+    assert ident.chash == hashlib.sha1(b"3" + b"abc").hexdigest()

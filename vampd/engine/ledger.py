@@ -1,0 +1,466 @@
+"""The night's ledger: one SQLite database (WAL) in the output directory.
+
+It is the single source of truth for what has been seen, what is done and what failed.
+Only the daemon/runner process writes it (workers hand their results back to the parent,
+so a killed worker cannot leave a half-written row); ``status`` and ``live`` open it
+read-only.
+
+Exactly-once rests on three rules:
+
+* a file is ``done`` only after all of its products exist on disk (they are written
+  atomically by the pipeline) and the row and its products are committed in one
+  transaction with ``synchronous=FULL``;
+* on start, rows left ``queued``/``running`` go back to ``pending`` (they were interrupted);
+* a ``done`` row whose recorded product is missing on disk is not done.
+
+File identity is ``(size, mtime_ns)`` plus a content hash (SHA-1 of the size and of the
+first and last MiB of the file). Size and mtime unchanged → the hash is not recomputed;
+a touched file whose hash is unchanged is not reprocessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "LEDGER_NAME",
+    "STATES",
+    "FileIdentity",
+    "file_identity",
+    "content_hash",
+    "Ledger",
+    "pid_alive",
+]
+
+SCHEMA_VERSION = 1
+LEDGER_NAME = "vampd.sqlite"
+#: pending → queued → running → done | failed (retried) | parked (given up); ignored: never processed
+STATES = ("pending", "queued", "running", "done", "failed", "parked", "ignored")
+_MIB = 1024 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    size INTEGER, mtime_ns INTEGER, chash TEXT,
+    state TEXT NOT NULL DEFAULT 'pending',
+    stage TEXT,
+    tries INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    config_hash TEXT,
+    nbytes INTEGER,
+    target TEXT, filter TEXT, camera INTEGER, flc TEXT, hwp REAL, exptime REAL, mjd REAL,
+    nframes INTEGER, obs_mod TEXT,
+    metrics TEXT,
+    t_seen REAL, t_complete REAL, t_started REAL, t_done REAL, latency REAL,
+    nprocessed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS files_state ON files(state);
+CREATE TABLE IF NOT EXISTS products (
+    file TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL,
+    mtime_ns INTEGER, size INTEGER, t_recorded REAL,
+    PRIMARY KEY (file, kind, path)
+);
+CREATE INDEX IF NOT EXISTS products_file ON products(file);
+CREATE TABLE IF NOT EXISTS sets (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT UNIQUE, mode TEXT,
+    state TEXT NOT NULL DEFAULT 'open',
+    reason TEXT, members TEXT,
+    created REAL, updated REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS daemon (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    pid INTEGER, started REAL, heartbeat REAL, stopped REAL,
+    host TEXT, config TEXT, config_hash TEXT, status TEXT
+);
+"""
+
+_SUMMARY_KEYS = ("target", "filter", "camera", "flc", "hwp", "exptime", "mjd", "nframes", "obs_mod")
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What makes an input file "the same file": size, modification time and content hash."""
+
+    size: int
+    mtime_ns: int
+    chash: str
+
+
+def content_hash(path: os.PathLike | str, size: int | None = None) -> str:
+    """SHA-1 of the file size and its first and last MiB (fast on multi-GB cubes)."""
+    path = Path(path)
+    if size is None:
+        size = path.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(_MIB))
+        if size > 2 * _MIB:
+            fh.seek(size - _MIB)
+            h.update(fh.read(_MIB))
+        elif size > _MIB:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def file_identity(path: os.PathLike | str) -> FileIdentity:
+    """Stat and hash ``path`` (raises ``FileNotFoundError`` if it vanished)."""
+    st = os.stat(path)
+    return FileIdentity(st.st_size, st.st_mtime_ns, content_hash(path, st.st_size))
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True if a process with this pid exists (zombies count as dead)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Ledger:
+    """The SQLite ledger of one output directory.
+
+    Parameters
+    ----------
+    outdir : path
+        Directory holding ``vampd.sqlite`` (created if needed unless ``readonly``).
+    readonly : bool
+        Open read-only (``status``/``live``); writing methods then raise ``sqlite3.OperationalError``.
+    """
+
+    def __init__(self, outdir: os.PathLike | str, readonly: bool = False):
+        self.outdir = Path(outdir).resolve()
+        self.path = self.outdir / LEDGER_NAME
+        self.readonly = readonly
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"{self.path}: no ledger here (has vampd run in this directory?)")
+            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0)
+        else:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit of a finished file survives power loss, not only a process crash
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        self.conn.row_factory = sqlite3.Row
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        self.conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path}: ledger schema version {row[0]} is newer than this vampd ({SCHEMA_VERSION})"
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on error)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    # -- files ------------------------------------------------------------------------------
+    def get(self, path: str) -> sqlite3.Row | None:
+        """The ``files`` row of ``path`` (absolute) or None."""
+        return self.conn.execute("SELECT * FROM files WHERE path=?", (str(path),)).fetchone()
+
+    def known_stats(self) -> dict[str, tuple[int, int, str]]:
+        """``{path: (size, mtime_ns, state)}`` of every known file (for cheap rescans)."""
+        return {r[0]: (r[1], r[2], r[3]) for r in self.conn.execute("SELECT path, size, mtime_ns, state FROM files")}
+
+    def register(
+        self,
+        path: os.PathLike | str,
+        config_hash: str,
+        *,
+        identity: FileIdentity | None = None,
+        nbytes: int | None = None,
+        force: bool = False,
+        t_complete: float | None = None,
+    ) -> str:
+        """Record a complete input file and decide whether it needs work.
+
+        Returns one of ``"new"``, ``"changed"`` (identity differs), ``"config"`` (config hash
+        differs), ``"missing-product"``, ``"retry"`` (failed with tries left), ``"pending"``
+        (still to do), ``"forced"`` → the file is (now) ``pending``; or ``"done"``,
+        ``"parked"``, ``"ignored"`` → nothing to do.
+        """
+        path = str(path)
+        now = time.time()
+        row = self.get(path)
+        if row is not None and identity is None:
+            st = os.stat(path)
+            if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]):
+                identity = FileIdentity(row["size"], row["mtime_ns"], row["chash"])
+        if identity is None:
+            identity = file_identity(path)
+        t_complete = now if t_complete is None else t_complete
+        if row is None:
+            with self.transaction():
+                self.conn.execute(
+                    "INSERT INTO files (path, size, mtime_ns, chash, state, config_hash, nbytes, t_seen, t_complete)"
+                    " VALUES (?,?,?,?, 'pending', ?,?,?,?)",
+                    (path, identity.size, identity.mtime_ns, identity.chash, config_hash, nbytes, now, t_complete),
+                )
+            return "new"
+        reason = None
+        if identity.chash != row["chash"] or identity.size != row["size"]:
+            reason = "changed"
+        elif force:
+            reason = "forced"
+        elif row["state"] in ("done", "failed", "parked") and row["config_hash"] != config_hash:
+            reason = "config"
+        elif row["state"] == "done":
+            if not self.products_exist(path):
+                reason = "missing-product"
+        elif row["state"] == "failed":
+            reason = "retry"
+        elif row["state"] in ("pending", "queued", "running"):
+            reason = "pending"
+        if reason is None:
+            if identity.mtime_ns != row["mtime_ns"]:  # touched, same content
+                with self.transaction():
+                    self.conn.execute("UPDATE files SET mtime_ns=? WHERE path=?", (identity.mtime_ns, path))
+            return row["state"]
+        reset_tries = reason in ("changed", "config", "forced")
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE files SET size=?, mtime_ns=?, chash=?, state='pending', config_hash=?,"
+                " nbytes=COALESCE(?, nbytes), t_complete=?, error=CASE WHEN ? THEN NULL ELSE error END,"
+                " tries=CASE WHEN ? THEN 0 ELSE tries END WHERE path=?",
+                (identity.size, identity.mtime_ns, identity.chash, config_hash, nbytes, t_complete,
+                 reset_tries, reset_tries, path),
+            )
+        return reason
+
+    def next_pending(self, limit: int, exclude: Iterable[str] = ()) -> list[sqlite3.Row]:
+        """Up to ``limit`` pending/failed-with-retry rows, oldest completion first."""
+        excl = set(exclude)
+        out = []
+        for row in self.conn.execute(
+            "SELECT * FROM files WHERE state IN ('pending', 'queued') ORDER BY t_complete, path"
+        ):
+            if row["path"] in excl:
+                continue
+            out.append(row)
+            if len(out) >= limit:
+                break
+        return out
+
+    def mark_running(self, path: str, stage: str = "pipeline") -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE files SET state='running', stage=?, t_started=? WHERE path=?", (stage, time.time(), path)
+            )
+
+    def record_done(
+        self,
+        path: str,
+        products: Iterable[tuple[str, str]],
+        summary: dict | None = None,
+        metrics: dict | None = None,
+        config_hash: str | None = None,
+    ) -> float:
+        """Commit a finished file: its products (which must exist) and its row, in one transaction.
+
+        Returns the latency (seconds from the file being complete to this commit).
+        Raises ``FileNotFoundError`` if a product is missing (nothing is then recorded).
+        """
+        now = time.time()
+        prods = []
+        for kind, ppath in products:
+            st = os.stat(ppath)  # raises if the product is not there
+            prods.append((path, kind, str(ppath), st.st_mtime_ns, st.st_size, now))
+        summary = summary or {}
+        cols = {k: _plain(summary.get(k)) for k in _SUMMARY_KEYS}
+        with self.transaction():
+            row = self.conn.execute("SELECT t_complete FROM files WHERE path=?", (path,)).fetchone()
+            t_complete = row[0] if row and row[0] else now
+            latency = now - t_complete
+            self.conn.execute("DELETE FROM products WHERE file=?", (path,))
+            self.conn.executemany("INSERT OR REPLACE INTO products VALUES (?,?,?,?,?,?)", prods)
+            sets = ", ".join(f"{k}=COALESCE(?, {k})" for k in _SUMMARY_KEYS)
+            self.conn.execute(
+                f"UPDATE files SET state='done', stage='done', error=NULL, t_done=?, latency=?,"
+                f" metrics=?, config_hash=COALESCE(?, config_hash), nprocessed=nprocessed+1, {sets} WHERE path=?",
+                (now, latency, json.dumps(_plain(metrics or {})), config_hash, *cols.values(), path),
+            )
+        return latency
+
+    def record_failure(self, path: str, error: str, max_tries: int, permanent: bool = False) -> str:
+        """Count a failed attempt; the file is ``failed`` (will be retried) or ``parked``.
+
+        ``permanent`` errors (bad input: the file itself is unusable) are parked at once.
+        Returns the new state.
+        """
+        with self.transaction():
+            row = self.conn.execute("SELECT tries FROM files WHERE path=?", (path,)).fetchone()
+            tries = (row[0] if row else 0) + 1
+            state = "parked" if permanent or tries >= max_tries else "failed"
+            if row is None:
+                self.conn.execute(
+                    "INSERT INTO files (path, state, tries, error, t_seen) VALUES (?,?,?,?,?)",
+                    (path, state, tries, error, time.time()),
+                )
+            else:
+                self.conn.execute(
+                    "UPDATE files SET state=?, tries=?, error=?, stage='error' WHERE path=?", (state, tries, error, path)
+                )
+            self.conn.execute(
+                "INSERT INTO events (time, level, message) VALUES (?,?,?)",
+                (time.time(), "error" if state == "parked" else "warning", _named(path, error)),
+            )
+        return state
+
+    def retry_failed(self) -> int:
+        """Put ``failed`` rows (tries left) back to ``pending``; returns how many."""
+        with self.transaction():
+            return self.conn.execute("UPDATE files SET state='pending' WHERE state='failed'").rowcount
+
+    def release(self, path: str) -> None:
+        """A job was abandoned (shutdown): back to ``pending`` without counting a try."""
+        with self.transaction():
+            self.conn.execute("UPDATE files SET state='pending' WHERE path=? AND state IN ('queued','running')", (path,))
+
+    def reset_interrupted(self) -> int:
+        """Rows left ``queued``/``running`` by a crash go back to ``pending``; returns how many."""
+        with self.transaction():
+            return self.conn.execute(
+                "UPDATE files SET state='pending' WHERE state IN ('queued', 'running')"
+            ).rowcount
+
+    def requeue_config(self, config_hash: str) -> int:
+        """Finished or failed files processed with another config hash go back to ``pending``."""
+        with self.transaction():
+            return self.conn.execute(
+                "UPDATE files SET state='pending', tries=0, error=NULL"
+                " WHERE state IN ('done','failed','parked') AND size IS NOT NULL AND config_hash IS NOT ?",
+                (config_hash,),
+            ).rowcount
+
+    # -- products ---------------------------------------------------------------------------
+    def products(self, path: str | None = None) -> list[sqlite3.Row]:
+        if path is None:
+            return self.conn.execute("SELECT * FROM products ORDER BY file, kind").fetchall()
+        return self.conn.execute("SELECT * FROM products WHERE file=? ORDER BY kind", (str(path),)).fetchall()
+
+    def products_exist(self, path: str) -> bool:
+        """Every recorded product of ``path`` is on disk."""
+        return all(os.path.exists(r["path"]) for r in self.products(path))
+
+    # -- events, sets, daemon -------------------------------------------------------------------
+    def event(self, level: str, message: str) -> None:
+        with self.transaction():
+            self.conn.execute("INSERT INTO events (time, level, message) VALUES (?,?,?)", (time.time(), level, message))
+
+    def events(self, limit: int = 20) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()[::-1]
+
+    def upsert_set(self, key: str, mode: str, state: str, members: list, reason: str | None = None) -> None:
+        """Create or update an HWP set (``state``: open, complete or broken)."""
+        now = time.time()
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO sets (key, mode, state, reason, members, created, updated) VALUES (?,?,?,?,?,?,?)"
+                " ON CONFLICT(key) DO UPDATE SET mode=excluded.mode, state=excluded.state,"
+                " reason=excluded.reason, members=excluded.members, updated=excluded.updated",
+                (key, mode, state, reason, json.dumps(members), now, now),
+            )
+
+    def daemon_start(self, pid: int, config: str = "", config_hash: str = "") -> None:
+        now = time.time()
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO daemon (id, pid, started, heartbeat, stopped, host, config, config_hash, status)"
+                " VALUES (1,?,?,?,NULL,?,?,?, 'starting')",
+                (pid, now, now, os.uname().nodename, str(config), config_hash),
+            )
+
+    def heartbeat(self, status: str = "running") -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE daemon SET heartbeat=?, status=? WHERE id=1", (time.time(), status))
+
+    def daemon_stop(self) -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE daemon SET stopped=?, status='stopped' WHERE id=1", (time.time(),))
+
+    def daemon_info(self) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM daemon WHERE id=1").fetchone()
+
+    # -- summaries ----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Number of files in each state (every state present, zeros included)."""
+        out = dict.fromkeys(STATES, 0)
+        for state, n in self.conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state"):
+            out[state] = n
+        return out
+
+    def set_counts(self) -> dict[str, int]:
+        out = {"open": 0, "complete": 0, "broken": 0}
+        for state, n in self.conn.execute("SELECT state, COUNT(*) FROM sets GROUP BY state"):
+            out[state] = n
+        return out
+
+
+def _named(path: str, message: str) -> str:
+    """``message`` prefixed with the file name unless it already names the file."""
+    name = Path(path).name
+    return message if name in message else f"{name}: {message}"
+
+
+def _plain(value):
+    """JSON/SQLite-friendly value (numpy scalars/arrays → Python)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
