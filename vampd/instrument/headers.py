@@ -328,7 +328,7 @@ def missing_keywords(header) -> list[str]:
 
 
 def header_summary(header) -> dict:
-    """Ledger summary of a (fixed) header.
+    """Ledger summary of a header (fixed, or raw: EMCCD keys are used as fallbacks).
 
     Keys: ``target`` (OBJECT), ``filter`` (field name(s), comma-separated), ``camera``,
     ``flc``, ``hwp`` (RET-ANG1 or None), ``exptime``, ``mjd``, ``nframes``, ``obs_mod``,
@@ -358,12 +358,18 @@ def header_summary(header) -> dict:
     except HeaderError:
         mjd = None
     obj = header.get("OBJECT")
+    flc = normalize_flc(header.get("U_FLC"))
+    if flc == "NA" and "U_FLCSTT" in header:  # raw EMCCD header
+        flc = "A" if get_float("U_FLCSTT") == 1 else "B"
+    hwp = get_float("RET-ANG1")
+    if hwp is None:
+        hwp = get_float("U_HWPANG")
     return {
         "target": None if obj is None else str(obj).strip(),
         "filter": filt,
         "camera": cam,
-        "flc": normalize_flc(header.get("U_FLC")),
-        "hwp": get_float("RET-ANG1"),
+        "flc": flc,
+        "hwp": hwp,
         "exptime": exptime,
         "mjd": mjd,
         "nframes": _nframes(header),
