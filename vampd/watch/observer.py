@@ -1,0 +1,377 @@
+"""Directory watching: which names are candidates, when a file is complete, and the
+watchdog observer with its overflow/rescan plumbing.
+
+Events are only hints. A candidate file is *complete* when its FITS structure is whole
+(header END card and the data size implied by the NAXISn), its size and mtime have not
+changed for ``settle_time`` seconds and, when the config expects one, its ``.txt``
+sidecar has NAXIS3 lines. A file that never completes becomes an error after
+``complete_timeout`` seconds. Periodic and on-demand rescans of the directories catch
+whatever the events missed (inotify queue overflow, NFS, a restarted observer).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+
+from vampd.fitsio import fits_structure_complete, output_stem
+
+__all__ = [
+    "is_candidate",
+    "scan_directories",
+    "sidecar_path",
+    "sidecar_lines",
+    "header_ints",
+    "Completeness",
+    "CompletenessTracker",
+    "Watcher",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATTERNS = ("*.fits", "*.fits.fz")
+
+
+def is_candidate(path: os.PathLike | str, patterns: Iterable[str] = DEFAULT_PATTERNS) -> bool:
+    """True for a raw-file name worth watching.
+
+    Hidden names (``.x``), editor/backup names (``x~``, ``~x``), the instrument logger's
+    temporaries (``NAME.fits.<pid>.<tid>.tmp``), partial writes (``.part``) and names that
+    match none of ``patterns`` are ignored.
+    """
+    name = os.path.basename(os.fspath(path))
+    if not name or name.startswith((".", "~")) or name.endswith(("~", ".tmp", ".part", ".swp")):
+        return False
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def scan_directories(
+    roots: Iterable[os.PathLike | str], patterns: Iterable[str] = DEFAULT_PATTERNS, recursive: bool = False
+) -> list[str]:
+    """Absolute paths of every candidate file under ``roots`` (sorted; missing roots skipped)."""
+    patterns = tuple(patterns)
+    out: list[str] = []
+    for root in roots:
+        root = os.path.abspath(root)
+        if not os.path.isdir(root):
+            continue
+        walker: Iterator = os.walk(root) if recursive else iter([(root, [], os.listdir(root))])
+        for dirpath, dirnames, names in walker:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            out.extend(os.path.join(dirpath, n) for n in names if is_candidate(n, patterns))
+    return sorted(set(out))
+
+
+def sidecar_path(path: os.PathLike | str) -> Path:
+    """The logger's sidecar of a raw file: ``NAME.txt`` next to ``NAME.fits``."""
+    path = Path(path)
+    return path.with_name(output_stem(path) + ".txt")
+
+
+def sidecar_lines(path: os.PathLike | str) -> int | None:
+    """Number of non-empty lines of the sidecar, or None if there is none."""
+    try:
+        with open(sidecar_path(path), "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except FileNotFoundError:
+        return None
+
+
+def header_ints(path: os.PathLike | str, keys: Iterable[str] = ("NAXIS", "NAXIS1", "NAXIS2", "NAXIS3")) -> dict:
+    """Integer keywords of the primary header, read from the raw cards (no astropy)."""
+    wanted = {k.encode() for k in keys}
+    out: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(2880)
+            if len(block) < 2880:
+                return out
+            for i in range(0, 2880, 80):
+                card = block[i : i + 80]
+                key = card[:8].rstrip()
+                if key == b"END":
+                    return out
+                if key in wanted and card[8:10] == b"= ":
+                    try:
+                        out[key.decode()] = int(card[10:].split(b"/")[0].strip())
+                    except ValueError:
+                        pass
+
+
+@dataclass
+class Completeness:
+    """Verdict on one file: ``state`` is ``complete``, ``waiting`` or ``error``."""
+
+    path: str
+    state: str
+    reason: str
+    nbytes: int = 0  # cube bytes as float32 (NAXIS1·NAXIS2·NAXIS3·4), for memory admission
+    t_complete: float = 0.0
+
+
+@dataclass
+class _Entry:
+    first_seen: float
+    sig: tuple | None = None
+    changed: float = 0.0
+    reason: str = "not checked yet"
+
+
+@dataclass
+class CompletenessTracker:
+    """Files seen but not yet complete, with the time each was first seen.
+
+    Call :meth:`add` for every hint (event or scan) and :meth:`check` periodically;
+    a file leaves the tracker when it is complete, has timed out, or has vanished.
+    """
+
+    settle_time: float = 0.5
+    complete_timeout: float = 120.0
+    expect_sidecar: bool = False
+    entries: dict[str, _Entry] = field(default_factory=dict)
+
+    def add(self, path: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if path not in self.entries:
+            self.entries[path] = _Entry(first_seen=now, changed=now)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.entries
+
+    def check(self, now: float | None = None) -> list[Completeness]:
+        """Verdicts for files that are complete, in error or gone (``state='gone'``)."""
+        now = time.time() if now is None else now
+        out: list[Completeness] = []
+        for path in list(self.entries):
+            verdict = self._check_one(path, self.entries[path], now)
+            if verdict is not None:
+                del self.entries[path]
+                out.append(verdict)
+        return out
+
+    def _check_one(self, path: str, e: _Entry, now: float) -> Completeness | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return Completeness(path, "gone", "file vanished before it was complete")
+        sig = (st.st_size, st.st_mtime_ns)
+        side = sidecar_path(path)
+        if self.expect_sidecar:
+            try:
+                sst = os.stat(side)
+                sig += (sst.st_size, sst.st_mtime_ns)
+            except FileNotFoundError:
+                sig += (None,)
+        if sig != e.sig:
+            e.sig, e.changed = sig, now
+        settled = now - e.changed >= self.settle_time
+        ok, reason = fits_structure_complete(path)
+        if ok:
+            keys = header_ints(path)
+            nframes = keys.get("NAXIS3", 1) if keys.get("NAXIS", 0) >= 3 else 1
+            nbytes = keys.get("NAXIS1", 0) * keys.get("NAXIS2", 0) * nframes * 4
+            if self.expect_sidecar:
+                nlines = sidecar_lines(path)
+                if nlines is None:
+                    ok, reason = False, f"sidecar {side.name} missing (expected {nframes} lines)"
+                elif nlines != nframes:
+                    ok, reason = False, f"sidecar {side.name} has {nlines} lines, NAXIS3 = {nframes}"
+            if ok and settled:
+                return Completeness(path, "complete", "complete", nbytes, now)
+        elif settled and st.st_size >= 80 and reason.startswith("not a FITS"):
+            # the first card never changes once written: a settled non-FITS file is final
+            return Completeness(path, "error", f"{reason}")
+        e.reason = reason if not ok else "settling"
+        if now - e.first_seen > self.complete_timeout:
+            return Completeness(
+                path, "error", f"incomplete after {self.complete_timeout:g} s: {e.reason}"
+            )
+        return None
+
+
+class _Handler(FileSystemEventHandler):
+    """watchdog event handler: pushes candidate paths (or a rescan request) to a queue.
+
+    It never blocks the observer thread: if the queue is full the event is dropped and a
+    rescan is requested instead (backpressure without losing files).
+    """
+
+    def __init__(self, watcher: Watcher):
+        self.w = watcher
+
+    def dispatch(self, event) -> None:  # watchdog calls dispatch(event)
+        try:
+            kind = event.event_type
+            if kind == "moved":
+                path = event.dest_path
+            elif kind in ("created", "modified", "closed", "closed_no_write"):
+                path = event.src_path
+            elif kind == "deleted":
+                if os.fsdecode(event.src_path).rstrip("/") in self.w.roots:
+                    self.w.request_rescan("a watched root was deleted")
+                return
+            else:
+                return
+            path = os.fsdecode(path)
+            if event.is_directory:
+                if kind in ("created", "moved") and self.w.recursive:
+                    # files may have landed before the new directory's watch existed
+                    self.w.request_rescan(f"new directory {path}")
+                return
+            if is_candidate(path, self.w.patterns):
+                self.w.push(path)
+        except Exception:  # never let the observer thread die on one event
+            log.exception("watch: error handling %r", event)
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog's inotify backend reports ``IN_Q_OVERFLOW`` only as a log warning and
+    drops it; this handler turns that warning into a rescan request."""
+
+    def __init__(self, watcher: Watcher):
+        super().__init__(logging.WARNING)
+        self.w = watcher
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.w.overflows += 1
+            self.w.request_rescan("inotify queue overflow")
+
+
+class Watcher:
+    """A watchdog observer (inotify, or polling) on the input directories.
+
+    Hints are consumed with :meth:`drain`; :meth:`healthy` and :meth:`restart` let the
+    daemon supervise the observer thread; :meth:`take_rescan` tells it when a full rescan
+    is due (overflow, a root that vanished or came back, a full event queue).
+    """
+
+    def __init__(
+        self,
+        roots: Iterable[os.PathLike | str],
+        patterns: Iterable[str] = DEFAULT_PATTERNS,
+        recursive: bool = False,
+        poll: bool = False,
+        poll_interval: float = 2.0,
+        queue_size: int = 10000,
+    ):
+        self.roots = [os.path.abspath(r).rstrip("/") for r in roots]
+        self.patterns = tuple(patterns)
+        self.recursive = recursive
+        self.poll = poll
+        self.poll_interval = poll_interval
+        self.queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
+        self._rescan = threading.Event()
+        self.rescan_reasons: list[str] = []
+        self.overflows = 0
+        self.restarts = 0
+        self.observer = None
+        self._root_ids: dict[str, tuple | None] = {}
+        self._hook = _OverflowHook(self)
+
+    # -- hints ------------------------------------------------------------------------------
+    def push(self, path: str) -> None:
+        try:
+            self.queue.put_nowait(path)
+        except queue.Full:
+            self.request_rescan("event queue full")
+
+    def request_rescan(self, reason: str) -> None:
+        if not self._rescan.is_set():
+            log.info("watch: rescan requested (%s)", reason)
+        self.rescan_reasons.append(reason)
+        self._rescan.set()
+
+    def take_rescan(self) -> bool:
+        """True (once) if a rescan has been requested since the last call."""
+        if self._rescan.is_set():
+            self._rescan.clear()
+            return True
+        return False
+
+    def drain(self, limit: int = 100000) -> list[str]:
+        out: list[str] = []
+        while len(out) < limit:
+            try:
+                out.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return out
+
+    def scan(self) -> list[str]:
+        return scan_directories(self.roots, self.patterns, self.recursive)
+
+    # -- observer lifecycle -----------------------------------------------------------------------
+    def _root_id(self, root: str) -> tuple | None:
+        try:
+            st = os.stat(root)
+            return (st.st_dev, st.st_ino)
+        except OSError:
+            return None
+
+    def start(self) -> None:
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._hook)
+        obs = PollingObserver(timeout=self.poll_interval) if self.poll else Observer()
+        for root in self.roots:
+            self._root_ids[root] = self._root_id(root)
+            if self._root_ids[root] is None:
+                log.warning("watch: %s does not exist (yet); will rescan when it appears", root)
+                continue
+            obs.schedule(_Handler(self), root, recursive=self.recursive)
+        obs.daemon = True
+        obs.start()
+        self.observer = obs
+        log.info("watch: %s observer on %s", "polling" if self.poll else "inotify", ", ".join(self.roots))
+
+    def stop(self) -> None:
+        logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._hook)
+        if self.observer is not None:
+            try:
+                self.observer.stop()
+                self.observer.join(timeout=5)
+            except Exception:  # a dead observer may fail to stop; nothing to keep
+                log.debug("watch: observer stop failed", exc_info=True)
+            self.observer = None
+
+    def healthy(self) -> bool:
+        """The observer thread is alive and every root is the one it watches."""
+        if self.observer is None or not self.observer.is_alive():
+            return False
+        return all(self._root_id(r) == self._root_ids.get(r) for r in self.roots)
+
+    def restart(self, reason: str) -> None:
+        log.warning("watch: restarting the observer (%s)", reason)
+        self.stop()
+        self.restarts += 1
+        self.start()
+        self.request_rescan(reason)
+
+    def supervise(self) -> bool:
+        """Restart the observer if its thread died or a root vanished/reappeared.
+
+        Returns True if the observer was healthy.
+        """
+        if self.observer is None or not self.observer.is_alive():
+            self.restart("observer thread died")
+            return False
+        for r in self.roots:
+            rid = self._root_id(r)
+            if rid != self._root_ids.get(r):
+                self.restart(f"watched root {r} {'disappeared' if rid is None else 'changed'}")
+                return False
+        return True
