@@ -291,12 +291,14 @@ def warp_similarity(image, angle_deg, scale=1.0, center=None, order: int = 3) ->
     for i in range(n):
         key = (angles[i], scales[i])
         if key not in cache:
+            if len(cache) >= 8:
+                cache.clear()
             th = math.radians(key[0])
             c, s = math.cos(th), math.sin(th)
             # inverse map: source offset = R(−θ)·offset / scale
             sx = (ox * c + oy * s) / key[1]
             sy = (-ox * s + oy * c) / key[1]
-            cache = {key: np.stack([sy + cy, sx + cx])}
+            cache[key] = np.stack([sy + cy, sx + cx])
         out[i] = _spline_sample(frames[i], cache[key], order)
     return out.reshape(image.shape)
 

@@ -1,0 +1,322 @@
+"""Registration: crop, sub-pixel shift and pad each MBI field; cam2 → cam1 reprojection.
+
+Domain doc §5. The PSF of every frame and field lands exactly on the output's geometric
+centre ``((N-1)/2, (N-1)/2)``: the cutout origin follows the Cutout2D "partial" rule
+``o = ceil(c - crop/2)`` and the residual shift ``(crop-1)/2 - (c - o)`` (in [-0.5, 0.5))
+is *removed* with a Lanczos-4 interpolation (the reference doubles it instead, §13.1).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from astropy.io import fits
+
+from vampd.imaging import frame_center, shift_window, warp_similarity
+
+__all__ = [
+    "ALIGN_METHODS",
+    "pad_width",
+    "aligned_size",
+    "intersect_diagonals",
+    "frame_centers_from_metrics",
+    "align_cube",
+    "align_header",
+    "similarity_from_spots",
+    "reproject_cam2",
+]
+
+ALIGN_METHODS = ("dft", "com", "peak", "model")
+_METRIC_KEYS = {"dft": "dft", "com": "com", "peak": "peak", "model": "model"}
+
+
+def pad_width(crop_width: int) -> int:
+    """NaN padding per side for ``pad = true``: ``2·floor(((crop/2)(√2−1))/2)`` (110 for 536).
+
+    The padded frame can be rotated by any angle without losing the cropped square's corners.
+    """
+    return int(2 * math.floor(((crop_width / 2) * (math.sqrt(2) - 1)) / 2))
+
+
+def aligned_size(crop_width: int, pad: bool = True) -> int:
+    """Side ``N`` of the aligned frames: ``crop + 2·npad`` (756 for 536 with padding)."""
+    return int(crop_width) + (2 * pad_width(crop_width) if pad else 0)
+
+
+def intersect_diagonals(points) -> np.ndarray:
+    """Centre of 4 satellite spots: intersection of the quadrilateral's diagonals.
+
+    The diagonals are found as the pairing of the 4 points with the largest summed segment
+    length (for a convex quadrilateral the diagonals are longer than either pair of opposite
+    sides), so "+", "×" and axis-aligned square layouts all work, in any order.
+
+    Parameters
+    ----------
+    points : array (..., 4, 2)
+        Positions ``(y, x)``.
+
+    Returns
+    -------
+    ndarray (..., 2)
+        ``(y, x)`` of the intersection (NaN where any input is NaN or lines are parallel).
+    """
+    p = np.asarray(points, dtype=np.float64)
+    if p.shape[-2:] != (4, 2):
+        raise ValueError(f"intersect_diagonals needs (..., 4, 2) points, got shape {p.shape}")
+    pairings = np.array([[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]])
+    a, b, c, d = (p[..., pairings[:, i], :] for i in range(4))  # (..., 3, 2)
+    lengths = np.linalg.norm(a - b, axis=-1) + np.linalg.norm(c - d, axis=-1)
+    best = np.argmax(np.nan_to_num(lengths, nan=-1.0), axis=-1)[..., None, None]
+    a, b, c, d = (np.take_along_axis(v, best, axis=-2)[..., 0, :] for v in (a, b, c, d))
+    # line a + t (b - a) meets c + u (d - c): solve the 2x2 system with Cramer's rule
+    r, s = b - a, d - c
+    denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
+    qa = c - a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (qa[..., 0] * s[..., 1] - qa[..., 1] * s[..., 0]) / denom
+    t = np.where(denom == 0, np.nan, t)
+    return a + t[..., None] * r
+
+
+def frame_centers_from_metrics(metrics, method: str, default=None) -> np.ndarray:
+    """Per-frame, per-field PSF centres from analysis metrics (§5.1).
+
+    Parameters
+    ----------
+    metrics : mapping
+        Arrays of shape ``(nfields, npsfs, nframes)``; keys ``{method}x`` / ``{method}y``
+        (``dftx/dfty``, ``comx/comy``, ``peakx/peaky``, ``modelx/modely``, §13.6 fixed).
+    method : {"dft", "com", "peak", "model"}
+    default : array (nfields, 2), optional
+        ``(y, x)`` used for a field whose centroid is NaN in every frame.
+
+    Returns
+    -------
+    ndarray (nframes, nfields, 2)
+        ``(y, x)``. With 4 PSFs the centre is the intersection of the diagonals, else PSF 0.
+        Frames whose centre is NaN get the median centre of the cube for that field.
+    """
+    if method not in _METRIC_KEYS:
+        raise ValueError(f"align.method: {method!r} not one of {ALIGN_METHODS}")
+    prefix = _METRIC_KEYS[method]
+    kx, ky = f"{prefix}x", f"{prefix}y"
+    for key in (kx, ky):
+        if key not in metrics:
+            raise KeyError(
+                f"align.method = {method!r} needs metric {key!r}, metrics have {sorted(metrics)}"
+                + (" (set analysis.fit_psf_model = true)" if method == "model" else "")
+            )
+    x = np.asarray(metrics[kx], dtype=np.float64)
+    y = np.asarray(metrics[ky], dtype=np.float64)
+    if x.ndim != 3 or x.shape != y.shape:
+        raise ValueError(f"metrics {kx}/{ky}: expected equal (nfields, npsfs, nframes), got {x.shape}/{y.shape}")
+    pts = np.stack([y, x], axis=-1).transpose(2, 0, 1, 3)  # (nframes, nfields, npsfs, 2)
+    centers = intersect_diagonals(pts) if pts.shape[2] == 4 else pts[:, :, 0, :].copy()
+    bad = ~np.isfinite(centers).all(axis=-1)
+    if bad.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(np.where(bad[..., None], np.nan, centers), axis=0)  # (nfields, 2)
+        if default is not None:
+            med = np.where(np.isfinite(med), med, np.asarray(default, dtype=np.float64))
+        centers = np.where(bad[..., None], med[None], centers)
+    return centers
+
+
+def align_cube(data, err, centers, crop_width: int, pad: bool = True):
+    """Crop each frame and field around its centre and place the PSF on ``(N-1)/2``.
+
+    Parameters
+    ----------
+    data : ndarray (nframes, ny, nx)
+        Calibrated frames.
+    err : ndarray (nframes, ny, nx) or None
+        Errors, shifted the same way as the data (linear interpolation of σ, an
+        approximation documented in :func:`vampd.imaging.shift_cube`).
+    centers : array (nframes, nfields, 2) or (nfields, 2)
+        PSF position ``(y, x)`` per frame and field in calibrated coordinates. A NaN centre
+        gives an all-NaN frame.
+    crop_width : int
+        Side of the cutout.
+    pad : bool
+        Add ``pad_width(crop_width)`` NaN pixels on every side.
+
+    Returns
+    -------
+    data4, err4 : float32 ndarrays (nframes, nfields, N, N)
+        ``err4`` is None when ``err`` is None. Parts of a cutout outside the frame are NaN.
+    """
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"align_cube: data must be (nframes, ny, nx), got shape {data.shape}")
+    n, ny, nx = data.shape
+    if err is not None:
+        err = np.asarray(err)
+        if err.ndim == 2:
+            err = err[None]
+        if err.shape != data.shape:
+            raise ValueError(f"align_cube: err shape {err.shape} differs from data shape {data.shape}")
+    crop = int(crop_width)
+    if crop < 1:
+        raise ValueError(f"align.crop_width: {crop_width!r}, expected a positive integer")
+    centers = np.asarray(centers, dtype=np.float64)
+    if centers.ndim == 2:
+        centers = np.broadcast_to(centers[None], (n,) + centers.shape)
+    if centers.ndim != 3 or centers.shape[0] != n or centers.shape[2] != 2:
+        raise ValueError(f"align_cube: centers must be (nframes={n}, nfields, 2), got shape {centers.shape}")
+    nfields = centers.shape[1]
+    npad = pad_width(crop) if pad else 0
+    size = crop + 2 * npad
+    data4 = np.full((n, nfields, size, size), np.nan, np.float32)
+    err4 = np.full((n, nfields, size, size), np.nan, np.float32) if err is not None else None
+    half = (crop - 1) / 2
+    for k in range(nfields):
+        c = centers[:, k, :]
+        good = np.isfinite(c).all(axis=1)
+        if not good.any():
+            continue
+        c = np.where(good[:, None], c, c[good][0])
+        origin = np.ceil(c - crop / 2).astype(np.int64)  # Cutout2D partial rule
+        q = c - origin - half  # sample offset = −shift, in (−0.5, 0.5]
+        # only output rows/cols that can see the frame are computed; the rest stay NaN
+        lo = np.clip(np.min(-origin, axis=0) - 1, 0, crop)
+        hi = np.clip(np.max(np.array([ny, nx]) - origin, axis=0) + 1, 0, crop)
+        h, w = (hi - lo).tolist()
+        if h <= 0 or w <= 0:
+            continue
+        ys, xs = slice(npad + lo[0], npad + hi[0]), slice(npad + lo[1], npad + hi[1])
+        r0, c0 = origin[:, 0] + lo[0], origin[:, 1] + lo[1]
+        shift_window(data, r0, c0, q[:, 0], q[:, 1], (h, w), data4[:, k, ys, xs])
+        if err4 is not None:
+            shift_window(err, r0, c0, q[:, 0], q[:, 1], (h, w), err4[:, k, ys, xs])
+        if not good.all():
+            data4[~good, k] = np.nan
+            if err4 is not None:
+                err4[~good, k] = np.nan
+    return data4, err4
+
+
+def align_header(header, method: str | None, fields) -> tuple[fits.Header, list[fits.Header]]:
+    """Headers of an aligned product: primary (``DPP ALIGN METH``) and one per field.
+
+    Parameters
+    ----------
+    header : fits.Header
+    method : str or None
+        Alignment method, or None when ``align = false`` (written as "none").
+    fields : sequence of str
+        Field names (``FIELD`` and ``EXTNAME`` of the per-field headers).
+    """
+    h = header.copy()
+    h["HIERARCH DPP ALIGN METH"] = (str(method) if method else "none", "registration method")
+    field_headers = []
+    for name in fields:
+        fh = h.copy()
+        fh["FIELD"] = (str(name), "MBI field / filter")
+        fh["EXTNAME"] = str(name)
+        field_headers.append(fh)
+    return h, field_headers
+
+
+# ---------------------------------------------------------------------------------------------
+# cam2 -> cam1 reprojection (§5.6)
+# ---------------------------------------------------------------------------------------------
+
+
+def _spot_center(p: np.ndarray) -> np.ndarray:
+    return intersect_diagonals(p) if len(p) == 4 else p.mean(axis=0)
+
+
+def similarity_from_spots(spots_cam1, spots_cam2) -> tuple[float, float]:
+    """Rotation and scale mapping camera-2 spot geometry onto camera 1 (no translation).
+
+    Both inputs are ``(npsfs, 2)`` positions ``(y, x)`` in **calibrated** (already flipped,
+    same sky parity) coordinates, e.g. centroid-file positions after the camera flip
+    (the reference's extra mirroring is that raw→calibrated flip done by hand, §13.15).
+    Each set is taken relative to its centre (diagonal intersection for 4 spots, else
+    the mean); correspondences are the cyclic order by polar angle that fits best.
+    With ``z = x + i·y`` (display origin lower-left, so +angle is counter-clockwise) the
+    least-squares ``a = Σ conj(z2)·z1 / Σ|z2|²`` gives ``z1 ≈ a·z2``.
+
+    Returns
+    -------
+    angle_deg, scale : float
+        Apply as ``warp_similarity(cam2, angle_deg, scale)`` to match camera 1.
+    """
+    p1 = np.asarray(spots_cam1, dtype=np.float64).reshape(-1, 2)
+    p2 = np.asarray(spots_cam2, dtype=np.float64).reshape(-1, 2)
+    if len(p1) != len(p2) or len(p1) < 2:
+        raise ValueError(
+            f"reprojection needs the same number (>= 2) of spots per camera, got {len(p1)} and {len(p2)}"
+        )
+    if not (np.isfinite(p1).all() and np.isfinite(p2).all()):
+        raise ValueError("reprojection: non-finite spot positions")
+    d1, d2 = p1 - _spot_center(p1), p2 - _spot_center(p2)
+    z1 = d1[:, 1] + 1j * d1[:, 0]
+    z2 = d2[:, 1] + 1j * d2[:, 0]
+    z1 = z1[np.argsort(np.angle(z1))]
+    z2 = z2[np.argsort(np.angle(z2))]
+    best = None
+    for r in range(len(z1)):
+        zr = np.roll(z2, r)
+        a = np.sum(np.conj(zr) * z1) / np.sum(np.abs(zr) ** 2)
+        resid = np.sum(np.abs(z1 - a * zr) ** 2)
+        if best is None or resid < best[0]:
+            best = (resid, a)
+    a = best[1]
+    return float(np.degrees(np.angle(a))), float(np.abs(a))
+
+
+def _blur_nan(frames: np.ndarray, sigma: float) -> np.ndarray:
+    """NaN-aware 3×3 Gaussian blur (normalised convolution)."""
+    from scipy import ndimage
+
+    valid = np.isfinite(frames)
+    filled = np.where(valid, frames, 0).astype(np.float32)
+    kw = {"sigma": (0, sigma, sigma), "mode": "constant", "truncate": 1.0 / sigma if sigma < 1 else 1.0}
+    num = ndimage.gaussian_filter(filled, **kw)
+    den = ndimage.gaussian_filter(valid.astype(np.float32), **kw)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid, num / den, np.nan).astype(np.float32)
+
+
+def reproject_cam2(data4, err4, angle_deg, scale):
+    """Warp camera-2 aligned frames onto camera-1 astrometry (§5.6).
+
+    Rotation by ``angle_deg`` (CCW as displayed) and magnification ``scale`` about the frame
+    centre, per field, as returned by :func:`similarity_from_spots`. When ``scale < 1`` the
+    frames are first smoothed by a 3×3 Gaussian with σ = 0.5·(1/scale − 1) against aliasing.
+    Cubic spline, NaN outside; errors are warped the same way (approximation).
+
+    Parameters
+    ----------
+    data4, err4 : ndarray (nframes, nfields, N, N); err4 may be None
+    angle_deg, scale : float or array (nfields,)
+
+    Returns
+    -------
+    data4, err4 : float32 ndarrays
+    """
+    data4 = np.asarray(data4)
+    nf = data4.shape[1]
+    angles = np.broadcast_to(np.asarray(angle_deg, dtype=np.float64), (nf,))
+    scales = np.broadcast_to(np.asarray(scale, dtype=np.float64), (nf,))
+    outs = []
+    for arr in (data4, err4):
+        if arr is None:
+            outs.append(None)
+            continue
+        res = np.empty(arr.shape, np.float32)
+        for k in range(nf):
+            frames = np.asarray(arr[:, k], dtype=np.float32)
+            if scales[k] < 1:
+                sigma = 0.5 * (1 / scales[k] - 1)
+                if sigma > 1e-3:
+                    frames = _blur_nan(frames, sigma)
+            res[:, k] = warp_similarity(frames, angles[k], scales[k], center=frame_center(frames.shape))
+        outs.append(res)
+    return outs[0], outs[1]
