@@ -315,6 +315,12 @@ def test_unknown_keys_warn():
         config_from_toml_str('colour = "red"\n')
 
 
+def test_annulus_overlapping_aperture_warns():
+    with pytest.warns(ConfigWarning, match="background annulus overlaps the aperture"):
+        cfg = config_from_toml_str("[analysis]\nphot_aper_rad = 8\nphot_ann_rad = [5, 10]\n")
+    assert cfg.analysis.phot_ann_rad == (5.0, 10.0)
+
+
 def test_legacy_version_key():
     with pytest.warns(ConfigWarning, match="legacy key version"):
         cfg = config_from_toml_str('version = "0.14.0"\n')

@@ -389,6 +389,19 @@ class AnalysisConfig(_Model):
             return (r_in, r_out)
         raise ValueError("must be false or [r_in, r_out] in pixels")
 
+    @model_validator(mode="after")
+    def _warn_overlap(self) -> AnalysisConfig:
+        if self.phot_ann_rad is not False and self.phot_ann_rad[0] < self.phot_aper_rad:
+            # legal in the reference, but the background annulus then overlaps the source aperture
+            warnings.warn(
+                f"analysis.phot_ann_rad inner radius {_fmt_num(self.phot_ann_rad[0])} is smaller than "
+                f"analysis.phot_aper_rad = {_fmt_num(self.phot_aper_rad)}: the background annulus overlaps "
+                "the aperture",
+                ConfigWarning,
+                stacklevel=2,
+            )
+        return self
+
 
 class FrameSelectConfig(_Model):
     """Frame selection by a per-frame quality metric (higher is better for every metric)."""
@@ -766,15 +779,6 @@ class PipelineConfig(_Model):
             problems.append(
                 f'specphot.unit = "{sp.unit}" with specphot.flux_metric = "photometry" requires '
                 'analysis.photometry = true (or use flux_metric = "sum")'
-            )
-        if an.phot_ann_rad is not False and an.phot_ann_rad[0] < an.phot_aper_rad:
-            # legal in the reference, but the background annulus then overlaps the source aperture
-            warnings.warn(
-                f"analysis.phot_ann_rad inner radius {_fmt_num(an.phot_ann_rad[0])} is smaller than "
-                f"analysis.phot_aper_rad = {_fmt_num(an.phot_aper_rad)}: the background annulus overlaps "
-                "the aperture",
-                ConfigWarning,
-                stacklevel=2,
             )
         if not (
             self.coadd.coadd
