@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_mod, _fn, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        ARGUMENTS[name](p)
+        try:
+            ARGUMENTS[name](p)
+        except ImportError as exc:  # a missing optional module must not break every other command
+            p.set_defaults(_unavailable=str(exc))
     return parser
 
 
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if getattr(args, "_unavailable", None):
+        print(f"vampd {args.command}: not available in this build ({args._unavailable})", file=sys.stderr)
+        return 3
     from vampd.logs import setup_logging
 
     setup_logging(args.verbose)
