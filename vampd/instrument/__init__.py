@@ -73,3 +73,60 @@ __all__ = [
     "update_angles",
     "wrap",
 ]
+
+# Optics: filter curves, pupil and synthetic PSF, Mueller model.
+from vampd.instrument.filters import (  # noqa: E402
+    FilterError,
+    FilterInfo,
+    band_edges,
+    data_dir,
+    filter_info,
+    load_filter_curve,
+    resolve_data_dir,
+)
+from vampd.instrument.mueller import (  # noqa: E402
+    MuellerParams,
+    MuellerTableError,
+    diattenuating_retarder,
+    hwp_sync_angle,
+    instrument_mueller,
+    linear_retarder,
+    mm_table_key,
+    mueller_from_header,
+    rotator,
+    wollaston,
+)
+from vampd.instrument.pupil import (  # noqa: E402
+    airy_strehl_peak,
+    psf_model,
+    psf_wavelengths,
+    pupil_area_fraction,
+    pupil_mask,
+    synthetic_psf,
+)
+
+__all__ += [
+    "FilterError",
+    "FilterInfo",
+    "band_edges",
+    "data_dir",
+    "filter_info",
+    "load_filter_curve",
+    "resolve_data_dir",
+    "MuellerParams",
+    "MuellerTableError",
+    "diattenuating_retarder",
+    "hwp_sync_angle",
+    "instrument_mueller",
+    "linear_retarder",
+    "mm_table_key",
+    "mueller_from_header",
+    "rotator",
+    "wollaston",
+    "airy_strehl_peak",
+    "psf_model",
+    "psf_wavelengths",
+    "pupil_area_fraction",
+    "pupil_mask",
+    "synthetic_psf",
+]

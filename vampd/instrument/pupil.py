@@ -250,7 +250,7 @@ def _psf_cached(
     if s > 1:
         my, mx = image.shape[0] // s, image.shape[1] // s
         image = image.reshape(my, s, mx, s).sum(axis=(1, 3))
-    image = image[margin : margin + ny, margin : margin + nx]
+    image = image[margin : margin + ny, margin : margin + nx].astype(np.float32)
     image.flags.writeable = False
     return image
 
@@ -327,10 +327,10 @@ def psf_model(
         8,
     )
     if normalize == "frame":
-        return (img / img.sum()).astype(np.float32)
+        return (img / img.sum(dtype=np.float64)).astype(np.float32)
     if normalize != "total":
         raise ValueError(f"psf_model: normalize={normalize!r}, expected 'total' or 'frame'")
-    return img.astype(np.float32)
+    return img.copy()
 
 
 def synthetic_psf(
