@@ -178,6 +178,10 @@ def test_psf_flip_along_y():
     assert not np.allclose(psf, psf[::-1], rtol=0, atol=1e-4 * psf.max())  # test can fail
     # centrosymmetry of a real-pupil PSF: flipping y equals flipping x
     assert np.allclose(psf[::-1], psf[:, ::-1], rtol=0, atol=1e-7)
+    from vampd.instrument.pupil import _psf_cached
+
+    raw = _psf_cached("750-50", PIX, OFFSET, 33, 33, 16.0, 16.0, str(DATA), 7, None, False, 8)
+    np.testing.assert_allclose(psf, raw[::-1] / raw.sum(dtype=float), rtol=0, atol=1e-7)
 
 
 @needs_data
