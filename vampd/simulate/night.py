@@ -1,0 +1,766 @@
+"""A simulated VAMPIRES night: plan, geometry, calibration files, science cubes, truth.
+
+:func:`simulate_night` writes ``OUTDIR/raw/VMP{A,B}{frameid:08d}.fits`` (+ ``.txt``
+sidecars), ``OUTDIR/calib/`` raw darks and flats (same archive format) and
+``OUTDIR/truth.json`` with every injected quantity.
+
+Observing sequence (documented choices):
+
+* Targets one after another; per target ``ncycles`` HWP cycles in the instrument's order
+  (0, 45, 22.5, 67.5); ``hwp_overhead_s`` between HWP positions.
+* Both cameras simultaneous (same times, same frame id, same jitter/Strehl/flux draws).
+* FLC A and B are **interleaved** as on the real CMOS system: at one HWP angle the frames
+  alternate A, B, A, B, ... (frame period = EXPTIME) and the logger splits them into an A
+  file and a B file whose time spans overlap (B starts one frame later). Double-diff mode
+  (no FLC) writes one file per camera and HWP angle.
+* Geometry per file at its midpoint ``MJD = (MJD-STR + MJD-END)/2``: PA from the header's
+  RA/DEC strings (as the pipeline parses them) via
+  :func:`vampd.instrument.angles.parallactic_angle`, ALTITUDE/AZIMUTH from astropy AltAz at
+  Subaru (offline), D_IMRANG from :func:`~vampd.simulate.headers.imr_angle`,
+  DEROTANG = wrap(PA + PAOFFSET) with the camera's pupil offset and D_IMRPAP. The Mueller
+  matrix and the sky rotation use the rounded header values. ``rotation=False`` freezes all
+  of this at each target's first file (a test mode: the header times still advance, so the
+  pipeline's recomputed PA will differ).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from vampd.simulate.forward import (
+    DetectorModel,
+    FieldModel,
+    aperture_sum,
+    continuous_peak,
+    frame_chunks,
+    moffat,
+    place_fields,
+    render_field,
+)
+from vampd.simulate.headers import altaz, imr_angle, parse_radec, raw_header
+from vampd.simulate.scene import Scene, spot_offsets_px
+from vampd.simulate.stream import apply_fault, canonical_fault, fault_targets
+from vampd.simulate.writer import sidecar_lines, write_cube, write_sidecar
+
+__all__ = ["HWP_ORDER", "TARGETS", "SimConfig", "simulate_night", "plan_files"]
+
+HWP_ORDER = (0.0, 45.0, 22.5, 67.5)
+
+#: Built-in targets: name → (RA deg, Dec deg), J2000. AB Aur transits at ~79° altitude
+#: from Subaru, so the field rotates fast around transit.
+TARGETS = {
+    "ABAUR": (73.941025, 30.551192),
+    "MWC480": (74.692775, 29.843608),
+    "HD34282": (79.001992, -9.809831),
+    "HD169142": (276.124083, -29.780361),
+}
+
+POST_NBS_NIGHT_MJD = 61004.0  # 2026-11-25 00:00 UT
+PRE_NBS_NIGHT_MJD = 60639.0  # 2024-11-25 00:00 UT
+_DAY = 86400.0
+_STATIC_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything that defines a simulated night (defaults: small, test-sized).
+
+    Geometry and sequence: ``size`` (frame side, px; MBI frames are 2·size × 4·size with
+    one size² cell per field), ``nframes`` per file, ``ncycles`` HWP cycles per target,
+    ``exptime`` [s], ``filter`` (FILTER01; MBI uses F610/F670/F720/F760), ``targets``
+    (names of :data:`TARGETS`), ``start_mjd`` (default: 5 min before the first target's
+    transit on 2026-11-25, or 2024-11-25 with ``pre_nbs``).
+
+    Modes: ``mbi``, ``doublediff`` (FLC out), ``coronagraphic`` (core × leak + 4 spots at
+    ``grid_sep_lamd`` λ/D), ``rotation`` (False freezes PA/alt/az per target),
+    ``identical_cameras`` (both cameras use camera 1's plate scale, pupil offset and
+    DEROTANG: exact triple-difference tests).
+
+    Polarisation: ``ip`` = M3 diattenuation (≈ instrumental polarisation fraction),
+    ``mueller`` = other :class:`~vampd.instrument.mueller.MuellerParams` overrides.
+
+    Per-frame AO variations: Strehl uniform in ``strehl_range``, tip/tilt jitter
+    ``jitter_rms_px`` per axis, flux scatter ``flux_rms``; seeing halo Moffat
+    (``halo_fwhm_mas``, ``halo_beta``). ``star_offset`` (dy, dx) [px] from the field centre,
+    calibrated orientation.
+
+    Detector: ``noise_free`` (no Poisson/read noise, no dark, no bad pixels, flat = 1,
+    bias = the constant BIAS), ``write_float`` (float32 adu cubes, no rounding/clipping),
+    ``n_hot``/``n_dead`` bad pixels per camera, ``flat_rms`` pixel response scatter,
+    ``bias_pattern_adu`` column-bias pattern rms. Calibration files: ``calib``,
+    ``calib_nframes``, ``flat_level_e``.
+
+    Writing: ``frames_chunk`` frames per chunk, ``faults`` (see
+    :mod:`vampd.simulate.stream`), ``data_dir`` (filter curves; top-hat without).
+    """
+
+    seed: int = 0
+    size: int = 256
+    nframes: int = 20
+    ncycles: int = 1
+    exptime: float = 0.02
+    filter: str = "750-50"
+    mbi: bool = False
+    doublediff: bool = False
+    coronagraphic: bool = False
+    targets: tuple[str, ...] = ("ABAUR",)
+    ip: float = 0.0
+    mueller: dict = field(default_factory=dict)
+    noise_free: bool = False
+    write_float: bool = False
+    rotation: bool = True
+    pre_nbs: bool = False
+    identical_cameras: bool = False
+    start_mjd: float | None = None
+    hwp_overhead_s: float = 3.0
+    target_overhead_s: float = 600.0
+    frames_chunk: int = 64
+    strehl_range: tuple[float, float] = (0.3, 0.7)
+    jitter_rms_px: float = 0.5
+    flux_rms: float = 0.03
+    halo_fwhm_mas: float = 150.0
+    halo_beta: float = 2.5
+    star_offset: tuple[float, float] = (2.4, -1.7)
+    scene: Scene = field(default_factory=Scene)
+    grid_sep_lamd: float = 15.5
+    grid_amp_um: float = 0.05
+    spot_angle_deg: float = 0.0
+    calib: bool = True
+    calib_nframes: int = 10
+    flat_level_e: float = 2000.0
+    flat_rms: float = 0.01
+    n_hot: int = 5
+    n_dead: int = 5
+    bias_pattern_adu: float = 2.0
+    faults: tuple[str, ...] = ()
+    data_dir: str | None = None
+    aper_radius: float = 8.0
+    imrpap: float | None = None
+
+    def replace(self, **changes) -> SimConfig:
+        """Copy with some fields changed (``scene`` may be a dict of Scene fields)."""
+        if isinstance(changes.get("scene"), dict):
+            changes["scene"] = replace(self.scene, **changes["scene"])
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scene"] = self.scene.to_dict()
+        d["targets"] = list(self.targets)
+        d["faults"] = list(self.faults)
+        return d
+
+    @property
+    def obs_mod(self) -> str:
+        return "IPOL_MBI" if self.mbi else "IPOL"
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return (2 * self.size, 4 * self.size) if self.mbi else (self.size, self.size)
+
+    @property
+    def night_mjd(self) -> float:
+        return PRE_NBS_NIGHT_MJD if self.pre_nbs else POST_NBS_NIGHT_MJD
+
+
+# ---------------------------------------------------------------------------------------
+# plan
+
+
+def _transit_mjd(ra_deg: float, mjd0: float) -> float:
+    """First upper transit at Subaru after ``mjd0`` (local sidereal time = RA)."""
+    from astropy.time import Time
+
+    from vampd.instrument.angles import SUBARU
+
+    lst = Time(mjd0, format="mjd", scale="utc", location=SUBARU).sidereal_time("apparent").hour
+    dt_h = ((ra_deg / 15.0 - lst) % 24.0) / 1.00273790935
+    return mjd0 + dt_h / 24.0
+
+
+def _target_coords(name: str) -> tuple[float, float]:
+    key = name.strip().upper().replace(" ", "").replace("_", "")
+    if key not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; built-in targets: {', '.join(TARGETS)}")
+    return TARGETS[key]
+
+
+def plan_files(cfg: SimConfig) -> tuple[list[dict], list[dict]]:
+    """Science files and HWP blocks of the night, in writing order (no geometry yet).
+
+    Returns ``(files, blocks)``. A block is one HWP position of one cycle: ``t0`` (MJD of
+    its first frame), ``nframes_block`` draws of jitter/flux/Strehl shared by both
+    cameras. Each file dict has camera, FLC, HWP, target, frameid, MJD-STR/END, the block
+    index and the block frame indices it takes (A: even, B: odd when interleaved).
+    """
+    dt = cfg.exptime / _DAY
+    n = cfg.nframes
+    flcs = [None] if cfg.doublediff else ["A", "B"]
+    step = len(flcs)
+    start = cfg.start_mjd
+    if start is None:
+        ra0, _ = _target_coords(cfg.targets[0])
+        start = _transit_mjd(ra0, cfg.night_mjd) - 300.0 / _DAY
+    t = float(start)
+    files: list[dict] = []
+    blocks: list[dict] = []
+    frameid = 10000
+    for ti, target in enumerate(cfg.targets):
+        ra, dec = _target_coords(target)
+        if ti > 0:
+            t += cfg.target_overhead_s / _DAY
+        for cycle in range(cfg.ncycles):
+            for hwp in HWP_ORDER:
+                b = len(blocks)
+                blocks.append({"index": b, "target": target, "cycle": cycle, "hwp": hwp, "t0": t, "nframes": n * step})
+                for j, flc in enumerate(flcs):
+                    k = j + step * np.arange(n)
+                    for cam in (1, 2):
+                        files.append(
+                            {
+                                "target": target,
+                                "ra_deg": ra,
+                                "dec_deg": dec,
+                                "cycle": cycle,
+                                "hwp": hwp,
+                                "flc": flc,
+                                "camera": cam,
+                                "frameid": frameid,
+                                "block": b,
+                                "block_frames": k,
+                                "frame_mjd": t + k * dt,
+                                "mjd_str": t + k[0] * dt,
+                                "mjd_end": t + (k[-1] + 1) * dt,
+                            }
+                        )
+                    frameid += 1
+                t += n * step * dt + cfg.hwp_overhead_s / _DAY
+    return files, blocks
+
+
+# ---------------------------------------------------------------------------------------
+# instrument pieces
+
+
+def _detectors(cfg: SimConfig) -> dict:
+    from vampd.instrument.detectors import cmos_detector
+
+    return {cam: cmos_detector(cam, "fast", cfg.night_mjd) for cam in (1, 2)}
+
+
+def _field_layout(cfg: SimConfig) -> list[dict]:
+    """Fields: name, PSF filter, centre (calibrated frame), cell origin and shape."""
+    from vampd.instrument.fields import default_field_centers
+
+    shape = cfg.frame_shape
+    hdr = fits.Header({"OBS-MOD": cfg.obs_mod, "FILTER01": "Open" if cfg.mbi else cfg.filter})
+    centers = default_field_centers(hdr, shape)
+    out = []
+    for name, (cy, cx) in centers.items():
+        if cfg.mbi:
+            s = cfg.size
+            y0, x0 = int(round(cy - (s - 1) / 2)), int(round(cx - (s - 1) / 2))
+            cell = (s, s)
+        else:
+            y0, x0, cell = 0, 0, shape
+        out.append({"name": name, "filter": name if cfg.mbi else cfg.filter, "center": (cy, cx), "origin": (y0, x0), "cell": cell})
+    return out
+
+
+def _illumination(cfg: SimConfig, layout) -> np.ndarray | None:
+    """MBI field stops (calibrated orientation): 1 inside each field square, 0 between."""
+    if not cfg.mbi:
+        return None
+    shape = cfg.frame_shape
+    mask = np.zeros(shape, dtype=np.float32)
+    half = (cfg.size - 2 * max(2, cfg.size // 32)) / 2
+    yy = np.arange(shape[0])[:, None]
+    xx = np.arange(shape[1])[None, :]
+    for f in layout:
+        cy, cx = f["center"]
+        mask[(np.abs(yy - cy) <= half) & (np.abs(xx - cx) <= half)] = 1.0
+    return mask
+
+
+def _field_models(cfg: SimConfig, dets, layout) -> dict:
+    """FieldModel per (camera, field name)."""
+    from vampd.instrument.filters import filter_info
+    from vampd.instrument.pupil import psf_model
+
+    models = {}
+    for cam in (1, 2):
+        d = dets[1] if cfg.identical_cameras else dets[cam]
+        for f in layout:
+            k = min(2 * min(f["cell"]) - 1, 511)
+            c = (k - 1) / 2
+            core = psf_model(f["filter"], d.pixel_scale, d.pupil_offset, k, center=(c, c), data_dir=cfg.data_dir).astype(np.float64)
+            halo = moffat((k, k), (c, c), cfg.halo_fwhm_mas / d.pixel_scale, cfg.halo_beta)
+            ideal = continuous_peak(core, (c, c)) / aperture_sum(core, (c, c), cfg.aper_radius)
+            models[cam, f["name"]] = FieldModel(
+                name=f["name"],
+                filter_name=f["filter"],
+                pixel_scale=d.pixel_scale,
+                pupil_offset=d.pupil_offset,
+                wavelength_nm=filter_info(f["filter"], cfg.data_dir).waveave,
+                cell_shape=tuple(f["cell"]),
+                core_kernel=core,
+                halo_kernel=halo,
+                core_peak_ideal=ideal,
+                data_dir=cfg.data_dir,
+            )
+    return models
+
+
+def _detector_models(cfg: SimConfig, dets, illum) -> tuple[dict, dict]:
+    """DetectorModel per camera (raw orientation) and its truth (bad pixels etc.)."""
+    from vampd.instrument.detectors import flipped_camera
+
+    shape = cfg.frame_shape
+    ny, nx = shape
+    flipped = flipped_camera(cfg.night_mjd)
+    models, truth = {}, {}
+    for cam in (1, 2):
+        d = dets[cam]
+        rng = np.random.default_rng([cfg.seed, 101, cam])
+        ill = None
+        if illum is not None:
+            ill = illum[::-1] if cam == flipped else illum
+        if cfg.noise_free:
+            response = np.ones(shape)
+            dark = np.zeros(shape)
+            bias = np.full(shape, d.bias)
+            hot, dead = np.zeros((0, 2), int), np.zeros((0, 2), int)
+        else:
+            yy = (np.arange(ny) - (ny - 1) / 2)[:, None] / max(ny, nx)
+            xx = (np.arange(nx) - (nx - 1) / 2)[None, :] / max(ny, nx)
+            vignette = 1.0 - 0.12 * (yy**2 + xx**2) * 4
+            response = vignette * (1.0 + cfg.flat_rms * rng.standard_normal(shape))
+            bias = d.bias + cfg.bias_pattern_adu * rng.standard_normal(nx)[None, :] * np.ones((ny, 1))
+            dark = np.full(shape, d.dark_current)
+            pix = rng.choice(ny * nx, size=cfg.n_hot + cfg.n_dead, replace=False)
+            ys, xs = np.unravel_index(pix, shape)
+            hot = np.stack([ys[: cfg.n_hot], xs[: cfg.n_hot]], axis=1)
+            dead = np.stack([ys[cfg.n_hot :], xs[cfg.n_hot :]], axis=1)
+            dark[hot[:, 0], hot[:, 1]] += rng.uniform(2e4, 2e5, cfg.n_hot)
+            response[dead[:, 0], dead[:, 1]] = 0.0
+        if ill is not None:
+            response = response * ill
+        models[cam] = DetectorModel(d.gain, d.readnoise, bias, dark, response, cfg.noise_free)
+        truth[str(cam)] = {
+            "gain": d.gain,
+            "bias": d.bias,
+            "readnoise": d.readnoise,
+            "dark_current": d.dark_current,
+            "pixel_scale": d.pixel_scale,
+            "pupil_offset": d.pupil_offset,
+            "flipped": cam == flipped,
+            "hot_pixels_raw_yx": hot.tolist(),
+            "hot_dark_e_per_s": [float(dark[y, x]) for y, x in hot],
+            "dead_pixels_raw_yx": dead.tolist(),
+            "flat_rms": 0.0 if cfg.noise_free else cfg.flat_rms,
+            "vignetting": "none" if cfg.noise_free else "1 - 0.48 r^2, r in units of the larger frame side",
+            "bias_pattern_adu": 0.0 if cfg.noise_free else cfg.bias_pattern_adu,
+        }
+    return models, truth
+
+
+def _mueller_params(cfg: SimConfig):
+    from vampd.instrument.mueller import MuellerParams
+
+    p = MuellerParams.ideal("cmos")
+    changes = dict(cfg.mueller)
+    if cfg.ip:
+        changes.setdefault("m3_diat", float(cfg.ip))
+    return p.replace(**changes) if changes else p
+
+
+# ---------------------------------------------------------------------------------------
+# geometry
+
+
+def _geometry(cfg: SimConfig, files: list[dict], dets) -> None:
+    """Add header geometry (rounded as written) and PA/DEROTANG to each file dict."""
+    from vampd.instrument.angles import pa_offset, parallactic_angle, wrap
+    from vampd.simulate.headers import format_dec, format_ra
+
+    pap = cfg.imrpap if cfg.imrpap is not None else dets[1].default_pap
+    mids = np.array([0.5 * (f["mjd_str"] + f["mjd_end"]) for f in files])
+    by_target: dict[str, list[int]] = {}
+    for i, f in enumerate(files):
+        by_target.setdefault(f["target"], []).append(i)
+    for target, idx in by_target.items():
+        ra, dec = files[idx[0]]["ra_deg"], files[idx[0]]["dec_deg"]
+        ra_h, dec_h = parse_radec(format_ra(ra), format_dec(dec))  # what the pipeline reads
+        m = mids[idx]
+        if not cfg.rotation:
+            m = np.full_like(m, m[0])
+        alt, az = altaz(ra_h, dec_h, m)
+        pa = np.atleast_1d(parallactic_angle(ra_h, dec_h, m))
+        allframes = np.concatenate([files[i]["frame_mjd"] for i in idx]) + 0.5 * cfg.exptime / _DAY
+        pa_frames = np.atleast_1d(parallactic_angle(ra_h, dec_h, allframes)) if cfg.rotation else None
+        pos = 0
+        for j, i in enumerate(idx):
+            f = files[i]
+            f["altitude"] = round(float(alt[j]), 5)
+            f["azimuth"] = round(float(az[j]), 5)
+            f["imrang"] = round(float(imr_angle(f["altitude"])), 5)
+            f["imrpap"] = float(pap)
+            f["pa"] = float(pa[j])
+            d = dets[1] if cfg.identical_cameras else dets[f["camera"]]
+            f["paoffset"] = float(pa_offset(d, pap))
+            f["derotang"] = float(wrap(f["pa"] + f["paoffset"]))
+            nf = len(f["frame_mjd"])
+            f["frame_pa"] = pa_frames[pos : pos + nf] if pa_frames is not None else np.full(nf, f["pa"])
+            pos += nf
+
+
+# ---------------------------------------------------------------------------------------
+# the night
+
+
+def _block_draws(cfg: SimConfig, blocks: list[dict]) -> None:
+    """Per-frame AO draws of each HWP block (shared by both cameras and both FLC files)."""
+    for b in blocks:
+        rng = np.random.default_rng([cfg.seed, 202, b["index"]])
+        n = b["nframes"]
+        lo, hi = cfg.strehl_range
+        b["strehl"] = rng.uniform(lo, hi, n)
+        b["flux"] = np.clip(1.0 + cfg.flux_rms * rng.standard_normal(n), 0.0, None)
+        b["dy"] = cfg.jitter_rms_px * rng.standard_normal(n)
+        b["dx"] = cfg.jitter_rms_px * rng.standard_normal(n)
+
+
+def _name(camera: int, frameid: int) -> str:
+    return f"{'VMPA' if camera == 1 else 'VMPB'}{frameid:08d}"
+
+
+def _write_calibration(cfg: SimConfig, outdir: Path, det_models, first_mjd: float, layout) -> list[dict]:
+    """Raw darks (DATA-TYP DARK) and flats (DATA-TYP FLAT), one cube per camera each."""
+    calib_dir = outdir / "calib"
+    out = []
+    shape = cfg.frame_shape
+    n = cfg.calib_nframes
+    dt = cfg.exptime / _DAY
+    ra, dec = _target_coords(cfg.targets[0])
+    for kind, frameid, t0 in (("DARK", 9000, first_mjd - 3600 / _DAY), ("FLAT", 9001, first_mjd - 3000 / _DAY)):
+        for cam in (1, 2):
+            dm = det_models[cam]
+            rng = np.random.default_rng([cfg.seed, 303, cam, frameid])
+            level = 0.0 if kind == "DARK" else cfg.flat_level_e / cfg.exptime
+            hdr = raw_header(
+                shape=(n, *shape),
+                camera=cam,
+                frameid=frameid,
+                data_typ=kind,
+                obj=kind,
+                ra_deg=ra,
+                dec_deg=dec,
+                mjd_str=t0,
+                mjd_end=t0 + n * dt,
+                exptime=cfg.exptime,
+                filter01="Open" if cfg.mbi else cfg.filter,
+                obs_mod=cfg.obs_mod,
+                hwp=0.0,
+                flc=None if cfg.doublediff else "A",
+                mbi=cfg.mbi,
+                as_float=cfg.write_float,
+            )
+
+            def chunks(dm=dm, rng=rng, level=level):
+                for i0 in range(0, n, cfg.frames_chunk):
+                    m = min(cfg.frames_chunk, n - i0)
+                    yield dm.counts(np.full((m, *shape), level), cfg.exptime, rng, cfg.write_float)
+
+            name = _name(cam, frameid)
+            path = write_cube(calib_dir / f"{name}.fits", hdr, chunks())
+            out.append({"name": name, "path": str(path.relative_to(outdir)), "data_typ": kind, "camera": cam,
+                        "mjd_str": t0, "mjd_end": t0 + n * dt, "nframes": n,
+                        "flat_level_e_per_frame": cfg.flat_level_e if kind == "FLAT" else 0.0})
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _file_truth(f: dict, outdir: Path, cfg: SimConfig, star_fields: dict, blocks) -> dict:
+    b = blocks[f["block"]]
+    k = f["block_frames"]
+    keep = ("name", "path", "target", "cycle", "hwp", "flc", "camera", "frameid", "mjd_str", "mjd_end", "mjd",
+            "pa", "paoffset", "derotang", "altitude", "azimuth", "imrang", "imrpap", "fault", "fault_description",
+            "mueller", "spots_cal_yx", "spots_raw_yx")
+    t = {key: f.get(key) for key in keep}
+    t["nframes"] = len(k)
+    t["frames"] = {
+        "mjd_start": f["frame_mjd"],
+        "pa": f["frame_pa"],
+        "jitter_dy_cal": b["dy"][k],
+        "jitter_dx_cal": b["dx"][k],
+        "flux_scale": b["flux"][k],
+        "strehl": b["strehl"][k],
+        "fields": star_fields,
+    }
+    return t
+
+
+def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = False, cadence: float = 0.0,
+                   stop_event=None, progress=None) -> dict:
+    """Write a simulated night to ``outdir`` and return its truth dictionary.
+
+    Parameters
+    ----------
+    outdir : path-like
+        Output directory: ``raw/``, ``calib/`` and ``truth.json`` are written below it.
+    config : SimConfig, optional
+        Defaults to ``SimConfig()``.
+    stream : bool
+        Logger mode: sleep ``cadence`` seconds after each raw file (``.tmp`` → rename →
+        ``.txt`` happens in both modes).
+    stop_event : threading.Event, optional
+        Stop (after the current file) when set.
+    progress : callable, optional
+        ``progress(index, total, path)`` after each raw file.
+
+    Returns
+    -------
+    dict
+        The truth (also ``outdir/truth.json``, written before the first raw file and
+        rewritten at the end).
+    """
+    from vampd.instrument.detectors import flipped_camera
+
+    cfg = SimConfig() if config is None else config
+    outdir = Path(outdir)
+    raw_dir = outdir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    faults = [canonical_fault(x) for x in cfg.faults]
+
+    dets = _detectors(cfg)
+    files, blocks = plan_files(cfg)
+    _geometry(cfg, files, dets)
+    _block_draws(cfg, blocks)
+    layout = _field_layout(cfg)
+    illum = _illumination(cfg, layout)
+    field_models = _field_models(cfg, dets, layout)
+    det_models, det_truth = _detector_models(cfg, dets, illum)
+    params = _mueller_params(cfg)
+    fault_at = fault_targets(len(files), faults)
+    flipped = flipped_camera(cfg.night_mjd)
+    shape = cfg.frame_shape
+    ny = shape[0]
+
+    from vampd.instrument.mueller import instrument_mueller
+
+    calib_truth = []
+    if cfg.calib:
+        calib_truth = _write_calibration(cfg, outdir, det_models, files[0]["mjd_str"], layout)
+
+    truth = {
+        "generator": "vampd simulate",
+        "config": cfg.to_dict(),
+        "frame_shape": list(shape),
+        "hwp_order": list(HWP_ORDER),
+        "flc_scheme": "doublediff (FLC out)" if cfg.doublediff else "interleaved A/B frames, one file per state",
+        "night_mjd": cfg.night_mjd,
+        "post_nbs": not cfg.pre_nbs,
+        "flipped_camera": flipped,
+        "scene": cfg.scene.to_dict(),
+        "polarisation_convention": "Q,U refer to North (angle East of North); azimuthal ring Q = -p I cos2t, U = -p I sin2t, t = atan2(cx - x, y - cy) in a North-up image",
+        "mueller_params": params.as_dict(),
+        "hwp_adi_sync": True,
+        "detectors": det_truth,
+        "fields": [{"name": f["name"], "filter": f["filter"], "center_cal_yx": f["center"], "cell_origin_yx": f["origin"],
+                    "cell_shape": f["cell"], "strehl_ideal_ratio": {str(c): field_models[c, f["name"]].core_peak_ideal for c in (1, 2)}}
+                   for f in layout],
+        "calib_files": calib_truth,
+        "files": [],
+        "faults": [],
+        "units": {"flux": "e-/s detected (calibrated units), star_flux/ring_flux summed over both cameras",
+                  "positions": "pixels (y, x), (0,0) = centre of the first pixel"},
+    }
+
+    # per-file work ----------------------------------------------------------------------
+    halo_fwhm = {cam: cfg.halo_fwhm_mas / (dets[1] if cfg.identical_cameras else dets[cam]).pixel_scale for cam in (1, 2)}
+    file_records = []
+    for i, f in enumerate(files):
+        f["name"] = _name(f["camera"], f["frameid"])
+        f["path"] = str((raw_dir / f"{f['name']}.fits").relative_to(outdir))
+        f["mjd"] = 0.5 * (f["mjd_str"] + f["mjd_end"])
+        f["fault"] = fault_at.get(i)
+        f["fault_description"] = None
+        cam = f["camera"]
+        b = blocks[f["block"]]
+        k = f["block_frames"]
+        star_fields = {}
+        statics = []
+        spots_cal = []
+        mrows = {}
+        for fl in layout:
+            fm = field_models[cam, fl["name"]]
+            m = instrument_mueller(f["pa"], f["altitude"], f["azimuth"], f["hwp"], f["imrang"],
+                                   f["flc"] or "A", cam, params, "cmos", flc_in=not cfg.doublediff, hwp_adi_sync=True)
+            m0 = np.asarray(m)[0]
+            mrows[fl["name"]] = m0
+            oy, ox = fl["origin"]
+            star_cal = (fl["center"][0] + cfg.star_offset[0], fl["center"][1] + cfg.star_offset[1])
+            star_cell = (star_cal[0] - oy, star_cal[1] - ox)
+            offs = spot_offsets_px(cfg.grid_sep_lamd, fm.wavelength_nm, fm.pixel_scale, cfg.spot_angle_deg) if cfg.coronagraphic else None
+            st = render_field(fm, cfg.scene, m0, star_cell, f["derotang"], halo_fwhm[cam], cfg.halo_beta,
+                              cfg.coronagraphic, offs, cfg.aper_radius)
+            statics.append((st, (oy, ox)))
+            if cfg.coronagraphic:
+                sc = st.spots_yx + np.array([oy, ox])
+                spots_cal.append({"field": fl["name"], "yx": sc})
+            s = b["strehl"][k]
+            num = s * st.star_core_peak + (1 - s) * st.star_halo_peak
+            den = s * st.star_core_ap + (1 - s) * st.star_halo_ap
+            y_cal = star_cal[0] + b["dy"][k]
+            x_cal = star_cal[1] + b["dx"][k]
+            y_raw = (ny - 1) - y_cal if cam == flipped else y_cal
+            star_fields[fl["name"]] = {
+                "star_y_cal": y_cal,
+                "star_x_cal": x_cal,
+                "star_y_raw": y_raw,
+                "star_x_raw": x_cal,
+                "strehl_metric": np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan) / fm.core_peak_ideal,
+                "aper_flux": b["flux"][k] * den,
+                "star_flux_e_per_s": cfg.scene.star_flux * m0[0] * b["flux"][k],
+            }
+        f["mueller"] = {name: row for name, row in mrows.items()}
+        if cfg.coronagraphic:
+            f["spots_cal_yx"] = {d["field"]: d["yx"] for d in spots_cal}
+            f["spots_raw_yx"] = {d["field"]: np.stack([(ny - 1) - d["yx"][:, 0] if cam == flipped else d["yx"][:, 0], d["yx"][:, 1]], axis=1)
+                                 for d in spots_cal}
+        truth["files"].append(_file_truth(f, outdir, cfg, star_fields, blocks))
+        if f["fault"]:
+            truth["faults"].append({"name": f["name"], "path": f["path"], "fault": f["fault"]})
+        # keep the static images unless a long night would need too much memory (then
+        # they are recomputed when the file is written)
+        cached = None
+        if (i + 1) * 2 * 4 * shape[0] * shape[1] <= _STATIC_CACHE_BYTES:
+            cached = (place_fields(shape, [(st.core, o) for st, o in statics]).astype(np.float32),
+                      place_fields(shape, [(st.halo, o) for st, o in statics]).astype(np.float32))
+        file_records.append((f, cached))
+
+    truth_path = outdir / "truth.json"
+    _write_json(truth_path, truth)
+
+    # writing ------------------------------------------------------------------------------
+    for i, (f, cached) in enumerate(file_records):
+        if stop_event is not None and stop_event.is_set():
+            break
+        _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, halo_fwhm, illum, flipped, cached)
+        file_records[i] = (f, None)
+        truth["files"][i]["fault_description"] = f["fault_description"]
+        if progress is not None:
+            progress(i, len(file_records), outdir / f["path"])
+        if stream and cadence > 0:
+            if stop_event is not None:
+                stop_event.wait(cadence)
+            else:
+                time.sleep(cadence)
+    for entry in truth["faults"]:
+        rec = next(t for t in truth["files"] if t["name"] == entry["name"])
+        entry["description"] = rec["fault_description"]
+    _write_json(truth_path, truth)
+    return truth
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(_jsonable(obj), fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, halo_fwhm, illum, flipped, cached=None) -> None:
+    cam = f["camera"]
+    b = blocks[f["block"]]
+    k = f["block_frames"]
+    shape = cfg.frame_shape
+    core_cells, halo_cells = [], []
+    for fl in layout if cached is None else ():
+        fm = field_models[cam, fl["name"]]
+        m0 = f["mueller"][fl["name"]]
+        oy, ox = fl["origin"]
+        star_cal = (fl["center"][0] + cfg.star_offset[0], fl["center"][1] + cfg.star_offset[1])
+        offs = spot_offsets_px(cfg.grid_sep_lamd, fm.wavelength_nm, fm.pixel_scale, cfg.spot_angle_deg) if cfg.coronagraphic else None
+        st = render_field(fm, cfg.scene, m0, (star_cal[0] - oy, star_cal[1] - ox), f["derotang"], halo_fwhm[cam],
+                          cfg.halo_beta, cfg.coronagraphic, offs, cfg.aper_radius)
+        core_cells.append((st.core, (oy, ox)))
+        halo_cells.append((st.halo, (oy, ox)))
+    if cached is None:
+        core = place_fields(shape, core_cells)
+        halo = place_fields(shape, halo_cells)
+    else:
+        core, halo = (np.asarray(a, dtype=np.float64) for a in cached)
+
+    hdr = raw_header(
+        shape=(len(k), *shape),
+        camera=cam,
+        frameid=f["frameid"],
+        data_typ="OBJECT",
+        obj=f["target"],
+        ra_deg=f["ra_deg"],
+        dec_deg=f["dec_deg"],
+        mjd_str=f["mjd_str"],
+        mjd_end=f["mjd_end"],
+        exptime=cfg.exptime,
+        filter01="Open" if cfg.mbi else cfg.filter,
+        obs_mod=cfg.obs_mod,
+        hwp=f["hwp"],
+        flc=f["flc"],
+        altitude=f["altitude"],
+        azimuth=f["azimuth"],
+        imrang=f["imrang"],
+        imrpap=f["imrpap"],
+        coronagraphic=cfg.coronagraphic,
+        grid_amp_um=cfg.grid_amp_um,
+        grid_sep_lamd=cfg.grid_sep_lamd,
+        mbi=cfg.mbi,
+        as_float=cfg.write_float,
+    )
+    if f["fault"] == "missing_keyword":
+        del hdr["U_CAMERA"]
+    dm = det_models[cam]
+    rng = np.random.default_rng([cfg.seed, 404, f["frameid"], cam])
+
+    def chunks():
+        for eps in frame_chunks(core, halo, b["flux"][k], b["strehl"][k], b["dy"][k], b["dx"][k], cfg.frames_chunk, illum):
+            if cam == flipped:
+                eps = eps[:, ::-1, :]
+            yield dm.counts(eps, cfg.exptime, rng, cfg.write_float)
+
+    def finalize(tmp, head_bytes, data_bytes):
+        if f["fault"]:
+            f["fault_description"] = apply_fault(f["fault"], tmp, head_bytes, data_bytes,
+                                                 np.random.default_rng([cfg.seed, 505, f["frameid"]]))
+
+    path = outdir / f["path"]
+    write_cube(path, hdr, chunks(), finalize=finalize)
+    write_sidecar(path.with_suffix(".txt"), sidecar_lines(f["frame_mjd"], cfg.exptime))
+
+
+def config_fields() -> list[str]:
+    """Names of the :class:`SimConfig` fields (for the CLI and docs)."""
+    return [f.name for f in fields(SimConfig)]
