@@ -106,7 +106,7 @@ def read_cube(path: os.PathLike | str, frames: slice | None = None) -> tuple[np.
     """
     idx = data_hdu_index(path)
     try:
-        with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+        with fits.open(path, memmap=None, lazy_load_hdus=True) as hdul:
             hdu = hdul[idx]
             header = hdu.header.copy()
             data = hdu.section[frames] if frames is not None and hdu.data is not None and hdu.data.ndim == 3 else hdu.data
