@@ -101,8 +101,27 @@ def _copy_clipped(dst, src, r0: int, c0: int) -> bool:
 
 
 def _fill_outside(buf, shape, r0: int, c0: int) -> None:
-    """Zero the parts of ``buf`` (a window at origin r0, c0) that lie outside ``shape``."""
-    _fill_outside_value(buf, shape, r0, c0, 0)
+    """Fill the parts of ``buf`` (a window at origin r0, c0) outside ``shape`` by edge replication.
+
+    Call after copying the inside part. Replicating the edge ("nearest" border) avoids the
+    ringing a zero border would cause in the last 4 rows/columns; a window entirely
+    outside the frame is zeroed.
+    """
+    h, w = buf.shape
+    ny, nx = shape[-2:]
+    top, bot = min(max(-r0, 0), h), min(max(r0 + h - ny, 0), h)
+    left, right = min(max(-c0, 0), w), min(max(c0 + w - nx, 0), w)
+    if top + bot >= h or left + right >= w:
+        buf.fill(0)
+        return
+    if top:
+        buf[:top] = buf[top]
+    if bot:
+        buf[h - bot :] = buf[h - bot - 1]
+    if left:
+        buf[:, :left] = buf[:, left : left + 1]
+    if right:
+        buf[:, w - right :] = buf[:, w - right - 1 : w - right]
 
 
 def _nan_outside(img, shape, r0: int, c0: int) -> None:
@@ -132,10 +151,11 @@ def shift_window(frames, row0, col0, qy, qx, shape, out) -> np.ndarray:
     for ``y < shape[0]``, ``x < shape[1]``. This is the engine behind :func:`shift_cube`
     and the aligner's crop-and-shift (the window may extend beyond the frame).
 
-    NaN handling: NaN (and anything outside the frame) enters the interpolation as 0,
-    and an output pixel is set to NaN when its *nearest* source pixel is NaN or outside
-    the frame, so a NaN never smears over more than its own (shifted) footprint.
-    Pixels next to a NaN region see it as zeros (a small dip within 4 px).
+    NaN handling: NaN enters the interpolation as 0 and the frame is extended beyond its
+    edges by edge replication; an output pixel is set to NaN when its *nearest* source
+    pixel is NaN or outside the frame, so a NaN never smears over more than its own
+    (shifted) footprint. Pixels next to an interior NaN see it as a zero (a small dip
+    within 4 px).
 
     Parameters
     ----------
@@ -178,8 +198,8 @@ def shift_window(frames, row0, col0, qy, qx, shape, out) -> np.ndarray:
         s, m = src[:nc], nanmask[:nc]
         for i in range(nc):
             f = c0 + i
-            _fill_outside(s[i], frames[f].shape, int(sy0[f]), int(sx0[f]))
             _copy_clipped(s[i], frames[f], int(sy0[f]), int(sx0[f]))
+            _fill_outside(s[i], frames[f].shape, int(sy0[f]), int(sx0[f]))
         np.isnan(s, out=m)
         has_nan = bool(m.any())
         if has_nan:
@@ -211,9 +231,9 @@ def shift_cube(cube, dy, dx, out=None) -> np.ndarray:
 
     Separable Lanczos-4 (8 taps per axis, as OpenCV ``INTER_LANCZOS4``) written as a
     weighted sum of shifted slices, vectorised over frames (no FFT, no wrap-around).
-    Pixels whose source lies outside the frame are NaN (for integer parts of the shift);
-    the interpolation treats the outside and NaN pixels as 0 and re-imposes NaN where the
-    nearest source pixel is NaN (see :func:`shift_window`).
+    Pixels whose nearest source pixel lies outside the frame (or is NaN) are NaN; the
+    interpolation replicates the frame edge and treats NaN pixels as 0 (see
+    :func:`shift_window`).
 
     Error cubes are shifted with the same call. That interpolates σ linearly rather than
     propagating σ² with squared weights; for |shift| ≤ 0.5 px it slightly overestimates
