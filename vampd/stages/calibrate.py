@@ -1,0 +1,413 @@
+"""Calibration of raw cubes (domain doc §2.1): saturation, background or bias, error,
+flat, bad pixels, camera flip, conversion to e-/s.
+
+Everything is done in a few float32 passes over cache-sized blocks of the cube; the
+per-pixel constants (background, flat, gain, exposure, flip) are folded into a handful
+of 2-D arrays first, so each output pixel costs about ten vectorised operations.
+
+Error model [adu], before the flat (§2.1 step 6, with the read-noise fix of §13 item 24)::
+
+    var = max(D, 0) * ENF**2 / EFFGAIN + sigma_b**2
+
+where ``D`` is the background-subtracted frame and ``sigma_b`` the error of the master
+background (its ERR extension, which includes the frame read noise) or, without a master,
+the read noise ``RN / GAIN`` [adu]. The flat adds ``(D / F)**2 (sigma_F / F)**2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from vampd.instrument.fields import is_flipped
+from vampd.stages.badpix import bad_pixel_mask, isolated_invalid, repair_bad_pixels
+
+__all__ = [
+    "CalibrationError",
+    "CalibFrame",
+    "FLAT_MIN",
+    "REQUIRED_KEYS",
+    "saturation_level",
+    "read_noise_adu",
+    "calibration_header",
+    "static_bad_pixels",
+    "calibrate_cube",
+]
+
+#: Flat values below this (or non-finite) are unusable pixels (§2.4).
+FLAT_MIN = 0.2
+
+#: Keys a normalised header must carry for calibration.
+REQUIRED_KEYS = ("BIAS", "GAIN", "EFFGAIN", "ENF", "RN", "FULLWELL", "EXPTIME")
+
+_UINT16_MAX = 65535.0
+
+#: Target number of pixels per processing block: three float32 blocks stay in L2.
+_BLOCK_PIXELS = 1 << 16
+
+#: Structural keys that must not travel from a raw (uint16, BZERO) header to float output.
+_STRUCTURAL = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot proceed; names the file (if known), the keyword, value and expectation."""
+
+    def __init__(self, keyword: str, problem: str, path: str | Path | None = None):
+        self.keyword = keyword
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{keyword}: {problem}")
+
+
+def _as_image(a, what: str, path) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise CalibrationError(what, f"expected a 2-D image (or one-frame cube), got shape {a.shape}", path)
+    return np.ascontiguousarray(a)
+
+
+@dataclass
+class CalibFrame:
+    """A master calibration frame (background or flat) in raw orientation.
+
+    Attributes
+    ----------
+    data : ndarray float32 (ny, nx)
+        Background [adu] or normalised flat. A ``(1, ny, nx)`` cube is accepted and squeezed.
+    err : ndarray float32 (ny, nx)
+        1-sigma error of ``data`` (same units).
+    header : astropy.io.fits.Header
+        The master's header (``CALTYPE``, ``NOISEADU``, ``NORMVAL``, ...).
+    path : Path, optional
+        Where it was read from; its basename goes into ``BACKFILE`` / ``FLATFILE``.
+    badpix : ndarray of bool (ny, nx), optional
+        Static bad pixels (the master's ``BADPIX`` extension). Computed on first use by
+        :func:`static_bad_pixels` when absent and cached here.
+    """
+
+    data: np.ndarray
+    err: np.ndarray
+    header: fits.Header = field(default_factory=fits.Header)
+    path: Path | None = None
+    badpix: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.data = _as_image(self.data, "data", self.path)
+        self.err = _as_image(self.err, "ERR", self.path)
+        if self.err.shape != self.data.shape:
+            raise CalibrationError(
+                "ERR", f"shape {self.err.shape} differs from the data shape {self.data.shape}", self.path
+            )
+        if self.path is not None:
+            self.path = Path(self.path)
+        if self.badpix is not None:
+            self.badpix = np.asarray(self.badpix, dtype=bool)
+            if self.badpix.ndim == 3 and self.badpix.shape[0] == 1:
+                self.badpix = self.badpix[0]
+            if self.badpix.shape != self.data.shape:
+                raise CalibrationError(
+                    "BADPIX", f"shape {self.badpix.shape} differs from the data shape {self.data.shape}", self.path
+                )
+
+    @property
+    def name(self) -> str:
+        """Basename of the file, or ``""`` for an in-memory master."""
+        return self.path.name if self.path is not None else ""
+
+
+def _key(header: fits.Header, key: str, path=None) -> float:
+    if key not in header:
+        raise CalibrationError(key, "missing from the header; was it normalised with fix_header?", path)
+    try:
+        value = float(header[key])
+    except (TypeError, ValueError):
+        raise CalibrationError(key, f"value {header[key]!r}, expected a number", path) from None
+    if not np.isfinite(value):
+        raise CalibrationError(key, f"value {value!r}, expected a finite number", path)
+    return value
+
+
+def saturation_level(header: fits.Header, path=None) -> float:
+    """Raw level [adu] at or above which a pixel is saturated: ``min(FULLWELL / GAIN, 65535)``.
+
+    Capped at 65535 so that clipped uint16 pixels are masked (§13 item 4); same rule as
+    ``Detector.saturation_adu``.
+    """
+    return min(_key(header, "FULLWELL", path) / _key(header, "GAIN", path), _UINT16_MAX)
+
+
+def read_noise_adu(header: fits.Header, path=None) -> float:
+    """Read noise of one frame [adu]: ``RN / GAIN``.
+
+    ``RN`` is the amplifier read noise in electrons at the output, so it converts with the
+    conversion gain ``GAIN``. For CMOS and conventional-mode EMCCD this equals
+    ``RN / EFFGAIN``; for EM-mode EMCCD (89 e-, 4.5 e-/adu) it is 19.8 adu, equal to the
+    input-referred ``(RN / EMGAIN) / EFFGAIN`` of the reference's flat fallback.
+    """
+    return _key(header, "RN", path) / _key(header, "GAIN", path)
+
+
+def _flipped(header: fits.Header, path=None) -> bool:
+    """Whether this camera's frames are flipped along y (§1.4), as ``instrument.fields``."""
+    try:
+        return bool(is_flipped(header, path))
+    except ValueError as exc:  # HeaderError: missing/invalid U_CAMERA or MJD
+        raise CalibrationError(getattr(exc, "keyword", "U_CAMERA/MJD"), getattr(exc, "problem", str(exc)), path) from None
+
+
+def calibration_header(
+    header: fits.Header,
+    background: CalibFrame | None = None,
+    flat: CalibFrame | None = None,
+    fix_bad_pixels: bool = False,
+    nbad: int = 0,
+    path=None,
+) -> fits.Header:
+    """Header of calibrated data (§1.3 "keys written later"), independent of the pixel data.
+
+    Returns a new header; applying it twice gives the same result, so every chunk of a
+    file gets the same header. Writes ``BACKFILE``/``NOISEADU``/``NOISE`` (from the master,
+    or the read noise when only ``BIAS`` was subtracted), ``FLATFILE``/``NORMVAL`` when a
+    flat was used, ``BUNIT = "e-/s"`` and ``DPP CAL BADPIX`` (number of static bad pixels
+    repaired per frame) when bad-pixel correction is on.
+    """
+    hdr = header.copy()
+    for key in _STRUCTURAL:
+        hdr.remove(key, ignore_missing=True, remove_all=True)
+    effgain = _key(hdr, "EFFGAIN", path)
+    if background is not None:
+        hdr["BACKFILE"] = (background.name, "master background file")
+        noise_adu = background.header.get("NOISEADU")
+        if noise_adu is None:
+            noise_adu = float(np.sqrt(np.nanmean(background.err.astype(np.float64) ** 2)))
+        noise_adu = float(noise_adu)
+    else:
+        hdr.remove("BACKFILE", ignore_missing=True)
+        noise_adu = read_noise_adu(hdr, path)
+    hdr["NOISEADU"] = (noise_adu, "[adu] background noise per frame")
+    hdr["NOISE"] = (noise_adu * effgain, "[e-] background noise per frame")
+    if flat is not None:
+        hdr["FLATFILE"] = (flat.name, "flat-field file")
+        if "NORMVAL" in flat.header:
+            hdr["NORMVAL"] = (flat.header["NORMVAL"], "flat normalisation value")
+    else:
+        hdr.remove("FLATFILE", ignore_missing=True)
+    if fix_bad_pixels:
+        hdr["HIERARCH DPP CAL BADPIX"] = (int(nbad), "static bad pixels repaired per frame")
+    hdr["BUNIT"] = ("e-/s", "physical unit of the array values")
+    return hdr
+
+
+def static_bad_pixels(background: CalibFrame | None = None, flat: CalibFrame | None = None) -> np.ndarray | None:
+    """Static bad-pixel mask (raw orientation) from the masters, cached on them.
+
+    Hot/dead pixels come from the adaptive sigma clip of the master background (or its
+    ``BADPIX`` extension); dead pixels of the flat are its isolated invalid pixels
+    (``< FLAT_MIN`` or non-finite but surrounded by valid ones — pixels outside MBI fields
+    are not bad pixels). Returns None when there is no master.
+    """
+    masks = []
+    if background is not None:
+        if background.badpix is None:
+            background.badpix = bad_pixel_mask(background.data)
+        masks.append(background.badpix)
+    if flat is not None:
+        if flat.badpix is None:
+            with np.errstate(invalid="ignore"):
+                valid = flat.data >= FLAT_MIN
+            flat.badpix = isolated_invalid(valid)
+        masks.append(flat.badpix)
+    if not masks:
+        return None
+    return np.logical_or.reduce(masks) if len(masks) > 1 else masks[0].copy()
+
+
+def _check_master(frame: CalibFrame, shape: tuple[int, int], what: str, path) -> None:
+    if frame.data.shape != shape:
+        where = frame.path if frame.path is not None else path
+        raise CalibrationError(what, f"master shape {frame.data.shape} does not match the frame shape {shape}", where)
+
+
+def calibrate_cube(
+    raw: np.ndarray,
+    header: fits.Header,
+    background: CalibFrame | None = None,
+    flat: CalibFrame | None = None,
+    fix_bad_pixels: bool = False,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+    badpix: np.ndarray | None = None,
+    path=None,
+) -> tuple[np.ndarray, np.ndarray, fits.Header]:
+    """Calibrate a raw cube (or a chunk of its frames) to e-/s with an error cube (§2.1).
+
+    Parameters
+    ----------
+    raw : ndarray (nframes, ny, nx) or (ny, nx)
+        Raw frames, uint16 (or float), raw orientation.
+    header : astropy.io.fits.Header
+        Normalised header (``fix_header``): needs ``BIAS GAIN EFFGAIN ENF RN FULLWELL
+        EXPTIME U_CAMERA MJD``.
+    background : CalibFrame, optional
+        Master background [adu]; without it ``BIAS`` is subtracted and the read noise
+        ``RN / GAIN`` goes into the error.
+    flat : CalibFrame, optional
+        Normalised flat; pixels with flat ``< 0.2`` or non-finite become NaN.
+    fix_bad_pixels : bool
+        Repair static bad pixels by the median of their valid 5x5 neighbours (and inflate
+        their error). The mask is ``badpix`` if given, else :func:`static_bad_pixels`
+        of the masters (cached on them). Without any master nothing is repaired.
+    out : (data, err), optional
+        Preallocated float32 C-contiguous arrays of the cube's shape to fill.
+    badpix : ndarray of bool (ny, nx), optional
+        Static bad-pixel mask in raw orientation.
+    path : str or Path, optional
+        Input file, for error messages.
+
+    Returns
+    -------
+    data, err : ndarray float32 (nframes, ny, nx)
+        Calibrated frames and 1-sigma errors [e-/s], flipped along y for the flipped camera
+        (§1.4). Saturated raw pixels (``>= min(FULLWELL / GAIN, 65535)``) are NaN in both.
+    header : astropy.io.fits.Header
+        :func:`calibration_header` of ``header`` (the same for every chunk of a file).
+
+    Notes
+    -----
+    Equivalent to subtract → error → flat → bad pixels → flip → ×EFFGAIN/EXPTIME, computed
+    in flipped coordinates directly (the flip is folded into reading the raw rows and the
+    2-D constants). The flat's error term is dropped for negative background-subtracted
+    pixels, where it is below ``(sigma_F / F)**2`` of the read-noise variance.
+    """
+    raw = np.asarray(raw)
+    if raw.ndim == 2:
+        raw = raw[None]
+    if raw.ndim != 3:
+        raise CalibrationError("NAXIS", f"expected a (nframes, ny, nx) cube, got shape {raw.shape}", path)
+    nframes, ny, nx = raw.shape
+    for key in REQUIRED_KEYS:
+        _key(header, key, path)
+    effgain = _key(header, "EFFGAIN", path)
+    exptime = _key(header, "EXPTIME", path)
+    if exptime <= 0:
+        raise CalibrationError("EXPTIME", f"value {exptime!r}, expected > 0 s", path)
+    enf = _key(header, "ENF", path)
+    satlevel = saturation_level(header, path)
+    flip = _flipped(header, path)
+
+    # --- per-pixel constants (2-D, raw orientation), folded so each block needs few passes
+    scale = effgain / exptime  # adu per frame -> e-/s
+    k = enf * enf / effgain  # Poisson variance [adu^2] per adu of signal
+    if background is not None:
+        _check_master(background, (ny, nx), "BACKFILE", path)
+        back = background.data
+        var_b = np.square(background.err)
+    else:
+        back = np.float32(_key(header, "BIAS", path))
+        var_b = np.float32(read_noise_adu(header, path) ** 2)
+    if flat is not None:
+        _check_master(flat, (ny, nx), "FLATFILE", path)
+        f = flat.data
+        with np.errstate(invalid="ignore", divide="ignore"):
+            good = np.isfinite(f) & (f >= FLAT_MIN)
+            gain_map = np.where(good, scale / f, np.nan).astype(np.float32)  # A = s / F
+            rel_f2 = np.where(good, np.square(flat.err / f), np.nan).astype(np.float32)  # (sigma_F/F)^2
+        c1 = (0.5 * k) * gain_map  # variance per unit of (|Df| + Df)
+        c2 = (0.25 * rel_f2).astype(np.float32)
+        var_c = (var_b * np.square(gain_map)).astype(np.float32)
+    else:
+        gain_map = np.float32(scale)
+        c1 = np.float32(0.5 * k * scale)
+        c2 = None
+        var_c = (var_b * np.float32(scale * scale)).astype(np.float32)
+    back = np.asarray(back, np.float32)
+    var_c = np.asarray(var_c, np.float32)
+    mask = None
+    if fix_bad_pixels:
+        mask = static_bad_pixels(background, flat) if badpix is None else np.asarray(badpix, bool)
+        if mask is not None and mask.shape != (ny, nx):
+            raise CalibrationError("BADPIX", f"mask shape {mask.shape} does not match the frame shape {(ny, nx)}", path)
+
+    # --- fold the flip into the inputs: work directly in output orientation. The 2-D
+    # constants are flipped once (contiguous copies); raw rows are read in reverse.
+    if flip:
+
+        def fl(a):
+            return np.ascontiguousarray(a[::-1]) if isinstance(a, np.ndarray) and a.ndim == 2 else a
+
+        back, gain_map, c1, c2, var_c = fl(back), fl(gain_map), fl(c1), fl(c2), fl(var_c)
+        if mask is not None:
+            mask = mask[::-1]
+
+    if out is None:
+        data = np.empty((nframes, ny, nx), np.float32)
+        err = np.empty((nframes, ny, nx), np.float32)
+    else:
+        data, err = out
+        for name, a in (("data", data), ("err", err)):
+            if a.shape != raw.shape or a.dtype != np.float32:
+                raise CalibrationError("out", f"{name} buffer {a.shape} {a.dtype}, expected {raw.shape} float32", path)
+
+    # --- block loop over frames (or row bands of big frames) sized to stay in L2. A plain
+    # casting copy then float32 arithmetic is ~2x faster than mixed-dtype ufuncs.
+    npix = ny * nx
+    if npix >= _BLOCK_PIXELS:
+        fstep, rstep = 1, max(1, _BLOCK_PIXELS // nx)
+    else:
+        fstep, rstep = max(1, _BLOCK_PIXELS // npix), ny
+    tmp_full = np.empty((fstep, rstep, nx), np.float32) if c2 is not None else None
+    is_int = np.issubdtype(raw.dtype, np.integer)
+    # scalars as 0-d float32 so that no operation upcasts to float64
+    back_is_scalar = back.ndim == 0
+
+    def rows(a, rs):
+        return a[rs] if isinstance(a, np.ndarray) and a.ndim == 2 else a
+
+    for f0 in range(0, nframes, fstep):
+        fs = slice(f0, min(f0 + fstep, nframes))
+        for r0 in range(0, ny, rstep):
+            r1 = min(r0 + rstep, ny)
+            rs = slice(r0, r1)
+            # the same raw pixels, contiguous (for the saturation test) and as output rows
+            r_raw = raw[fs, ny - r1 : ny - r0] if flip else raw[fs, rs]
+            r = r_raw[:, ::-1] if flip else r_raw
+            d = data[fs, rs]
+            e = err[fs, rs]
+            np.copyto(d, r, casting="unsafe")
+            if back_is_scalar:
+                np.subtract(d, back, out=d)
+            else:
+                np.subtract(d, back[rs], out=d)  # D [adu]
+            np.multiply(d, rows(gain_map, rs), out=d)  # Df [e-/s], NaN on bad flat
+            np.abs(d, out=e)
+            np.add(e, d, out=e)  # h = |Df| + Df = 2 max(Df, 0)
+            if c2 is not None:
+                t = tmp_full[: e.shape[0], : e.shape[1]]
+                np.multiply(e, c2[rs], out=t)
+                np.add(t, rows(c1, rs), out=t)
+                np.multiply(e, t, out=e)  # h (c1 + c2 h)
+            else:
+                np.multiply(e, rows(c1, rs), out=e)
+            np.add(e, rows(var_c, rs), out=e)
+            np.sqrt(e, out=e)
+            # saturation: a cheap max first, the full mask only when something saturates
+            if is_int:
+                hit = r_raw.max() >= satlevel
+            else:
+                with np.errstate(invalid="ignore"):
+                    hit = bool(np.any(r_raw >= satlevel))
+            if hit:
+                sat = r >= satlevel
+                np.copyto(d, np.float32(np.nan), where=sat)
+                np.copyto(e, np.float32(np.nan), where=sat)
+
+    nbad = 0
+    if mask is not None:
+        nbad = repair_bad_pixels(data, mask, err)
+    hdr = calibration_header(header, background, flat, fix_bad_pixels=fix_bad_pixels, nbad=nbad, path=path)
+    return data, err, hdr
