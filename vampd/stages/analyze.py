@@ -15,8 +15,13 @@ Deliberate differences from the reference pipeline (domain doc §13):
 * MBI without a centroid file works: the caller passes one PSF per field (§13.8);
 * ``fwhm`` is always present: a cheap equivalent-Gaussian FWHM ``sqrt(4 ln2 F / (pi P))`` from the
   background-subtracted window flux ``F`` and its Fourier-interpolated peak ``P`` (for an Airy
-  pattern it reads ~3 % above the true FWHM), so the live view has a FWHM without the Moffat fit;
-* edge windows (clipped by the frame) still get a DFT centroid: the template is cropped the same way.
+  pattern in a 21 px window it reads within ~3 % of the true FWHM), so the live view has a FWHM
+  without the Moffat fit;
+* edge windows (clipped by the frame) still get a DFT centroid: the template is cropped the same way;
+* Strehl estimates are rejected (NaN) outside [0, 1.1] rather than [0, 1] (see :func:`strehl_ratio`);
+  with an annulus, the Strehl peak and flux are both background-subtracted;
+* the pixel response is deconvolved with the continuous ``sinc`` (the reference divides by a
+  4-sample discrete box; both go through image and template alike).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from vampd.imaging import window_slices
 from vampd.stages.dft import dft_shift, upsampled_peak
 
 __all__ = [
-    "METRIC_KEYS",
+    "ALL_METRICS",
     "analyze_cube",
     "aperture_photometry",
     "centre_of_mass",
@@ -48,7 +53,7 @@ __all__ = [
 ]
 
 #: Every key :func:`analyze_cube` can return (which ones depends on the configuration).
-METRIC_KEYS = (
+ALL_METRICS = (
     "max", "sum", "mean", "med", "var", "nvar",
     "comx", "comy", "peakx", "peaky", "dftx", "dfty", "fwhm",
     "photr", "photf", "phote", "strehl",
@@ -57,6 +62,8 @@ METRIC_KEYS = (
 
 #: Side of the sub-image used for the Strehl peak (as in the reference).
 STREHL_BOX = 20
+#: Largest Strehl estimate still reported (noise pushes perfect frames slightly above 1).
+STREHL_MAX = 1.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,11 +301,16 @@ def normalized_peak(
     return np.where(ok, out, np.nan)
 
 
-def strehl_ratio(norm_peak: np.ndarray, psf_norm_peak: float) -> np.ndarray:
-    """``S = P_img / P_psf``; values outside [0, 1] (failed estimates) become NaN."""
+def strehl_ratio(norm_peak: np.ndarray, psf_norm_peak: float, upper: float = STREHL_MAX) -> np.ndarray:
+    """``S = P_img / P_psf``; values outside ``[0, upper]`` (failed estimates) become NaN.
+
+    The reference rejects S > 1. With noise, a near-diffraction-limited frame legitimately
+    measures slightly above 1, and rejecting it would make frame selection on Strehl drop the
+    best frames, so values up to ``upper`` (default :data:`STREHL_MAX` = 1.1) are kept as measured.
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.asarray(norm_peak, dtype=np.float64) / psf_norm_peak
-    return np.where((s >= 0) & (s <= 1), s, np.nan)
+    return np.where((s >= 0) & (s <= upper), s, np.nan)
 
 
 def _psf_norm_peak(psf: np.ndarray, radius: float) -> float:
@@ -592,7 +604,7 @@ def analyze_cube(
             row.append(_analyze_window(data, err, (float(center[0]), float(center[1])), cfg, template, pnp))
         results.append(row)
 
-    keys = [k for k in METRIC_KEYS if all(k in r for row in results for r in row)]
+    keys = [k for k in ALL_METRICS if all(k in r for row in results for r in row)]
     return {k: np.array([[r[k] for r in row] for row in results], dtype=np.float64) for k in keys}
 
 
