@@ -39,6 +39,7 @@ __all__ = [
     "content_hash",
     "Ledger",
     "pid_alive",
+    "daemon_alive",
 ]
 
 SCHEMA_VERSION = 1
@@ -81,6 +82,11 @@ CREATE TABLE IF NOT EXISTS sets (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS specphot (
+    key TEXT PRIMARY KEY, camera INTEGER, target TEXT, filter TEXT,
+    unit TEXT, source TEXT, state TEXT NOT NULL, fingerprint TEXT,
+    members TEXT, factors TEXT, products TEXT, mjd REAL, error TEXT, updated REAL
 );
 CREATE TABLE IF NOT EXISTS daemon (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -140,6 +146,14 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def daemon_alive(info, stale: float = 30.0, now: float | None = None) -> bool:
+    """A ``daemon`` row describes a live daemon: not stopped, pid alive, heartbeat fresh."""
+    if info is None or info["stopped"] is not None or not pid_alive(info["pid"]):
+        return False
+    now = time.time() if now is None else now
+    return info["heartbeat"] is not None and now - info["heartbeat"] < stale
+
+
 class Ledger:
     """The SQLite ledger of one output directory.
 
@@ -159,6 +173,9 @@ class Ledger:
             if not self.path.exists():
                 raise FileNotFoundError(f"{self.path}: no ledger here (has vampd run in this directory?)")
             self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0)
+            if self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='files'").fetchone() is None:
+                self.conn.close()
+                raise FileNotFoundError(f"{self.path}: ledger not initialised yet")
         else:
             self.outdir.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -411,6 +428,31 @@ class Ledger:
                 " reason=excluded.reason, members=excluded.members, updated=excluded.updated",
                 (key, mode, state, reason, json.dumps(members), now, now),
             )
+
+    def record_specphot(self, key: str, row: dict, products: Iterable[tuple[str, str, str]] = ()) -> None:
+        """Record a sequence calibration (``row``: columns of ``specphot``) and, in the same
+        transaction, its calibrated products as ``(file, kind, path)`` (replacing that kind's rows)."""
+        now = time.time()
+        cols = ("camera", "target", "filter", "unit", "source", "state", "fingerprint", "members",
+                "factors", "products", "mjd", "error")
+        vals = [json.dumps(_plain(row.get(c))) if isinstance(row.get(c), (list, dict)) else _plain(row.get(c)) for c in cols]
+        prods = []
+        for file, kind, ppath in products:
+            st = os.stat(ppath)
+            prods.append((file, kind, str(ppath), st.st_mtime_ns, st.st_size, now))
+        with self.transaction():
+            self.conn.execute(
+                f"INSERT OR REPLACE INTO specphot (key, {', '.join(cols)}, updated) VALUES (?{',?' * len(cols)},?)",
+                (key, *vals, now),
+            )
+            for file, kind in {(p[0], p[1]) for p in prods}:
+                self.conn.execute("DELETE FROM products WHERE file=? AND kind=?", (file, kind))
+            self.conn.executemany("INSERT OR REPLACE INTO products VALUES (?,?,?,?,?,?)", prods)
+
+    def specphot_rows(self, state: str | None = None) -> list[sqlite3.Row]:
+        """Sequence calibrations (all, or those in ``state``), oldest sequence first."""
+        q = "SELECT * FROM specphot" + (" WHERE state=?" if state else "") + " ORDER BY mjd, key"
+        return self.conn.execute(q, (state,) if state else ()).fetchall()
 
     def daemon_start(self, pid: int, config: str = "", config_hash: str = "") -> None:
         now = time.time()

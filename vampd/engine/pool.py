@@ -1,0 +1,232 @@
+"""A bounded pool of worker processes with memory admission.
+
+* ``spawn`` start method (no forked SQLite handles or threads), one BLAS thread per worker
+  (set in the environment before the spawn *and* in the worker initializer);
+* a job is admitted only while the summed memory estimate of the running jobs stays under
+  the limit (a single job larger than the limit still runs, alone);
+* at most ``workers`` jobs are in flight: the queue of work is the ledger, not RAM;
+* workers never touch the ledger: a job returns a plain dict, the parent commits it;
+* a worker that notices its parent died exits (no orphan keeps writing after a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_PROCESS", "BLAS_ENV", "JobResult", "WorkerPool", "run_job", "estimate_bytes"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROCESS = "vampd.engine.pipeline:process_file"
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+            "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def estimate_bytes(naxis1: int, naxis2: int, naxis3: int, factor: float) -> int:
+    """Memory reserved for one job: the cube as float32 times ``factor``."""
+    return int(naxis1 * naxis2 * max(naxis3, 1) * 4 * factor)
+
+
+def _single_thread_env() -> None:
+    for key in BLAS_ENV:
+        os.environ[key] = "1"
+
+
+def _watch_parent(ppid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != ppid:
+            os._exit(70)  # parent gone: abandon the job, the restarted daemon redoes it
+
+
+def _worker_init(ppid: int) -> None:
+    import signal
+
+    _single_thread_env()
+    # Ctrl-C and a terminal hang-up are for the parent, which decides when workers stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True, name="vampd-parent-watch").start()
+
+
+def _resolve(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_job(process: str, path: str, cfg: Any, outdir: str, force: bool) -> dict:
+    """Run one file in a worker; never raises (errors come back as data).
+
+    ``ValueError`` (``InputError``, ``HeaderError``, config mismatches) means the input
+    itself is unusable: ``permanent=True``. Anything else may be transient.
+    """
+    t0 = time.time()
+    try:
+        res = _resolve(process)(path, cfg, Path(outdir), force)
+    except ValueError as exc:
+        return {"ok": False, "permanent": True, "error": str(exc), "elapsed": time.time() - t0}
+    except Exception as exc:
+        tb = traceback.format_exc(limit=6)
+        return {"ok": False, "permanent": False, "error": f"{type(exc).__name__}: {exc}", "trace": tb,
+                "elapsed": time.time() - t0}
+    return {
+        "ok": True,
+        "products": [(str(k), str(p)) for k, p in res.products],
+        "summary": dict(res.summary),
+        "metrics": dict(res.metrics),
+        "elapsed": time.time() - t0,
+    }
+
+
+@dataclass
+class JobResult:
+    """What the parent gets back for one file."""
+
+    path: str
+    ok: bool
+    products: list[tuple[str, str]] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    error: str = ""
+    permanent: bool = False
+    elapsed: float = 0.0
+
+
+@dataclass
+class _Job:
+    path: str
+    nbytes: int
+    future: cf.Future
+    t_submit: float
+
+
+class WorkerPool:
+    """Bounded, memory-admitting process pool.
+
+    Parameters
+    ----------
+    workers : int
+        Worker processes (and maximum jobs in flight).
+    memory_limit : int
+        Byte budget of all running jobs.
+    process : str
+        ``"module:function"`` called as ``function(path, cfg, outdir, force)`` in the worker
+        and returning an object with ``products``, ``summary`` and ``metrics``.
+    """
+
+    def __init__(self, workers: int = 2, memory_limit: int = 8 * 1024**3, process: str = DEFAULT_PROCESS):
+        self.workers = max(1, int(workers))
+        self.memory_limit = int(memory_limit)
+        self.process = process
+        self.jobs: dict[str, _Job] = {}
+        self.crashes = 0
+        self._executor: cf.ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        _single_thread_env()  # inherited by the spawned interpreters before numpy loads
+        self._executor = cf.ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(os.getpid(),),
+        )
+
+    # -- admission ----------------------------------------------------------------------------
+    @property
+    def running_bytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs.values())
+
+    def admissible(self, nbytes: int) -> bool:
+        """A job of ``nbytes`` may start now."""
+        if len(self.jobs) >= self.workers:
+            return False
+        return not self.jobs or self.running_bytes + nbytes <= self.memory_limit
+
+    def submit(self, path: str, nbytes: int, cfg: Any, outdir: os.PathLike | str, force: bool = False) -> None:
+        if self._executor is None:
+            self.start()
+        fut = self._executor.submit(run_job, self.process, path, cfg, str(outdir), force)
+        self.jobs[path] = _Job(path, int(nbytes), fut, time.time())
+
+    def healthy(self) -> bool:
+        """The executor is usable and every worker process is alive."""
+        ex = self._executor
+        if ex is None or getattr(ex, "_broken", False):
+            return False
+        procs = getattr(ex, "_processes", None) or {}
+        return all(p.is_alive() for p in procs.values())
+
+    # -- results ------------------------------------------------------------------------------
+    def collect(self, timeout: float = 0.0) -> list[JobResult]:
+        """Results of the jobs that finished (waiting up to ``timeout`` s for the first)."""
+        if not self.jobs:
+            if timeout:
+                time.sleep(min(timeout, 0.05))
+            return []
+        done, _ = cf.wait([j.future for j in self.jobs.values()], timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        out: list[JobResult] = []
+        broken = False
+        for path, job in list(self.jobs.items()):
+            if job.future not in done:
+                continue
+            del self.jobs[path]
+            try:
+                r = job.future.result()
+            except BrokenProcessPool:
+                broken = True
+                out.append(JobResult(path, False, error="worker process died (killed or out of memory)"))
+                continue
+            except Exception as exc:  # pickling errors and the like
+                out.append(JobResult(path, False, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            if r["ok"]:
+                out.append(JobResult(path, True, r["products"], r["summary"], r["metrics"], elapsed=r["elapsed"]))
+            else:
+                if r.get("trace"):
+                    log.debug("worker traceback for %s:\n%s", path, r["trace"])
+                out.append(JobResult(path, False, error=r["error"], permanent=r["permanent"], elapsed=r["elapsed"]))
+        if broken:
+            self.crashes += 1
+            log.error("pool: a worker process died; restarting the pool")
+            self._restart()
+        return out
+
+    def _restart(self) -> None:
+        ex = self._executor
+        self._executor = None
+        if ex is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
+        self.start()
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def shutdown(self, timeout: float) -> tuple[list[JobResult], list[str]]:
+        """Let running jobs finish for up to ``timeout`` s, then terminate the workers.
+
+        Returns ``(results of the jobs that finished, paths abandoned)``.
+        """
+        results: list[JobResult] = []
+        deadline = time.time() + timeout
+        while self.jobs and time.time() < deadline:
+            results.extend(self.collect(timeout=min(0.2, max(0.0, deadline - time.time()))))
+        abandoned = list(self.jobs)
+        ex = self._executor
+        self._executor = None
+        if ex is not None:
+            procs = list((getattr(ex, "_processes", None) or {}).values())
+            if abandoned:
+                for p in procs:
+                    p.terminate()
+            ex.shutdown(wait=True, cancel_futures=True)
+        self.jobs.clear()
+        return results, abandoned

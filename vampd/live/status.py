@@ -1,0 +1,112 @@
+"""One-shot summary of a night, read (only) from the ledger."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+
+from vampd.engine.ledger import Ledger, daemon_alive
+
+__all__ = ["collect_status", "format_status"]
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def collect_status(outdir: os.PathLike | str, now: float | None = None) -> dict:
+    """Counts of files and sets, daemon liveness and the last finished file.
+
+    ``files.done`` counts files whose recorded per-file products all exist on disk; a
+    ``done`` row with a missing product is counted as ``pending`` (the daemon will redo it).
+    ``failed`` counts failed (will retry) and parked (given up) files.
+    """
+    now = time.time() if now is None else now
+    with Ledger(outdir, readonly=True) as led:
+        counts = led.counts()
+        done = missing = 0
+        for row in led.conn.execute("SELECT path FROM files WHERE state='done'"):
+            prods = led.products(row["path"])
+            if prods and all(os.path.exists(p["path"]) for p in prods):
+                done += 1
+            else:
+                missing += 1
+        pending = counts["pending"] + counts["queued"] + counts["running"] + missing
+        info = led.daemon_info()
+        last = led.conn.execute(
+            "SELECT path, t_done, latency, target, filter, camera, flc, hwp, mjd, metrics FROM files"
+            " WHERE state='done' ORDER BY t_done DESC LIMIT 1"
+        ).fetchone()
+        errors = [
+            {"path": r["path"], "state": r["state"], "tries": r["tries"], "error": r["error"]}
+            for r in led.conn.execute(
+                "SELECT path, state, tries, error FROM files WHERE state IN ('failed','parked') ORDER BY path"
+            )
+        ]
+        lat = [r[0] for r in led.conn.execute("SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL")]
+        sets = led.set_counts()
+    lat.sort()
+    out = {
+        "outdir": str(os.path.abspath(outdir)),
+        "files": {
+            "total": sum(counts.values()),
+            "done": done,
+            "failed": counts["failed"] + counts["parked"],
+            "pending": pending,
+            "running": counts["running"],
+            "parked": counts["parked"],
+            "ignored": counts["ignored"],
+        },
+        "sets": {"complete": sets["complete"], "broken": sets["broken"], "open": sets["open"]},
+        "daemon": {
+            "alive": daemon_alive(info, now=now),
+            "pid": info["pid"] if info else None,
+            "started": _iso(info["started"]) if info else None,
+            "heartbeat": _iso(info["heartbeat"]) if info else None,
+            "stopped": _iso(info["stopped"]) if info else None,
+            "status": info["status"] if info else None,
+        },
+        "last_file": None,
+        "latency": {
+            "median": lat[len(lat) // 2] if lat else None,
+            "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+        },
+        "errors": errors,
+    }
+    if last is not None:
+        out["last_file"] = {
+            "path": last["path"], "done": _iso(last["t_done"]), "latency": last["latency"],
+            "target": last["target"], "filter": last["filter"], "camera": last["camera"],
+            "flc": last["flc"], "hwp": last["hwp"], "mjd": last["mjd"],
+        }
+    return out
+
+
+def format_status(st: dict) -> str:
+    """Plain multi-line text of :func:`collect_status`."""
+    f, s, d = st["files"], st["sets"], st["daemon"]
+    if d["alive"]:
+        dline = f"running (pid {d['pid']}, since {d['started']})"
+    elif d["pid"] is None:
+        dline = "never started (batch runs only)"
+    else:
+        dline = f"not running (last pid {d['pid']}, {d['status']}, last heartbeat {d['heartbeat']})"
+    lines = [
+        f"ledger  {st['outdir']}",
+        f"daemon  {dline}",
+        f"files   {f['total']} total: {f['done']} done, {f['failed']} failed, {f['pending']} pending",
+        f"sets    {s['complete']} complete, {s['broken']} broken, {s['open']} open",
+    ]
+    if st["latency"]["median"] is not None:
+        lines.append(f"latency median {st['latency']['median']:.2f} s, p95 {st['latency']['p95']:.2f} s")
+    if st["last_file"]:
+        lf = st["last_file"]
+        lines.append(f"last    {os.path.basename(lf['path'])} at {lf['done']} ({lf['target'] or '?'}, {lf['filter'] or '?'})")
+    for e in st["errors"][:10]:
+        lines.append(f"error   {os.path.basename(e['path'])} [{e['state']}, {e['tries']} tries]: {e['error']}")
+    if len(st["errors"]) > 10:
+        lines.append(f"        … and {len(st['errors']) - 10} more")
+    return "\n".join(lines)
