@@ -199,30 +199,32 @@ def frame_chunks(
     dx: np.ndarray,
     chunk: int = 64,
     illumination: np.ndarray | None = None,
+    double: bool = False,
 ) -> Iterator[np.ndarray]:
     """Per-frame images ``f_t · shift_t[S_t core + (1 − S_t) halo]`` [e-/s], in chunks.
 
     The sub-pixel shift (content moves by (+dy, +dx)) is an FFT phase ramp (periodic, exact
     for band-limited content). ``illumination`` (field-stop mask, static on the detector)
-    multiplies after the shift. Yields float32 arrays ``(n, ny, nx)`` with n ≤ chunk; only
-    one chunk is alive at a time.
+    multiplies after the shift. Yields float32 arrays ``(n, ny, nx)`` with n ≤ chunk (float64
+    with ``double``, for exact tests); only one chunk is alive at a time.
     """
     ny, nx = core.shape
-    a_hat = sfft.rfft2(core, workers=1).astype(np.complex64)
-    b_hat = sfft.rfft2(halo, workers=1).astype(np.complex64)
-    ky = np.fft.fftfreq(ny).astype(np.float32)
-    kx = np.fft.rfftfreq(nx).astype(np.float32)
+    rt, ct = (np.float64, np.complex128) if double else (np.float32, np.complex64)
+    a_hat = sfft.rfft2(core, workers=1).astype(ct)
+    b_hat = sfft.rfft2(halo, workers=1).astype(ct)
+    ky = np.fft.fftfreq(ny).astype(rt)
+    kx = np.fft.rfftfreq(nx).astype(rt)
     n = len(flux)
     for i0 in range(0, n, chunk):
         sl = slice(i0, min(i0 + chunk, n))
-        s = np.asarray(strehl[sl], dtype=np.float32)[:, None, None]
-        f = np.asarray(flux[sl], dtype=np.float32)[:, None, None]
-        ramp_y = np.exp(-2j * np.pi * ky[None, :] * np.asarray(dy[sl], dtype=np.float32)[:, None]).astype(np.complex64)
-        ramp_x = np.exp(-2j * np.pi * kx[None, :] * np.asarray(dx[sl], dtype=np.float32)[:, None]).astype(np.complex64)
+        s = np.asarray(strehl[sl], dtype=rt)[:, None, None]
+        f = np.asarray(flux[sl], dtype=rt)[:, None, None]
+        ramp_y = np.exp(-2j * np.pi * ky[None, :] * np.asarray(dy[sl], dtype=rt)[:, None]).astype(ct)
+        ramp_x = np.exp(-2j * np.pi * kx[None, :] * np.asarray(dx[sl], dtype=rt)[:, None]).astype(ct)
         spec = (s * a_hat[None] + (1 - s) * b_hat[None]) * f
         spec *= ramp_y[:, :, None]
         spec *= ramp_x[:, None, :]
-        out = sfft.irfft2(spec, s=(ny, nx), workers=1).astype(np.float32, copy=False)
+        out = sfft.irfft2(spec, s=(ny, nx), workers=1).astype(rt, copy=False)
         del spec
         if illumination is not None:
             out *= illumination

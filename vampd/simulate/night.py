@@ -657,9 +657,9 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
         # keep the static images unless a long night would need too much memory (then
         # they are recomputed when the file is written)
         cached = None
-        if (i + 1) * 2 * 4 * shape[0] * shape[1] <= _STATIC_CACHE_BYTES:
-            cached = (place_fields(shape, [(st.core, o) for st, o in statics]).astype(np.float32),
-                      place_fields(shape, [(st.halo, o) for st, o in statics]).astype(np.float32))
+        if (i + 1) * 2 * 8 * shape[0] * shape[1] <= _STATIC_CACHE_BYTES:
+            cached = (place_fields(shape, [(st.core, o) for st, o in statics]),
+                      place_fields(shape, [(st.halo, o) for st, o in statics]))
         file_records.append((f, cached))
 
     truth_path = outdir / "truth.json"
@@ -713,7 +713,7 @@ def _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, hal
         core = place_fields(shape, core_cells)
         halo = place_fields(shape, halo_cells)
     else:
-        core, halo = (np.asarray(a, dtype=np.float64) for a in cached)
+        core, halo = cached
 
     hdr = raw_header(
         shape=(len(k), *shape),
@@ -746,7 +746,8 @@ def _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, hal
     rng = np.random.default_rng([cfg.seed, 404, f["frameid"], cam])
 
     def chunks():
-        for eps in frame_chunks(core, halo, b["flux"][k], b["strehl"][k], b["dy"][k], b["dx"][k], cfg.frames_chunk, illum):
+        for eps in frame_chunks(core, halo, b["flux"][k], b["strehl"][k], b["dy"][k], b["dx"][k], cfg.frames_chunk, illum,
+                                   double=cfg.write_float):
             if cam == flipped:
                 eps = eps[:, ::-1, :]
             yield dm.counts(eps, cfg.exptime, rng, cfg.write_float)
