@@ -23,7 +23,6 @@ import warnings
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import biweight_location
 
 from vampd.imaging import frame_center, shift_cube
 
@@ -33,6 +32,8 @@ __all__ = [
     "Coadder",
     "coadd_cube",
     "frame_weights",
+    "nanmedian0",
+    "biweight0",
     "measure_center",
     "recenter",
     "coadd_header",
@@ -53,26 +54,86 @@ def _check_method(method: str) -> str:
 def frame_weights(data4) -> np.ndarray:
     """``varmean`` weights ``1 / nanvar`` per frame **and** field, shape (nframes, nfields).
 
-    Frames with zero, non-finite or undefined variance get weight 0.
+    Two-pass population variance over the finite pixels (float64 accumulation). Frames
+    with zero, non-finite or undefined variance get weight 0.
     """
     data4 = np.asarray(data4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        var = np.nanvar(data4.reshape(data4.shape[:2] + (-1,)), axis=-1, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    flat = data4.reshape(data4.shape[:2] + (-1,))
+    finite = np.isfinite(flat)
+    x0 = np.where(finite, flat, np.float32(0)).astype(np.float32, copy=False)
+    cnt = finite.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = x0.sum(axis=-1, dtype=np.float64) / cnt
+        dev = x0 - mean[..., None].astype(np.float32)
+        dev *= finite
+        var = np.einsum("ijk,ijk->ij", dev, dev, dtype=np.float64) / cnt
         w = 1.0 / var
     return np.where(np.isfinite(w) & (var > 0), w, 0.0)
 
 
+def _median_finite(flat: np.ndarray) -> np.ndarray:
+    """Median over axis 0 of finite data: one partition (+ max of the lower half for even n).
+
+    About 3x faster than ``np.median``, which partitions at two indices.
+    """
+    n = flat.shape[0]
+    k = n // 2
+    part = np.partition(flat, k, axis=0)
+    if n % 2:
+        return part[k].astype(np.result_type(flat.dtype, np.float32))
+    return 0.5 * (part[k] + part[:k].max(axis=0))
+
+
+def nanmedian0(block: np.ndarray) -> np.ndarray:
+    """NaN-ignoring median over axis 0 (all-NaN → NaN), fast for NaN padding.
+
+    ``np.nanmedian`` falls back to a per-pixel Python loop for long axes with NaNs; here
+    all-finite columns use ``np.median`` (partition), all-NaN columns are NaN and only the
+    partially-NaN columns (cutout edges) are sorted.
+    """
+    n = block.shape[0]
+    flat = block.reshape(n, -1)
+    cnt = np.isfinite(flat).sum(axis=0)
+    full = cnt == n
+    if full.all():
+        return _median_finite(flat).reshape(block.shape[1:])
+    out = np.full(flat.shape[1], np.nan, dtype=np.result_type(block.dtype, np.float32))
+    if full.any():
+        out[full] = _median_finite(flat[:, full])
+    mixed = (cnt > 0) & ~full
+    if mixed.any():
+        srt = np.sort(flat[:, mixed], axis=0)  # NaNs sort last
+        k = cnt[mixed]
+        cols = np.arange(srt.shape[1])
+        out[mixed] = 0.5 * (srt[(k - 1) // 2, cols] + srt[k // 2, cols])
+    return out.reshape(block.shape[1:])
+
+
+def biweight0(block: np.ndarray, c: float = _BIWEIGHT_C) -> np.ndarray:
+    """Biweight location over axis 0, NaN-ignoring (astropy's definition, one step from the median).
+
+    ``M + Σ (x−M)(1−u²)² / Σ (1−u²)²`` over |u| < 1 with ``u = (x−M)/(c·MAD)``; where MAD = 0
+    the median is returned (as astropy does). Same values as
+    ``astropy.stats.biweight_location(block, c=c, axis=0, ignore_nan=True)``, much faster.
+    """
+    med = nanmedian0(block)
+    dev = block - med
+    mad = nanmedian0(np.abs(dev))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = dev / (c * mad)
+        w = np.square(1 - np.square(u))
+        w[~(np.abs(u) < 1)] = 0  # also drops NaN
+        num = np.sum(np.where(w > 0, dev, 0) * w, axis=0, dtype=np.float64)
+        den = np.sum(w, axis=0, dtype=np.float64)
+        loc = med + num / den
+    return np.where((mad == 0) | ~np.isfinite(loc), med, loc)
+
+
 def _collapse(block: np.ndarray, method: str) -> np.ndarray:
     """Median or biweight location over axis 0, NaN-ignoring (all-NaN → NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if method == "median":
-            if np.isnan(block).any():
-                return np.nanmedian(block, axis=0)
-            return np.median(block, axis=0)
-        return biweight_location(block, c=_BIWEIGHT_C, axis=0, ignore_nan=True)
+    if method == "median":
+        return nanmedian0(block)
+    return biweight0(block)
 
 
 class Coadder:
@@ -138,10 +199,15 @@ class Coadder:
             var = np.square(np.where(finite, err4, np.float32(0)))
             np.nan_to_num(var, copy=False)
         if self.method == "varmean":
-            w = frame_weights(data4)[:, :, None, None] * finite
-            self._sum += np.sum(w * x, axis=0)
-            self._sumw += np.sum(w, axis=0)
-            self._sumvar += np.sum(w * w * var, axis=0)
+            wf = frame_weights(data4)
+            # normalise by the largest weight so float32 products cannot underflow
+            scale = float(wf.max()) if wf.max() > 0 else 1.0
+            self._wscale = getattr(self, "_wscale", scale)
+            w = (wf / self._wscale).astype(np.float32)[:, :, None, None] * finite
+            self._sum += np.sum(w * x, axis=0, dtype=np.float64)
+            self._sumw += np.sum(w, axis=0, dtype=np.float64)
+            np.multiply(w, w, out=w)
+            self._sumvar += np.sum(w * var, axis=0, dtype=np.float64)
         else:
             self._sum += np.sum(x, axis=0, dtype=np.float64)
             self._sumvar += np.sum(var, axis=0, dtype=np.float64)
