@@ -1,0 +1,108 @@
+"""Per-file chain benchmark: ms per frame for calibrate → analyse → select → align → coadd.
+
+Simulates a night, builds masters, then reduces every file with ``process_file`` on N worker
+processes (spawn, one BLAS thread each) and prints the throughput, the per-stage split and the
+ratio to a bare FITS read of the same files.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/chain.py                 # 256², 50 frames, 16 files
+    OPENBLAS_NUM_THREADS=1 python benchmarks/chain.py --size 536 --nframes 200 --files 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _config(workdir: Path, crop: int):
+    from vampd.config import load_config
+
+    ref = Path(__file__).resolve().parents[1] / "configs" / "benchmark.toml"
+    cfg = load_config(ref)
+    cfg.calibrate.calib_directory = workdir / "masters"
+    cfg.align.crop_width = crop
+    return cfg
+
+
+def _work(args):
+    path, cfg, outdir = args
+    from vampd.engine.pipeline import process_file
+
+    t = time.perf_counter()
+    r = process_file(path, cfg, outdir, force=True)
+    return path, time.perf_counter() - t, r.metrics.get("timing", {}), r.metrics.get("nframes", 0)
+
+
+def _read(path):
+    from vampd.fitsio import read_cube
+
+    t = time.perf_counter()
+    data, _ = read_cube(path)
+    _ = data.astype("float32")
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--nframes", type=int, default=50)
+    p.add_argument("--files", type=int, default=16, help="files to reduce (multiple of 16 for whole HWP cycles)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--crop", type=int, default=None, help="align.crop_width (default: frame size)")
+    p.add_argument("--keep", default=None, help="keep the work dir here")
+    args = p.parse_args(argv)
+
+    from vampd.simulate.night import SimConfig, simulate_night
+    from vampd.stages.calibfiles import build_masters
+
+    work = Path(args.keep or tempfile.mkdtemp(prefix="vampd-bench-"))
+    if work.exists() and args.keep:
+        shutil.rmtree(work)
+    ncycles = max(1, -(-args.files // 16))
+    t = time.perf_counter()
+    simulate_night(work / "night", SimConfig(size=args.size, nframes=args.nframes, ncycles=ncycles, seed=1))
+    t_sim = time.perf_counter() - t
+    build_masters(sorted(glob.glob(str(work / "night" / "calib" / "*.fits"))), work / "masters")
+    files = sorted(glob.glob(str(work / "night" / "raw" / "*.fits")))[: args.files]
+    cfg = _config(work, args.crop or args.size)
+    out = work / "out"
+
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        list(pool.map(_work, [(files[0], cfg, out)] * args.workers))  # warm caches (PSF, imports, masters)
+        t = time.perf_counter()
+        results = list(pool.map(_work, [(f, cfg, out) for f in files]))
+        wall = time.perf_counter() - t
+        reads = list(pool.map(_read, files))
+    frames = sum(r[3] for r in results)
+    stages = {k: sum(r[2].get(k, 0.0) for r in results) for k in ("calibrate", "analyze", "align", "coadd", "total")}
+    per_file = [r[1] for r in results]
+    print(f"vampd chain benchmark: {len(files)} files x {args.nframes} frames of {args.size}^2, {args.workers} workers")
+    print(f"  simulate: {t_sim:.1f} s")
+    print(f"  wall time {wall:.2f} s for {frames} frames -> {1e3 * wall / frames:.3f} ms/frame, {frames / wall:.0f} frames/s")
+    print(f"  per file: median {statistics.median(per_file):.3f} s, max {max(per_file):.3f} s (worker time)")
+    cpu = stages["total"]
+    print(f"  worker time per frame {1e3 * cpu / frames:.3f} ms; split:")
+    for k in ("calibrate", "analyze", "align", "coadd"):
+        print(f"    {k:10s} {1e3 * stages[k] / frames:7.3f} ms/frame")
+    other = cpu - sum(stages[k] for k in ("calibrate", "analyze", "align", "coadd"))
+    print(f"    {'io+other':10s} {1e3 * other / frames:7.3f} ms/frame (header, PSF/masters lookup, writing products)")
+    read = sum(reads)
+    print(f"  bare FITS read + float32: {1e3 * read / frames:.3f} ms/frame; chain/read ratio {cpu / read:.1f}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
