@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import warnings
 
 import numpy as np
 from astropy.io import fits
