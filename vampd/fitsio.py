@@ -69,9 +69,9 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], None]) -> Path
     return path
 
 
-def write_fits_atomic(path: os.PathLike | str, hdul: fits.HDUList) -> Path:
-    """Atomically write an HDUList (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True, output_verify="silentfix"))
+def write_fits_atomic(path: os.PathLike | str, hdul: fits.HDUList, verify: str = "silentfix") -> Path:
+    """Atomically write an HDUList (see :func:`atomic_write`); ``verify`` is astropy's output_verify."""
+    return atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True, output_verify=verify))
 
 
 def save_npz_atomic(path: os.PathLike | str, **arrays: np.ndarray) -> Path:
