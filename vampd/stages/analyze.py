@@ -195,14 +195,20 @@ def aperture_photometry(
         var = np.where(valid & np.isfinite(var), var, 0.0)
     else:
         var = np.zeros_like(box)
-    w = circular_overlap(cy, cx, radius, y0, x0, size) * valid
-    flux = np.einsum("nij,nij->n", w, box)
-    fvar = np.einsum("nij,nij->n", w, var)
+    # the aperture only needs the central part of the box (which may be sized for the annulus)
+    ha = min(int(math.ceil(radius)) + 1, half)
+    inner = slice(half - ha, half + ha + 1)
+    w = circular_overlap(cy, cx, radius, y0 + half - ha, x0 + half - ha, 2 * ha + 1) * valid[:, inner, inner]
+    flux = np.einsum("nij,nij->n", w, box[:, inner, inner])
+    fvar = np.einsum("nij,nij->n", w, var[:, inner, inner])
     bkg = np.zeros(n)
     if annulus:
         r_in, r_out = float(annulus[0]), float(annulus[1])
-        wa = (circular_overlap(cy, cx, r_out, y0, x0, size) - circular_overlap(cy, cx, r_in, y0, x0, size)) * valid
-        wa = np.clip(wa, 0.0, None)
+        wa = circular_overlap(cy, cx, r_out, y0, x0, size)
+        hi = min(int(math.ceil(r_in)) + 1, half)
+        sub_in = slice(half - hi, half + hi + 1)
+        wa[:, sub_in, sub_in] -= circular_overlap(cy, cx, r_in, y0 + half - hi, x0 + half - hi, 2 * hi + 1)
+        wa = np.clip(wa, 0.0, None) * valid
         asum = wa.sum(axis=(1, 2))
         with np.errstate(divide="ignore", invalid="ignore"):
             bkg = np.einsum("nij,nij->n", wa, box) / asum
@@ -313,9 +319,19 @@ def strehl_ratio(norm_peak: np.ndarray, psf_norm_peak: float, upper: float = STR
     return np.where((s >= 0) & (s <= upper), s, np.nan)
 
 
+_PSF_NORM_CACHE: dict[tuple, float] = {}
+
+
 def _psf_norm_peak(psf: np.ndarray, radius: float) -> float:
-    cy, cx = (psf.shape[0] - 1) / 2, (psf.shape[1] - 1) / 2
-    return float(normalized_peak(psf[None].astype(np.float64), np.array([cy]), np.array([cx]), radius)[0])
+    """Normalised peak of the template at its frame centre (cached: the template rarely changes)."""
+    psf = np.ascontiguousarray(psf, dtype=np.float64)
+    key = (psf.shape, hash(psf.tobytes()), float(radius))
+    if key not in _PSF_NORM_CACHE:
+        if len(_PSF_NORM_CACHE) > 64:
+            _PSF_NORM_CACHE.clear()
+        cy, cx = (psf.shape[0] - 1) / 2, (psf.shape[1] - 1) / 2
+        _PSF_NORM_CACHE[key] = float(normalized_peak(psf[None], np.array([cy]), np.array([cx]), radius)[0])
+    return _PSF_NORM_CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +352,33 @@ def _moffat(p, yy, xx):
     return amp / (1 + a * dx * dx + b * dy * dy + cc * dx * dy) ** alpha + bkg
 
 
+def _moffat_jac(p, yy, xx):
+    """Analytic Jacobian of :func:`_moffat` (columns in parameter order), shape (npix, 8)."""
+    amp, y0, x0, gx, gy, theta, alpha, _ = p
+    c, s = math.cos(theta), math.sin(theta)
+    ix2, iy2 = 1 / gx**2, 1 / gy**2
+    a = c * c * ix2 + s * s * iy2
+    b = s * s * ix2 + c * c * iy2
+    cc = 2 * s * c * (ix2 - iy2)
+    dx, dy = xx - x0, yy - y0
+    dx2, dy2, dxy = dx * dx, dy * dy, dx * dy
+    u = 1 + a * dx2 + b * dy2 + cc * dxy
+    ua = u**-alpha
+    dfdu = -alpha * amp * ua / u
+    jac = np.empty((dx.size, 8))
+    jac[:, 0] = ua
+    jac[:, 1] = dfdu * -(2 * b * dy + cc * dx)
+    jac[:, 2] = dfdu * -(2 * a * dx + cc * dy)
+    sc = s * c
+    jac[:, 3] = dfdu * (-2 / gx**3) * (c * c * dx2 + s * s * dy2 + 2 * sc * dxy)
+    jac[:, 4] = dfdu * (-2 / gy**3) * (s * s * dx2 + c * c * dy2 - 2 * sc * dxy)
+    k = ix2 - iy2
+    jac[:, 5] = dfdu * (-2 * sc * k * dx2 + 2 * sc * k * dy2 + 2 * (c * c - s * s) * k * dxy)
+    jac[:, 6] = -amp * ua * np.log(u)
+    jac[:, 7] = 1.0
+    return jac
+
+
 def fit_moffat(
     windows: np.ndarray,
     errors: np.ndarray | None = None,
@@ -344,8 +387,10 @@ def fit_moffat(
 ) -> dict[str, np.ndarray]:
     """Elliptical Moffat fit (§3.2) on each window (one least-squares fit per frame).
 
-    Parameters: amplitude, centre, ``gamma_x, gamma_y``, ``theta`` ∈ [-pi/4, pi/4], ``alpha`` ∈
-    [0.5, 3] (wider than 1 px FWHM), and a free constant background. Residuals are weighted by
+    Parameters: amplitude ∈ [0, 2 (max - median)], centre within the window, ``gamma_x, gamma_y`` ∈
+    [0.5, w/2], ``theta`` ∈ [-pi/4, pi/4], ``alpha`` ∈ [0.5, 10] (the reference stops at 3, too
+    low for a diffraction-limited core), and a free constant background. Bounded trust-region
+    least squares with an analytic Jacobian (~3 ms per 21² window). Residuals are weighted by
     ``1/err`` (if given); non-finite pixels are ignored. Starting point: the given centre (e.g. the
     centre of mass) and FWHM estimate, alpha = 2, amplitude = max - median, background = median.
 
@@ -392,11 +437,16 @@ def fit_moffat(
         def resid(p, yv=yv, xv=xv, dv=dv, wv=wv):
             return (_moffat(p, yv, xv) - dv) * wv
 
+        def jac(p, yv=yv, xv=xv, wv=wv):
+            return _moffat_jac(p, yv, xv) * wv[:, None]
+
         try:
-            res = least_squares(resid, p0, bounds=(lo, hi), x_scale="jac", max_nfev=200)
+            res = least_squares(resid, p0, jac=jac, bounds=(lo, hi), x_scale="jac", max_nfev=100)
         except (ValueError, np.linalg.LinAlgError):
             continue
         amp, yc, xc, gx, gy, _, alpha, _ = res.x
+        if res.status < 0:
+            continue
         out["y"][t], out["x"][t] = yc, xc
         out["fwhm"][t] = moffat_fwhm(math.sqrt(gx * gy), alpha)
         out["amp"][t] = amp
@@ -454,14 +504,15 @@ def _analyze_window(
     out["max"] = _quiet_nan(np.nanmax, flat, axis=1)
     out["sum"] = np.nansum(flat, axis=1)
     out["mean"] = _quiet_nan(np.nanmean, flat, axis=1)
-    med = _quiet_nan(np.nanmedian, flat, axis=1)
+    finite = np.isfinite(flat)
+    # np.nanmedian on small arrays goes through masked arrays (a full sort): avoid it without NaNs
+    med = np.median(flat, axis=1) if finite.all() else _quiet_nan(np.nanmedian, flat, axis=1)
     out["med"] = med
     out["var"] = _quiet_nan(np.nanvar, flat, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["nvar"] = out["var"] / out["mean"]
 
     # peak pixel (NaN-safe, all-NaN frames -> NaN)
-    finite = np.isfinite(flat)
     anyf = finite.any(axis=1)
     idx = np.where(finite, flat, -np.inf).argmax(axis=1)
     py, px = np.unravel_index(idx, (h, w))
@@ -588,17 +639,13 @@ def analyze_cube(
 
     radius = float(getattr(cfg, "phot_aper_rad", 8.0))
     results: list[list[dict[str, np.ndarray]]] = []
-    norm_cache: dict[int, float] = {}
     for field in fields:
         template = None if planetary else _psf_for_field(psf, field)
         pnp = None
         if template is not None:
             template = np.asarray(template, dtype=np.float64)
-            key = id(template)
             if getattr(cfg, "strehl", False):
-                if key not in norm_cache:
-                    norm_cache[key] = _psf_norm_peak(template, radius)
-                pnp = norm_cache[key]
+                pnp = _psf_norm_peak(template, radius)
         row = []
         for center in centers[field]:
             row.append(_analyze_window(data, err, (float(center[0]), float(center[1])), cfg, template, pnp))

@@ -143,10 +143,10 @@ def dft_shift(
         )
     win = _prepare(windows)
     tmpl = np.nan_to_num(template)
-    # a constant offset only adds a constant to the circular cross-correlation, but removing the
-    # frame median keeps the peak contrast high in float arithmetic
-    win -= np.median(win.reshape(win.shape[0], -1), axis=1)[:, None, None]
-    spec = np.fft.fft2(win) * np.conj(np.fft.fft2(tmpl - np.median(tmpl)))[None]
+    # a constant offset only adds a constant to the circular cross-correlation: remove the means
+    # (the DC terms) so that the correlation peak stands out
+    win -= win.mean(axis=(1, 2), keepdims=True)
+    spec = np.fft.fft2(win) * np.conj(np.fft.fft2(tmpl - tmpl.mean()))[None]
     cc = np.fft.ifft2(spec).real
     n, h, w = cc.shape
     flat = cc.reshape(n, -1).argmax(axis=1)
