@@ -407,3 +407,36 @@ def test_zeropoints_e_per_s_is_a_no_op(no_data):
 
     assert not st.specphot_enabled(PipelineConfig(name="t"))
     assert st.specphot_enabled(PipelineConfig(name="t", specphot={"unit": "Jy"}))
+
+
+@needs_data
+def test_late_file_moves_boundaries_and_supersedes(data_env, tmp_path):
+    from vampd.config import PipelineConfig
+    from vampd.engine import specphot_trigger as st
+    from vampd.engine.ledger import Ledger
+
+    cfg = PipelineConfig(name="t", specphot={"unit": "contrast", "source": "pickles", "sptype": "G2V", "mag": 6.0,
+                                             "mag_band": "V", "sequence_files": 2})
+    out = tmp_path / "out"
+    ledger = Ledger(out)
+    fluxes = {0: 1e5, 1: 2e5, 2: 4e5}
+
+    def finish(i):
+        src = tmp_path / f"VMPA{i:08d}.fits"
+        src.write_bytes(b"x")
+        ledger.register(str(src), "h")
+        prods = _fake_products(out, src.stem, ["750-50"], [fluxes[i]], {"AIRMASS": 1.0, "PXAREA": 3.5e-5})
+        ledger.record_done(str(src), prods, {"target": "T", "filter": "750-50", "camera": 1, "mjd": 60500.0 + i}, {}, "h")
+        return st.on_file_done(ledger, cfg, out, str(src))
+
+    assert finish(1) == []
+    first = finish(2)  # chunk [1, 2] is full
+    assert [r["key"] for r in first] == ["cam1:VMPA00000001"]
+    assert first[0]["factors"]["VMPA00000001"]["750-50"] == pytest.approx(1 / 2.9e5)  # median of 1.8,2,2.2,3.6,4,4.4 e5
+    late = finish(0)  # file 0 finishes late: chunks become [0, 1] and [2]
+    assert [r["key"] for r in late] == ["cam1:VMPA00000000"]
+    states = {r["key"]: r["state"] for r in ledger.specphot_rows()}
+    assert states == {"cam1:VMPA00000000": "done", "cam1:VMPA00000001": "superseded"}
+    assert not (out / "specphot" / "t_T_750-50_cam1_VMPA00000001.json").exists()
+    assert pdi_unit_factor(out, "T", "750-50") == ("contrast", {"750-50": pytest.approx(1 / 1.45e5)})  # median of .9,1,1.1,1.8,2,2.2 e5
+    ledger.close()
