@@ -209,6 +209,16 @@ def test_photometry_equals_photutils_single_frame():
     t = pu_phot(img, CircularAperture((28.7, 30.4), 8.0), error=err, mask=mask, method="exact")
     assert f[0] == pytest.approx(float(t["aperture_sum"][0]), rel=1e-6)
     assert e[0] == pytest.approx(float(t["aperture_sum_err"][0]), rel=1e-6)
+    # annulus: overlap-weighted mean of the annulus times the aperture area is subtracted
+    from photutils.aperture import CircularAnnulus
+
+    ann = CircularAnnulus((28.7, 30.4), 12.0, 18.0)
+    asum = float(pu_phot(img, ann, mask=mask, method="exact")["aperture_sum"][0])
+    aarea = float(ann.area_overlap(img, mask=mask, method="exact"))
+    parea = float(CircularAperture((28.7, 30.4), 8.0).area_overlap(img, mask=mask, method="exact"))
+    fa, _, bkg = aperture_photometry(img[None], np.array([30.4]), np.array([28.7]), 8.0, annulus=(12.0, 18.0))
+    assert bkg[0] == pytest.approx(asum / aarea, rel=1e-6)
+    assert fa[0] == pytest.approx(float(t["aperture_sum"][0]) - asum / aarea * parea, rel=1e-6)
 
 
 def test_photometry_within_one_percent_of_injected(airy_cube):
@@ -447,3 +457,49 @@ def test_centroid_file_round_trip_and_flip(tmp_path):
     bad.write_text('F720 = [[1, 2, 3]]\n')
     with pytest.raises(ValueError, match="bad.toml"):
         load_centroid_file(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# acceptance against the simulator's truth (calibrated coordinates, per frame)
+# ----------------------------------------------------------------------------------------------
+def _simulated(tmp_path, **kw):
+    from vampd.instrument import fix_header
+    from vampd.instrument.detectors import detector_from_header
+    from vampd.instrument.pupil import synthetic_psf
+    from vampd.simulate.night import SimConfig, simulate_night
+    from vampd.stages.calibrate import calibrate_cube
+
+    cfg = SimConfig().replace(size=96, nframes=12, calib=False, max_files=1, scene={"ring_flux": 0.0}, **kw)
+    truth = simulate_night(tmp_path, cfg)
+    t = truth["files"][0]
+    with fits.open(tmp_path / t["path"]) as hdul:
+        raw, hdr = hdul[0].data, fix_header(hdul[0].header)
+    data, err, hdr = calibrate_cube(raw, hdr)
+    det = detector_from_header(hdr)
+    psf = synthetic_psf(hdr["FILTER01"], det.pixel_scale, det.pupil_offset, 21)
+    return t, data, err, hdr, psf
+
+
+def test_acceptance_simulated_noise_free(tmp_path):
+    t, data, err, hdr, psf = _simulated(tmp_path, noise_free=True)
+    centers = resolve_centers(hdr, data.shape, None, image=data.mean(axis=0))  # automatic, no file
+    m = analyze_cube(data, err, centers, cfg_(), psf=psf)
+    fr = t["frames"]["fields"][hdr["FILTER01"]]
+    np.testing.assert_allclose(m["dfty"][0, 0], fr["star_y_cal"], atol=0.02)
+    np.testing.assert_allclose(m["dftx"][0, 0], fr["star_x_cal"], atol=0.02)
+    np.testing.assert_allclose(m["photf"][0, 0], fr["aper_flux"], rtol=0.01)
+    np.testing.assert_allclose(m["strehl"][0, 0], fr["strehl_metric"], atol=0.03)
+    # selecting on Strehl keeps the frames with the best injected Strehl
+    keep = select_frames(m, "strehl", 0.5)
+    best = np.argsort(fr["strehl_metric"])[::-1][:6]
+    assert keep.sum() == 6 and set(np.flatnonzero(keep)) == set(best)
+
+
+def test_acceptance_simulated_noisy_centroids(tmp_path):
+    t, data, err, hdr, psf = _simulated(tmp_path)
+    centers = resolve_centers(hdr, data.shape, None, image=data.mean(axis=0))  # hot pixels present
+    m = analyze_cube(data, err, centers, cfg_(), psf=psf)
+    fr = t["frames"]["fields"][hdr["FILTER01"]]
+    dy = m["dfty"][0, 0] - np.asarray(fr["star_y_cal"])
+    dx = m["dftx"][0, 0] - np.asarray(fr["star_x_cal"])
+    assert math.sqrt(np.mean(dy**2 + dx**2)) < 0.05

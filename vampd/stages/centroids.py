@@ -190,6 +190,14 @@ def _filtered(region: np.ndarray, psf: np.ndarray | None, sigma: float = 1.5) ->
     bad = ~np.isfinite(img)
     if bad.any():
         img = np.where(bad, np.nanmedian(img) if (~bad).any() else 0.0, img)
+    # clip every pixel to its brightest neighbour: isolated hot pixels and single-pixel cosmic
+    # rays (often brighter than the star's smoothed peak in uncorrected data) become harmless,
+    # while a PSF core (several pixels wide) keeps most of its peak
+    ring = np.ones((3, 3), dtype=bool)
+    ring[1, 1] = False
+    img = np.minimum(img, ndimage.maximum_filter(img, footprint=ring, mode="nearest"))
+    # a 3x3 median first: hot pixels and cosmic rays are single pixels, a PSF core is not
+    img = ndimage.median_filter(img, size=3, mode="nearest")
     if psf is not None:
         k = np.nan_to_num(np.asarray(psf, dtype=np.float64))
         sm = signal.fftconvolve(img, k[::-1, ::-1], mode="same")
@@ -401,7 +409,8 @@ def resolve_centers(
 
     Fields follow the header's field order (§1.6), not the TOML key order (fix of §13.9); a
     field missing from the centroid file raises :class:`CentroidError`. Without a file and without
-    an image, each field gets one PSF at its default centre.
+    an image (or when the automatic search fails, with a warning), each field gets one PSF at its
+    default centre.
     """
     from vampd.instrument.fields import default_field_centers, field_names
 
@@ -419,6 +428,10 @@ def resolve_centers(
             raise CentroidError(f"{centroid_file}: every field needs the same number of PSFs, got {counts}")
         return cal
     if image is not None:
-        return find_centers(image, header, fields=fields, coronagraphic=coronagraphic, psf=psf)
+        try:
+            return find_centers(image, header, fields=fields, coronagraphic=coronagraphic, psf=psf)
+        except CentroidError as exc:
+            # quicklook must go on: fall back to the rough field centres, and say so
+            warnings.warn(f"automatic window centres failed ({exc}); using the default field centres", stacklevel=2)
     defaults = default_field_centers(header, shape)
     return {f: [tuple(float(v) for v in defaults[f])] for f in fields}
