@@ -1,0 +1,271 @@
+"""Per-set PDI processing (domain doc §9.2–§9.7): derotation, differences, Mueller and IP
+correction, per-set Stokes file.
+
+Derotation (§9.2, §5.5): each member's images are rotated by its ``DEROTANG`` (North up, East
+left) with cubic-spline interpolation; its **variance** map is rotated with linear
+interpolation (order 1: non-negative weights that sum to one, so variances stay positive and are
+not smoothed into the wings like a spline would). The whole difference / Mueller / IP chain is a
+weight matrix over the members (see :mod:`vampd.pdi.differences`), so the errors of every plane
+are ``sqrt(Σ w_i² σ_i²)`` with the final weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from vampd.fitsio import write_fits_atomic
+from vampd.imaging import derotate
+from vampd.instrument.wcs import apply_wcs
+from vampd.pdi.differences import STOKES_PLANES, difference_weights
+from vampd.pdi.ip import ip_correct_weights, ip_header_values, measure_ip, region_weights
+from vampd.pdi.mmfiles import file_mueller
+from vampd.pdi.mueller_correct import mm_correct_weights, rotate_qu_weights
+from vampd.pdi.stokes import star_polarization
+from vampd.stages.combine import combine_headers
+
+__all__ = ["SetInvalid", "Member", "SetResult", "load_member", "check_members", "make_set_stokes", "write_set_file"]
+
+_STRUCTURAL = ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "BZERO", "BSCALE", "EXTEND", "SIMPLE",
+               "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME")
+
+
+class SetInvalid(ValueError):
+    """The members of a set cannot be combined (different frame size or fields, unreadable)."""
+
+
+@dataclass
+class Member:
+    """One reduced file of a set: ``data``/``err`` (nfields, N, N) e-/s, its header and fields."""
+
+    path: str
+    data: np.ndarray
+    err: np.ndarray
+    header: fits.Header
+    fields: list[str]
+
+
+@dataclass
+class SetResult:
+    """A set's Stokes cube ``(nfields, 4, N, N)`` (I_Q, I_U, Q, U), errors, headers and record."""
+
+    stokes: np.ndarray
+    err: np.ndarray
+    header: fits.Header
+    field_headers: list[fits.Header]
+    fields: list[str]
+    mm_rows: dict = field(default_factory=dict)
+    star: dict = field(default_factory=dict)
+
+
+def load_member(path) -> Member:
+    """Read a coadded product (PRIMARY, ERR, one header HDU per field)."""
+    path = str(path)
+    try:
+        with fits.open(path) as hdul:
+            data = np.asarray(hdul[0].data, dtype=np.float32)
+            header = hdul[0].header.copy()
+            err = np.asarray(hdul["ERR"].data, dtype=np.float32) if "ERR" in hdul else None
+            fields = [h.name for h in hdul[1:] if h.name not in ("ERR",) and h.data is None]
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise SetInvalid(f"{path}: cannot read reduced product ({exc})") from exc
+    if data.ndim == 2:
+        data = data[None]
+    if err is None:
+        raise SetInvalid(f"{path}: reduced product has no ERR extension")
+    if err.ndim == 2:
+        err = err[None]
+    if data.ndim != 3 or err.shape != data.shape:
+        raise SetInvalid(f"{path}: data shape {data.shape} / ERR shape {err.shape}, expected (nfields, N, N) twice")
+    if not fields:
+        fields = [str(header.get("FIELD", header.get("FILTER01", "F0")))]
+    if len(fields) != data.shape[0]:
+        raise SetInvalid(f"{path}: {len(fields)} field HDUs for {data.shape[0]} data planes")
+    return Member(path, data, err, header, fields)
+
+
+def check_members(members: list[Member]) -> None:
+    """All members share frame shape and fields, else :class:`SetInvalid` naming the odd one."""
+    ref = members[0]
+    for m in members[1:]:
+        if m.data.shape != ref.data.shape:
+            raise SetInvalid(
+                f"inconsistent shape: {Path(m.path).name} has {m.data.shape}, {Path(ref.path).name} has {ref.data.shape}"
+            )
+        if m.fields != ref.fields:
+            raise SetInvalid(
+                f"inconsistent fields: {Path(m.path).name} has {m.fields}, {Path(ref.path).name} has {ref.fields}"
+            )
+
+
+def _derotated(members: list[Member], derotate_on: bool) -> tuple[np.ndarray, np.ndarray]:
+    n = len(members)
+    nf, ny, nx = members[0].data.shape
+    imgs = np.empty((n, nf, ny, nx), np.float32)
+    vars_ = np.empty((n, nf, ny, nx), np.float32)
+    for i, m in enumerate(members):
+        var = np.square(m.err, dtype=np.float32)
+        if derotate_on:
+            ang = float(m.header.get("DEROTANG", 0.0))
+            imgs[i] = derotate(m.data, ang, order=3)
+            vars_[i] = derotate(var, ang, order=1)
+        else:
+            imgs[i] = m.data
+            vars_[i] = var
+    return imgs, vars_
+
+
+def _clean_header(h: fits.Header) -> fits.Header:
+    h = h.copy()
+    for key in _STRUCTURAL:
+        h.remove(key, ignore_missing=True, remove_all=True)
+    return h
+
+
+def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coronagraphic: bool = False) -> SetResult:
+    """Stokes cube of one complete set (§9.2–§9.7).
+
+    Parameters
+    ----------
+    members : list of Member
+        In the slot order of :func:`vampd.pdi.sets.all_slots` (HWP, FLC, camera).
+    pcfg : PolarimetryConfig
+    mode : {"triplediff", "doublediff"}
+    analysis : AnalysisConfig, optional
+        ``phot_aper_rad``/``phot_ann_rad`` for the star's polarisation (skipped when coronagraphic).
+
+    Raises
+    ------
+    SetInvalid
+        Members with different shapes or fields.
+    """
+    check_members(members)
+    w0 = difference_weights(mode)
+    if w0.shape[1] != len(members):
+        raise SetInvalid(f"{mode} needs {w0.shape[1]} members, got {len(members)}")
+    fields = members[0].fields
+    nf = len(fields)
+    imgs, vars_ = _derotated(members, bool(pcfg.derotate))
+
+    headers = [m.header for m in members]
+    hdr = combine_headers(headers)
+    weights = np.repeat(w0[None], nf, axis=0)
+    mm_rows: dict[str, dict] = {}
+    model_desc = ""
+    if pcfg.mm_correct:
+        mms = []
+        for m in members:
+            mm, desc = file_mueller(m.header, fields, pcfg, path=m.path)
+            mms.append(mm)
+            model_desc = desc[0]
+        mms = np.stack(mms)  # (n, nf, 4, 4)
+        for j, f in enumerate(fields):
+            try:
+                weights[j], info = mm_correct_weights(w0, mms[:, j])
+            except ValueError as exc:
+                raise SetInvalid(f"field {f}: {exc}") from exc
+            mm_rows[f] = info
+    elif pcfg.derotate and not pcfg.hwp_adi_sync:
+        theta = 0.5 * float(hdr.get("PA", 0.0)) + float(hdr.get("ALTITUDE", 0.0))
+        for j in range(nf):
+            weights[j] = rotate_qu_weights(w0, theta)
+
+    stokes = _apply_data(weights, imgs)
+    ip_vals: dict[str, dict] = {}
+    if pcfg.ip_correct:
+        ny, nx = imgs.shape[-2:]
+        region = region_weights((ny, nx), pcfg.ip_method, pcfg.ip_radius, pcfg.ip_radius2)
+        for j, f in enumerate(fields):
+            pq, pu = measure_ip(stokes[j], region)
+            if not (math.isfinite(pq) and math.isfinite(pu)):
+                pq = pu = 0.0
+            weights[j] = ip_correct_weights(weights[j], pq, pu)
+            stokes[j, 2] -= np.float32(pq) * stokes[j, 0]
+            stokes[j, 3] -= np.float32(pu) * stokes[j, 1]
+            ip_vals[f] = ip_header_values(pq, pu)
+    err = np.sqrt(_apply_data(weights * weights, vars_))
+
+    # --- headers ------------------------------------------------------------------------------
+    for key in ("TINT", "NCOADD", "HIERARCH DPP COADD NCOADD", "HIERARCH DPP COADD TINT"):
+        k = key.replace("HIERARCH ", "")
+        if k in hdr:
+            hdr[k] = hdr[k] / 2  # the two cameras observe simultaneously
+    for key in ("U_CAMERA", "U_FLC", "RET-ANG1"):
+        hdr.remove(key, ignore_missing=True)
+    hdr = apply_wcs(hdr, 0.0) if pcfg.derotate and "RA" in hdr else hdr
+    hdr = _clean_header(hdr)
+    hdr["CTYPE3"] = ("STOKES", "plane axis")
+    hdr["STOKES"] = (",".join(STOKES_PLANES), "Stokes planes")
+    hdr["HIERARCH DPP PDI METHOD"] = (mode, "difference method")
+    hdr["HIERARCH DPP PDI DEROTATE"] = (bool(pcfg.derotate), "derotated to North up")
+    hdr["HIERARCH DPP PDI MMCORR"] = (bool(pcfg.mm_correct), "Mueller-matrix corrected")
+    if pcfg.mm_correct:
+        hdr["HIERARCH DPP PDI MM MODEL"] = (model_desc, "Mueller-model parameters")
+    hdr["HIERARCH DPP PDI HWPSYNC"] = (bool(pcfg.hwp_adi_sync), "HWP pupil-tracking")
+    hdr["HIERARCH DPP PDI IPCORR"] = (bool(pcfg.ip_correct), "residual IP removed")
+    hdr["HIERARCH DPP PDI ERRPROP"] = ("exact-linear", "errors: sqrt(sum w^2 var), var derotated linearly")
+    star: dict[str, dict] = {}
+    field_headers = []
+    for j, f in enumerate(fields):
+        fh = hdr.copy()
+        fh["FIELD"] = (f, "MBI field / filter")
+        if f in mm_rows:
+            info = mm_rows[f]
+            for h in (hdr, fh):
+                h[f"HIERARCH DPP PDI MM IP_PQ {f}"] = (info["ip_pq"], "model IP (Q)")
+                h[f"HIERARCH DPP PDI MM IP_PU {f}"] = (info["ip_pu"], "model IP (U)")
+                h[f"HIERARCH DPP PDI MM POLEFF {f}"] = (info["poleff"], "polarimetric efficiency")
+        if f in ip_vals:
+            v = ip_vals[f]
+            for h in (hdr, fh):
+                h[f"HIERARCH DPP PDI IP_PQ {f}"] = (v["pq"], "residual IP (Q/I)")
+                h[f"HIERARCH DPP PDI IP_PU {f}"] = (v["pu"], "residual IP (U/I)")
+                h[f"HIERARCH DPP PDI IP_POL {f}"] = (v["pol"], "residual IP degree")
+                h[f"HIERARCH DPP PDI IP_ANG {f}"] = (v["ang"], "[deg] residual IP angle")
+                h[f"HIERARCH DPP PDI IP_METH {f}"] = (pcfg.ip_method, "IP region")
+        if not coronagraphic:
+            aper = float(getattr(analysis, "phot_aper_rad", 8.0) or 8.0) if analysis is not None else 8.0
+            ann = getattr(analysis, "phot_ann_rad", None) if analysis is not None else None
+            sp = star_polarization(stokes[j], err[j], aper, ann)
+            star[f] = sp
+            for h in (hdr, fh):
+                for name in ("IQ", "IU", "Q", "U"):
+                    h[f"HIERARCH DPP PDI {name} FLUX {f}"] = (sp[name], "[e-/s] aperture flux")
+                    h[f"HIERARCH DPP PDI {name} FLUX_ERR {f}"] = (sp[name + "_ERR"], "[e-/s] aperture flux error")
+                h[f"HIERARCH DPP PDI DOLP {f}"] = (_finite(sp["DOLP"]), "star degree of linear polarisation")
+                h[f"HIERARCH DPP PDI DOLP_ERR {f}"] = (_finite(sp["DOLP_ERR"]), "error of DOLP")
+                h[f"HIERARCH DPP PDI AOLP {f}"] = (_finite(sp["AOLP"]), "[deg] star AoLP = 1/2 atan2(U, Q)")
+                h[f"HIERARCH DPP PDI AOLP_ERR {f}"] = (_finite(sp["AOLP_ERR"]), "[deg] error of AOLP")
+        field_headers.append(fh)
+    return SetResult(stokes, err, hdr, field_headers, list(fields), mm_rows, star)
+
+
+def _finite(v: float) -> float:
+    return float(v) if math.isfinite(v) else -999.0
+
+
+def _apply_data(weights: np.ndarray, imgs: np.ndarray) -> np.ndarray:
+    """``Σ_i w_i c_i`` per field: (nf, 4, n) × (n, nf, ny, nx) → (nf, 4, ny, nx), NaN-propagating."""
+    return np.einsum("fpm,mfyx->fpyx", weights, imgs, optimize=True).astype(np.float32)
+
+
+def write_set_file(path, result: SetResult, index: int, key: str, member_paths: list[str]) -> Path:
+    """Write ``pdi/stokes/{name}_stokes_{index:03d}.fits`` (§9.7)."""
+    hdr = result.header.copy()
+    hdr["HIERARCH DPP PDI SET INDEX"] = (int(index), "set index")
+    hdr["HIERARCH DPP PDI SET KEY"] = (key, "stable set key")
+    hdr["HIERARCH DPP PDI NMEMBERS"] = (len(member_paths), "files in the set")
+    hdus = [
+        fits.PrimaryHDU(result.stokes.astype(np.float32), header=hdr),
+        fits.ImageHDU(result.err.astype(np.float32), name="ERR"),
+    ]
+    for f, fh in zip(result.fields, result.field_headers):
+        hdus.append(fits.ImageHDU(header=fh, name=f))
+        if f in result.mm_rows:
+            rows = np.stack([result.mm_rows[f]["m_q"], result.mm_rows[f]["m_u"]]).astype(np.float32)
+            hdus.append(fits.ImageHDU(rows, name=f"{f}MM"))
+    return write_fits_atomic(path, fits.HDUList(hdus))

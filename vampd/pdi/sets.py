@@ -1,0 +1,317 @@
+"""HWP-set assembly for streaming PDI (domain doc §9.1, §13 item 19, §14).
+
+A pure, deterministic function of the list of member records: the same records (in any order)
+always give the same sets with the same keys, so the sets can be rebuilt from the ledger at any
+time instead of being cached.
+
+Rules (documented deviations from the reference's exact-equality, consecutive-window algorithm):
+
+* Members are grouped per (target, filter/fields); inside a group they are walked in time order
+  (MJD, then camera, FLC, path), independently of arrival order.
+* ``RET-ANG1`` is matched to the nominal angles 0, 45, 22.5, 67.5 (modulo 90°, which is the same
+  HWP state for linear polarisation) within ``tolerance`` degrees, not by float equality.
+  A member outside every tolerance window cannot be in a set and is reported as rejected.
+* A set is an open collection of slots — (HWP, FLC, camera) for triple difference (16), (HWP,
+  camera) for double difference (8). A member fills its slot; the set is emitted as complete as
+  soon as every slot is filled.
+* A member whose slot is already filled by a record of the same time (|ΔMJD| < 1e-7 d) and the
+  same slot is a duplicate file: it is skipped and listed.
+* A member whose slot is already filled by an earlier exposure means the HWP sequence moved on:
+  the set slides — its members up to and including the earlier occupant of that slot are dropped
+  (recorded as a broken group, reason ``hwp moved on``) and the new member takes the slot. This is
+  the reference's "consecutive window" generalised: after a missing file or an extra file the
+  following sets are recovered instead of lost.
+* The open set at the end of a group is broken when the night is over (``end of night``), when
+  later data of another target/filter exist (``target changed``), or when the newest member of the
+  night is more than ``timeout`` seconds after its last member (``timeout``); otherwise it stays
+  open. Broken and open groups are recomputed at every rebuild; only complete sets (and sets that
+  processing found invalid) are permanent: pass their keys and members as ``locked`` and their
+  members are left out of the assembly.
+* A member in state ``parked`` (processing gave up on it) occupies its slot but makes the set
+  unusable: the set is broken (``member failed``) once all its other slots are filled.
+
+Keys are ``{mode}:{target}:{filter}:{stem of the first member in time}``, stable under rebuilds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from vampd.fitsio import output_stem
+
+__all__ = [
+    "HWP_ANGLES",
+    "MODES",
+    "HWPSet",
+    "SetAssembly",
+    "nominal_hwp",
+    "slot_of",
+    "all_slots",
+    "slot_label",
+    "assemble_sets",
+]
+
+HWP_ANGLES = (0.0, 45.0, 22.5, 67.5)
+MODES = ("triplediff", "doublediff")
+_DUP_MJD = 1e-7  # days (~9 ms): two records of the same exposure
+_DAY = 86400.0
+
+
+def nominal_hwp(angle, tolerance: float = 0.1) -> float | None:
+    """The nominal set angle (0, 45, 22.5 or 67.5) within ``tolerance`` degrees of ``angle``
+    (modulo 90°), or None.
+
+    >>> nominal_hwp(22.49), nominal_hwp(90.02), nominal_hwp(10.0)
+    (22.5, 0.0, None)
+    """
+    try:
+        a = float(angle)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(a):
+        return None
+    for nom in HWP_ANGLES:
+        d = (a - nom) % 90.0
+        if min(d, 90.0 - d) <= tolerance:
+            return nom
+    return None
+
+
+def all_slots(mode: str) -> list[tuple]:
+    """Every slot of a set, in the order HWP, FLC, camera."""
+    _check_mode(mode)
+    if mode == "triplediff":
+        return [(h, f, c) for h in HWP_ANGLES for f in ("A", "B") for c in (1, 2)]
+    return [(h, c) for h in HWP_ANGLES for c in (1, 2)]
+
+
+def slot_label(slot: tuple) -> str:
+    """``"HWP 22.5 FLC A cam2"`` / ``"HWP 0 cam1"``."""
+    h = f"{slot[0]:g}"
+    if len(slot) == 3:
+        return f"HWP {h} FLC {slot[1]} cam{slot[2]}"
+    return f"HWP {h} cam{slot[1]}"
+
+
+def slot_of(member: Mapping, mode: str, tolerance: float = 0.1) -> tuple | str:
+    """The slot of a member record, or a string saying why it has none."""
+    nom = nominal_hwp(member.get("hwp"), tolerance)
+    if nom is None:
+        return f"RET-ANG1 = {member.get('hwp')!r} is not within {tolerance:g} deg of 0/45/22.5/67.5"
+    try:
+        cam = int(member.get("camera"))
+    except (TypeError, ValueError):
+        return f"U_CAMERA = {member.get('camera')!r}, expected 1 or 2"
+    if cam not in (1, 2):
+        return f"U_CAMERA = {cam}, expected 1 or 2"
+    if mode == "doublediff":
+        return (nom, cam)
+    flc = str(member.get("flc") or "NA").strip().upper()
+    if flc not in ("A", "B"):
+        return f"U_FLC = {member.get('flc')!r}, expected 'A' or 'B' for polarimetry.method = \"triplediff\""
+    return (nom, flc, cam)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"polarimetry.method = {mode!r}, expected one of {MODES}")
+
+
+@dataclass
+class HWPSet:
+    """One (possibly incomplete) HWP set.
+
+    Attributes
+    ----------
+    key : str
+        Stable key (mode, target, filter, stem of the earliest member).
+    mode : str
+    state : {"complete", "open", "broken"}
+    members : dict
+        slot → member record.
+    reason : str or None
+        Why a set is broken.
+    missing : list of str
+        Labels of the empty slots.
+    duplicates : list of str
+        Paths of duplicate records skipped.
+    """
+
+    key: str
+    mode: str
+    state: str
+    target: str
+    filter: str
+    members: dict = field(default_factory=dict)
+    reason: str | None = None
+    missing: list = field(default_factory=list)
+    duplicates: list = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[str]:
+        """Member paths in slot order (HWP, FLC, camera)."""
+        return [self.members[s]["path"] for s in all_slots(self.mode) if s in self.members]
+
+    @property
+    def mjd_range(self) -> tuple[float, float]:
+        mjds = [float(m["mjd"]) for m in self.members.values()]
+        return (min(mjds), max(mjds)) if mjds else (math.nan, math.nan)
+
+    def member_list(self) -> list[dict]:
+        """JSON-friendly list for the ledger: one dict per slot (slot label, path, state)."""
+        return [
+            {"slot": slot_label(s), "path": self.members[s]["path"], "state": self.members[s].get("state", "done")}
+            for s in all_slots(self.mode)
+            if s in self.members
+        ]
+
+
+@dataclass
+class SetAssembly:
+    """Result of :func:`assemble_sets`."""
+
+    complete: list[HWPSet] = field(default_factory=list)
+    open: list[HWPSet] = field(default_factory=list)
+    broken: list[HWPSet] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+    @property
+    def all(self) -> list[HWPSet]:
+        return [*self.complete, *self.open, *self.broken]
+
+
+def _sort_key(m: Mapping):
+    return (float(m["mjd"]), int(m.get("camera") or 0), str(m.get("flc") or ""), str(m["path"]))
+
+
+def _make_key(mode: str, target: str, filt: str, first: Mapping) -> str:
+    return f"{mode}:{target}:{filt}:{output_stem(first['path'])}"
+
+
+def _finish(mode, target, filt, members: dict, state: str, reason=None, duplicates=()) -> HWPSet:
+    first = min(members.values(), key=_sort_key)
+    missing = [slot_label(s) for s in all_slots(mode) if s not in members]
+    return HWPSet(
+        key=_make_key(mode, target, filt, first),
+        mode=mode,
+        state=state,
+        target=target,
+        filter=filt,
+        members=dict(members),
+        reason=reason,
+        missing=missing,
+        duplicates=list(duplicates),
+    )
+
+
+def assemble_sets(
+    members: Iterable[Mapping],
+    mode: str = "triplediff",
+    tolerance: float = 0.1,
+    timeout: float | None = 900.0,
+    final: bool = False,
+    locked: Mapping[str, Iterable[str]] | None = None,
+) -> SetAssembly:
+    """Group member records into HWP sets (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    members : iterable of dict
+        Records with ``path``, ``camera``, ``flc`` ("A"/"B"/"NA"), ``hwp`` (RET-ANG1), ``mjd``,
+        ``target``, ``filter`` (field names) and optionally ``state`` ("done" default, or
+        "parked").
+    mode : {"triplediff", "doublediff"}
+    tolerance : float
+        HWP angle tolerance (degrees).
+    timeout : float or None
+        Seconds (in observation time) after which an incomplete set is broken, measured from its
+        last member to the newest member of the night.
+    final : bool
+        End of night: every incomplete set is broken.
+    locked : mapping key → member paths, optional
+        Sets already made permanent (complete, or found invalid); their members are excluded.
+
+    Returns
+    -------
+    SetAssembly
+    """
+    _check_mode(mode)
+    nslots = len(all_slots(mode))
+    excluded = {str(p) for paths in (locked or {}).values() for p in paths}
+    out = SetAssembly()
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    seen_paths = set()
+    for m in members:
+        path = str(m["path"])
+        if path in excluded or path in seen_paths:
+            continue
+        seen_paths.add(path)
+        try:
+            mjd = float(m.get("mjd"))
+        except (TypeError, ValueError):
+            mjd = math.nan
+        if not math.isfinite(mjd):
+            out.rejected.append((path, f"MJD = {m.get('mjd')!r} is not a number"))
+            continue
+        groups.setdefault((str(m.get("target") or ""), str(m.get("filter") or "")), []).append(m)
+    if not groups:
+        return out
+    newest = max(float(m["mjd"]) for g in groups.values() for m in g)
+    # the latest member time of each group, to tell "another target followed"
+    group_last = {g: max(float(m["mjd"]) for m in ms) for g, ms in groups.items()}
+
+    for (target, filt), ms in sorted(groups.items()):
+        ms = sorted(ms, key=_sort_key)
+        current: dict = {}
+        dups: list[str] = []
+        for m in ms:
+            slot = slot_of(m, mode, tolerance)
+            if isinstance(slot, str):
+                out.rejected.append((str(m["path"]), slot))
+                continue
+            prev = current.get(slot)
+            if prev is not None:
+                if abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
+                    dups.append(str(m["path"]))
+                    continue
+                # the HWP sequence moved on for this slot: slide past the earlier occupant
+                cut = _sort_key(prev)
+                dropped = {s: r for s, r in current.items() if _sort_key(r) <= cut}
+                current = {s: r for s, r in current.items() if _sort_key(r) > cut}
+                out.broken.append(
+                    _finish(
+                        mode, target, filt, dropped, "broken",
+                        f"hwp moved on: {slot_label(slot)} repeated by {output_stem(m['path'])} before the set completed",
+                        dups,
+                    )
+                )
+                dups = []
+            current[slot] = m
+            if len(current) == nslots:
+                bad = [r for r in current.values() if str(r.get("state", "done")) != "done"]
+                if bad:
+                    names = ", ".join(output_stem(r["path"]) for r in bad)
+                    out.broken.append(_finish(mode, target, filt, current, "broken", f"member failed: {names}", dups))
+                else:
+                    out.complete.append(_finish(mode, target, filt, current, "complete", None, dups))
+                current, dups = {}, []
+        if current:
+            last = max(float(r["mjd"]) for r in current.values())
+            later_other = any(t > last for g, t in group_last.items() if g != (target, filt))
+            if final:
+                reason = "end of night"
+            elif later_other:
+                reason = "target changed"
+            elif timeout is not None and (newest - last) * _DAY > timeout:
+                reason = f"timeout: no member for {(newest - last) * _DAY:.0f} s (> {timeout:g} s)"
+            else:
+                reason = None
+            if reason is None:
+                out.open.append(_finish(mode, target, filt, current, "open", None, dups))
+            else:
+                out.broken.append(_finish(mode, target, filt, current, "broken", reason, dups))
+    for lst in (out.complete, out.open, out.broken):
+        lst.sort(key=lambda s: (s.mjd_range[0], s.key))
+    return out
