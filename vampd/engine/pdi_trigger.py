@@ -53,6 +53,19 @@ def _coadded(ledger) -> dict[str, str]:
     }
 
 
+def _set_rows(ledger) -> list:
+    """Set rows, oldest first (read straight from the ledger's ``sets`` table)."""
+    return ledger.conn.execute("SELECT * FROM sets ORDER BY id").fetchall()
+
+
+def _delete_sets(ledger, keys) -> None:
+    """Remove open/broken set rows that the rebuild no longer produces."""
+    keys = list(keys)
+    if keys:
+        with ledger.transaction():
+            ledger.conn.executemany("DELETE FROM sets WHERE key=?", [(k,) for k in keys])
+
+
 def set_members(ledger) -> list[dict]:
     """Member records for :func:`assemble_sets` from the ledger: done files with a coadded
     product, and parked files (their raw header gives the slot, when readable)."""
@@ -180,7 +193,7 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     if pc is None:
         return {}
     mode = pc.method
-    rows = {r["key"]: r for r in ledger.sets()}
+    rows = {r["key"]: r for r in _set_rows(ledger)}
     locked = {}
     for k, r in rows.items():
         if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID)):
@@ -226,7 +239,7 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
             continue
         ledger.upsert_set(s.key, mode, s.state, s.member_list(), reason)
     stale = [k for k, r in rows.items() if k not in current and k not in locked and r["state"] in ("open", "broken")]
-    ledger.delete_sets(stale)
+    _delete_sets(ledger, stale)
     summary.update(complete=len(asm.complete), open=len(asm.open), broken=len(asm.broken), rejected=asm.rejected)
     return summary
 
