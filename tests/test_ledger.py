@@ -75,6 +75,7 @@ def test_register_decisions(tmp_path):
     assert led.get(f)["mtime_ns"] == 2_000_000_000
     # config hash changed
     assert led.register(f, "h2") == "config"
+    assert led.get(f)["config_hash"] == "h1"  # until the redo is recorded (tells the runner to force)
     led.record_done(f, [("coadded", prod)], config_hash="h2")
     assert led.register(f, "h2") == "done"
     # content changed

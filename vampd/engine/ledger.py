@@ -287,10 +287,12 @@ class Ledger:
         reset_tries = reason in ("changed", "config", "forced")
         with self.transaction():
             self.conn.execute(
-                "UPDATE files SET size=?, mtime_ns=?, chash=?, state='pending', config_hash=?,"
+                # config_hash stays the one of the recorded products until record_done: a
+                # differing hash tells the runner to force the redo, even after a restart
+                "UPDATE files SET size=?, mtime_ns=?, chash=?, state='pending',"
                 " nbytes=COALESCE(?, nbytes), t_complete=?, error=CASE WHEN ? THEN NULL ELSE error END,"
                 " tries=CASE WHEN ? THEN 0 ELSE tries END WHERE path=?",
-                (identity.size, identity.mtime_ns, identity.chash, config_hash, nbytes, t_complete,
+                (identity.size, identity.mtime_ns, identity.chash, nbytes, t_complete,
                  reset_tries, reset_tries, path),
             )
         return reason

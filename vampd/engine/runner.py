@@ -153,7 +153,9 @@ class Runner:
             if not self.pool.admissible(nbytes):
                 break  # keep arrival order: wait for memory rather than skipping ahead
             self.ledger.mark_running(path)
-            self.pool.submit(path, nbytes, self.cfg, self.outdir, force=self.force or path in self.forced)
+            # products recorded under another config hash are stale even if newer than the input
+            force = self.force or path in self.forced or (row["config_hash"] or self.config_hash) != self.config_hash
+            self.pool.submit(path, nbytes, self.cfg, self.outdir, force=force)
             n += 1
         return n
 
@@ -207,7 +209,7 @@ class Runner:
                 decisions[p] = "rejected"
                 continue
             decisions[p] = self.offer(p)
-        todo = sum(d not in ("done", "parked", "ignored", "gone") for d in decisions.values())
+        todo = sum(d not in ("done", "parked", "ignored", "gone", "rejected") for d in decisions.values())
         log.info("run: %d file(s) given, %d to process", len(paths), todo)
         while True:
             self.pump()
