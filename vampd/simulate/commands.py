@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-rotation", action="store_true", help="freeze PA/alt/az per target (test mode)")
     p.add_argument("--pre-nbs", action="store_true", help="simulate a pre-NBS night (2024-11-25, camera 1 flipped)")
     p.add_argument("--no-calib", action="store_true", help="do not write raw darks/flats to OUTDIR/calib")
-    p.add_argument("--frames-chunk", type=int, default=64, help="frames generated and written per chunk")
+    p.add_argument("--max-files", type=int, default=None, help="write only the first N science files")
+    p.add_argument("--frames-chunk", type=int, default=32, help="frames generated and written per chunk")
     p.add_argument("--stream", action="store_true", help="write files at a cadence, like the instrument's logger")
     p.add_argument("--cadence", type=float, default=1.0, help="seconds between files with --stream (default 1)")
     p.add_argument("--faults", default="", help="comma-separated: truncated,corrupt,nonfits,missing_keyword,zero_byte")
@@ -61,6 +62,7 @@ def config_from_args(args: argparse.Namespace):
         pre_nbs=args.pre_nbs,
         calib=not args.no_calib,
         frames_chunk=args.frames_chunk,
+        max_files=args.max_files,
         faults=tuple(f.strip() for f in args.faults.split(",") if f.strip()),
         data_dir=args.data_dir,
     )

@@ -99,6 +99,19 @@ class FieldModel:
     halo_kernel: np.ndarray
     core_peak_ideal: float  # continuous peak / aperture sum of the ideal PSF (Strehl denominator)
     data_dir: str | None = None
+    psf_cache: dict = field(default_factory=dict, repr=False)
+
+    def point_psf(self, center_yx) -> np.ndarray:
+        """Pixel-integrated PSF (unit total flux) at a sub-pixel cell position (cached here:
+        star and spot positions are the same in every file)."""
+        from vampd.instrument.pupil import psf_model
+
+        key = (round(float(center_yx[0]), 9), round(float(center_yx[1]), 9))
+        if key not in self.psf_cache:
+            self.psf_cache[key] = psf_model(
+                self.filter_name, self.pixel_scale, self.pupil_offset, self.cell_shape, center=key, data_dir=self.data_dir
+            ).astype(np.float64)
+        return self.psf_cache[key]
 
 
 @dataclass
@@ -141,8 +154,6 @@ def render_field(
     spot_offsets : ndarray (4, 2), optional
         Satellite-spot offsets (dy, dx) [px] in coronagraphic mode.
     """
-    from vampd.instrument.pupil import psf_model
-
     shape = fm.cell_shape
     # extended emission: M0 · (I, Q, U) of the ring, then convolved with each kernel
     stokes = render_ring(scene, shape, star_yx, derotang, fm.pixel_scale)
@@ -151,9 +162,7 @@ def render_field(
     halo = fftconvolve(ext, fm.halo_kernel, mode="same")
 
     star = scene.star_flux * m0[0]  # unpolarised star: only M[0,0] matters
-    star_core = psf_model(
-        fm.filter_name, fm.pixel_scale, fm.pupil_offset, shape, center=star_yx, data_dir=fm.data_dir
-    ).astype(np.float64)
+    star_core = fm.point_psf(star_yx)
     star_halo = moffat(shape, star_yx, halo_fwhm_px, halo_beta)
     leak = scene.coronagraph_leak if coronagraphic else 1.0
     core += (star * leak) * star_core
@@ -162,9 +171,7 @@ def render_field(
     if coronagraphic and spot_offsets is not None:
         spots = np.asarray(star_yx)[None, :] + np.asarray(spot_offsets)
         for sy, sx in spots:
-            core += star * scene.spot_contrast * psf_model(
-                fm.filter_name, fm.pixel_scale, fm.pupil_offset, shape, center=(sy, sx), data_dir=fm.data_dir
-            )
+            core += star * scene.spot_contrast * fm.point_psf((sy, sx))
             halo += star * scene.spot_contrast * moffat(shape, (sy, sx), halo_fwhm_px, halo_beta)
     return StaticImages(
         core=core,
@@ -253,13 +260,20 @@ class DetectorModel:
         electrons = eps·t·response + dark·t → Poisson → + N(0, RN) → /gain + bias →
         round and clip to uint16 (unless ``as_float``: float32, no rounding or clipping).
         """
-        e = np.asarray(eps, dtype=np.float64) * (exptime * self.response)
-        e += self.dark * exptime
-        if not self.noise_free:
-            np.clip(e, 0, None, out=e)
-            e = rng.poisson(e).astype(np.float64)
-            e += rng.normal(0.0, self.readnoise, size=e.shape)
-        adu = e / self.gain + self.bias
+        lam = np.asarray(eps, dtype=np.float64) * (exptime * self.response)
+        lam += self.dark * exptime
+        if self.noise_free:
+            adu = lam / self.gain + self.bias
+        else:
+            np.clip(lam, 0, None, out=lam)
+            e = rng.poisson(lam)
+            del lam
+            # float32 from here on: 1/0.103 adu steps need far fewer than 24 bits
+            adu = e.astype(np.float32)
+            del e
+            adu += rng.standard_normal(adu.shape, dtype=np.float32) * np.float32(self.readnoise)
+            adu *= np.float32(1.0 / self.gain)
+            adu += self.bias.astype(np.float32)
         if as_float:
             return adu.astype(np.float32)
         return np.clip(np.rint(adu), 0, 65535).astype(np.uint16)

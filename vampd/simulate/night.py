@@ -98,7 +98,8 @@ class SimConfig:
     ``bias_pattern_adu`` column-bias pattern rms. Calibration files: ``calib``,
     ``calib_nframes``, ``flat_level_e``.
 
-    Writing: ``frames_chunk`` frames per chunk, ``faults`` (see
+    Writing: ``max_files`` (write only the first N science files of the plan),
+    ``frames_chunk`` frames per chunk, ``faults`` (see
     :mod:`vampd.simulate.stream`), ``data_dir`` (filter curves; top-hat without).
     """
 
@@ -122,7 +123,7 @@ class SimConfig:
     start_mjd: float | None = None
     hwp_overhead_s: float = 3.0
     target_overhead_s: float = 600.0
-    frames_chunk: int = 64
+    frames_chunk: int = 32
     strehl_range: tuple[float, float] = (0.3, 0.7)
     jitter_rms_px: float = 0.5
     flux_rms: float = 0.03
@@ -144,6 +145,7 @@ class SimConfig:
     data_dir: str | None = None
     aper_radius: float = 8.0
     imrpap: float | None = None
+    max_files: int | None = None
 
     def replace(self, **changes) -> SimConfig:
         """Copy with some fields changed (``scene`` may be a dict of Scene fields)."""
@@ -343,6 +345,9 @@ def _detector_models(cfg: SimConfig, dets, illum) -> tuple[dict, dict]:
             xx = (np.arange(nx) - (nx - 1) / 2)[None, :] / max(ny, nx)
             vignette = 1.0 - 0.12 * (yy**2 + xx**2) * 4
             response = vignette * (1.0 + cfg.flat_rms * rng.standard_normal(shape))
+            # a flat is normalised by its median (§2.4): give the response median 1 so that
+            # flat-fielded data reproduce the injected e-/s exactly (truth stays comparable)
+            response /= np.median(response)
             bias = d.bias + cfg.bias_pattern_adu * rng.standard_normal(nx)[None, :] * np.ones((ny, 1))
             dark = np.full(shape, d.dark_current)
             pix = rng.choice(ny * nx, size=cfg.n_hot + cfg.n_dead, replace=False)
@@ -557,6 +562,8 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
 
     dets = _detectors(cfg)
     files, blocks = plan_files(cfg)
+    if cfg.max_files is not None:
+        files = files[: max(int(cfg.max_files), 1)]
     _geometry(cfg, files, dets)
     _block_draws(cfg, blocks)
     layout = _field_layout(cfg)
