@@ -86,6 +86,8 @@ def test_calibration_files_match_science(night):
         for key in ("PRD-MIN1", "PRD-MIN2", "PRD-RNG1", "PRD-RNG2", "U_DETMOD", "EXPTIME", "FILTER01", "FILTER02"):
             assert h[key] == sci[key], key
         assert h["MJD"] < sci["MJD"]
+    for p in (out / "calib").glob("*.fits"):
+        assert len(p.with_suffix(".txt").read_text().splitlines()) == fits.getheader(p)["NAXIS3"] == 2
     dark = fits.getdata(out / "calib" / "VMPA00009000.fits").astype(float)
     # bias 200 adu plus read noise (0.403 e- / 0.103 e-/adu ≈ 3.9 adu) and a 2-adu column pattern
     assert np.median(dark) == pytest.approx(200, abs=3)

@@ -67,6 +67,12 @@ POST_NBS_NIGHT_MJD = 61004.0  # 2026-11-25 00:00 UT
 PRE_NBS_NIGHT_MJD = 60639.0  # 2024-11-25 00:00 UT
 _DAY = 86400.0
 _STATIC_CACHE_BYTES = 512 * 2**20
+_SENSOR_SHAPE = (2304, 4096)  # qCMOS (ORCA-Quest) full frame (y, x)
+
+
+def crop_origin(shape) -> tuple[int, int]:
+    """``(PRD-MIN2, PRD-MIN1)`` of a crop centred on the sensor (clipped at 0)."""
+    return max((_SENSOR_SHAPE[0] - shape[0]) // 2, 0), max((_SENSOR_SHAPE[1] - shape[1]) // 2, 0)
 
 
 @dataclass(frozen=True)
@@ -477,6 +483,7 @@ def _write_calibration(cfg: SimConfig, outdir: Path, det_models, first_mjd: floa
                 flc=None if cfg.doublediff else "A",
                 mbi=cfg.mbi,
                 as_float=cfg.write_float,
+                crop_origin=crop_origin(shape),
             )
 
             def chunks(dm=dm, rng=rng, level=level):
@@ -486,6 +493,7 @@ def _write_calibration(cfg: SimConfig, outdir: Path, det_models, first_mjd: floa
 
             name = _name(cam, frameid)
             path = write_cube(calib_dir / f"{name}.fits", hdr, chunks())
+            write_sidecar(path.with_suffix(".txt"), sidecar_lines(t0 + np.arange(n) * dt, cfg.exptime))
             out.append({"name": name, "path": str(path.relative_to(outdir)), "data_typ": kind, "camera": cam,
                         "mjd_str": t0, "mjd_end": t0 + n * dt, "nframes": n,
                         "flat_level_e_per_frame": cfg.flat_level_e if kind == "FLAT" else 0.0})
@@ -603,7 +611,19 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
         "files": [],
         "faults": [],
         "units": {"flux": "e-/s detected (calibrated units), star_flux/ring_flux summed over both cameras",
-                  "positions": "pixels (y, x), (0,0) = centre of the first pixel"},
+                  "positions": "pixels (y, x), (0,0) = centre of the first pixel; *_cal = calibrated (flipped) "
+                               "frame, *_raw = raw file rows; jitter is given in calibrated orientation",
+                  "pdi_scale": "Q, U, I_Q from the triple/double difference + Mueller inversion (§9.3-9.4) are on "
+                               "the single-beam scale: half of this truth's total-intensity scale"},
+        "definitions": {
+            "frame_model": "f_t * shift_t[S_t * (K_core (x) X_core) + (1 - S_t) * (K_halo (x) X_halo)], X = sum_j M[0,j] S_j",
+            "strehl": "S_t: weight of the diffraction-limited core (the injected Strehl)",
+            "strehl_metric": "(continuous peak / aperture sum) of the star image / the same for the ideal PSF, "
+                             "aperture radius aper_radius (§3.2); star only (no ring/spots)",
+            "aper_flux": "star flux [e-/s] inside the aperture centred on the true star position, calibrated units",
+            "star_flux_e_per_s": "total star flux reaching this camera and field [e-/s] (incl. M[0,0] and f_t)",
+            "mueller": "first row of the instrument Mueller matrix per field (instrument_mueller at the file midpoint)",
+        },
     }
 
     # per-file work ----------------------------------------------------------------------
@@ -746,6 +766,7 @@ def _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, hal
         grid_sep_lamd=cfg.grid_sep_lamd,
         mbi=cfg.mbi,
         as_float=cfg.write_float,
+        crop_origin=crop_origin(shape),
     )
     if f["fault"] == "missing_keyword":
         del hdr["U_CAMERA"]
