@@ -97,22 +97,45 @@ def read_header(path: os.PathLike | str) -> fits.Header:
         raise InputError(path, f"not a readable FITS file ({exc})") from exc
 
 
+def _unscale(data: np.ndarray, header: fits.Header) -> np.ndarray:
+    """Apply BZERO/BSCALE; the instrument's uint16-as-int16 (BZERO 32768) becomes uint16 exactly."""
+    bzero, bscale = header.get("BZERO", 0), header.get("BSCALE", 1)
+    if bscale == 1 and bzero == 32768 and data.dtype.kind == "i" and data.dtype.itemsize == 2:
+        return (data.astype(np.int16, copy=False).view(np.uint16) ^ np.uint16(0x8000)).astype(np.uint16, copy=False)
+    if bscale == 1 and bzero == 0:
+        return np.array(data, dtype=data.dtype.newbyteorder("="))
+    return data.astype(np.float32) * np.float32(bscale) + np.float32(bzero)
+
+
 def read_cube(path: os.PathLike | str, frames: slice | None = None) -> tuple[np.ndarray, fits.Header]:
     """Read a raw cube (or a slice of its frames) and its header.
 
-    The data are memory-mapped where possible, so ``frames`` reads only that chunk.
-    Returned data keep their on-disk dtype (uint16 for raw files); a 2-D image is
-    returned as a one-frame cube.
+    The file is memory-mapped and only the requested frames are read and unscaled, so a
+    chunk of a 25 GB cube costs chunk-sized memory. Raw uint16 data (BITPIX 16, BZERO
+    32768) come back as native uint16; a 2-D image is returned as a one-frame cube.
+
+    Raises
+    ------
+    InputError
+        Not FITS, truncated, empty, or not a 2-/3-D image; the message says which.
     """
     idx = data_hdu_index(path)
+    if idx == 0:
+        ok, reason = fits_structure_complete(path)
+        if not ok:
+            raise InputError(path, reason)
     try:
-        with fits.open(path, memmap=None, lazy_load_hdus=True) as hdul:
+        with fits.open(path, memmap=True, lazy_load_hdus=True, do_not_scale_image_data=True) as hdul:
             hdu = hdul[idx]
             header = hdu.header.copy()
-            data = hdu.section[frames] if frames is not None and hdu.data is not None and hdu.data.ndim == 3 else hdu.data
-            if data is None:
+            naxis = int(header.get("NAXIS", 0)) if idx == 0 else len(hdu.shape or ())
+            if naxis == 0:
                 raise InputError(path, "the data HDU is empty (NAXIS = 0)")
-            data = np.array(data)  # detach from the memmap before closing
+            if naxis == 3 and frames is not None:
+                data = hdu.section[frames]
+            else:
+                data = hdu.data
+            data = _unscale(np.asarray(data), header)  # copies: detached from the memmap
     except InputError:
         raise
     except (OSError, IndexError, TypeError, ValueError) as exc:
