@@ -93,7 +93,7 @@ def read_header(path: os.PathLike | str) -> fits.Header:
     """Read the data header of a raw file, with a clear error if it is not FITS."""
     try:
         return fits.getheader(path, data_hdu_index(path))
-    except (OSError, IndexError, TypeError, ValueError) as exc:
+    except (OSError, IndexError, KeyError, TypeError, ValueError) as exc:
         raise InputError(path, f"not a readable FITS file ({exc})") from exc
 
 
@@ -138,7 +138,7 @@ def read_cube(path: os.PathLike | str, frames: slice | None = None) -> tuple[np.
             data = _unscale(np.asarray(data), header)  # copies: detached from the memmap
     except InputError:
         raise
-    except (OSError, IndexError, TypeError, ValueError) as exc:
+    except (OSError, IndexError, KeyError, TypeError, ValueError) as exc:
         raise InputError(path, f"cannot read FITS data ({exc})") from exc
     if data.ndim == 2:
         data = data[None]
