@@ -207,7 +207,7 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
         hdr["HIERARCH DPP PDI MM MODEL"] = (model_desc, "Mueller-model parameters")
     hdr["HIERARCH DPP PDI HWPSYNC"] = (bool(pcfg.hwp_adi_sync), "HWP pupil-tracking")
     hdr["HIERARCH DPP PDI IPCORR"] = (bool(pcfg.ip_correct), "residual IP removed")
-    hdr["HIERARCH DPP PDI ERRPROP"] = ("exact-linear", "errors: sqrt(sum w^2 var), var derotated linearly")
+    hdr["HIERARCH DPP PDI ERRPROP"] = ("exact-linear", "sqrt(sum w2 var), var rotated linearly")
     star: dict[str, dict] = {}
     field_headers = []
     for j, f in enumerate(fields):
