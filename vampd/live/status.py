@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
+from contextlib import nullcontext
 
 from vampd.engine.ledger import Ledger, daemon_alive
 
@@ -17,15 +18,16 @@ def _iso(t: float | None) -> str | None:
     return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def collect_status(outdir: os.PathLike | str, now: float | None = None) -> dict:
+def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: Ledger | None = None) -> dict:
     """Counts of files and sets, daemon liveness and the last finished file.
 
     ``files.done`` counts files whose recorded per-file products all exist on disk; a
     ``done`` row with a missing product is counted as ``pending`` (the daemon will redo it).
-    ``failed`` counts failed (will retry) and parked (given up) files.
+    ``failed`` counts failed (will retry) and parked (given up) files. ``ledger``: an open
+    (read-only) ledger to read through, e.g. inside the live view's single read transaction.
     """
     now = time.time() if now is None else now
-    with Ledger(outdir, readonly=True) as led:
+    with nullcontext(ledger) if ledger is not None else Ledger(outdir, readonly=True) as led:
         counts = led.counts()
         done = missing = 0
         for row in led.conn.execute("SELECT path FROM files WHERE state='done'"):
