@@ -191,3 +191,21 @@ def test_identity_fields(tmp_path):
     ident = file_identity(f)
     assert ident.size == 3 and ident.mtime_ns == os.stat(f).st_mtime_ns
     assert ident.chash == hashlib.sha1(b"3" + b"abc").hexdigest()
+
+
+def test_pool_memory_admission():
+    """At most `workers` jobs; the sum of running estimates stays under the limit, but a
+    single job larger than the limit still runs alone."""
+    from concurrent.futures import Future
+
+    from vampd.engine.pool import WorkerPool, _Job, estimate_bytes
+
+    assert estimate_bytes(256, 256, 50, 6.0) == 256 * 256 * 50 * 4 * 6
+    pool = WorkerPool(workers=3, memory_limit=100)
+    assert pool.admissible(1000)  # alone, even if too big
+    pool.jobs["a"] = _Job("a", 80, Future(), 0.0)
+    assert not pool.admissible(30) and pool.admissible(20)
+    pool.jobs["b"] = _Job("b", 10, Future(), 0.0)
+    assert pool.running_bytes == 90 and pool.admissible(10) and not pool.admissible(11)
+    pool.jobs["c"] = _Job("c", 0, Future(), 0.0)
+    assert not pool.admissible(0)  # all workers busy

@@ -66,3 +66,19 @@ def test_unit_keys(unit):
     assert svc["EnvironmentFile"].startswith("/etc/vampd/")
     assert svc["ExecStart"].split()[1] == "watch"
     assert "kill -HUP" in svc["ExecReload"]
+
+
+def test_sd_notify_protocol(tmp_path):
+    import socket
+
+    from vampd.watch.notify import notify, watchdog_interval
+
+    path = str(tmp_path / "n.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        assert notify("READY=1", "STATUS=3 done", env={"NOTIFY_SOCKET": path})
+        assert sock.recv(1024) == b"READY=1\nSTATUS=3 done"
+    assert not notify("READY=1", env={})  # outside systemd: a no-op
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None  # not for us
+    assert watchdog_interval({}) is None
