@@ -1,9 +1,7 @@
 """PDI physics and products: differences, Mueller/IP correction, errors, running products,
 and the real chain on a simulated night (process_file → ledger → pdi_trigger)."""
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
