@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("vampd.live.commands", "cmd_status", "one-shot summary of a night's ledger"),
     "live": ("vampd.live.commands", "cmd_live", "full-screen live view of the night"),
     "finalize": ("vampd.finalize.commands", "cmd_finalize", "write the night's final products and report"),
-    "demo": ("vampd.watch.commands", "cmd_demo", "stream a simulated night into a temp dir and reduce it live"),
+    "demo": ("vampd.watch.demo", "cmd_demo", "stream a simulated night into a temp dir and reduce it live"),
 }
 
 
