@@ -88,6 +88,9 @@ def _header(snap: Snapshot, width: int) -> RenderableType:
     line2 = Text()
     if not snap.ledger_found:
         line2.append(f"no ledger yet: {snap.problem}", style="bold red")
+        for line in (line1, line2):
+            line.no_wrap = True
+            line.overflow = "ellipsis"
         return Group(line1, line2)
     if d.get("alive"):
         line2.append("● daemon running", style="bold green")
@@ -322,7 +325,7 @@ def render(snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Aler
     """
     width, height = max(int(width), 40), max(int(height), 10)
     if alerts is None:
-        alerts = compute_alerts(snap, None, snap.taken) if snap.ledger_found else []
+        alerts = compute_alerts(snap, None, snap.taken)
     wide = width >= _WIDE
     head_h = 5
     rows: list[tuple[str, Layout]] = [("header", Layout(Panel(_header(snap, width), box=box.HEAVY,
