@@ -249,7 +249,8 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
 
 
 def on_file_done(ledger, cfg, outdir, path: str) -> dict:
-    """Called by the engine after ``path``'s products are recorded in the ledger.
+    """Called by the engine after ``path``'s products are recorded in the ledger (or after it
+    was parked: then only the sets are rebuilt).
 
     Writes the file's Mueller matrices (PDI on), its difference images (``diff_images``) and
     rebuilds/processes the HWP sets. Errors of one step are logged and reported in the
@@ -258,6 +259,11 @@ def on_file_done(ledger, cfg, outdir, path: str) -> dict:
     out: dict = {}
     prod = _coadded(ledger).get(str(path))
     if prod is None:
+        # a parked file (unreadable, truncated) still occupies its slot: its set may now be
+        # complete-but-unusable, so rebuild (otherwise the set stays "open" if it came last)
+        row = ledger.conn.execute("SELECT state FROM files WHERE path=?", (str(path),)).fetchone()
+        if cfg.polarimetry is not None and row is not None and row["state"] == "parked":
+            out["sets"] = update_sets(ledger, cfg, outdir, final=False)
         return out
     if cfg.polarimetry is not None and cfg.polarimetry.mm_correct:
         try:

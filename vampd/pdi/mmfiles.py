@@ -16,6 +16,7 @@ from astropy.io import fits
 
 from vampd.fitsio import output_stem, write_fits_atomic
 from vampd.instrument.mueller import MuellerParams, mm_table_key, mueller_from_header
+from vampd.pdi.cards import set_card
 
 __all__ = ["mm_params", "file_mueller", "mm_path", "write_mm_file", "read_mm_file"]
 
@@ -70,12 +71,12 @@ def write_mm_file(path, mm: np.ndarray, header: fits.Header, fields: list[str], 
     hdr = header.copy()
     for key in ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "BZERO", "BSCALE", "EXTEND", "SIMPLE"):
         hdr.remove(key, ignore_missing=True, remove_all=True)
-    hdr["HIERARCH DPP PDI MM MODEL"] = (desc[0] if desc else "ideal", "Mueller-model parameters")
+    set_card(hdr, "HIERARCH DPP PDI MM MODEL", desc[0] if desc else "ideal", "Mueller-model parameters")
     hdus = [fits.PrimaryHDU(np.asarray(mm, np.float32), header=hdr)]
     for i, f in enumerate(fields):
         h = fits.Header()
         h["FIELD"] = (f, "MBI field / filter")
-        h["HIERARCH DPP PDI MM MODEL"] = (desc[i], "Mueller-model parameters")
+        set_card(h, "HIERARCH DPP PDI MM MODEL", desc[i], "Mueller-model parameters")
         hdus.append(fits.ImageHDU(np.asarray(mm[i], np.float32), header=h, name=f))
     return write_fits_atomic(path, fits.HDUList(hdus))
 

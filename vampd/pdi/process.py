@@ -21,6 +21,7 @@ from astropy.io import fits
 from vampd.fitsio import write_fits_atomic
 from vampd.imaging import derotate
 from vampd.instrument.wcs import apply_wcs
+from vampd.pdi.cards import set_card
 from vampd.pdi.differences import STOKES_PLANES, difference_weights
 from vampd.pdi.ip import ip_correct_weights, ip_header_values, measure_ip, region_weights
 from vampd.pdi.mmfiles import file_mueller
@@ -200,14 +201,14 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
     hdr = _clean_header(hdr)
     hdr["CTYPE3"] = ("STOKES", "plane axis")
     hdr["STOKES"] = (",".join(STOKES_PLANES), "Stokes planes")
-    hdr["HIERARCH DPP PDI METHOD"] = (mode, "difference method")
-    hdr["HIERARCH DPP PDI DEROTATE"] = (bool(pcfg.derotate), "derotated to North up")
-    hdr["HIERARCH DPP PDI MMCORR"] = (bool(pcfg.mm_correct), "Mueller-matrix corrected")
+    set_card(hdr, "HIERARCH DPP PDI METHOD", mode, "difference method")
+    set_card(hdr, "HIERARCH DPP PDI DEROTATE", bool(pcfg.derotate), "derotated to North up")
+    set_card(hdr, "HIERARCH DPP PDI MMCORR", bool(pcfg.mm_correct), "Mueller-matrix corrected")
     if pcfg.mm_correct:
-        hdr["HIERARCH DPP PDI MM MODEL"] = (model_desc, "Mueller-model parameters")
-    hdr["HIERARCH DPP PDI HWPSYNC"] = (bool(pcfg.hwp_adi_sync), "HWP pupil-tracking")
-    hdr["HIERARCH DPP PDI IPCORR"] = (bool(pcfg.ip_correct), "residual IP removed")
-    hdr["HIERARCH DPP PDI ERRPROP"] = ("exact-linear", "sqrt(sum w2 var), var rotated linearly")
+        set_card(hdr, "HIERARCH DPP PDI MM MODEL", model_desc, "Mueller-model parameters")
+    set_card(hdr, "HIERARCH DPP PDI HWPSYNC", bool(pcfg.hwp_adi_sync), "HWP pupil-tracking")
+    set_card(hdr, "HIERARCH DPP PDI IPCORR", bool(pcfg.ip_correct), "residual IP removed")
+    set_card(hdr, "HIERARCH DPP PDI ERRPROP", "exact-linear", "sqrt(sum w2 var), var rotated linearly")
     star: dict[str, dict] = {}
     field_headers = []
     for j, f in enumerate(fields):
@@ -216,17 +217,17 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
         if f in mm_rows:
             info = mm_rows[f]
             for h in (hdr, fh):
-                h[f"HIERARCH DPP PDI MM IP_PQ {f}"] = (info["ip_pq"], "model IP (Q)")
-                h[f"HIERARCH DPP PDI MM IP_PU {f}"] = (info["ip_pu"], "model IP (U)")
-                h[f"HIERARCH DPP PDI MM POLEFF {f}"] = (info["poleff"], "polarimetric efficiency")
+                set_card(h, f"HIERARCH DPP PDI MM IP_PQ {f}", info["ip_pq"], "model IP (Q)")
+                set_card(h, f"HIERARCH DPP PDI MM IP_PU {f}", info["ip_pu"], "model IP (U)")
+                set_card(h, f"HIERARCH DPP PDI MM POLEFF {f}", info["poleff"], "polarimetric efficiency")
         if f in ip_vals:
             v = ip_vals[f]
             for h in (hdr, fh):
-                h[f"HIERARCH DPP PDI IP_PQ {f}"] = (v["pq"], "residual IP (Q/I)")
-                h[f"HIERARCH DPP PDI IP_PU {f}"] = (v["pu"], "residual IP (U/I)")
-                h[f"HIERARCH DPP PDI IP_POL {f}"] = (v["pol"], "residual IP degree")
-                h[f"HIERARCH DPP PDI IP_ANG {f}"] = (v["ang"], "[deg] residual IP angle")
-                h[f"HIERARCH DPP PDI IP_METH {f}"] = (pcfg.ip_method, "IP region")
+                set_card(h, f"HIERARCH DPP PDI IP_PQ {f}", v["pq"], "residual IP (Q/I)")
+                set_card(h, f"HIERARCH DPP PDI IP_PU {f}", v["pu"], "residual IP (U/I)")
+                set_card(h, f"HIERARCH DPP PDI IP_POL {f}", v["pol"], "residual IP degree")
+                set_card(h, f"HIERARCH DPP PDI IP_ANG {f}", v["ang"], "[deg] residual IP angle")
+                set_card(h, f"HIERARCH DPP PDI IP_METH {f}", pcfg.ip_method, "IP region")
         if not coronagraphic:
             aper = float(getattr(analysis, "phot_aper_rad", 8.0) or 8.0) if analysis is not None else 8.0
             ann = getattr(analysis, "phot_ann_rad", None) if analysis is not None else None
@@ -234,12 +235,12 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
             star[f] = sp
             for h in (hdr, fh):
                 for name in ("IQ", "IU", "Q", "U"):
-                    h[f"HIERARCH DPP PDI {name} FLUX {f}"] = (sp[name], "[e-/s] aperture flux")
-                    h[f"HIERARCH DPP PDI {name} FLUX_ERR {f}"] = (sp[name + "_ERR"], "[e-/s] aperture flux error")
-                h[f"HIERARCH DPP PDI DOLP {f}"] = (_finite(sp["DOLP"]), "star degree of linear polarisation")
-                h[f"HIERARCH DPP PDI DOLP_ERR {f}"] = (_finite(sp["DOLP_ERR"]), "error of DOLP")
-                h[f"HIERARCH DPP PDI AOLP {f}"] = (_finite(sp["AOLP"]), "[deg] star AoLP = 1/2 atan2(U, Q)")
-                h[f"HIERARCH DPP PDI AOLP_ERR {f}"] = (_finite(sp["AOLP_ERR"]), "[deg] error of AOLP")
+                    set_card(h, f"HIERARCH DPP PDI {name} FLUX {f}", sp[name], "[e-/s] aperture flux")
+                    set_card(h, f"HIERARCH DPP PDI {name} FLUX_ERR {f}", sp[name + "_ERR"], "[e-/s] aperture flux error")
+                set_card(h, f"HIERARCH DPP PDI DOLP {f}", _finite(sp["DOLP"]), "star degree of linear polarisation")
+                set_card(h, f"HIERARCH DPP PDI DOLP_ERR {f}", _finite(sp["DOLP_ERR"]), "error of DOLP")
+                set_card(h, f"HIERARCH DPP PDI AOLP {f}", _finite(sp["AOLP"]), "[deg] star AoLP = 1/2 atan2(U, Q)")
+                set_card(h, f"HIERARCH DPP PDI AOLP_ERR {f}", _finite(sp["AOLP_ERR"]), "[deg] error of AOLP")
         field_headers.append(fh)
     return SetResult(stokes, err, hdr, field_headers, list(fields), mm_rows, star)
 
@@ -256,9 +257,9 @@ def _apply_data(weights: np.ndarray, imgs: np.ndarray) -> np.ndarray:
 def write_set_file(path, result: SetResult, index: int, key: str, member_paths: list[str]) -> Path:
     """Write ``pdi/stokes/{name}_stokes_{index:03d}.fits`` (§9.7)."""
     hdr = result.header.copy()
-    hdr["HIERARCH DPP PDI SET INDEX"] = (int(index), "set index")
-    hdr["HIERARCH DPP PDI SET KEY"] = (key, "stable set key")
-    hdr["HIERARCH DPP PDI NMEMBERS"] = (len(member_paths), "files in the set")
+    set_card(hdr, "HIERARCH DPP PDI SET INDEX", int(index), "set index")
+    set_card(hdr, "HIERARCH DPP PDI SET KEY", key, "stable set key")
+    set_card(hdr, "HIERARCH DPP PDI NMEMBERS", len(member_paths), "files in the set")
     hdus = [
         fits.PrimaryHDU(result.stokes.astype(np.float32), header=hdr),
         fits.ImageHDU(result.err.astype(np.float32), name="ERR"),

@@ -30,6 +30,7 @@ import numpy as np
 from astropy.io import fits
 
 from vampd.fitsio import atomic_write, write_fits_atomic
+from vampd.pdi.cards import set_card
 from vampd.pdi.stokes import product_names, stokes_products
 
 __all__ = ["RunningStokes", "running_paths", "write_running_products", "append_table_row"]
@@ -179,9 +180,9 @@ def write_running_products(
         hdr.remove(key.replace("HIERARCH ", ""), ignore_missing=True)
     hdr["CTYPE3"] = ("STOKES", "plane axis")
     hdr["STOKES"] = (",".join(names), "Stokes product planes")
-    hdr["BUNIT"] = ("e-/s", "per camera (I_Q = mean single-beam intensity); AOLP in rad")
-    hdr["HIERARCH DPP PDI NSETS"] = (acc.nsets, "sets in the running collapse")
-    hdr["HIERARCH DPP PDI COLLAPSE"] = (weighting, "running collapse over sets (final: median)")
+    set_card(hdr, "BUNIT", "e-/s", "per camera; I_Q = mean beam; AOLP in rad")
+    set_card(hdr, "HIERARCH DPP PDI NSETS", acc.nsets, "sets in the running collapse")
+    set_card(hdr, "HIERARCH DPP PDI COLLAPSE", weighting, "running collapse over sets (final: median)")
     hdr["TINT"] = (acc.tint, "[s] total integration (per camera)")
     fhs = []
     for f, fh in zip(fields, field_headers):

@@ -689,6 +689,20 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
                       place_fields(shape, [(st.halo, o) for st, o in statics]))
         file_records.append((f, cached))
 
+    # noise-free sky-frame Stokes truth of the ring on the product grid (truthmaps docstring)
+    from vampd.simulate.truthmaps import truth_stokes_maps, write_truth_stokes
+
+    frames = [(blocks[f["block"]]["strehl"][f["block_frames"]], blocks[f["block"]]["flux"][f["block_frames"]])
+              for f in files]
+    maps, tinfo = truth_stokes_maps(
+        cfg.scene, cfg.size, [fl["name"] for fl in layout], field_models,
+        {cam: [f["derotang"] for f in files if f["camera"] == cam] for cam in (1, 2)},
+        np.concatenate([s for s, _ in frames]) if frames else np.ones(1),
+        np.concatenate([x for _, x in frames]) if frames else np.ones(1),
+    )
+    write_truth_stokes(outdir / tinfo["file"], maps, tinfo)
+    truth["truth_maps"] = tinfo
+
     truth_path = outdir / "truth.json"
     _write_json(truth_path, truth)
 
