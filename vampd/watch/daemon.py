@@ -151,6 +151,9 @@ class Daemon:
         next_beat = next_reconcile = 0.0
         last_ping = 0.0
         next_reconcile = time.time() + s["reconcile_interval"]
+        from vampd.live.alerts import AlertMonitor  # alerts reach the journal as log records
+
+        alerts, next_alerts = AlertMonitor(self.outdir, self.config_path), time.time() + 5.0
         while not self._stop:
             now = time.time()
             if self._reload:
@@ -182,6 +185,12 @@ class Daemon:
                     last_ping = now
                 elif not ok:
                     notify(f"STATUS=degraded: {status}")
+            if now >= next_alerts:
+                next_alerts = now + 10.0
+                try:
+                    alerts.poll(now)
+                except Exception as exc:  # alerts are advisory: they never stop the daemon
+                    log.debug("alert check failed: %s", exc)
             # sleep, but wake early for finished jobs
             runner.collect(timeout=self.tick)
         return self.shutdown()
