@@ -77,6 +77,7 @@ def _add_status(p: argparse.ArgumentParser) -> None:
 def _add_live(p: argparse.ArgumentParser) -> None:
     p.add_argument("outdir", nargs="?", default=".", help="output directory holding vampd.sqlite")
     p.add_argument("--once", action="store_true", help="render one frame to stdout and exit")
+    p.add_argument("--config", default=None, help="configuration TOML (alert thresholds; default: the daemon's)")
     p.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes")
 
 
