@@ -23,6 +23,8 @@ __all__ = [
     "data_hdu_index",
     "read_header",
     "read_cube",
+    "read_frames",
+    "write_hdus_atomic",
     "fits_structure_complete",
     "output_stem",
 ]
@@ -74,12 +76,92 @@ def write_fits_atomic(path: os.PathLike | str, hdul: fits.HDUList, verify: str =
     return atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True, output_verify=verify))
 
 
-def save_npz_atomic(path: os.PathLike | str, **arrays: np.ndarray) -> Path:
-    """Atomically write a compressed NPZ file."""
+def save_npz_atomic(path: os.PathLike | str, compress: bool = True, **arrays: np.ndarray) -> Path:
+    """Atomically write an NPZ file (compressed unless ``compress=False``; both read with ``np.load``)."""
 
     def _write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            (np.savez_compressed if compress else np.savez)(fh, **arrays)
+
+    return atomic_write(path, _write)
+
+
+#: keys that describe the HDU layout; written by :func:`write_hdus_atomic` itself
+_LAYOUT_KEYS = frozenset(
+    ["SIMPLE", "XTENSION", "BITPIX", "NAXIS", "EXTEND", "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "BLANK",
+     "CHECKSUM", "DATASUM", "END"]
+)
+_NAXIS_KEY = re.compile(r"^NAXIS\d+$")
+_BITPIX = {np.dtype(np.float32): -32, np.dtype(np.float64): -64, np.dtype(np.int16): 16, np.dtype(np.int32): 32,
+           np.dtype(np.uint8): 8}
+
+
+def _hdu_bytes(header: fits.Header | None, data: np.ndarray | None, primary: bool, extend: bool) -> bytes:
+    """Header + data of one image HDU as FITS bytes (both padded to 2880)."""
+    shape = () if data is None else tuple(data.shape)
+    dtype = np.dtype(np.uint8) if data is None else np.dtype(data.dtype).newbyteorder("=")
+    if dtype not in _BITPIX:
+        raise ValueError(f"write_hdus_atomic: unsupported data type {data.dtype}")
+    cards = [fits.Card("SIMPLE", True, "conforms to FITS standard") if primary
+             else fits.Card("XTENSION", "IMAGE", "Image extension")]
+    cards.append(fits.Card("BITPIX", _BITPIX[dtype], "array data type"))
+    cards.append(fits.Card("NAXIS", len(shape), "number of array dimensions"))
+    for i, n in enumerate(reversed(shape)):
+        cards.append(fits.Card(f"NAXIS{i + 1}", int(n)))
+    if primary:
+        if extend:
+            cards.append(fits.Card("EXTEND", True))
+    else:
+        cards.append(fits.Card("PCOUNT", 0, "number of parameters"))
+        cards.append(fits.Card("GCOUNT", 1, "number of groups"))
+    images = [c.image for c in cards]
+    if header is not None:
+        for card in header.cards:
+            key = card.keyword
+            if key in _LAYOUT_KEYS or _NAXIS_KEY.match(key):
+                continue
+            images.append(card.image)
+    images.append("END".ljust(80))
+    text = "".join(images)
+    text += " " * (-len(text) % BLOCK)
+    out = [text.encode("ascii")]
+    if data is not None and data.size:
+        raw = np.ascontiguousarray(data, dtype=dtype.newbyteorder(">")).tobytes()
+        out.append(raw)
+        out.append(b"\0" * (-len(raw) % BLOCK))
+    return b"".join(out)
+
+
+def write_hdus_atomic(path: os.PathLike | str, hdus) -> Path:
+    """Atomically write a simple multi-extension image FITS file, without astropy's HDU machinery.
+
+    Parameters
+    ----------
+    path : path
+    hdus : sequence of (header, data)
+        The first item is the primary HDU, the others become IMAGE extensions. ``header``
+        (astropy Header or None) supplies every card except the layout ones (``SIMPLE``,
+        ``XTENSION``, ``BITPIX``, ``NAXISn``, ``EXTEND``, ``PCOUNT``, ``GCOUNT``, ``BZERO``,
+        ``BSCALE``, ...), which are derived from ``data`` (ndarray of float32/float64/int16/
+        int32/uint8, or None for a header-only HDU); put ``EXTNAME`` in the header. Cards are
+        written as they are (no verification, like ``output_verify="ignore"``).
+
+    Notes
+    -----
+    For our own product headers this is ~10x cheaper than ``HDUList.writeto`` (no header
+    copies, no card re-verification); the file is read back identically by astropy.
+    """
+    hdus = list(hdus)
+    if not hdus:
+        raise ValueError("write_hdus_atomic: no HDU")
+    parts = [
+        _hdu_bytes(h, None if d is None else np.asarray(d), i == 0, len(hdus) > 1) for i, (h, d) in enumerate(hdus)
+    ]
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            for part in parts:
+                fh.write(part)
 
     return atomic_write(path, _write)
 
@@ -145,6 +227,85 @@ def read_cube(path: os.PathLike | str, frames: slice | None = None) -> tuple[np.
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D cube (NAXIS3, NAXIS2, NAXIS1), found {data.ndim}-D data")
     return data, header
+
+
+def _primary_layout(path) -> dict | None:
+    """Data offset, BITPIX, NAXISn, BZERO/BSCALE of a plain primary HDU from its header bytes.
+
+    None when anything is unusual (not FITS, BLANK, non-integer BZERO/BSCALE text, no data):
+    the caller then goes through astropy.
+    """
+    keys: dict[str, str] = {}
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(BLOCK)
+            if len(block) < BLOCK:
+                return None
+            if offset == 0 and not block.startswith(b"SIMPLE  ="):
+                return None
+            offset += BLOCK
+            for i in range(0, BLOCK, 80):
+                key = block[i : i + 8].rstrip()
+                if key == b"END":
+                    break
+                if key in (b"BITPIX", b"BZERO", b"BSCALE", b"BLANK") or key.startswith(b"NAXIS"):
+                    if block[i + 8 : i + 10] == b"= ":
+                        keys[key.decode()] = block[i + 10 : i + 80].split(b"/")[0].strip().decode("ascii", "replace")
+            else:
+                continue
+            break
+    try:
+        naxis = int(keys["NAXIS"])
+        bitpix = int(keys["BITPIX"])
+        shape = tuple(int(keys[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
+        bzero = float(keys.get("BZERO", "0"))
+        bscale = float(keys.get("BSCALE", "1"))
+    except (KeyError, ValueError):
+        return None
+    if naxis not in (2, 3) or "BLANK" in keys:
+        return None
+    dtypes = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+    if bitpix not in dtypes:
+        return None
+    return {"offset": offset, "dtype": np.dtype(dtypes[bitpix]), "shape": shape, "bzero": bzero, "bscale": bscale}
+
+
+def read_frames(path: os.PathLike | str, frames: slice | None = None) -> np.ndarray:
+    """The data of a raw cube (or a slice of its frames) as :func:`read_cube` returns them.
+
+    Plain primary-HDU files are memory-mapped directly from the offsets in their header
+    bytes (no astropy HDU, no header copy: ~10x less overhead for a small cube); anything
+    else (``.fz``, BLANK, ...) goes through :func:`read_cube`. Same values, dtype and
+    errors as ``read_cube(path, frames)[0]``.
+    """
+    if data_hdu_index(path) != 0:
+        return read_cube(path, frames)[0]
+    ok, reason = fits_structure_complete(path)
+    if not ok:
+        raise InputError(path, reason)
+    try:
+        lay = _primary_layout(path)
+    except OSError as exc:
+        raise InputError(path, f"cannot read FITS data ({exc})") from exc
+    if lay is None:
+        return read_cube(path, frames)[0]
+    shape = lay["shape"]
+    if len(shape) == 2:
+        shape = (1,) + shape
+    mm = np.memmap(path, dtype=lay["dtype"], mode="r", offset=lay["offset"], shape=shape)
+    try:
+        data = mm if frames is None else mm[frames]
+        dt, bzero, bscale = lay["dtype"], lay["bzero"], lay["bscale"]
+        if bscale == 1 and bzero == 32768 and dt.kind == "i" and dt.itemsize == 2:
+            out = data.view(dt.newbyteorder(">").str.replace("i", "u")).astype(np.uint16)
+            out ^= np.uint16(0x8000)  # the instrument's uint16-as-int16: exact
+            return out
+        if bscale == 1 and bzero == 0:
+            return np.array(data, dtype=dt.newbyteorder("="))
+        return data.astype(np.float32) * np.float32(bscale) + np.float32(bzero)
+    finally:
+        del mm
 
 
 _CARD = re.compile(rb"^(NAXIS\d*|BITPIX|END)\s*(?:=\s*([-+]?\d+))?")

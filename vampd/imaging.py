@@ -144,7 +144,7 @@ def _fill_outside_value(buf, shape, r0, c0, value) -> None:
         buf[:, w - right :] = value
 
 
-def shift_window(frames, row0, col0, qy, qx, shape, out) -> np.ndarray:
+def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarray:
     """Resample a window of each frame at a per-frame sub-pixel position (Lanczos-4).
 
     For frame ``f``: ``out[f, y, x] = frames[f](row0[f] + y + qy[f], col0[f] + x + qx[f])``
@@ -166,8 +166,12 @@ def shift_window(frames, row0, col0, qy, qx, shape, out) -> np.ndarray:
         Sub-pixel (or any) offsets of the sample grid.
     shape : (h, w)
     out : ndarray, shape (nframes, h, w) (any strides, e.g. a view into a larger array)
+    index : int array (nframes,), optional
+        Frame ``f`` of the output is ``frames[index[f]]`` (a selection without a copy);
+        ``row0`` ... ``qx`` are per output frame.
     """
-    n = frames.shape[0]
+    n = frames.shape[0] if index is None else len(index)
+    src_of = np.arange(n) if index is None else np.asarray(index, dtype=np.int64).reshape(n)
     h, w = int(shape[0]), int(shape[1])
     qy = np.asarray(qy, dtype=np.float64).reshape(n)
     qx = np.asarray(qx, dtype=np.float64).reshape(n)
@@ -198,8 +202,9 @@ def shift_window(frames, row0, col0, qy, qx, shape, out) -> np.ndarray:
         s, m = src[:nc], nanmask[:nc]
         for i in range(nc):
             f = c0 + i
-            _copy_clipped(s[i], frames[f], int(sy0[f]), int(sx0[f]))
-            _fill_outside(s[i], frames[f].shape, int(sy0[f]), int(sx0[f]))
+            frame = frames[src_of[f]]
+            _copy_clipped(s[i], frame, int(sy0[f]), int(sx0[f]))
+            _fill_outside(s[i], frame.shape, int(sy0[f]), int(sx0[f]))
         np.isnan(s, out=m)
         has_nan = bool(m.any())
         if has_nan:
@@ -221,7 +226,7 @@ def shift_window(frames, row0, col0, qy, qx, shape, out) -> np.ndarray:
             if has_nan:
                 np.copyto(o[i], np.nan, where=m[i, yy : yy + h, xx : xx + w])
             # nearest source pixel outside the frame -> NaN rows / columns
-            _nan_outside(o[i], frames[f].shape, int(sy0[f]) + yy, int(sx0[f]) + xx)
+            _nan_outside(o[i], frames.shape[-2:], int(sy0[f]) + yy, int(sx0[f]) + xx)
         out[c0:c1] = o
     return out
 

@@ -24,7 +24,7 @@ import numpy as np
 from astropy.io import fits
 
 from vampd import __version__
-from vampd.fitsio import InputError, output_stem, read_cube, read_header, save_npz_atomic, write_fits_atomic
+from vampd.fitsio import InputError, output_stem, read_frames, read_header, write_hdus_atomic
 from vampd.imaging import frame_center
 from vampd.instrument.angles import update_angles
 from vampd.instrument.detectors import detector_from_header
@@ -32,7 +32,15 @@ from vampd.instrument.fields import field_names
 from vampd.instrument.headers import HeaderError, fix_header, header_summary, missing_keywords
 from vampd.instrument.pupil import synthetic_psf
 from vampd.instrument.wcs import apply_wcs
-from vampd.stages.align import align_cube, align_header, frame_centers_from_metrics
+from vampd.stages.align import (
+    align_cube,
+    align_header,
+    align_into,
+    align_region,
+    aligned_size,
+    frame_centers_from_metrics,
+    variance_sum_nearest,
+)
 from vampd.stages.analyze import analyze_cube, save_metrics
 from vampd.stages.calibrate import calibrate_cube
 from vampd.stages.calibfiles import CalibLibrary, load_master
@@ -46,6 +54,8 @@ log = logging.getLogger("vampd.pipeline")
 HOLD_BYTES = int(os.environ.get("VAMPD_HOLD_BYTES", 1_500_000_000))
 #: target bytes of one raw chunk
 CHUNK_BYTES = int(os.environ.get("VAMPD_CHUNK_BYTES", 64_000_000))
+#: aligned frames of a median/biweight coadd kept in RAM up to this size, else a disk store
+COADD_RAM_BYTES = int(os.environ.get("VAMPD_COADD_RAM_BYTES", 512_000_000))
 
 
 @dataclass
@@ -124,8 +134,7 @@ def prepare_header(path: str | Path, cfg) -> fits.Header:
     if missing:
         raise HeaderError(missing[0], "missing (required for a raw science file)", path)
     header = fix_header(raw, path)
-    header = update_angles(header, cfg.target, path=path)
-    return header
+    return update_angles(header, cfg.target, path=path, copy=False)  # fix_header made a copy
 
 
 def _chunks(nframes: int, frame_bytes: int) -> list[slice]:
@@ -140,22 +149,23 @@ def _window_centers(cfg, header, image: np.ndarray, outdir: Path, psfs) -> dict[
     return resolve_centers(header, image.shape, cfile, image=image, coronagraphic=cfg.coronagraphic, psf=psfs)
 
 
-def _calibrate_chunk(path, header, sl, back, flat, cfg, badpix=None):
-    raw, _ = read_cube(path, sl)
-    return calibrate_cube(raw, header, back, flat, cfg.calibrate.fix_bad_pixels, path=path)
+def _calibrate_chunk(path, header, sl, back, flat, cfg, badpix=None, with_header=True):
+    raw = read_frames(path, sl)
+    return calibrate_cube(raw, header, back, flat, cfg.calibrate.fix_bad_pixels, path=path, with_header=with_header)
 
 
-def _field_hdus(header: fits.Header, fields: list[str]) -> list[fits.ImageHDU]:
-    """One header-only HDU per field (EXTNAME = field name) carrying the keys that differ per field."""
-    hdus = []
+def _field_headers(header: fits.Header, fields: list[str]) -> list[fits.Header]:
+    """One header per field (EXTNAME = field name) carrying the keys that differ per field."""
+    hdrs = []
     for name in fields:
         h = fits.Header()
         h["FIELD"] = (name, "MBI field / filter")
         for key in ("FILTER01", "FILTER02", "U_CAMERA", "U_FLC", "RET-ANG1", "BUNIT"):
             if key in header:
                 h[key] = header[key]
-        hdus.append(fits.ImageHDU(header=h, name=name))
-    return hdus
+        h["EXTNAME"] = (name, "extension name")
+        hdrs.append(h)
+    return hdrs
 
 
 def _provenance(header: fits.Header, cfg) -> None:
@@ -259,7 +269,8 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
     t_cal = t_ana = 0.0
     for sl in chunks:
         t = time.perf_counter()
-        data, err, cal_header = _calibrate_chunk(path, header, sl, back, flat, cfg)
+        data, err, hdr_i = _calibrate_chunk(path, header, sl, back, flat, cfg, with_header=cal_header is None)
+        cal_header = cal_header if hdr_i is None else hdr_i
         t_cal += time.perf_counter() - t
         if centers is None:
             with np.errstate(all="ignore"):
@@ -300,7 +311,23 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         all_centers = np.broadcast_to(fixed[None], (nframes, len(fields), 2))
     t_align = t_coadd = 0.0
     coadder = None
-    if cfg.coadd.coadd:
+    need_aligned = not cfg.coadd.coadd or cfg.align.save_intermediate or (fs.frame_select and fs.save_intermediate)
+    # fast path (coadd only): align just the region that can hold data straight into the
+    # coadder's store, and sum nearest-pixel variances instead of aligning the error cube
+    fast = cfg.coadd.coadd and not need_aligned and cfg.coadd.method != "varmean"
+    crop, pad = int(cfg.align.crop_width), bool(cfg.align.pad)
+    region = None
+    if fast:
+        region = align_region(all_centers[keep], crop, pad, (ny, nx))
+        h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
+        nkept = int(keep.sum())
+        in_ram = nkept * len(fields) * h * w * 4 <= COADD_RAM_BYTES
+        scratch = None
+        if not in_ram:
+            scratch = outdir / ".scratch"
+            scratch.mkdir(parents=True, exist_ok=True)
+        coadder = Coadder(cfg.coadd.method, tmpdir=scratch, capacity=nkept if in_ram else None)
+    elif cfg.coadd.coadd:
         (outdir / ".scratch").mkdir(parents=True, exist_ok=True)
         coadder = Coadder(cfg.coadd.method, tmpdir=outdir / ".scratch")
     aligned_frames: list[tuple[np.ndarray, np.ndarray]] = []
@@ -310,25 +337,37 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
             data, err = held[i]
             held[i] = None  # free as we go
         else:
-            data, err, _ = _calibrate_chunk(path, header, sl, back, flat, cfg)
+            data, err, _ = _calibrate_chunk(path, header, sl, back, flat, cfg, with_header=False)
         if cfg.calibrate.save_intermediate:
             calibrated_frames.append((data, err))
         k = keep[sl]
         if not k.any():
             continue
+        if fast:
+            t = time.perf_counter()
+            idx = np.flatnonzero(k)
+            ctr_k = all_centers[sl][k]
+            view = coadder.slot(len(idx), (len(fields), h, w))
+            align_into(data, ctr_k, crop, pad, region, view, frames=idx)
+            var_sum = variance_sum_nearest(err, ctr_k, crop, pad, region, frames=idx)
+            t_align += time.perf_counter() - t
+            t = time.perf_counter()
+            coadder.add(view, var_sum=var_sum)
+            t_coadd += time.perf_counter() - t
+            continue
         t = time.perf_counter()
-        d4, e4 = align_cube(data[k], err[k], all_centers[sl][k], cfg.align.crop_width, cfg.align.pad)
+        d4, e4 = align_cube(data[k], err[k], all_centers[sl][k], crop, pad)
         t_align += time.perf_counter() - t
         t = time.perf_counter()
         if coadder is not None:
             coadder.add(d4, e4)
         t_coadd += time.perf_counter() - t
-        if not cfg.coadd.coadd or cfg.align.save_intermediate or (fs.frame_select and fs.save_intermediate):
+        if need_aligned:
             aligned_frames.append((d4, e4))
 
     out_header = apply_wcs(cal_header, float(cal_header.get("DEROTANG", 0.0)))
     _provenance(out_header, cfg)
-    out_header, _ = align_header(out_header, cfg.align.method if cfg.align.align else None, fields)
+    out_header, _ = align_header(out_header, cfg.align.method if cfg.align.align else None, [], copy=False)
     exptime = float(header["EXPTIME"])
 
     if cfg.calibrate.save_intermediate:
@@ -352,6 +391,12 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
     if coadder is not None:
         t = time.perf_counter()
         image, err, ncoadd = coadder.result()
+        if fast:  # back to the full aligned frame: NaN outside the data region
+            size = aligned_size(crop, pad)
+            full = np.full((2, len(fields), size, size), np.nan, np.float32)
+            full[0][:, region[0], region[1]] = image
+            full[1][:, region[0], region[1]] = err
+            image, err = full[0], full[1]
         hdr = coadd_header(
             out_header,
             cfg.coadd.method,
@@ -361,6 +406,7 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
             recenter_method=cfg.coadd.recenter_method if cfg.coadd.recenter else None,
             calib_files={"BACKFILE": back.name if back else None, "FLATFILE": flat.name if flat else None},
             config_hash=cfg.config_hash(),
+            copy=False,  # out_header is not used after this
         )
         if cfg.coadd.recenter:
             ws = int(cfg.analysis.window_size)
@@ -370,7 +416,7 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
                     image[j], err[j], cfg.coadd.recenter_method, ws, psf=psfs[f] if psfs else None
                 )
                 shifts.append((float(dy[0]), float(dx[0])))
-            hdr = recenter_header(hdr, cfg.coadd.recenter_method, shifts[0][0], shifts[0][1])
+            hdr = recenter_header(hdr, cfg.coadd.recenter_method, shifts[0][0], shifts[0][1], copy=False)
             coadd_info["recenter_shift"] = shifts
         _write_product(paths["coadded"], image, err, hdr, fields)
         products.append(("coadded", str(paths["coadded"])))
@@ -390,22 +436,16 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
     return FileResult(path, products, summary, qm)
 
 
-_STRUCTURAL = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "EXTEND", "BZERO", "BSCALE")
-
-
 def _write_product(path: Path, data: np.ndarray, err: np.ndarray, header: fits.Header, fields: list[str]) -> None:
-    """PRIMARY (data) + ERR + one header HDU per field, written atomically."""
-    hdr = header.copy()
-    for key in _STRUCTURAL:
-        hdr.remove(key, ignore_missing=True, remove_all=True)
+    """PRIMARY (data) + ERR + one header HDU per field, written atomically.
+
+    Our own headers are valid by construction: they are written card by card by
+    :func:`vampd.fitsio.write_hdus_atomic` (layout keys derived from the arrays), without
+    astropy's HDU construction, header copies and per-card verification.
+    """
     err_hdr = fits.Header()
-    err_hdr["BUNIT"] = hdr.get("BUNIT", "")
-    hdul = fits.HDUList(
-        [
-            fits.PrimaryHDU(np.asarray(data, np.float32), header=hdr),
-            fits.ImageHDU(np.asarray(err, np.float32), header=err_hdr, name="ERR"),
-            *_field_hdus(hdr, fields),
-        ]
-    )
-    # our own headers are valid by construction: skip astropy's per-card verification (~30 ms/file)
-    write_fits_atomic(path, hdul, verify="ignore")
+    err_hdr["BUNIT"] = header.get("BUNIT", "")
+    err_hdr["EXTNAME"] = ("ERR", "extension name")
+    hdus = [(header, np.asarray(data, np.float32)), (err_hdr, np.asarray(err, np.float32))]
+    hdus += [(h, None) for h in _field_headers(header, fields)]
+    write_hdus_atomic(path, hdus)

@@ -23,6 +23,9 @@ __all__ = [
     "intersect_diagonals",
     "frame_centers_from_metrics",
     "align_cube",
+    "align_region",
+    "align_into",
+    "variance_sum_nearest",
     "align_header",
     "similarity_from_spots",
     "reproject_cam2",
@@ -125,6 +128,50 @@ def frame_centers_from_metrics(metrics, method: str, default=None) -> np.ndarray
     return centers
 
 
+def _field_geometry(centers_k: np.ndarray, crop: int, frame_shape) -> dict | None:
+    """Cutout geometry of one field for every frame (shared by the aligners).
+
+    ``centers_k`` (nframes, 2). Returns None when no centre is finite, else a dict with
+    ``good`` (finite centres), ``origin`` (Cutout2D partial rule), ``q`` (sample offset in
+    (−0.5, 0.5]) and ``lo``/``hi``: the cutout rows/cols that can see the frame for some
+    frame (outside them every frame is NaN).
+    """
+    ny, nx = frame_shape
+    good = np.isfinite(centers_k).all(axis=1)
+    if not good.any():
+        return None
+    c = np.where(good[:, None], centers_k, centers_k[good][0])
+    origin = np.ceil(c - crop / 2).astype(np.int64)  # Cutout2D partial rule
+    q = c - origin - (crop - 1) / 2  # sample offset = −shift, in (−0.5, 0.5]
+    lo = np.clip(np.min(-origin, axis=0) - 1, 0, crop)
+    hi = np.clip(np.max(np.array([ny, nx]) - origin, axis=0) + 1, 0, crop)
+    return {"good": good, "origin": origin, "q": q, "lo": lo, "hi": hi}
+
+
+def _check_align_inputs(data, err, centers, crop_width):
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"align_cube: data must be (nframes, ny, nx), got shape {data.shape}")
+    n = data.shape[0]
+    if err is not None:
+        err = np.asarray(err)
+        if err.ndim == 2:
+            err = err[None]
+        if err.shape != data.shape:
+            raise ValueError(f"align_cube: err shape {err.shape} differs from data shape {data.shape}")
+    crop = int(crop_width)
+    if crop < 1:
+        raise ValueError(f"align.crop_width: {crop_width!r}, expected a positive integer")
+    centers = np.asarray(centers, dtype=np.float64)
+    if centers.ndim == 2:
+        centers = np.broadcast_to(centers[None], (n,) + centers.shape)
+    if centers.ndim != 3 or centers.shape[0] != n or centers.shape[2] != 2:
+        raise ValueError(f"align_cube: centers must be (nframes={n}, nfields, 2), got shape {centers.shape}")
+    return data, err, centers, crop
+
+
 def align_cube(data, err, centers, crop_width: int, pad: bool = True):
     """Crop each frame and field around its centre and place the PSF on ``(N-1)/2``.
 
@@ -147,44 +194,24 @@ def align_cube(data, err, centers, crop_width: int, pad: bool = True):
     -------
     data4, err4 : float32 ndarrays (nframes, nfields, N, N)
         ``err4`` is None when ``err`` is None. Parts of a cutout outside the frame are NaN.
+
+    See Also
+    --------
+    align_region, variance_sum_nearest : the pipeline's cheaper path for coadds (only the
+        region that can hold data; summed variances instead of an aligned error cube).
     """
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise ValueError(f"align_cube: data must be (nframes, ny, nx), got shape {data.shape}")
+    data, err, centers, crop = _check_align_inputs(data, err, centers, crop_width)
     n, ny, nx = data.shape
-    if err is not None:
-        err = np.asarray(err)
-        if err.ndim == 2:
-            err = err[None]
-        if err.shape != data.shape:
-            raise ValueError(f"align_cube: err shape {err.shape} differs from data shape {data.shape}")
-    crop = int(crop_width)
-    if crop < 1:
-        raise ValueError(f"align.crop_width: {crop_width!r}, expected a positive integer")
-    centers = np.asarray(centers, dtype=np.float64)
-    if centers.ndim == 2:
-        centers = np.broadcast_to(centers[None], (n,) + centers.shape)
-    if centers.ndim != 3 or centers.shape[0] != n or centers.shape[2] != 2:
-        raise ValueError(f"align_cube: centers must be (nframes={n}, nfields, 2), got shape {centers.shape}")
     nfields = centers.shape[1]
     npad = pad_width(crop) if pad else 0
     size = crop + 2 * npad
     data4 = np.full((n, nfields, size, size), np.nan, np.float32)
     err4 = np.full((n, nfields, size, size), np.nan, np.float32) if err is not None else None
-    half = (crop - 1) / 2
     for k in range(nfields):
-        c = centers[:, k, :]
-        good = np.isfinite(c).all(axis=1)
-        if not good.any():
+        g = _field_geometry(centers[:, k, :], crop, (ny, nx))
+        if g is None:
             continue
-        c = np.where(good[:, None], c, c[good][0])
-        origin = np.ceil(c - crop / 2).astype(np.int64)  # Cutout2D partial rule
-        q = c - origin - half  # sample offset = −shift, in (−0.5, 0.5]
-        # only output rows/cols that can see the frame are computed; the rest stay NaN
-        lo = np.clip(np.min(-origin, axis=0) - 1, 0, crop)
-        hi = np.clip(np.max(np.array([ny, nx]) - origin, axis=0) + 1, 0, crop)
+        lo, hi, origin, q, good = g["lo"], g["hi"], g["origin"], g["q"], g["good"]
         h, w = (hi - lo).tolist()
         if h <= 0 or w <= 0:
             continue
@@ -200,7 +227,184 @@ def align_cube(data, err, centers, crop_width: int, pad: bool = True):
     return data4, err4
 
 
-def align_header(header, method: str | None, fields) -> tuple[fits.Header, list[fits.Header]]:
+def align_region(centers, crop_width: int, pad: bool, frame_shape) -> tuple[slice, slice]:
+    """Rows and columns of the aligned ``N×N`` frame that can hold data.
+
+    The union over frames and fields of the cutout part that overlaps the frame (plus one
+    pixel of interpolation margin), as :func:`align_cube` computes it; outside this region
+    every aligned frame is NaN (the padding, and cutout parts beyond the frame edges), so
+    a coadd needs to be computed only inside it.
+
+    Parameters
+    ----------
+    centers : array (nframes, nfields, 2)
+        All centres that will be aligned (e.g. the kept frames of a file).
+    crop_width : int
+    pad : bool
+    frame_shape : (ny, nx)
+        Calibrated frame shape.
+
+    Returns
+    -------
+    (slice, slice)
+        Empty slices when no centre is finite.
+    """
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, np.shape(centers)[-2], 2)
+    crop = int(crop_width)
+    npad = pad_width(crop) if pad else 0
+    lo, hi = np.array([crop, crop]), np.array([0, 0])
+    for k in range(centers.shape[1]):
+        g = _field_geometry(centers[:, k, :], crop, tuple(frame_shape[-2:]))
+        if g is None or (g["hi"] <= g["lo"]).any():
+            continue
+        lo, hi = np.minimum(lo, g["lo"]), np.maximum(hi, g["hi"])
+    if (hi <= lo).any():
+        return slice(npad, npad), slice(npad, npad)
+    return slice(npad + int(lo[0]), npad + int(hi[0])), slice(npad + int(lo[1]), npad + int(hi[1]))
+
+
+def align_into(data, centers, crop_width: int, pad: bool, region, out: np.ndarray, frames=None) -> np.ndarray:
+    """:func:`align_cube` of the data restricted to ``region``, written into ``out``.
+
+    ``out[:, k]`` equals ``align_cube(data, None, centers, crop_width, pad)[0][:, k, ys, xs]``
+    for ``region = (ys, xs)`` from :func:`align_region` (bit for bit); the padding outside the
+    region is not computed.
+
+    Parameters
+    ----------
+    data : ndarray (nframes, ny, nx)
+    centers : array (nframes, nfields, 2)
+    crop_width : int
+    pad : bool
+    region : (slice, slice)
+        Output rows/cols of the aligned frame (from :func:`align_region` of a superset of
+        these centres).
+    out : float32 ndarray (nframes, nfields, h, w)
+        ``h, w`` = region size; any strides.
+    frames : int array (nframes,), optional
+        Indices into ``data`` of the frames to align (default: all); avoids copying a
+        selection of frames.
+    """
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"align_into: data must be (nframes, ny, nx), got shape {data.shape}")
+    if frames is not None:
+        frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+    n = len(frames) if frames is not None else data.shape[0]
+    centers = np.asarray(centers, dtype=np.float64)
+    if centers.ndim == 2:
+        centers = np.broadcast_to(centers[None], (n,) + centers.shape)
+    if centers.ndim != 3 or centers.shape[0] != n or centers.shape[2] != 2:
+        raise ValueError(f"align_into: centers must be (nframes={n}, nfields, 2), got shape {centers.shape}")
+    crop = int(crop_width)
+    ny, nx = data.shape[-2:]
+    npad = pad_width(crop) if pad else 0
+    ys, xs = region
+    h, w = ys.stop - ys.start, xs.stop - xs.start
+    if out.shape != (n, centers.shape[1], h, w):
+        raise ValueError(f"align_into: out shape {out.shape}, expected {(n, centers.shape[1], h, w)}")
+    for k in range(centers.shape[1]):
+        g = _field_geometry(centers[:, k, :], crop, (ny, nx))
+        if g is None:
+            out[:, k] = np.nan
+            continue
+        # this field's computable part, within the region (cutout coords)
+        lo = np.maximum(g["lo"], [ys.start - npad, xs.start - npad])
+        hi = np.minimum(g["hi"], [ys.stop - npad, xs.stop - npad])
+        hh, ww = (hi - lo).tolist()
+        if hh <= 0 or ww <= 0:
+            out[:, k] = np.nan
+            continue
+        oy, ox = npad + lo[0] - ys.start, npad + lo[1] - xs.start
+        if oy > 0 or ox > 0 or oy + hh < h or ox + ww < w:
+            out[:, k] = np.nan  # field smaller than the region: the rest stays NaN
+        origin, q, good = g["origin"], g["q"], g["good"]
+        view = out[:, k, oy : oy + hh, ox : ox + ww]
+        shift_window(data, origin[:, 0] + lo[0], origin[:, 1] + lo[1], q[:, 0], q[:, 1], (hh, ww), view, index=frames)
+        if not good.all():
+            out[~good, k] = np.nan
+    return out
+
+
+def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=None, frames=None) -> np.ndarray:
+    """Sum over frames of the aligned variance σ², each frame shifted by the nearest whole pixel.
+
+    The cheap error path of a coadd (``sqrt(Σσ²)/n`` only needs ``Σσ²``): instead of the
+    Lanczos-shifted error cube of :func:`align_cube`, each frame's ``σ²`` is taken at the
+    *nearest* source pixel of every output pixel, i.e. pure slicing. This is the same pixel
+    that decides whether the aligned data is NaN (see :func:`vampd.imaging.shift_window`),
+    so non-finite σ and parts outside the frame add 0 exactly where the data are NaN.
+    Approximation: σ is not interpolated (the Lanczos path interpolates σ linearly, itself
+    an approximation), so the error map is displaced by up to half a pixel.
+
+    Parameters
+    ----------
+    err : ndarray (nframes_all, ny, nx)
+    centers : array (nframes, nfields, 2)
+        Centres of the frames summed (``frames`` selects them from ``err``).
+    crop_width : int
+    pad : bool
+    region : (slice, slice)
+        Output rows/cols (as for :func:`align_into`).
+    out : float64 ndarray (nfields, h, w), optional
+        Accumulator to add to (returned).
+    frames : int array (nframes,), optional
+        Indices into ``err`` of the frames (default: all, in order); avoids copying a
+        selection of frames.
+
+    Returns
+    -------
+    ndarray float64 (nfields, h, w)
+    """
+    err = np.asarray(err)
+    if err.ndim == 2:
+        err = err[None]
+    frames = np.arange(err.shape[0]) if frames is None else np.asarray(frames, dtype=np.int64).reshape(-1)
+    centers = np.asarray(centers, dtype=np.float64)
+    if centers.ndim == 2:
+        centers = np.broadcast_to(centers[None], (len(frames),) + centers.shape)
+    if centers.ndim != 3 or centers.shape[0] != len(frames) or centers.shape[2] != 2:
+        raise ValueError(f"variance_sum_nearest: centers must be (nframes={len(frames)}, nfields, 2), got {centers.shape}")
+    ny, nx = err.shape[-2:]
+    crop = int(crop_width)
+    npad = pad_width(crop) if pad else 0
+    ys, xs = region
+    h, w = ys.stop - ys.start, xs.stop - xs.start
+    nf = centers.shape[1]
+    if out is None:
+        out = np.zeros((nf, h, w), np.float64)
+    if len(frames) == 0 or h <= 0 or w <= 0:
+        return out
+    near, good = [], []
+    for k in range(nf):
+        g = _field_geometry(centers[:, k, :], crop, (ny, nx))
+        if g is None:
+            near.append(None)
+            good.append(None)
+            continue
+        # nearest source pixel of output (y, x): origin + (y - npad) + round-half-up(q)
+        near.append(g["origin"] + np.floor(g["q"] + 0.5).astype(np.int64) + np.array([ys.start, xs.start]) - npad)
+        good.append(g["good"])
+    acc = np.zeros((nf, h, w), np.float32)
+    var = np.empty((ny, nx), np.float32)
+    for i, f in enumerate(frames):
+        np.square(err[f], out=var, dtype=np.float32)
+        np.copyto(var, 0, where=~np.isfinite(var))
+        for k in range(nf):
+            if near[k] is None or not good[k][i]:
+                continue
+            r0, c0 = int(near[k][i, 0]), int(near[k][i, 1])
+            y0, y1 = max(r0, 0), min(r0 + h, ny)
+            x0, x1 = max(c0, 0), min(c0 + w, nx)
+            if y1 > y0 and x1 > x0:
+                acc[k, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] += var[y0:y1, x0:x1]
+    out += acc
+    return out
+
+
+def align_header(header, method: str | None, fields, copy: bool = True) -> tuple[fits.Header, list[fits.Header]]:
     """Headers of an aligned product: primary (``DPP ALIGN METH``) and one per field.
 
     Parameters
@@ -209,9 +413,11 @@ def align_header(header, method: str | None, fields) -> tuple[fits.Header, list[
     method : str or None
         Alignment method, or None when ``align = false`` (written as "none").
     fields : sequence of str
-        Field names (``FIELD`` and ``EXTNAME`` of the per-field headers).
+        Field names (``FIELD`` and ``EXTNAME`` of the per-field headers; empty: none built).
+    copy : bool
+        False: update ``header`` in place (it is returned as the primary header).
     """
-    h = header.copy()
+    h = header.copy() if copy else header
     h["HIERARCH DPP ALIGN METH"] = (str(method) if method else "none", "registration method")
     field_headers = []
     for name in fields:

@@ -168,6 +168,7 @@ def calibration_header(
     fix_bad_pixels: bool = False,
     nbad: int = 0,
     path=None,
+    copy: bool = True,
 ) -> fits.Header:
     """Header of calibrated data (§1.3 "keys written later"), independent of the pixel data.
 
@@ -175,9 +176,10 @@ def calibration_header(
     file gets the same header. Writes ``BACKFILE``/``NOISEADU``/``NOISE`` (from the master,
     or the read noise when only ``BIAS`` was subtracted), ``FLATFILE``/``NORMVAL`` when a
     flat was used, ``BUNIT = "e-/s"`` and ``DPP CAL BADPIX`` (number of static bad pixels
-    repaired per frame) when bad-pixel correction is on.
+    repaired per frame) when bad-pixel correction is on. ``copy=False`` updates ``header``
+    in place instead.
     """
-    hdr = header.copy()
+    hdr = header.copy() if copy else header
     for key in _STRUCTURAL:
         hdr.remove(key, ignore_missing=True, remove_all=True)
     effgain = _key(hdr, "EFFGAIN", path)
@@ -243,6 +245,7 @@ def calibrate_cube(
     out: tuple[np.ndarray, np.ndarray] | None = None,
     badpix: np.ndarray | None = None,
     path=None,
+    with_header: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, fits.Header]:
     """Calibrate a raw cube (or a chunk of its frames) to e-/s with an error cube (§2.1).
 
@@ -268,6 +271,9 @@ def calibrate_cube(
         Static bad-pixel mask in raw orientation.
     path : str or Path, optional
         Input file, for error messages.
+    with_header : bool
+        False: skip building the output header (returned as None), e.g. for the second and
+        later chunks of a file, whose header is the same.
 
     Returns
     -------
@@ -409,5 +415,7 @@ def calibrate_cube(
     nbad = 0
     if mask is not None:
         nbad = repair_bad_pixels(data, mask, err)
+    if not with_header:
+        return data, err, None
     hdr = calibration_header(header, background, flat, fix_bad_pixels=fix_bad_pixels, nbad=nbad, path=path)
     return data, err, hdr

@@ -70,42 +70,72 @@ def frame_weights(data4) -> np.ndarray:
     return np.where(np.isfinite(w) & (var > 0), w, 0.0)
 
 
-def _median_finite(flat: np.ndarray) -> np.ndarray:
-    """Median over axis 0 of finite data: one partition (+ max of the lower half for even n).
+#: bytes of one pixel-major block of the median (sorted in L2 cache)
+_SORT_BLOCK_BYTES = 256 << 10
 
-    About 3x faster than ``np.median``, which partitions at two indices.
+
+def _nanmedian_count(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median over axis 0 of ``flat`` (n, P), ignoring non-finite values, and the finite count.
+
+    Pixel-major blocks that fit in cache are copied out (a blocked transpose) and sorted
+    along their contiguous axis: numpy's vectorised sort of short float rows is faster than
+    a strided ``np.partition`` over axis 0 (3-4x for 40 frames). A column with a non-finite
+    value (NaN padding, cutout edges, saturation) sorts it last after mapping it to +inf,
+    and its median is taken over its finite values; an all-NaN column gives NaN.
     """
-    n = flat.shape[0]
+    n, npix = flat.shape
+    dtype = np.result_type(flat.dtype, np.float32)
+    med = np.empty(npix, dtype)
+    cnt = np.empty(npix, np.int64)
+    if n == 0:
+        med.fill(np.nan)
+        cnt.fill(0)
+        return med, cnt
+    step = max(1, min(npix, _SORT_BLOCK_BYTES // (n * flat.dtype.itemsize)))
+    buf = np.empty((step, n), flat.dtype)
     k = n // 2
-    part = np.partition(flat, k, axis=0)
-    if n % 2:
-        return part[k].astype(np.result_type(flat.dtype, np.float32))
-    return 0.5 * (part[k] + part[:k].max(axis=0))
+    for p0 in range(0, npix, step):
+        p1 = min(npix, p0 + step)
+        b = buf[: p1 - p0]
+        np.copyto(b, flat[:, p0:p1].T)
+        b.sort(axis=-1)  # NaN sorts last, -inf first, +inf before NaN
+        m = med[p0:p1]
+        if n % 2:
+            m[:] = b[:, k]
+        else:
+            np.add(b[:, k - 1], b[:, k], out=m, dtype=dtype)
+            m *= 0.5
+        cnt[p0:p1] = n
+        bad = ~(np.isfinite(b[:, 0]) & np.isfinite(b[:, -1]))
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            sub = b[rows]
+            fin = np.isfinite(sub)
+            c = fin.sum(axis=1)
+            sub = np.where(fin, sub, np.inf)
+            sub.sort(axis=-1)
+            r = np.arange(len(rows))
+            lo, hi = np.maximum((c - 1) // 2, 0), c // 2
+            hi = np.minimum(hi, n - 1)
+            with np.errstate(invalid="ignore"):
+                v = 0.5 * (sub[r, lo].astype(dtype) + sub[r, hi].astype(dtype))
+            m[rows] = np.where(c > 0, v, np.nan)
+            cnt[p0 + rows] = c
+    return med, cnt
 
 
 def nanmedian0(block: np.ndarray) -> np.ndarray:
     """NaN-ignoring median over axis 0 (all-NaN → NaN), fast for NaN padding.
 
     ``np.nanmedian`` falls back to a per-pixel Python loop for long axes with NaNs; here
-    all-finite columns use ``np.median`` (partition), all-NaN columns are NaN and only the
-    partially-NaN columns (cutout edges) are sorted.
+    the frames are sorted per pixel in cache-sized pixel-major blocks (see
+    :func:`_nanmedian_count`): all-finite columns take the middle element(s), columns with
+    NaN (cutout edges) the middle of their finite values. Non-finite values are ignored.
     """
+    block = np.asarray(block)
     n = block.shape[0]
-    flat = block.reshape(n, -1)
-    cnt = np.isfinite(flat).sum(axis=0)
-    full = cnt == n
-    if full.all():
-        return _median_finite(flat).reshape(block.shape[1:])
-    out = np.full(flat.shape[1], np.nan, dtype=np.result_type(block.dtype, np.float32))
-    if full.any():
-        out[full] = _median_finite(flat[:, full])
-    mixed = (cnt > 0) & ~full
-    if mixed.any():
-        srt = np.sort(flat[:, mixed], axis=0)  # NaNs sort last
-        k = cnt[mixed]
-        cols = np.arange(srt.shape[1])
-        out[mixed] = 0.5 * (srt[(k - 1) // 2, cols] + srt[k // 2, cols])
-    return out.reshape(block.shape[1:])
+    med, _ = _nanmedian_count(block.reshape(n, -1))
+    return med.reshape(block.shape[1:])
 
 
 def biweight0(block: np.ndarray, c: float = _BIWEIGHT_C) -> np.ndarray:
@@ -147,6 +177,17 @@ class Coadder:
         in memory.
     block_bytes : int
         RAM budget of one row block when collapsing the frame store (default 128 MB).
+    capacity : int, optional
+        For median/biweight in memory (no ``tmpdir``): number of frames to preallocate, so
+        chunks are stored without a final concatenation and :meth:`slot` can hand out
+        views of the store to align into directly.
+
+    Notes
+    -----
+    Median/biweight count the finite frames per pixel while collapsing (no per-chunk
+    pass); mean/varmean keep exact running sums. The variance sum ``Σσ²`` comes either from
+    ``err4`` (squared where the data are finite) or directly from the caller as
+    ``var_sum`` (e.g. :func:`vampd.stages.align.variance_sum_nearest`).
 
     Examples
     --------
@@ -155,49 +196,101 @@ class Coadder:
     >>> image, err, ncoadd = c.result()                 # doctest: +SKIP
     """
 
-    def __init__(self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20):
+    def __init__(self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20, capacity: int | None = None):
         self.method = _check_method(method)
         self.tmpdir = tmpdir
         self.block_bytes = int(block_bytes)
+        self.capacity = None if capacity is None else int(capacity)
         self.nframes = 0
         self.shape = None
-        self._sum = self._sumvar = self._count = None  # mean-type running sums (float64)
+        self._sum = self._sumvar = self._count = None  # running sums (float64)
         self._chunks = []
+        self._buffer = None  # preallocated in-memory store (capacity frames)
+        self._pending = None  # the last view handed out by slot()
         self._file = None
         self._path = None
 
+    @property
+    def _stores_frames(self) -> bool:
+        return self.method in ("median", "biweight")
+
+    def _init_shape(self, shape) -> None:
+        if self.shape is None:
+            self.shape = tuple(int(v) for v in shape)
+            self._sumvar = np.zeros(self.shape, np.float64)
+            if not self._stores_frames:
+                self._sum = np.zeros(self.shape, np.float64)
+                self._count = np.zeros(self.shape, np.int64)
+            if self.method == "varmean":
+                self._sumw = np.zeros(self.shape, np.float64)
+            if self._stores_frames and self.tmpdir is None and self.capacity:
+                self._buffer = np.empty((self.capacity,) + self.shape, np.float32)
+        elif tuple(shape) != self.shape:
+            raise ValueError(f"Coadder.add: chunk frame shape {tuple(shape)} differs from {self.shape}")
+
+    def slot(self, n: int, shape) -> np.ndarray:
+        """A writable float32 ``(n, *shape)`` array for the next ``n`` frames; pass it to :meth:`add`.
+
+        With a preallocated in-memory store (``capacity``) this is a view into the store,
+        so filling it (e.g. with :func:`vampd.stages.align.align_into`) and adding it costs
+        no copy; otherwise a new array.
+        """
+        self._init_shape(shape)
+        n = int(n)
+        if self._buffer is not None and self.nframes + n <= len(self._buffer):
+            self._pending = self._buffer[self.nframes : self.nframes + n]
+        else:
+            self._pending = np.empty((n,) + self.shape, np.float32)
+        return self._pending
+
     # -- accumulation -------------------------------------------------------------------------
-    def add(self, data4, err4=None) -> Coadder:
-        """Add a chunk of aligned frames (and their errors, or None)."""
+    def add(self, data4, err4=None, var_sum=None) -> Coadder:
+        """Add a chunk of aligned frames (and their errors, or None).
+
+        Parameters
+        ----------
+        data4 : ndarray (n, nfields, N, N) (or (n, N, N))
+        err4 : ndarray like ``data4``, optional
+            Per-frame errors; their squares are summed where the data are finite.
+        var_sum : ndarray (nfields, N, N), optional
+            Already summed variances of these frames (instead of ``err4``; not for
+            ``varmean``, whose weights are per frame).
+        """
+        own = data4 is self._pending and self._pending is not None
+        self._pending = None
         data4 = np.asarray(data4)
         if data4.ndim == 3:
             data4 = data4[:, None]
         if data4.ndim != 4:
             raise ValueError(f"Coadder.add: expected (nframes, nfields, N, N), got shape {data4.shape}")
-        if self.shape is None:
-            self.shape = data4.shape[1:]
-            self._sum = np.zeros(self.shape, np.float64)
-            self._sumvar = np.zeros(self.shape, np.float64)
-            self._count = np.zeros(self.shape, np.int64)
-            if self.method == "varmean":
-                self._sumw = np.zeros(self.shape, np.float64)
-        elif data4.shape[1:] != self.shape:
-            raise ValueError(f"Coadder.add: chunk frame shape {data4.shape[1:]} differs from {self.shape}")
+        self._init_shape(data4.shape[1:])
         if err4 is not None:
             err4 = np.asarray(err4)
             if err4.ndim == 3:
                 err4 = err4[:, None]
             if err4.shape != data4.shape:
                 raise ValueError(f"Coadder.add: err shape {err4.shape} differs from data shape {data4.shape}")
-        finite = np.isfinite(data4)
-        # float32 temporaries, float64 accumulators (chunks can be large)
-        x = np.where(finite, data4, np.float32(0))
-        if err4 is None:
-            var = np.zeros(data4.shape, np.float32)
-        else:
+        if var_sum is not None:
+            if self.method == "varmean":
+                raise ValueError("Coadder.add: var_sum cannot be used with varmean (per-frame weights)")
+            var_sum = np.asarray(var_sum)
+            if var_sum.ndim == 2:
+                var_sum = var_sum[None]
+            if var_sum.shape != self.shape:
+                raise ValueError(f"Coadder.add: var_sum shape {var_sum.shape} differs from {self.shape}")
+            self._sumvar += var_sum
+        finite = None
+        if not self._stores_frames or (err4 is not None and var_sum is None):
+            finite = np.isfinite(data4)
+        if err4 is not None and var_sum is None:
             var = np.square(np.where(finite, err4, np.float32(0)))
             np.nan_to_num(var, copy=False)
+        else:
+            var = None
         if self.method == "varmean":
+            x = np.where(finite, data4, np.float32(0))
+            if var is None:
+                var = np.zeros(data4.shape, np.float32)
             wf = frame_weights(data4)
             # normalise by the largest weight so float32 products cannot underflow
             scale = float(wf.max()) if wf.max() > 0 else 1.0
@@ -207,30 +300,43 @@ class Coadder:
             self._sumw += np.sum(w, axis=0, dtype=np.float64)
             np.multiply(w, w, out=w)
             self._sumvar += np.sum(w * var, axis=0, dtype=np.float64)
-        else:
+            self._count += np.sum(finite, axis=0)
+        elif self.method == "mean":
+            x = np.where(finite, data4, np.float32(0))
             self._sum += np.sum(x, axis=0, dtype=np.float64)
-            self._sumvar += np.sum(var, axis=0, dtype=np.float64)
-        self._count += np.sum(finite, axis=0)
-        if self.method in ("median", "biweight"):
-            chunk = np.ascontiguousarray(data4, dtype=np.float32)
-            if self.tmpdir is None:
-                self._chunks.append(chunk)
-            else:
-                if self._file is None:
-                    os.makedirs(self.tmpdir, exist_ok=True)
-                    fd, self._path = tempfile.mkstemp(prefix="vampd_coadd_", suffix=".f32", dir=self.tmpdir)
-                    self._file = os.fdopen(fd, "wb")
-                chunk.tofile(self._file)
+            if var is not None:
+                self._sumvar += np.sum(var, axis=0, dtype=np.float64)
+            self._count += np.sum(finite, axis=0)
+        else:
+            if var is not None:
+                self._sumvar += np.sum(var, axis=0, dtype=np.float64)
+            self._store_chunk(data4, own)
         self.nframes += data4.shape[0]
         return self
 
-    # -- results ------------------------------------------------------------------------------
-    def _mean_error(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self._count > 0, np.sqrt(self._sumvar) / self._count, np.nan)
+    def _store_chunk(self, data4: np.ndarray, own: bool) -> None:
+        n = data4.shape[0]
+        if self.tmpdir is None:
+            if self._buffer is not None and self.nframes + n <= len(self._buffer):
+                if not own:
+                    self._buffer[self.nframes : self.nframes + n] = data4
+                return
+            if self._buffer is not None:  # over capacity: keep what is stored as a chunk
+                self._chunks.append(self._buffer[: self.nframes])
+                self._buffer = None
+            self._chunks.append(np.ascontiguousarray(data4, dtype=np.float32))
+            return
+        if self._file is None:
+            os.makedirs(self.tmpdir, exist_ok=True)
+            fd, self._path = tempfile.mkstemp(prefix="vampd_coadd_", suffix=".f32", dir=self.tmpdir)
+            self._file = os.fdopen(fd, "wb")
+        np.ascontiguousarray(data4, dtype=np.float32).tofile(self._file)
 
+    # -- results ------------------------------------------------------------------------------
     def _store(self):
         if self.tmpdir is None:
+            if self._buffer is not None:
+                return self._buffer[: self.nframes]
             return self._chunks[0] if len(self._chunks) == 1 else np.concatenate(self._chunks, axis=0)
         self._file.flush()
         return np.memmap(self._path, dtype=np.float32, mode="r", shape=(self.nframes,) + tuple(self.shape))
@@ -243,28 +349,37 @@ class Coadder:
             with np.errstate(invalid="ignore", divide="ignore"):
                 if self.method == "mean":
                     image = np.where(self._count > 0, self._sum / self._count, np.nan)
-                    err = self._mean_error()
+                    err = np.where(self._count > 0, np.sqrt(self._sumvar) / self._count, np.nan)
                 elif self.method == "varmean":
                     image = np.where(self._sumw > 0, self._sum / self._sumw, np.nan)
                     err = np.where(self._sumw > 0, np.sqrt(self._sumvar) / self._sumw, np.nan)
                 else:
                     store = self._store()
                     image = np.empty(self.shape, np.float32)
+                    count = np.empty(self.shape, np.int64)
                     nf, ny, nx = self.shape
                     rows = max(1, self.block_bytes // max(1, self.nframes * nf * nx * 4))
                     for y0 in range(0, ny, rows):
                         block = np.asarray(store[:, :, y0 : y0 + rows, :])
-                        image[:, y0 : y0 + rows, :] = _collapse(block, self.method)
+                        if block.shape[2] == 0:
+                            continue
+                        med, cnt = _nanmedian_count(block.reshape(self.nframes, -1))
+                        out_shape = block.shape[1:]
+                        if self.method == "median":
+                            image[:, y0 : y0 + rows, :] = med.reshape(out_shape)
+                        else:
+                            image[:, y0 : y0 + rows, :] = biweight0(block)
+                        count[:, y0 : y0 + rows, :] = cnt.reshape(out_shape)
                     del store
-                    err = self._mean_error()
+                    err = np.where(count > 0, np.sqrt(self._sumvar) / count, np.nan)
                     if self.method == "median":
                         err = err * MEDIAN_ERROR_FACTOR
         finally:
             self.close()
-        return image.astype(np.float32), err.astype(np.float32), int(self.nframes)
+        return image.astype(np.float32, copy=False), err.astype(np.float32), int(self.nframes)
 
     def close(self) -> None:
-        """Remove the temp file (idempotent)."""
+        """Remove the temp file and free the frame store (idempotent)."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -275,6 +390,8 @@ class Coadder:
                 pass
             self._path = None
         self._chunks = []
+        self._buffer = None
+        self._pending = None
 
     def __enter__(self):
         return self
@@ -467,8 +584,9 @@ def coadd_header(
     recenter_method: str | None = None,
     calib_files: dict | None = None,
     config_hash: str | None = None,
+    copy: bool = True,
 ) -> fits.Header:
-    """Provenance keys of a coadded product (returns a new header).
+    """Provenance keys of a coadded product (returns a new header; ``copy=False``: ``header`` updated in place).
 
     Writes ``DPP COADD METH``, ``DPP COADD NCOADD``, ``DPP COADD TINT`` (= EXPTIME·ncoadd, the
     kept exposure), ``NCOADD``, ``TINT`` (same values, summed later by
@@ -480,7 +598,7 @@ def coadd_header(
     from vampd import __version__
 
     _check_method(method)
-    h = header.copy()
+    h = header.copy() if copy else header
     if exptime is None:
         if "EXPTIME" not in h:
             raise ValueError("coadd_header: header has no EXPTIME and no exptime was given")
@@ -507,9 +625,9 @@ def coadd_header(
     return h
 
 
-def recenter_header(header, method: str, dy: float, dx: float) -> fits.Header:
-    """``DPP RECENTER`` = True, ``DPP RECENTER METH`` and the applied shift [px]."""
-    h = header.copy()
+def recenter_header(header, method: str, dy: float, dx: float, copy: bool = True) -> fits.Header:
+    """``DPP RECENTER`` = True, ``DPP RECENTER METH`` and the applied shift [px] (in place with ``copy=False``)."""
+    h = header.copy() if copy else header
     h["HIERARCH DPP RECENTER"] = (True, "coadd recentred on the PSF")
     h["HIERARCH DPP RECENTER METH"] = (method, "recenter method")
     h["HIERARCH DPP RECENTER DY"] = (float(dy), "[px] recenter shift y")
