@@ -84,6 +84,8 @@ def _add_live(p: argparse.ArgumentParser) -> None:
 def _add_finalize(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="configuration TOML file")
     p.add_argument("-o", "--outdir", default=None, help="output directory")
+    p.add_argument("--mean", action="store_true", help="collapse sets by their mean instead of the median")
+    p.add_argument("--ivar", action="store_true", help="collapse sets by the inverse-variance weighted mean")
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
