@@ -21,6 +21,10 @@ Rules (documented deviations from the reference's exact-equality, consecutive-wi
   (recorded as a broken group, reason ``hwp moved on``) and the new member takes the slot. This is
   the reference's "consecutive window" generalised: after a missing file or an extra file the
   following sets are recovered instead of lost.
+* Likewise the members of one HWP angle form one block in time: a member whose HWP angle already
+  has an earlier block in the set, while the set's latest member has another angle, starts a new
+  cycle, and the set slides past that earlier block. So a set never mixes two cycles, even when
+  members arrive out of order and a complete set is locked at once by the streaming trigger.
 * The open set at the end of a group is broken when the night is over (``end of night``), when
   later data of another target/filter exist (``target changed``), or when the newest member of the
   night is more than ``timeout`` seconds after its last member (``timeout``); otherwise it stays
@@ -243,8 +247,19 @@ def assemble_sets(
     out = SetAssembly()
     groups: dict[tuple[str, str], list[Mapping]] = {}
     seen_paths = set()
+    locked_at: dict[tuple, list] = {}  # (target, filter, slot) → [(mjd, stem)] of locked members
     for m in members:
         path = str(m["path"])
+        if path in excluded and path not in seen_paths:
+            seen_paths.add(path)
+            slot = slot_of(m, mode, tolerance)
+            try:
+                if not isinstance(slot, str):
+                    key = (str(m.get("target") or ""), str(m.get("filter") or ""), slot)
+                    locked_at.setdefault(key, []).append((float(m.get("mjd")), output_stem(path)))
+            except (TypeError, ValueError):
+                pass
+            continue
         if path in excluded or path in seen_paths:
             continue
         seen_paths.add(path)
@@ -271,6 +286,11 @@ def assemble_sets(
             if isinstance(slot, str):
                 out.rejected.append((str(m["path"]), slot))
                 continue
+            twin = next((stem for t, stem in locked_at.get((target, filt, slot), ())
+                         if abs(t - float(m["mjd"])) < _DUP_MJD), None)
+            if twin is not None:  # a duplicate of a member of a set already made permanent
+                out.rejected.append((str(m["path"]), f"duplicate of {twin} (already in a complete set)"))
+                continue
             prev = current.get(slot)
             if prev is not None:
                 if abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
@@ -288,6 +308,24 @@ def assemble_sets(
                     )
                 )
                 dups = []
+            if current:
+                # the HWP came back to an angle of an earlier block of this set: a new cycle began
+                # (without this, late-arriving members of one cycle let a set complete with
+                # members of the next, and the streaming trigger locks that mixed set)
+                last_slot = max(current, key=lambda s: _sort_key(current[s]))
+                if last_slot[0] != slot[0] and any(s[0] == slot[0] for s in current):
+                    cut = max(_sort_key(r) for s, r in current.items() if s[0] == slot[0])
+                    dropped = {s: r for s, r in current.items() if _sort_key(r) <= cut}
+                    current = {s: r for s, r in current.items() if _sort_key(r) > cut}
+                    out.broken.append(
+                        _finish(
+                            mode, target, filt, dropped, "broken",
+                            f"hwp moved on: HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP "
+                            f"{last_slot[0]:g} before the set completed",
+                            dups,
+                        )
+                    )
+                    dups = []
             current[slot] = m
             if len(current) == nslots:
                 bad = [r for r in current.values() if str(r.get("state", "done")) != "done"]
