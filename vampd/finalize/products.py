@@ -21,6 +21,7 @@ import csv
 import io
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,6 @@ def collapse_sets(stokes: np.ndarray, err: np.ndarray, method: str = "median") -
     var_sum = np.where(ok, s * s, 0.0).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         if method == "median":
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
                 data = np.nanmedian(np.where(ok, x, np.nan), axis=0)
@@ -303,7 +302,7 @@ def write_final_pdi(
     fhdr["HIERARCH DPP PDI NSETS"] = (len(sets), "sets in the final collapse")
     fhdr["COMMENT"] = "fraction of sets with a finite Q per pixel"
     written["footprint"] = write_fits_atomic(paths["footprint"], fits.HDUList([fits.PrimaryHDU(fp[0] if nf == 1 else fp, header=fhdr)]))
-    rows = [dict(header_row(s.header), path=s.path) for s in sets]
+    rows = [dict({k: v for k, v in header_row(s.header).items() if k not in _STRUCTURAL}, path=s.path) for s in sets]
     written["table"] = write_table_csv(paths["table"], rows)
     return written
 
@@ -417,7 +416,8 @@ def write_adi_cubes(outdir, name: str, rows: Sequence[dict], label: str | None =
             if d.shape != shape:
                 raise ValueError(f"{r['path']}: product shape {d.shape}, ADI cube has {shape}")
             imgs.append(d)
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NaN-padded corners
             cube.append(np.nanmean(np.stack(imgs), axis=0) if len(imgs) > 1 else imgs[0])
         angles.append(circular_mean([_float(r.get("DEROTANG", 0.0)) for r in g]))
     base = name if not label else f"{name}_{label}"

@@ -1,0 +1,217 @@
+"""vampd finalize: collapse statistics by hand, products from hand-written set files, and the
+real chain on a simulated night (simulate → vampd run → vampd finalize, twice)."""
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from vampd.finalize.products import collapse_sets, load_set_file, write_final_pdi
+from vampd.pdi.stokes import cylindrical_stokes
+
+# ------------------------------------------------------------------------------------------------
+# collapse over sets
+
+
+def test_collapse_median_mean_ivar_by_hand():
+    x = np.array([1.0, 2.0, 10.0, np.nan]).reshape(4, 1, 1)
+    s = np.array([1.0, 1.0, 2.0, 1.0]).reshape(4, 1, 1)
+    d, e, n = collapse_sets(x, s, "median")
+    assert d[0, 0] == 2.0 and n[0, 0] == 3  # the NaN set is "no data", not 0
+    assert e[0, 0] == pytest.approx(math.sqrt(math.pi / 2) * math.sqrt(6.0) / 3, rel=1e-6)
+    d, e, n = collapse_sets(x, s, "mean")
+    assert d[0, 0] == pytest.approx(13 / 3) and e[0, 0] == pytest.approx(math.sqrt(6.0) / 3, rel=1e-6)
+    d, e, n = collapse_sets(x, s, "ivar")
+    assert d[0, 0] == pytest.approx((1 + 2 + 10 / 4) / 2.25) and e[0, 0] == pytest.approx(1 / math.sqrt(2.25), rel=1e-6)
+    with pytest.raises(ValueError, match="collapse method"):
+        collapse_sets(x, s, "sum")
+
+
+# ------------------------------------------------------------------------------------------------
+# products from hand-written per-set files
+
+N = 48
+C = (N - 1) / 2
+
+
+def _ring(amp=1.0):
+    yy, xx = np.mgrid[0:N, 0:N] - C
+    r = np.hypot(xx, yy)
+    i = 100.0 * np.exp(-0.5 * ((r - 14) / 2.0) ** 2)
+    th = np.arctan2(-xx, yy)
+    return i, -0.3 * amp * i * np.cos(2 * th), -0.3 * amp * i * np.sin(2 * th)
+
+
+def _write_set(path, idx, fields, amp, nan_corner=False):
+    i, q, u = _ring(amp)
+    st = np.stack([i, i, q, u])[None].repeat(len(fields), 0).astype(np.float32)
+    if nan_corner:
+        st[:, :, :4, :4] = np.nan
+    h = fits.Header()
+    h["OBJECT"] = "HD1"
+    h["MJD"] = 60000.0 + idx * 0.01
+    h["TINT"] = 2.0
+    h["DEROTANG"] = 10.0 * idx
+    h["HIERARCH DPP PDI SET KEY"] = f"k{idx}"
+    h["HIERARCH DPP PDI NMEMBERS"] = 16
+    hdus = [fits.PrimaryHDU(st, header=h), fits.ImageHDU(np.ones_like(st), name="ERR")]
+    hdus += [fits.ImageHDU(header=fits.Header({"FIELD": f}), name=f) for f in fields]
+    fits.HDUList(hdus).writeto(path)
+    return path
+
+
+@pytest.mark.parametrize("fields", [["F1"], ["F610", "F670"]])
+def test_final_products_from_set_files(tmp_path, fields):
+    paths = [_write_set(tmp_path / f"s{k}.fits", k, fields, amp, nan_corner=k == 0) for k, amp in enumerate((1.0, 0.8, 1.4))]
+    sets = [load_set_file(p) for p in paths]
+    w = write_final_pdi(tmp_path, "n", sets, "median")
+    with fits.open(w["coll"]) as h:
+        d, hdr = h[0].data, h[0].header
+        assert d.shape == h["ERR"].data.shape == (8, N, N)
+        assert hdr["STOKES"] == "I_Q,I_U,Q,U,Q_PHI,U_PHI,LP_I,AOLP" and hdr["DPP PDI NSETS"] == 3
+        assert hdr["NCOADD"] == 48 / len(fields) and hdr["TINT"] == 6.0 / len(fields)
+        assert hdr["DPP PDI COLLAPSE"] == "median" and "DATE" not in hdr
+        assert [x.name for x in h[2:]] == fields
+    i, q, u = _ring(1.0)  # the median set
+    qphi = cylindrical_stokes(q, u, 0 * q, 0 * u)[0]
+    np.testing.assert_allclose(d[4][8:, 8:], qphi[8:, 8:], atol=1e-3)
+    assert np.all(np.abs(d[5]) < 1e-3)
+    # the corner has data from 2 of 3 sets: the median of (0.8, 1.4) scaled, footprint 2/3
+    foot = fits.getdata(w["footprint"])
+    assert foot.shape == ((N, N) if len(fields) == 1 else (len(fields), N, N))
+    assert np.all(foot[..., :4, :4] == pytest.approx(2 / 3)) and np.all(foot[..., 10:, 10:] == 1)
+    if len(fields) > 1:
+        assert fits.getdata(w["cube"]).shape == (len(fields), 8, N, N)
+    else:
+        assert "cube" not in w
+    assert w["table"].read_text().splitlines()[0].startswith("OBJECT,MJD")
+    # the mean option: (1 + 0.8 + 1.4)/3
+    w2 = write_final_pdi(tmp_path / "m", "n", sets, "mean")
+    np.testing.assert_allclose(fits.getdata(w2["coll"])[4][8:, 8:], qphi[8:, 8:] * 3.2 / 3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the real chain on a simulated night
+
+
+def _digest(root):
+    out = {}
+    for sub in ("pdi", "aux", "adi", "diff", "report"):
+        for p in sorted((root / sub).rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                out[str(p.relative_to(root))] = hashlib.sha1(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    from vampd.cli import main
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+    from vampd.simulate.night import SimConfig, simulate_night
+    from vampd.simulate.scene import Scene
+
+    root = tmp_path_factory.mktemp("night")
+    sim = SimConfig(size=128, nframes=3, ncycles=2, noise_free=True, calib=False, identical_cameras=True,
+                    strehl_range=(1.0, 1.0), jitter_rms_px=0.0, flux_rms=0.0,
+                    scene=Scene(ring_radius_mas=150.0, ring_width_mas=40.0))
+    truth = simulate_night(root / "sim", sim)
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "n"
+    cfg.align.crop_width = 96
+    cfg.polarimetry.use_ideal_mm = True
+    cfg.save_adi_cubes = True
+    save_config(cfg, root / "n.toml")
+    # the second HWP cycle is cut short: 24 of 32 files → one complete set, one broken at dawn
+    files = sorted(str(p) for p in (root / "sim" / "raw").glob("*.fits"))
+    files = [f for f in files if int(f[-10:-5]) < 10012]
+    out = root / "red"
+    assert main(["run", str(root / "n.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+    assert main(["finalize", str(root / "n.toml"), "-o", str(out)]) == 0
+    first = _digest(out)
+    assert main(["finalize", str(root / "n.toml"), "-o", str(out)]) == 0
+    return {"root": root, "out": out, "truth": truth, "sim": sim, "first": first, "second": _digest(out)}
+
+
+def _truth_qphi(sim, n):
+    """The ring's Q_phi on the pipeline's single-beam scale, convolved with the simulator's PSF core
+    (Strehl 1: no halo) on the North-up frame centred on the star."""
+    from scipy.signal import fftconvolve
+
+    from vampd.simulate import night as sn
+    from vampd.simulate.scene import render_ring
+
+    layout = sn._field_layout(sim)
+    fm = sn._field_models(sim, sn._detectors(sim), layout)[1, layout[0]["name"]]
+    _i, q, u = render_ring(sim.scene, (n, n), ((n - 1) / 2, (n - 1) / 2), 0.0, fm.pixel_scale)
+    qc, uc = fftconvolve(q, fm.core_kernel, mode="same"), fftconvolve(u, fm.core_kernel, mode="same")
+    return 0.5 * cylindrical_stokes(qc, uc, 0 * qc, 0 * uc)[0]
+
+
+def test_finalize_products_on_simulated_night(night):
+    out = night["out"]
+    with fits.open(out / "pdi" / "n_stokes_coll.fits") as h:
+        coll, hdr = h[0].data, h[0].header
+        n = coll.shape[-1]
+        assert coll.shape == h["ERR"].data.shape == (8, n, n) and n >= 96
+        assert hdr["DPP PDI NSETS"] == 1 and hdr["NCOADD"] == 16 and hdr["DPP PDI COLLAPSE"] == "median"
+        assert hdr["DPP VERSION"] and len(hdr["DPP CONFIG HASH"]) >= 8
+        assert hdr["DPP FINAL NFILES DONE"] == 24 and hdr["DPP FINAL NSETS BROKEN"] == 1
+        assert "DATE" not in hdr and hdr["OBJECT"] == "ABAUR"
+    # Q_phi of the ring within 1 % of the truth (annulus sum, the star's core excluded)
+    truth = _truth_qphi(night["sim"], n)
+    yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+    ann = (np.hypot(xx, yy) > 12) & (np.hypot(xx, yy) < 36)
+    ratio = np.nansum(coll[4][ann]) / truth[ann].sum()
+    assert ratio == pytest.approx(1.0, abs=0.01)
+    assert abs(np.nansum(coll[5][ann])) < 0.02 * truth[ann].sum()
+    # footprint, Stokes table, header table, ADI cubes: 24 files, 2 cameras → 12 (MJD, FLC) groups
+    assert fits.getdata(out / "pdi" / "n_footprint.fits").shape == (n, n)
+    assert len((out / "pdi" / "n_stokes_table.csv").read_text().splitlines()) == 2
+    table = (out / "aux" / "n_table.csv").read_text().splitlines()
+    assert len(table) == 25 and "MJD" in table[0].split(",") and table[0].endswith("path")
+    cube = fits.getdata(out / "adi" / "n_adi_cube.fits")
+    ang = fits.getdata(out / "adi" / "n_adi_angles.fits")
+    assert cube.shape[:2] == (12, 1) and ang.shape == (12,) and ang.dtype.itemsize == 4
+
+
+def test_report_names_targets_sets_and_reasons(night):
+    text = (night["out"] / "report" / "report.md").read_text()
+    assert "ABAUR" in text and "750-50" in text
+    assert "**1 complete**, **1 broken**" in text
+    assert "end of night" in text  # the broken set's reason
+    assert "pdi/n_stokes_coll.fits" in text and "aux/n_table.csv" in text and "adi/n_adi_cube.fits" in text
+    for png in ("n_i.png", "n_q_phi.png", "n_u_phi.png", "metrics_trends.png", "sets_timeline.png", "ip_per_set.png"):
+        assert (night["out"] / "report" / png).exists(), png
+        assert png in text
+
+
+def test_second_finalize_byte_identical(night):
+    first, second = night["first"], night["second"]
+    assert any(k.startswith("pdi/") for k in first) and any(k.endswith(".png") for k in first)
+    assert first == second
+
+
+def test_qphi_preview_shows_the_ring(night):
+    import matplotlib.image as mpimg
+
+    from vampd.finalize.report import PREVIEW_ZOOM
+
+    out = night["out"]
+    img = mpimg.imread(out / "report" / "n_q_phi.png")[::-1, :, :3]  # origin lower-left
+    lum = img.mean(axis=-1)
+    n = lum.shape[0] // PREVIEW_ZOOM
+    lum = lum.reshape(n, PREVIEW_ZOOM, n, PREVIEW_ZOOM).mean(axis=(1, 3))
+    px = night["truth"]["detectors"]["1"]["pixel_scale"]
+    yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+    r = np.hypot(xx, yy)
+    ring = np.abs(r - 150.0 / px) < 2
+    bg = (r > 42) & (r < 46)
+    assert lum[ring].mean() > lum[bg].mean() + 0.2
+    i_img = mpimg.imread(out / "report" / "n_i.png")[::-1, :, :3].mean(axis=-1)
+    c = i_img.shape[0] // 2
+    assert i_img[c - 3 : c + 3, c - 3 : c + 3].mean() > i_img[:10, :10].mean() + 0.5  # the star
+    assert json.loads(json.dumps(night["first"]))  # digests are plain strings
