@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 from scipy import fft as _sfft
 from scipy import ndimage
 
@@ -61,6 +62,8 @@ _NTAP = 2 * LANCZOS_A
 # Frames are processed in blocks of about this many source pixels so that the eight
 # multiply-add passes of each axis run in cache (about 3x faster than whole-cube passes).
 _BLOCK_PIXELS = 1 << 18
+#: output block of the banded matrix products in :func:`shift_window`
+_BAND = 16
 
 
 def fast_size(n: int) -> int:
@@ -187,19 +190,27 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
     sy0 = row0 + my.astype(np.int64) - (LANCZOS_A - 1)
     sx0 = col0 + mx.astype(np.int64) - (LANCZOS_A - 1)
 
-    hb, wb = h + _NTAP - 1, w + _NTAP - 1
+    # Each axis is a banded matrix product: output block rows [bB, bB+B) are M^T @ source
+    # rows [bB, bB+B+7), M (B+7, B) holding the 8 taps on its diagonals. The same M serves
+    # every block of a frame, so both passes are batched BLAS products on strided views of
+    # the source (no copies); ~(B+7)/8 more flops than 8 shifted multiply-adds but 2-4x
+    # faster than 16 numpy passes per axis.
+    bsz = _BAND
+    nby, nbx = -(-h // bsz), -(-w // bsz)
+    hb, wb = nby * bsz + _NTAP - 1, nbx * bsz + _NTAP - 1
     chunk = int(max(1, min(n, _BLOCK_PIXELS // max(hb * wb, 1))))
     dtype = np.result_type(frames.dtype, np.float32)
-    src = np.empty((chunk, hb, wb), dtype)
-    nanmask = np.empty((chunk, hb, wb), bool)
-    tmp = np.empty((chunk, h, wb), dtype)
-    t2 = np.empty_like(tmp)
-    t3 = np.empty((chunk, h, w), dtype)
-    acc = np.empty((chunk, h, w), dtype)
+    src = np.zeros((chunk, hb, wb), dtype)  # rows/cols past h+7, w+7 stay 0 (discarded outputs)
+    nanmask = np.empty((chunk, h + _NTAP - 1, w + _NTAP - 1), bool)
+    ybuf = np.empty((chunk, nby, bsz, wb), dtype)
+    xbuf = np.empty((chunk, nby * bsz, nbx * bsz), dtype)
+    my_band = _band_matrices(wy, bsz).astype(dtype, copy=False).transpose(0, 2, 1)  # (n, B, B+7)
+    mx_band = _band_matrices(wx, bsz).astype(dtype, copy=False)  # (n, B+7, B)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         nc = c1 - c0
-        s, m = src[:nc], nanmask[:nc]
+        s_all = src[:nc]
+        s, m = s_all[:, : h + _NTAP - 1, : w + _NTAP - 1], nanmask[:nc]
         for i in range(nc):
             f = c0 + i
             frame = frames[src_of[f]]
@@ -209,26 +220,37 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
         has_nan = bool(m.any())
         if has_nan:
             np.copyto(s, 0, where=m)
-        a, b = tmp[:nc], t2[:nc]
-        wyc, wxc = wy[c0:c1, :, None, None], wx[c0:c1, :, None, None]
-        np.multiply(s[:, 0:h], wyc[:, 0], out=a)
-        for j in range(1, _NTAP):
-            np.multiply(s[:, j : j + h], wyc[:, j], out=b)
-            a += b
-        o, t = acc[:nc], t3[:nc]
-        np.multiply(a[:, :, 0:w], wxc[:, 0], out=o)
-        for j in range(1, _NTAP):
-            np.multiply(a[:, :, j : j + w], wxc[:, j], out=t)
-            o += t
+        st = s_all.strides
+        yview = as_strided(s_all, (nc, nby, bsz + _NTAP - 1, wb), (st[0], bsz * st[1], st[1], st[2]), writeable=False)
+        a = ybuf[:nc]
+        np.matmul(my_band[c0:c1, None], yview, out=a)
+        a2 = a.reshape(nc, nby * bsz, wb)
+        sa = a2.strides
+        xview = as_strided(a2, (nc, nbx, nby * bsz, bsz + _NTAP - 1), (sa[0], bsz * sa[2], sa[1], sa[2]), writeable=False)
+        o = xbuf[:nc]  # (nc, nby*B, nbx*B); the product writes each block into place
+        so = o.strides
+        oview = as_strided(o, (nc, nbx, nby * bsz, bsz), (so[0], bsz * so[2], so[1], so[2]))
+        np.matmul(xview, mx_band[c0:c1, None], out=oview)
+        dst = out[c0:c1]
+        dst[...] = o[:, :h, :w]
         for i in range(nc):
             f = c0 + i
             yy, xx = LANCZOS_A - 1 + ry[f], LANCZOS_A - 1 + rx[f]
             if has_nan:
-                np.copyto(o[i], np.nan, where=m[i, yy : yy + h, xx : xx + w])
+                np.copyto(dst[i], np.nan, where=m[i, yy : yy + h, xx : xx + w])
             # nearest source pixel outside the frame -> NaN rows / columns
-            _nan_outside(o[i], frames.shape[-2:], int(sy0[f]) + yy, int(sx0[f]) + xx)
-        out[c0:c1] = o
+            _nan_outside(dst[i], frames.shape[-2:], int(sy0[f]) + yy, int(sx0[f]) + xx)
     return out
+
+
+def _band_matrices(weights: np.ndarray, bsz: int) -> np.ndarray:
+    """``M[f, j + t, j] = weights[f, t]``: (n, bsz + ntap - 1, bsz) banded matrices."""
+    n, ntap = weights.shape
+    m = np.zeros((n, bsz + ntap - 1, bsz), weights.dtype)
+    j = np.arange(bsz)
+    for t in range(ntap):
+        m[:, j + t, j] = weights[:, t : t + 1]
+    return m
 
 
 def shift_cube(cube, dy, dx, out=None) -> np.ndarray:
