@@ -125,6 +125,23 @@ class Runner:
         self.ledger.record_failure(path, f"{path}: {reason}", max_tries=1, permanent=True)
         self.n_failed += 1
         log.error("%s: %s", os.path.basename(path), reason)
+        self.triggers(path)
+
+    # -- triggers -----------------------------------------------------------------------------
+    def triggers(self, path: str) -> None:
+        """After a file is recorded (done or parked): HWP sets (PDI) and target sequences (specphot).
+
+        Runs in this (the ledger-owning) process. A trigger failure is logged and recorded as an
+        event; it never undoes or blocks the file's own products.
+        """
+        from vampd.engine import pdi_trigger, specphot_trigger
+
+        for name, hook in (("pdi", pdi_trigger.on_file_done), ("specphot", specphot_trigger.on_file_done)):
+            try:
+                hook(self.ledger, self.cfg, self.outdir, path)
+            except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
+                log.exception("%s trigger failed after %s", name, os.path.basename(path))
+                self.ledger.event("error", f"{name} trigger failed after {os.path.basename(path)}: {exc}")
 
     # -- scheduling ---------------------------------------------------------------------------
     def _nbytes(self, row) -> int:
@@ -180,10 +197,13 @@ class Runner:
                 m = r.metrics or {}
                 extra = " ".join(f"{k}={m[k]:.3g}" for k in ("strehl", "fwhm") if isinstance(m.get(k), (int, float)))
                 log.info("done %s in %.2f s (latency %.2f s) %s", name, r.elapsed, latency, extra)
+                self.triggers(r.path)
                 return
         state = self.ledger.record_failure(r.path, r.error, self.settings["max_tries"], permanent=r.permanent)
         self.n_failed += state == "parked"
         (log.error if state == "parked" else log.warning)("%s %s: %s", state, name, r.error)
+        if state == "parked":
+            self.triggers(r.path)
 
     @property
     def in_flight(self) -> int:

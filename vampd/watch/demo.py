@@ -40,7 +40,7 @@ def prepare_demo(workdir: Path, nfiles: int, size: int = 128, nframes: int = 10)
     cfg = preset_config("pdi-triplediff", "demo")
     cfg.calibrate.calib_directory = workdir / "masters"
     cfg.calibrate.flat_correct = True
-    cfg.align.crop_width = min(96, size)
+    cfg.align.crop_width = size
     cfg.watch.inputs = [workdir / "night" / "raw"]
     cfg.watch.outdir = workdir / "out"
     cfg.watch.expect_sidecar = True
@@ -156,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"vampd demo: {f.get('done', 0)} of {f.get('total', 0)} files reduced, {f.get('failed', 0)} failed; "
         f"{s.get('complete', 0)} HWP sets complete, {s.get('broken', 0)} broken"
     )
-    report = out / "report.md"
+    report = out / "report" / "report.md"
     if report.exists():
         print(f"  night report: {report}")
     coll = sorted((out / "pdi").glob("*_stokes_coll.fits"))
