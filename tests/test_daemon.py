@@ -103,7 +103,7 @@ def start_daemon(cfg: Path, raw: Path, out: Path, *extra, **envx) -> subprocess.
 
 def status(out: Path, must=True) -> dict:
     p = subprocess.run([sys.executable, "-m", "vampd", "status", str(out), "--json"], env=env(),
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=180)
     if not must and p.returncode == 2 and "ledger" in p.stderr:
         return {"files": {"done": -1, "failed": -1}}  # not created yet
     assert p.returncode == 0, p.stderr
@@ -136,7 +136,7 @@ def ledger_products(out: Path) -> list[dict]:
     return rows
 
 
-def stop(proc: subprocess.Popen, timeout=30) -> int:
+def stop(proc: subprocess.Popen, timeout=90) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout)
