@@ -391,7 +391,7 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
     var = np.empty((ny, nx), np.float32)
     for i, f in enumerate(frames):
         np.square(err[f], out=var, dtype=np.float32)
-        np.copyto(var, 0, where=~np.isfinite(var))
+        np.fmax(var, 0, out=var)  # NaN -> 0 in one pass (σ² >= 0)
         for k in range(nf):
             if near[k] is None or not good[k][i]:
                 continue

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 from astropy.io import fits
 
-from vampd.imaging import frame_center, shift_cube
+from vampd.imaging import frame_center, shift_cube, shift_window
 
 __all__ = [
     "COADD_METHODS",
@@ -514,6 +514,28 @@ def measure_center(image2d, centers, method: str, window_size: int, psf=None) ->
     return pos + origins
 
 
+def _shift_finite(cube3: np.ndarray, ref3: np.ndarray, dy, dx) -> np.ndarray:
+    """``shift_cube(cube3, dy, dx)`` computed only where it can be finite.
+
+    An output pixel is finite only if its nearest source pixel is finite (``ref3`` is the
+    cube itself: its NaN padding decides), so only the bounding box of the finite pixels,
+    grown by the shift, is resampled; the rest is NaN. Identical to the full shift (the
+    interpolation reads the whole frame, as :func:`vampd.imaging.shift_window` does).
+    """
+    nf, ny, nx = cube3.shape
+    out = np.full(cube3.shape, np.nan, np.float32)
+    for k in range(nf):
+        fin = np.isfinite(ref3[k])
+        rows, cols = np.flatnonzero(fin.any(axis=1)), np.flatnonzero(fin.any(axis=0))
+        if rows.size == 0:
+            continue
+        my, mx = int(math.ceil(abs(dy[k]))) + 1, int(math.ceil(abs(dx[k]))) + 1
+        y0, y1 = max(rows[0] - my, 0), min(rows[-1] + 1 + my, ny)
+        x0, x1 = max(cols[0] - mx, 0), min(cols[-1] + 1 + mx, nx)
+        shift_window(cube3[k : k + 1], [y0], [x0], [-dy[k]], [-dx[k]], (y1 - y0, x1 - x0), out[k : k + 1, y0:y1, x0:x1])
+    return out
+
+
 def recenter(image, err, method: str, window_size: int, psf=None, offsets=None):
     """Re-measure the PSF on a coadded image and shift it onto the frame centre (§5.4).
 
@@ -557,12 +579,12 @@ def recenter(image, err, method: str, window_size: int, psf=None, offsets=None):
         c = intersect_diagonals(pos) if len(pos) == 4 else pos[0]
         if np.isfinite(c).all():
             dy[k], dx[k] = fc - c
-    out = shift_cube(img3.astype(np.float32, copy=False), dy, dx)
+    out = _shift_finite(img3.astype(np.float32, copy=False), img3, dy, dx)
     out_err = None
     if err is not None:
         e3 = np.asarray(err)
         e3 = e3[None] if e3.ndim == 2 else e3
-        out_err = shift_cube(e3.astype(np.float32, copy=False), dy, dx)
+        out_err = _shift_finite(e3.astype(np.float32, copy=False), e3, dy, dx)
         if squeeze:
             out_err = out_err[0]
     if squeeze:
