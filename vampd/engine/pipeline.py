@@ -273,8 +273,11 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         cal_header = cal_header if hdr_i is None else hdr_i
         t_cal += time.perf_counter() - t
         if centers is None:
+            first = data[: min(len(data), 16)]
             with np.errstate(all="ignore"):
-                ref = np.nanmean(data[: min(len(data), 16)], axis=0)
+                ref = first.mean(axis=0)  # a plain mean is 3x cheaper; NaN columns redone
+                if not np.isfinite(ref).all():
+                    ref = np.nanmean(first, axis=0)
             centers = _window_centers(cfg, header, ref, outdir, psfs)
             missing = [f for f in fields if f not in centers]
             if missing:
