@@ -14,6 +14,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     Exit status 0 after a clean stop, 2 if the configuration or arguments are unusable or
     another live daemon owns the output directory.
     """
+    import signal
+
+    # a stop request during start-up (opening the ledger, spawning workers) must still end in
+    # a clean drain and exit 0, not in the default handler's death by SIGTERM
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
+
     from vampd.watch.daemon import Daemon
 
     try:
@@ -21,4 +29,5 @@ def cmd_watch(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"vampd watch: {exc}", file=sys.stderr)
         return 2
+    daemon.stop_requested = bool(early)
     return daemon.run()

@@ -64,6 +64,14 @@ class Daemon:
         self._reload = False
         self.started = time.time()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
+
+    @stop_requested.setter
+    def stop_requested(self, value: bool) -> None:
+        self._stop = self._stop or bool(value)
+
     # -- signals ------------------------------------------------------------------------------
     def _on_stop(self, signum, frame) -> None:
         if not self._stop:
