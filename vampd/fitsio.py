@@ -41,11 +41,15 @@ class InputError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-def atomic_write(path: os.PathLike | str, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: os.PathLike | str, write: Callable[[Path], None], sync_dir: bool = True) -> Path:
     """Write ``path`` by calling ``write(tmp)`` on a temporary file in the same
     directory, fsync it, then rename over ``path``.
 
     A crash at any moment leaves either the old file or the new one, never a torn one.
+    With ``sync_dir`` (default) the directory is fsynced too, so the rename itself survives
+    a power loss; without it (one fsync per file, for products that are redone when
+    missing) a power cut right after the call may leave the old file or none, still never
+    a torn one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +64,8 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], None]) -> Path
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    if not sync_dir:
+        return path
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -76,14 +82,17 @@ def write_fits_atomic(path: os.PathLike | str, hdul: fits.HDUList, verify: str =
     return atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True, output_verify=verify))
 
 
-def save_npz_atomic(path: os.PathLike | str, compress: bool = True, **arrays: np.ndarray) -> Path:
-    """Atomically write an NPZ file (compressed unless ``compress=False``; both read with ``np.load``)."""
+def save_npz_atomic(path: os.PathLike | str, compress: bool = True, sync_dir: bool = True, **arrays: np.ndarray) -> Path:
+    """Atomically write an NPZ file (compressed unless ``compress=False``; both read with ``np.load``).
+
+    ``sync_dir``: see :func:`atomic_write`.
+    """
 
     def _write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             (np.savez_compressed if compress else np.savez)(fh, **arrays)
 
-    return atomic_write(path, _write)
+    return atomic_write(path, _write, sync_dir=sync_dir)
 
 
 #: keys that describe the HDU layout; written by :func:`write_hdus_atomic` itself
@@ -132,7 +141,7 @@ def _hdu_bytes(header: fits.Header | None, data: np.ndarray | None, primary: boo
     return b"".join(out)
 
 
-def write_hdus_atomic(path: os.PathLike | str, hdus) -> Path:
+def write_hdus_atomic(path: os.PathLike | str, hdus, sync_dir: bool = True) -> Path:
     """Atomically write a simple multi-extension image FITS file, without astropy's HDU machinery.
 
     Parameters
@@ -145,6 +154,8 @@ def write_hdus_atomic(path: os.PathLike | str, hdus) -> Path:
         ``BSCALE``, ...), which are derived from ``data`` (ndarray of float32/float64/int16/
         int32/uint8, or None for a header-only HDU); put ``EXTNAME`` in the header. Cards are
         written as they are (no verification, like ``output_verify="ignore"``).
+    sync_dir : bool
+        See :func:`atomic_write`.
 
     Notes
     -----
@@ -163,7 +174,7 @@ def write_hdus_atomic(path: os.PathLike | str, hdus) -> Path:
             for part in parts:
                 fh.write(part)
 
-    return atomic_write(path, _write)
+    return atomic_write(path, _write, sync_dir=sync_dir)
 
 
 def data_hdu_index(path: os.PathLike | str) -> int:

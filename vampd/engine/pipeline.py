@@ -54,6 +54,10 @@ log = logging.getLogger("vampd.pipeline")
 HOLD_BYTES = int(os.environ.get("VAMPD_HOLD_BYTES", 1_500_000_000))
 #: target bytes of one raw chunk
 CHUNK_BYTES = int(os.environ.get("VAMPD_CHUNK_BYTES", 64_000_000))
+#: fsync the product directories too (2 fsyncs per product instead of 1). Off: a product is
+#: fsynced before its atomic rename (never torn), but a power cut right after may lose the
+#: rename; the file is then simply missing and gets redone.
+SYNC_DIRS = os.environ.get("VAMPD_SYNC_DIRS", "0") not in ("", "0", "false", "no")
 #: aligned frames of a median/biweight coadd kept in RAM up to this size, else a disk store
 COADD_RAM_BYTES = int(os.environ.get("VAMPD_COADD_RAM_BYTES", 512_000_000))
 
@@ -290,7 +294,7 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
             held.append((data, err))
     metrics = {k: np.concatenate([m[k] for m in metric_parts], axis=-1) for k in metric_parts[0]}
     products: list[tuple[str, str]] = []
-    save_metrics(paths["metrics"], metrics, fields)
+    save_metrics(paths["metrics"], metrics, fields, sync_dir=SYNC_DIRS)
     products.append(("metrics", str(paths["metrics"])))
 
     # ---- frame selection --------------------------------------------------------------------
@@ -451,4 +455,4 @@ def _write_product(path: Path, data: np.ndarray, err: np.ndarray, header: fits.H
     err_hdr["EXTNAME"] = ("ERR", "extension name")
     hdus = [(header, np.asarray(data, np.float32)), (err_hdr, np.asarray(err, np.float32))]
     hdus += [(h, None) for h in _field_headers(header, fields)]
-    write_hdus_atomic(path, hdus)
+    write_hdus_atomic(path, hdus, sync_dir=SYNC_DIRS)

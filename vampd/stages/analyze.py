@@ -655,8 +655,11 @@ def analyze_cube(
     return {k: np.array([[r[k] for r in row] for row in results], dtype=np.float64) for k in keys}
 
 
-def save_metrics(path: os.PathLike | str, metrics: Mapping[str, np.ndarray], fields: Sequence[str]):
-    """Atomically write the metrics NPZ (§3.3) with an extra ``fields`` array of field names."""
+def save_metrics(path: os.PathLike | str, metrics: Mapping[str, np.ndarray], fields: Sequence[str], sync_dir: bool = True):
+    """Atomically write the metrics NPZ (§3.3) with an extra ``fields`` array of field names.
+
+    ``sync_dir``: also fsync the directory (see :func:`vampd.fitsio.atomic_write`).
+    """
     fields = list(fields)
     for k, v in metrics.items():
         if np.ndim(v) != 3 or np.shape(v)[0] != len(fields):
@@ -667,7 +670,7 @@ def save_metrics(path: os.PathLike | str, metrics: Mapping[str, np.ndarray], fie
         raise ValueError("save_metrics: 'fields' is reserved for the field names")
     # uncompressed: the arrays are small and compression cost more than the write (~25 ms/file)
     arrays = {k: np.asarray(v) for k, v in metrics.items()}
-    return save_npz_atomic(path, compress=False, fields=np.array(fields, dtype=str), **arrays)
+    return save_npz_atomic(path, compress=False, sync_dir=sync_dir, fields=np.array(fields, dtype=str), **arrays)
 
 
 def load_metrics(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], list[str]]:
