@@ -82,7 +82,9 @@ def write_fits_atomic(path: os.PathLike | str, hdul: fits.HDUList, verify: str =
     return atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True, output_verify=verify))
 
 
-def save_npz_atomic(path: os.PathLike | str, compress: bool = True, sync_dir: bool = True, **arrays: np.ndarray) -> Path:
+def save_npz_atomic(
+    path: os.PathLike | str, compress: bool = True, sync_dir: bool = True, **arrays: np.ndarray
+) -> Path:
     """Atomically write an NPZ file (compressed unless ``compress=False``; both read with ``np.load``).
 
     ``sync_dir``: see :func:`atomic_write`.

@@ -226,7 +226,9 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
         np.matmul(my_band[c0:c1, None], yview, out=a)
         a2 = a.reshape(nc, nby * bsz, wb)
         sa = a2.strides
-        xview = as_strided(a2, (nc, nbx, nby * bsz, bsz + _NTAP - 1), (sa[0], bsz * sa[2], sa[1], sa[2]), writeable=False)
+        xview = as_strided(
+            a2, (nc, nbx, nby * bsz, bsz + _NTAP - 1), (sa[0], bsz * sa[2], sa[1], sa[2]), writeable=False
+        )
         o = xbuf[:nc]  # (nc, nby*B, nbx*B); the product writes each block into place
         so = o.strides
         oview = as_strided(o, (nc, nbx, nby * bsz, bsz), (so[0], bsz * so[2], so[1], so[2]))

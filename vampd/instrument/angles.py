@@ -163,10 +163,8 @@ def target_coord(header, target=None, path=None) -> SkyCoord:
             raise HeaderError("RA/DEC", f"values {ra!r}/{dec!r} not parsed: {err}", path) from None
 
     mjd = header_mjd(header, path)
-    key = tuple(
-        str(getattr(target, a, d)) for a, d in
-        (("ra", ""), ("dec", ""), ("pm_ra", 0.0), ("pm_dec", 0.0), ("parallax", None), ("frame", "icrs"), ("obstime", "J2016"))
-    )
+    attrs = ("ra", "dec", "pm_ra", "pm_dec", "parallax", "frame", "obstime")
+    key = tuple(str(getattr(target, a, None)) for a in attrs)
     if isinstance(getattr(target, "obstime", None), Time):
         key = key + (float(target.obstime.jd1), float(target.obstime.jd2))
     # epoch of the space motion on a 1e-4 d (8.6 s) grid: < 1e-5 mas for any star

@@ -366,7 +366,9 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
     if centers.ndim == 2:
         centers = np.broadcast_to(centers[None], (len(frames),) + centers.shape)
     if centers.ndim != 3 or centers.shape[0] != len(frames) or centers.shape[2] != 2:
-        raise ValueError(f"variance_sum_nearest: centers must be (nframes={len(frames)}, nfields, 2), got {centers.shape}")
+        raise ValueError(
+            f"variance_sum_nearest: centers must be (nframes={len(frames)}, nfields, 2), got shape {centers.shape}"
+        )
     ny, nx = err.shape[-2:]
     crop = int(crop_width)
     npad = pad_width(crop) if pad else 0
