@@ -71,16 +71,29 @@ class Streamer:
             raise self.error
 
 
-def write_config(path: Path, **watch) -> Path:
+def write_config(path: Path, preset: str | None = None, sections: dict | None = None, **watch) -> Path:
+    """A config file: ``vampd new`` (or ``preset`` in-process), ``[watch]`` options ``watch`` and
+    ``sections = {"analysis.strehl": False, ...}`` overrides."""
     from vampd.config import load_config, save_config
 
-    subprocess.run([sys.executable, "-m", "vampd", "new", str(path), "-f"], check=True, capture_output=True)
-    cfg = load_config(path)
+    if preset is None:
+        subprocess.run([sys.executable, "-m", "vampd", "new", str(path), "-f"], check=True, capture_output=True)
+        cfg = load_config(path)
+    else:
+        from vampd.config.presets import preset_config
+
+        cfg = preset_config(preset, "t")
     w = dict(settle_time=0.1, complete_timeout=3.0, reconcile_interval=2.0, stop_timeout=20.0,
              expect_sidecar=True, workers=2, max_tries=2)
     w.update(watch)
     for k, v in w.items():
         setattr(cfg.watch, k, v)
+    for key, v in (sections or {}).items():
+        section, _, name = key.partition(".")
+        if name:
+            setattr(getattr(cfg, section), name, v)
+        else:
+            setattr(cfg, section, v)
     save_config(cfg, path)
     return path
 
@@ -126,6 +139,17 @@ def ledger_rows(out: Path) -> dict:
     rows = {r["path"]: dict(r) for r in con.execute("SELECT * FROM files")}
     con.close()
     return rows
+
+
+def counts(out: Path) -> dict:
+    """File states straight from the ledger (cheap polling; ``vampd status`` is a subprocess)."""
+    try:
+        con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True, timeout=5)
+        c = dict(con.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+        con.close()
+    except sqlite3.Error:
+        c = {}
+    return {k: c.get(k, 0) for k in ("pending", "queued", "running", "done", "failed", "parked")}
 
 
 def ledger_products(out: Path) -> list[dict]:
@@ -210,43 +234,79 @@ def test_watch_stream_with_faults_then_sigterm(night):
 
 
 def test_sigkill_restarts_lose_nothing_redo_nothing(night):
-    """The daemon is SIGKILLed at random moments while a night streams in; each restart resumes."""
-    n = 32
+    """The 64-file night streams in (logger pattern and sidecars); the daemon is SIGKILLed 5 times
+    at random moments while jobs are running and restarted each time, then SIGTERMed while jobs
+    are running (exit 0 within the stop timeout) and restarted once more. Every file ends done
+    exactly once, one product of each kind per input, products recorded before a kill keep their
+    mtime, and ``vampd status --json`` agrees (its ``done`` counts files whose products exist)."""
+    n, nkills, stop_timeout = 64, 5, 20.0
     rng = random.Random(11)
     raw = night.tmp / "raw"
     proc = start_daemon(night.cfg, raw, night.out)
-    streamer = Streamer(night.tmp, cadence=0.25, ncycles=2)
+    streamer = Streamer(night.tmp, cadence=0.2, ncycles=4)
     recorded: dict[str, int] = {}
-    kills = 0
+    kills: list[dict] = []
+
+    def snapshot():  # products recorded so far must never be rewritten
+        for p in ledger_products(night.out):
+            recorded.setdefault(p["path"], p["mtime_ns"])
+
+    def busy_after(done_before):
+        c = counts(night.out)
+        return c if c["running"] > 0 and c["done"] > done_before else None
+
+    # spread over the night: the i-th kill once more than marks[i] files are done
+    marks = sorted(rng.sample(range(2, n - 12), nkills))
     try:
-        while kills < 5 or streamer.alive():
-            # kill at a random moment once this incarnation has made progress (mid-processing)
-            before = max(0, status(night.out, must=False)["files"]["done"])
-            if before < n:
-                wait_for(lambda: status(night.out, must=False)["files"]["done"] > before, timeout=60, every=0.1)
-            time.sleep(rng.uniform(0.0, 1.0))
-            if (night.out / "vampd.sqlite").exists():
-                for p in ledger_products(night.out):  # recorded products must never be rewritten
-                    recorded.setdefault(p["path"], p["mtime_ns"])
+        while len(kills) < nkills:
+            # once this incarnation has recorded a file, at a random moment while a job runs
+            before = max(counts(night.out)["done"], marks[len(kills)])
+            wait_for(lambda: busy_after(before), timeout=90, every=0.05)
+            time.sleep(rng.uniform(0.0, 0.3))
+            c = counts(night.out)
+            if c["running"] == 0:
+                continue  # the moment passed: wait for the next job
+            snapshot()
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            kills += 1
+            kills.append(c)
             proc = start_daemon(night.cfg, raw, night.out)
+        before = counts(night.out)["done"]
+        c = wait_for(lambda: busy_after(before), timeout=90, every=0.05)
+        snapshot()
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(stop_timeout + 30)
+        t_stop = time.time() - t0
+        assert rc == 0 and t_stop < stop_timeout, (rc, t_stop)
+        after = counts(night.out)
+        assert after["running"] == 0 and after["done"] >= c["done"]  # drained, nothing left running
+        proc = start_daemon(night.cfg, raw, night.out)
         streamer.join()
-        wait_for(lambda: status(night.out, must=False)["files"]["done"] == n, timeout=180, every=0.5)
+        wait_for(lambda: counts(night.out)["done"] == n, timeout=180, every=0.2)
     finally:
         streamer.stop_event.set()
         assert stop(proc) == 0
-    assert kills >= 5
+    print(f"\n{n} files, {len(kills)} SIGKILLs at done={[k['done'] for k in kills]} with running="
+          f"{[k['running'] for k in kills]}; SIGTERM with {c['running']} running: exit 0 in {t_stop:.2f} s")
+    assert len(kills) == nkills and all(k["running"] > 0 and k["done"] < n for k in kills)
     rows = ledger_rows(night.out)
     assert len(rows) == n and all(r["state"] == "done" and r["nprocessed"] == 1 for r in rows.values())
     prods = ledger_products(night.out)
-    for kind in {p["kind"] for p in prods}:
+    kinds = {p["kind"] for p in prods}
+    assert {"metrics", "coadded"} <= kinds
+    for kind in kinds:
         assert sorted(p["file"] for p in prods if p["kind"] == kind) == sorted(rows)  # one per input
     assert len(list((night.out / "coadded").glob("*.fits"))) == n
-    assert recorded and all(os.stat(p).st_mtime_ns == m for p, m in recorded.items())
+    assert len(recorded) >= len(kinds) * kills[0]["done"]
+    assert all(os.stat(p).st_mtime_ns == m for p, m in recorded.items())
     st = status(night.out)
-    assert st["files"] == {**st["files"], "total": n, "done": n, "failed": 0, "pending": 0}
+    assert st["files"] == {**st["files"], "total": n, "done": n, "failed": 0, "pending": 0, "running": 0}
+    # `done` counts recorded files whose products exist: one product gone -> that file is pending
+    gone = next(p["path"] for p in prods if p["kind"] == "coadded")
+    os.unlink(gone)
+    st = status(night.out)
+    assert st["files"] == {**st["files"], "total": n, "done": n - 1, "pending": 1}
 
 
 def test_sighup_reload_and_sd_notify(night):

@@ -6,7 +6,9 @@
   the limit (a single job larger than the limit still runs, alone);
 * at most ``workers`` jobs are in flight: the queue of work is the ledger, not RAM;
 * workers never touch the ledger: a job returns a plain dict, the parent commits it;
-* a worker that notices its parent died exits (no orphan keeps writing after a SIGKILL).
+* a worker that notices its parent died exits (no orphan keeps writing after a SIGKILL);
+* warm start: every worker is spawned when the pool starts and imports the pipeline in its
+  initializer, so the night's first files do not wait for interpreter start-up and imports.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _watch_parent(ppid: int) -> None:
             os._exit(70)  # parent gone: abandon the job, the restarted daemon redoes it
 
 
-def _worker_init(ppid: int) -> None:
+def _worker_init(ppid: int, process: str | None = None) -> None:
     import signal
 
     _single_thread_env()
@@ -58,6 +60,18 @@ def _worker_init(ppid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(ppid,), daemon=True, name="vampd-parent-watch").start()
+    if process:
+        # warm start: pay the imports (numpy, astropy, scipy, the stages) now, not on the
+        # night's first file; nothing file- or config-specific is computed here
+        try:
+            _resolve(process)
+        except Exception as exc:  # noqa: BLE001 -- the first real job reports it specifically
+            log.warning("worker warm-up: cannot import %s: %s", process, exc)
+
+
+def _warm_up() -> float:
+    """A no-op job: returns when a worker has started (initializer done)."""
+    return time.time()
 
 
 def _resolve(spec: str):
@@ -131,16 +145,29 @@ class WorkerPool:
         self.process = process
         self.jobs: dict[str, _Job] = {}
         self.crashes = 0
+        self.warming: list[cf.Future] = []
         self._executor: cf.ProcessPoolExecutor | None = None
 
-    def start(self) -> None:
+    def start(self, warm: bool = True) -> None:
+        """Create the executor; with ``warm``, spawn every worker now and let it import the
+        pipeline (in the background: this returns at once)."""
         _single_thread_env()  # inherited by the spawned interpreters before numpy loads
         self._executor = cf.ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(os.getpid(),),
+            initargs=(os.getpid(), self.process),
         )
+        # the executor spawns lazily, one process per submit that finds no idle worker:
+        # one no-op per worker starts them all at once
+        self.warming = [self._executor.submit(_warm_up) for _ in range(self.workers)] if warm else []
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Wait until every warm-up no-op has run (all workers started); True if they have."""
+        if not self.warming:
+            return True
+        done, _ = cf.wait(self.warming, timeout=timeout)
+        return len(done) == len(self.warming)
 
     # -- admission ----------------------------------------------------------------------------
     @property

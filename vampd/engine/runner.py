@@ -143,6 +143,39 @@ class Runner:
                 log.exception("%s trigger failed after %s", name, os.path.basename(path))
                 self.ledger.event("error", f"{name} trigger failed after {os.path.basename(path)}: {exc}")
 
+    def resume_triggers(self) -> dict:
+        """Start-up: run the set and sequence triggers once over what the ledger already holds.
+
+        A kill between a file's record and its trigger (the 16th file of an HWP cycle recorded,
+        its set not yet processed) leaves nothing else to wake them: the file is done and will
+        not come back. Both triggers are idempotent (locked set rows, accumulator keys,
+        sequence fingerprints), so on a clean ledger this only re-reads it.
+        Returns ``{"pdi": summary, "specphot": [...]}``; failures are logged as events.
+        """
+        from vampd.engine import pdi_trigger, specphot_trigger
+
+        out: dict = {}
+        if getattr(self.cfg, "polarimetry", None) is not None:
+            try:
+                out["pdi"] = pdi_trigger.update_sets(self.ledger, self.cfg, self.outdir, final=False)
+            except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
+                log.exception("pdi trigger failed at start-up")
+                self.ledger.event("error", f"pdi trigger failed at start-up: {exc}")
+        if specphot_trigger.specphot_enabled(self.cfg):
+            out["specphot"] = []
+            # the latest done file of each camera stands for its camera's sequences
+            last = self.ledger.conn.execute(
+                "SELECT camera, path FROM files f WHERE state='done' AND camera IS NOT NULL AND t_done ="
+                " (SELECT MAX(t_done) FROM files g WHERE g.state='done' AND g.camera=f.camera)"
+            ).fetchall()
+            for cam, path in last:
+                try:
+                    out["specphot"].extend(specphot_trigger.on_file_done(self.ledger, self.cfg, self.outdir, path))
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("specphot trigger failed at start-up (camera %s)", cam)
+                    self.ledger.event("error", f"specphot trigger failed at start-up (camera {cam}): {exc}")
+        return out
+
     # -- scheduling ---------------------------------------------------------------------------
     def _nbytes(self, row) -> int:
         if row["nbytes"]:
@@ -220,6 +253,7 @@ class Runner:
         Incomplete files are rejected at once (nothing will complete them in batch mode).
         """
         t0 = time.time()
+        self.resume_triggers()  # a previous run killed between a record and its set
         decisions: dict[str, str] = {}
         for p in paths:
             p = os.path.abspath(p)

@@ -152,6 +152,8 @@ class Daemon:
         self.pool.start()
         watcher.start()
         n = self.rescan()  # catch up with what is already there
+        # sets/sequences whose last file was recorded just before a kill (idempotent)
+        runner.resume_triggers()
         log.info("watching %s → %s; %d file(s) to catch up", ", ".join(watcher.roots), self.outdir, n)
         wd = watchdog_interval()
         notify("READY=1", f"STATUS=started; {self.status_line()}")
