@@ -353,21 +353,121 @@ def test_sighup_reload_and_sd_notify(night):
 
 
 def test_burst_and_full_queue_rescan(night):
-    """A burst of files with a tiny event queue: the full queue becomes rescans, nothing is lost."""
-    n = int(os.environ.get("VAMPD_TEST_BURST", "200"))
+    """A burst of 1000 tiny files (16x16, one frame; quicklook without Strehl) with a one-event
+    queue: the full queue becomes rescans, every file is processed exactly once."""
+    n = int(os.environ.get("VAMPD_TEST_BURST", "1000"))
     src = simulate(night.tmp / "sim", nframes=1, size=16)[0]
-    cfg = write_config(night.tmp / "burst.toml", queue_size=1, reconcile_interval=600.0)
+    cfg = write_config(night.tmp / "burst.toml", preset="quicklook", queue_size=1, reconcile_interval=600.0,
+                       sections={"analysis.strehl": False, "align.crop_width": 16})
     raw = night.tmp / "raw"
     proc = start_daemon(cfg, raw, night.out)
     try:
         wait_for(lambda: (night.out / "vampd.sqlite").exists(), timeout=30)
+        t0 = time.time()
         for i in range(n):
             dst = raw / f"VMPA{i:08d}.fits"
             tmp = dst.with_name(dst.name + ".77.88.tmp")
             shutil.copyfile(src, tmp)
             os.rename(tmp, dst)
             shutil.copyfile(src.with_suffix(".txt"), dst.with_suffix(".txt"))
-        wait_for(lambda: status(night.out)["files"]["done"] == n, timeout=300, every=1.0)
+        t_written = time.time() - t0
+        wait_for(lambda: counts(night.out)["done"] == n, timeout=300, every=0.5)
+        t_done = time.time() - t0
     finally:
         assert stop(proc) == 0
+    print(f"\nburst: {n} files written in {t_written:.1f} s, all done {t_done:.1f} s after the first")
     assert "rescan requested (event queue full)" in (night.tmp / "daemon.log").read_text()
+    rows = ledger_rows(night.out)
+    assert len(rows) == n and all(r["state"] == "done" and r["nprocessed"] == 1 for r in rows.values())
+    assert len(list((night.out / "coadded").glob("*.fits"))) == n
+    assert status(night.out)["files"]["done"] == n
+
+
+# -- PDI inside the daemon ------------------------------------------------------------------------
+PDI = {"align.crop_width": 48, "polarimetry.use_ideal_mm": True}
+
+
+def set_rows(out: Path) -> list[dict]:
+    con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True, timeout=5)
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute("SELECT * FROM sets ORDER BY id")]
+    con.close()
+    return rows
+
+
+def daemon_running(out: Path, proc: subprocess.Popen) -> bool:
+    """This daemon has passed its start-up (catch-up rescan and triggers) and ticks."""
+    try:
+        con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True, timeout=5)
+        row = con.execute("SELECT pid, status FROM daemon WHERE id=1").fetchone()
+        con.close()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == proc.pid and row[1] in ("running", "degraded")
+
+
+def set_done(out: Path, name: str = "t") -> bool:
+    try:
+        complete = [r for r in set_rows(out) if r["state"] == "complete"]
+    except sqlite3.Error:
+        return False
+    return (len(complete) == 1 and (out / "pdi" / "stokes" / f"{name}_stokes_000.fits").exists()
+            and (out / "pdi" / f"{name}_stokes_coll.fits").exists())
+
+
+def test_pdi_set_completes_in_the_daemon(night):
+    """One HWP cycle (16 files, triple difference) streams into `vampd watch`: the set completes in
+    the ledger and its Stokes file and the running collapse exist while the daemon runs."""
+    cfg = write_config(night.tmp / "pdi.toml", preset="pdi-triplediff", sections=PDI)
+    proc = start_daemon(cfg, night.tmp / "raw", night.out)
+    try:
+        Streamer(night.tmp, cadence=0.05, size=64).join()
+        wait_for(lambda: set_done(night.out), timeout=120, every=0.2)
+        assert proc.poll() is None
+        (row,) = set_rows(night.out)
+        members = json.loads(row["members"])
+        assert row["mode"] == "triplediff" and len(members) == 16
+        assert {m["path"] for m in members} == {str(p) for p in (night.tmp / "raw").glob("*.fits")}
+        assert len(list((night.out / "pdi" / "stokes").glob("*_stokes_*.fits"))) == 1
+        assert status(night.out)["sets"] == {"complete": 1, "broken": 0, "open": 0}
+    finally:
+        assert stop(proc) == 0
+
+
+def test_pdi_set_of_a_file_recorded_before_a_kill_is_processed_at_restart(night):
+    """The ledger a SIGKILL leaves between the 16th file's record and its set update: 15 files
+    recorded with their triggers (one open set), the 16th recorded without (here: by `vampd run`
+    with the same per-file settings and no [polarimetry] -- same config hash, so nothing is
+    redone). The restarted daemon processes the set at start-up, once; a second restart adds no set."""
+    files = [str(p) for p in simulate(night.tmp, size=64)]
+    cfg = write_config(night.tmp / "pdi.toml", preset="pdi-triplediff", sections=PDI)
+    cut = write_config(night.tmp / "cut.toml", preset="pdi-triplediff",
+                       sections={**PDI, "polarimetry": None, "diff_images.make_diff": False})
+    from vampd.config import load_config
+    from vampd.engine.runner import config_hash_of
+
+    assert config_hash_of(load_config(cfg)) == config_hash_of(load_config(cut))
+
+    def run(c, paths):
+        p = subprocess.run([sys.executable, "-m", "vampd", "run", str(c), *paths, "-o", str(night.out), "-j", "2"],
+                           env=env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+    run(cfg, files[:15])
+    (row,) = set_rows(night.out)
+    assert row["state"] == "open" and len(json.loads(row["members"])) == 15
+    run(cut, files[15:])
+    assert counts(night.out)["done"] == 16 and not set_done(night.out)
+    mtimes = {p["path"]: p["mtime_ns"] for p in ledger_products(night.out)}
+    for _ in range(2):
+        proc = start_daemon(cfg, night.tmp / "raw", night.out)
+        try:
+            wait_for(lambda: daemon_running(night.out, proc), timeout=90, every=0.1)
+            assert set_done(night.out) and proc.poll() is None
+        finally:
+            assert stop(proc) == 0
+        (row,) = set_rows(night.out)
+        assert row["state"] == "complete" and len(json.loads(row["members"])) == 16
+        assert len(list((night.out / "pdi" / "stokes").glob("*.fits"))) == 1
+    assert all(r["nprocessed"] == 1 for r in ledger_rows(night.out).values())
+    assert {p["path"]: p["mtime_ns"] for p in ledger_products(night.out)} == mtimes
