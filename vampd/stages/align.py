@@ -335,7 +335,8 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
     Lanczos-shifted error cube of :func:`align_cube`, each frame's ``σ²`` is taken at the
     *nearest* source pixel of every output pixel, i.e. pure slicing. This is the same pixel
     that decides whether the aligned data is NaN (see :func:`vampd.imaging.shift_window`),
-    so non-finite σ and parts outside the frame add 0 exactly where the data are NaN.
+    so NaN σ (saturated, unusable flat) and parts outside the frame add 0 exactly where
+    the data are NaN.
     Approximation: σ is not interpolated (the Lanczos path interpolates σ linearly, itself
     an approximation), so the error map is displaced by up to half a pixel.
 
@@ -391,9 +392,11 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
         good.append(g["good"])
     acc = np.zeros((nf, h, w), np.float32)
     var = np.empty((ny, nx), np.float32)
+    nan = np.empty((ny, nx), bool)
     for i, f in enumerate(frames):
         np.square(err[f], out=var, dtype=np.float32)
-        np.fmax(var, 0, out=var)  # NaN -> 0 in one pass (σ² >= 0)
+        np.isnan(var, out=nan)
+        np.copyto(var, 0, where=nan)
         for k in range(nf):
             if near[k] is None or not good[k][i]:
                 continue
