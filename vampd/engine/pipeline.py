@@ -7,7 +7,14 @@ ledger records and never touches the ledger itself.
 Memory: the cube is read in frame chunks. Calibrated chunks are kept in RAM only while the
 whole calibrated cube fits in ``HOLD_BYTES``; a larger cube is calibrated twice (once for
 the metrics, once for alignment) rather than held, and its aligned frames go through a
-disk-backed coadder, so a 25 GB cube needs chunk-sized memory.
+disk-backed coadder when they exceed ``COADD_RAM_BYTES``, so a 25 GB cube needs
+chunk-sized memory.
+
+Speed (coadd without aligned intermediates, any method but ``varmean``): only the part of
+the aligned frame that can hold data (:func:`~vampd.stages.align.align_region`) is
+resampled, straight into the coadder's frame store; the coadd error uses the per-frame
+variances shifted by the nearest whole pixel (:func:`~vampd.stages.align.variance_sum_nearest`)
+instead of a Lanczos-shifted error cube. The data path is identical to ``align_cube``.
 """
 
 from __future__ import annotations
