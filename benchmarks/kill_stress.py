@@ -1,5 +1,7 @@
 """Kill stress: stream a simulated night into a watched directory, SIGKILL the daemon at
-random moments (default 20 times), restart it each time, and check exactly-once at the end.
+random moments while jobs are running (default 20 times, spread over the night), restart it
+each time, SIGTERM it once while jobs run (exit 0 within the stop timeout), and check
+exactly-once at the end.
 
     python benchmarks/kill_stress.py [--files 64] [--kills 20] [--workdir DIR] [--seed 1]
 
@@ -40,12 +42,22 @@ def rows(out: Path, sql: str) -> list[dict]:
     return r
 
 
+def rows_kv(out: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True, timeout=5)
+    r = con.execute(sql).fetchall()
+    con.close()
+    return r
+
+
+STOP_TIMEOUT = 20.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=64, help="raw files (multiple of 16)")
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--cadence", type=float, default=None,
-                    help="seconds between files (default: spread the stream over the kills, ~8 s per kill)")
+                    help="seconds between files (default 1)")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--nframes", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
@@ -64,7 +76,7 @@ def main(argv=None) -> int:
     sh("new", str(cfgp), "-f", check=True)
     cfg = load_config(cfgp)
     for k, v in dict(settle_time=0.1, complete_timeout=10.0, reconcile_interval=5.0, expect_sidecar=True,
-                     workers=2, stop_timeout=20.0).items():
+                     workers=2, stop_timeout=STOP_TIMEOUT).items():
         setattr(cfg.watch, k, v)
     save_config(cfg, cfgp)
     log = open(work / "daemon.log", "ab")
@@ -76,41 +88,77 @@ def main(argv=None) -> int:
     sim = SimConfig(size=args.size, nframes=args.nframes, ncycles=max(1, args.files // 16), n_hot=0, n_dead=0,
                     calib=False, seed=args.seed)
     n = 16 * sim.ncycles
-    cadence = args.cadence if args.cadence is not None else max(0.2, 8.0 * args.kills / n)
+    cadence = args.cadence if args.cadence is not None else 1.0
     rng = random.Random(args.seed)
+    # the i-th kill once more than marks[i] files are done: kills spread over the whole night
+    marks = sorted(rng.sample(range(1, max(args.kills + 2, n - 8)), args.kills))
     t0 = time.time()
     proc = start()
     stream = threading.Thread(target=stream_night, args=(work, sim), kwargs={"cadence": cadence}, daemon=True)
     stream.start()
     recorded: dict[str, int] = {}
     kills = busy_kills = 0
-    while kills < args.kills or stream.is_alive():
-        before = status(out)["files"]["done"]
-        t_wait = time.time()
-        while before < n and status(out)["files"]["done"] <= before and time.time() - t_wait < 60:
-            time.sleep(0.1)
-        time.sleep(rng.uniform(0.0, 0.5))
+    problems = []
+
+    def states() -> dict:
+        try:
+            c = dict(rows_kv(out, "SELECT state, COUNT(*) FROM files GROUP BY state"))
+        except sqlite3.Error:
+            c = {}
+        return {k: c.get(k, 0) for k in ("pending", "queued", "running", "done", "failed", "parked")}
+
+    def busy_after(done_before: int, timeout: float = 120.0) -> dict | None:
+        """Wait until this incarnation recorded a file beyond ``done_before`` and a job runs."""
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            c = states()
+            if c["running"] > 0 and c["done"] > done_before:
+                return c
+            time.sleep(0.02)
+        return None
+
+    def snapshot() -> None:
         if (out / "vampd.sqlite").exists():
             for p in rows(out, "SELECT path, mtime_ns FROM products"):
                 recorded.setdefault(p["path"], p["mtime_ns"])
-        st = status(out)["files"]
-        busy = st.get("running", 0) > 0
+
+    while kills < args.kills:
+        before = max(states()["done"], marks[kills])
+        if busy_after(before) is None:
+            problems.append(f"kill {kills + 1}: no running job after {before} done within 120 s")
+            break
+        time.sleep(rng.uniform(0.0, 0.1))
+        c = states()
+        if c["running"] == 0:
+            continue  # that job ended: a random moment of the next one
+        snapshot()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        busy_kills += busy
-        print(f"kill {kills}: {st['done']}/{n} done{' (jobs running)' if busy else ''}", flush=True)
+        busy_kills += 1
+        print(f"kill {kills}: {c['done']}/{n} done, {c['running']} running ({time.time() - t0:.0f} s)", flush=True)
         proc = start()
+    # one SIGTERM while jobs run: a clean drain, exit 0 within the stop timeout
+    c = busy_after(states()["done"])
+    snapshot()
+    t_term = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rc_term = proc.wait(120)
+    t_stop = time.time() - t_term
+    print(f"SIGTERM with {c['running'] if c else 0} running: exit {rc_term} in {t_stop:.2f} s "
+          f"(stop timeout {STOP_TIMEOUT:g} s)", flush=True)
+    if rc_term != 0 or t_stop >= STOP_TIMEOUT:
+        problems.append(f"SIGTERM during processing: exit {rc_term} after {t_stop:.1f} s")
+    proc = start()
     stream.join()
     t_end = time.time() + 300
-    while status(out)["files"]["done"] < n and time.time() < t_end:
+    while states()["done"] < n and time.time() < t_end:
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(60)
 
     files = rows(out, "SELECT path, state, nprocessed FROM files")
     prods = rows(out, "SELECT file, kind, path, mtime_ns FROM products")
-    problems = []
     if rc != 0:
         problems.append(f"SIGTERM exit status {rc}")
     if len(files) != n or any(f["state"] != "done" or f["nprocessed"] != 1 for f in files):
@@ -125,7 +173,7 @@ def main(argv=None) -> int:
     st = status(out)
     if (st["files"]["total"], st["files"]["done"], st["files"]["failed"], st["files"]["pending"]) != (n, n, 0, 0):
         problems.append(f"status disagrees: {st['files']}")
-    print(f"{kills} kills ({busy_kills} with jobs running), {n} files, {len(recorded)} products checked for rewrite, {time.time() - t0:.0f} s; "
+    print(f"{kills} SIGKILLs ({busy_kills} with jobs running) + 1 SIGTERM (stop {t_stop:.2f} s), {n} files, {len(recorded)} products checked for rewrite, {time.time() - t0:.0f} s; "
           f"work dir {work}")
     for p in problems:
         print("FAIL:", p)

@@ -1,6 +1,6 @@
 """Latency: time from a raw file being complete to its products being recorded in the ledger.
 
-    python benchmarks/latency.py [--files 16] [--size 256] [--nframes 50] [--workers 2] [--cadence 2]
+    python benchmarks/latency.py [--files 32] [--size 256] [--nframes 50] [--workers 2] [--cadence 2]
 
 A simulated night streams into a watched directory (logger pattern: tmp, rename, sidecar);
 the daemon runs with the given workers. Two latencies are reported per file, median and p95:
@@ -10,8 +10,10 @@ the daemon runs with the given workers. Two latencies are reported per file, med
 * ``end-to-end``: from the sidecar's mtime (the logger's last write) to the commit, which
   adds the settle time and the watcher's detection delay.
 
-The first file of each worker pays the worker start-up (imports, PSF model) and is reported
-separately. Target: median <= 1 s for a 50-frame 256x256 cube on 2 workers.
+The stream starts once the daemon is up (its workers are spawned and import the pipeline when
+the pool starts). The first file of each camera on each worker still computes that camera's PSF
+model: the first ``2 x workers`` files are reported separately as the cold start, the rest as
+the steady state. Target: median <= 1 s for a 50-frame 256x256 cube on 2 workers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def pct(values, q):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", type=int, default=16, help="raw files (multiple of 16)")
+    ap.add_argument("--files", type=int, default=32, help="raw files (multiple of 16)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--nframes", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
@@ -63,6 +65,18 @@ def main(argv=None) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(cfgp), "-i", str(work / "raw"), "-o",
                              str(out)], stdout=log, stderr=log)
     try:
+        t_start = time.time()
+        while time.time() - t_start < 120:  # the daemon is up (ticking) before the first file
+            try:
+                con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True)
+                st = con.execute("SELECT status FROM daemon WHERE id=1").fetchone()
+                con.close()
+            except sqlite3.Error:
+                st = None
+            if st and st[0] in ("running", "degraded"):
+                break
+            time.sleep(0.1)
+        t_up = time.time() - t_start
         sim = SimConfig(size=args.size, nframes=args.nframes, ncycles=max(1, args.files // 16), calib=False)
         stream_night(work, sim, cadence=args.cadence)
         n = 16 * sim.ncycles
@@ -83,24 +97,29 @@ def main(argv=None) -> int:
     con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True)
     rows = con.execute("SELECT path, latency, t_done, t_started FROM files WHERE state='done' ORDER BY t_done").fetchall()
     con.close()
-    warm = rows[args.workers:]  # the first file per worker includes the worker start-up
-    ledger_lat = [r[1] for r in warm]
-    e2e = [r[2] - os.stat(Path(r[0]).with_suffix(".txt")).st_mtime for r in warm]
-    cold = [r[2] - os.stat(Path(r[0]).with_suffix(".txt")).st_mtime for r in rows[: args.workers]]
+    ncold = 2 * args.workers  # first file of each camera on each worker: PSF models
+    e2e_all = [r[2] - os.stat(Path(r[0]).with_suffix(".txt")).st_mtime for r in rows]
+    cold, warm = rows[:ncold], rows[ncold:]
     res = {
         "files": len(rows), "size": args.size, "nframes": args.nframes, "workers": args.workers,
-        "ledger_median_s": pct(ledger_lat, 0.5), "ledger_p95_s": pct(ledger_lat, 0.95),
-        "e2e_median_s": pct(e2e, 0.5), "e2e_p95_s": pct(e2e, 0.95), "cold_start_s": cold,
+        "steady_files": len(warm), "daemon_up_s": t_up,
+        "ledger_median_s": pct([r[1] for r in warm], 0.5), "ledger_p95_s": pct([r[1] for r in warm], 0.95),
+        "e2e_median_s": pct(e2e_all[ncold:], 0.5), "e2e_p95_s": pct(e2e_all[ncold:], 0.95),
+        "cold_ledger_s": [r[1] for r in cold], "cold_e2e_s": e2e_all[:ncold],
+        "all_ledger_median_s": pct([r[1] for r in rows], 0.5), "all_ledger_p95_s": pct([r[1] for r in rows], 0.95),
         "settle_s": args.settle,
     }
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{res['files']} files of {args.nframes}x{args.size}^2 on {args.workers} workers "
-              f"(first {args.workers} excluded: cold start {', '.join(f'{c:.1f}' for c in cold)} s)")
-        print(f"complete -> recorded: median {res['ledger_median_s']:.2f} s, p95 {res['ledger_p95_s']:.2f} s")
-        print(f"logger done -> recorded (incl. settle {args.settle} s): median {res['e2e_median_s']:.2f} s, "
-              f"p95 {res['e2e_p95_s']:.2f} s")
+        print(f"{res['files']} files of {args.nframes}x{args.size}^2 on {args.workers} workers, cadence "
+              f"{args.cadence} s (daemon up {t_up:.1f} s after start)")
+        print(f"steady state ({len(warm)} files): complete -> recorded median {res['ledger_median_s']:.2f} s, "
+              f"p95 {res['ledger_p95_s']:.2f} s; logger done -> recorded (incl. settle {args.settle} s) "
+              f"median {res['e2e_median_s']:.2f} s, p95 {res['e2e_p95_s']:.2f} s")
+        print(f"cold start (first {ncold} files): complete -> recorded "
+              f"{', '.join(f'{c:.2f}' for c in res['cold_ledger_s'])} s")
+        print(f"all files: median {res['all_ledger_median_s']:.2f} s, p95 {res['all_ledger_p95_s']:.2f} s")
     return 0
 
 
