@@ -28,10 +28,11 @@ from vampd.instrument.headers import header_summary
 from vampd.pdi.diffimages import diff_paths, match_double, match_single, write_double_diff, write_single_diff
 from vampd.pdi.mmfiles import file_mueller, mm_path, write_mm_file
 from vampd.pdi.process import SetInvalid, load_member, make_set_stokes, write_set_file
+from vampd.pdi.calibrated import update_calibrated_running
 from vampd.pdi.running import RunningStokes, append_table_row, running_paths, write_running_products
 from vampd.pdi.sets import HWPSet, all_slots, assemble_sets
 
-__all__ = ["on_file_done", "on_finalize", "update_sets", "set_members", "stokes_path"]
+__all__ = ["on_file_done", "on_finalize", "update_sets", "set_members", "stokes_path", "refresh_calibrated"]
 
 log = logging.getLogger("vampd.pdi")
 _INVALID = "invalid: "
@@ -241,7 +242,28 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     stale = [k for k, r in rows.items() if k not in current and k not in locked and r["state"] in ("open", "broken")]
     _delete_sets(ledger, stale)
     summary.update(complete=len(asm.complete), open=len(asm.open), broken=len(asm.broken), rejected=asm.rejected)
+    cal = refresh_calibrated(cfg, outdir)
+    if cal:
+        summary["calibrated"] = cal
     return summary
+
+
+def refresh_calibrated(cfg, outdir) -> dict:
+    """Rewrite the running Stokes products' companions in the specphot unit if the e-/s products
+    or the target's factors changed (:func:`vampd.pdi.calibrated.update_calibrated_running`).
+
+    Called after every set rebuild and by the specphot trigger after a calibrated sequence.
+    Returns the written paths (``{}`` if nothing to do); a failure is logged, never raised.
+    """
+    from vampd.engine.specphot_trigger import specphot_enabled
+
+    if cfg.polarimetry is None or not specphot_enabled(cfg):
+        return {}
+    try:
+        return {k: str(v) for k, v in update_calibrated_running(outdir, _name(cfg), cfg.polarimetry.cyl_stokes).items()}
+    except Exception as exc:  # noqa: BLE001 -- the e-/s products stand; the next call retries
+        log.error("running Stokes products in the specphot unit not written: %s", exc)
+        return {"error": str(exc)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ For a complete sequence the trigger
    stage stays idempotent and a recalibration only rewrites copies;
 3. writes the factors to ``specphot/{name}_{target}_{filter}_cam{n}_{first stem}.json`` (read by
    :func:`vampd.specphot.pdi_unit_factor` for the running Stokes products);
+   then the running Stokes products' companions in the unit are brought up to date
+   (:func:`vampd.engine.pdi_trigger.refresh_calibrated`), so a calibration that arrives after
+   sets were accumulated reaches them at once;
 4. records it in the ledger (``specphot`` table; calibrated copies as product kind
    ``calibrated_flux`` of their file) in one transaction.
 
@@ -307,7 +310,18 @@ def on_file_done(ledger, cfg, outdir, path: str) -> list[dict]:
     row = ledger.get(str(path))
     if row is None or row["camera"] is None:
         return []
-    return _process_camera(ledger, cfg, Path(outdir), int(row["camera"]), final=False, check_files=False)
+    done = _process_camera(ledger, cfg, Path(outdir), int(row["camera"]), final=False, check_files=False)
+    _refresh_pdi(cfg, outdir, done)
+    return done
+
+
+def _refresh_pdi(cfg, outdir, done: list[dict]) -> None:
+    """A newly calibrated sequence changes the factor of the running Stokes products (issue 6):
+    rewrite their companions in the specphot unit now, not at the next set."""
+    if any(d.get("state") == "done" for d in done):
+        from vampd.engine.pdi_trigger import refresh_calibrated
+
+        refresh_calibrated(cfg, outdir)
 
 
 def on_finalize(ledger, cfg, outdir) -> list[dict]:
@@ -319,4 +333,5 @@ def on_finalize(ledger, cfg, outdir) -> list[dict]:
     cams = [r[0] for r in ledger.conn.execute("SELECT DISTINCT camera FROM files WHERE state='done' AND camera IS NOT NULL")]
     for cam in sorted(cams):
         out.extend(_process_camera(ledger, cfg, Path(outdir), int(cam), final=True, check_files=True))
+    _refresh_pdi(cfg, outdir, out)
     return out

@@ -31,6 +31,8 @@ from astropy.io import fits
 
 from vampd import __version__
 from vampd.fitsio import atomic_write, write_fits_atomic
+from vampd.pdi.calibrated import write_calibrated
+from vampd.pdi.cards import set_card
 from vampd.pdi.stokes import product_names, stokes_products
 from vampd.stages.combine import circular_mean, combine_headers
 
@@ -178,19 +180,19 @@ def final_header(
         if key.startswith("DPP PDI") and any(t in key for t in (" FLUX", "DOLP", "AOLP", "IP_P", "IP_ANG", "IP_POL")):
             hdr.remove(key, ignore_missing=True, remove_all=True)
     tint = sum(float(s.header.get("TINT", 0.0) or 0.0) for s in sets)
-    hdr["TINT"] = (tint, "[s] total integration of the sets (per camera)")
-    hdr["NCOADD"] = (int(nfiles), "unique files in the collapsed sets")
+    set_card(hdr, "TINT", tint, "[s] total integration of the sets (per camera)")
+    set_card(hdr, "NCOADD", int(nfiles), "unique files in the collapsed sets")
     if "DEROTANG" in hdr:
-        hdr["DEROTANG"] = (circular_mean([float(s.header.get("DEROTANG", 0.0)) for s in sets]), "[deg] mean")
+        set_card(hdr, "DEROTANG", circular_mean([float(s.header.get("DEROTANG", 0.0)) for s in sets]), "[deg] mean")
     names = product_names(cyl_stokes)
-    hdr["CTYPE3"] = ("STOKES", "plane axis")
-    hdr["STOKES"] = (",".join(names), "Stokes product planes")
-    hdr["BUNIT"] = ("e-/s", "per camera (I_Q = mean single-beam intensity); AOLP in rad")
-    hdr["HIERARCH DPP PDI NSETS"] = (len(sets), "sets in the final collapse")
-    hdr["HIERARCH DPP PDI COLLAPSE"] = (method, "collapse over sets")
-    hdr["HIERARCH DPP VERSION"] = (__version__, "vampd version")
+    set_card(hdr, "CTYPE3", "STOKES", "plane axis")
+    set_card(hdr, "STOKES", ",".join(names), "Stokes product planes")
+    set_card(hdr, "BUNIT", "e-/s", "per camera; I_Q = mean beam; AOLP in rad")
+    set_card(hdr, "HIERARCH DPP PDI NSETS", len(sets), "sets in the final collapse")
+    set_card(hdr, "HIERARCH DPP PDI COLLAPSE", method, "collapse over sets")
+    set_card(hdr, "HIERARCH DPP VERSION", __version__, "vampd version")
     for key, val in (provenance or {}).items():
-        hdr[f"HIERARCH {key}"] = val
+        set_card(hdr, f"HIERARCH {key}", *(val if isinstance(val, tuple) else (val,)))
     return hdr
 
 
@@ -226,8 +228,9 @@ def write_final_pdi(
     Writes ``pdi/{name}[_{label}]_stokes_coll.fits`` (8, N, N) + ERR + field header HDUs,
     ``_stokes_cube.fits`` (nfields, 8, N, N) when nfields > 1, ``_footprint.fits`` (fraction of
     sets with a finite Q; (N, N) or (nfields, N, N)) and ``_stokes_table.csv`` (set headers,
-    MJD order). With ``unit_factors = (unit, {field: factor})`` from specphot, a calibrated copy
-    ``…_stokes_coll_{unit}.fits`` is written too.
+    MJD order). With ``unit_factors = (unit, {field: factor})`` from specphot, calibrated copies
+    ``…_stokes_coll_{unit}.fits`` (and ``…_stokes_cube_{unit}.fits`` for MBI) are written too
+    (:func:`vampd.pdi.calibrated.write_calibrated`: every field by its own factor, AOLP unscaled).
 
     Returns the written paths by kind.
     """
@@ -251,8 +254,8 @@ def write_final_pdi(
     hdr = final_header(sets, method, nfiles, provenance, cyl_stokes)
     nf = len(fields)
     if nf > 1:  # primary NCOADD/TINT per field (§9.8)
-        hdr["NCOADD"] = (hdr["NCOADD"] / nf, "unique files / nfields")
-        hdr["TINT"] = (hdr["TINT"] / nf, "[s] total integration / nfields")
+        set_card(hdr, "NCOADD", hdr["NCOADD"] / nf, "unique files / nfields")
+        set_card(hdr, "TINT", hdr["TINT"] / nf, "[s] total integration / nfields")
     fhdus = []
     for f, fh in zip(fields, sets[0].field_headers):
         h = _strip(fh)
@@ -282,21 +285,13 @@ def write_final_pdi(
         paths["coll"], fits.HDUList([fits.PrimaryHDU(coll, header=chdr), fits.ImageHDU(ecoll, name="ERR"), *fhdus])
     )
     if unit_factors is not None and unit_factors[1]:
+        # each field by its own factor; the MBI collapse is the mean of the calibrated fields
         unit, factors = unit_factors
-        f = np.array([factors.get(fl, math.nan) for fl in fields], float)
-        fac = float(np.nanmean(f)) if nf > 1 else float(f[0])
-        if math.isfinite(fac):
-            scale = np.array([fac] * 6 + [fac, 1.0], np.float32)[:, None, None]  # AOLP stays in rad
-            uh = chdr.copy()
-            uh["BUNIT"] = (unit, "specphot unit (AOLP in rad)")
-            uh["HIERARCH DPP FLUX UNIT"] = unit
-            uh["HIERARCH DPP FLUX FACTOR"] = (fac, f"e-/s -> {unit}")
-            upath = paths["coll"].with_name(paths["coll"].stem + f"_{_unit_slug(unit)}.fits")
-            written["coll_unit"] = write_fits_atomic(
-                upath,
-                fits.HDUList([fits.PrimaryHDU(coll * scale, header=uh), fits.ImageHDU(ecoll * np.abs(scale), name="ERR"),
-                              *[h.copy() for h in fhdus]]),
-            )
+        try:
+            written.update(write_calibrated(paths["coll"], paths["cube"], data8, err8, chdr, fhdus, fields, unit,
+                                            factors, cyl_stokes))
+        except ValueError as exc:
+            warnings.warn(f"{paths['coll'].name}: no calibrated copy: {exc}", stacklevel=2)
     fp = (count[:, 2] / len(sets)).astype(np.float32)
     fhdr = fits.Header()
     fhdr["HIERARCH DPP PDI NSETS"] = (len(sets), "sets in the final collapse")
@@ -305,10 +300,6 @@ def write_final_pdi(
     rows = [dict({k: v for k, v in header_row(s.header).items() if k not in _STRUCTURAL}, path=s.path) for s in sets]
     written["table"] = write_table_csv(paths["table"], rows)
     return written
-
-
-def _unit_slug(unit: str) -> str:
-    return {"e-/s": "eps", "Jy": "jy", "Jy/arcsec^2": "jyas2", "contrast": "contrast"}.get(unit, re.sub(r"\W+", "_", unit))
 
 
 # ------------------------------------------------------------------------------------------------
