@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,7 +286,9 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         t_cal += time.perf_counter() - t
         if centers is None:
             first = data[: min(len(data), 16)]
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                # saturated pixels are NaN in every frame: their mean is NaN, not a warning
+                warnings.simplefilter("ignore", RuntimeWarning)
                 ref = first.mean(axis=0)  # a plain mean is 3x cheaper; NaN columns redone
                 if not np.isfinite(ref).all():
                     ref = np.nanmean(first, axis=0)
