@@ -215,3 +215,206 @@ def test_qphi_preview_shows_the_ring(night):
     c = i_img.shape[0] // 2
     assert i_img[c - 3 : c + 3, c - 3 : c + 3].mean() > i_img[:10, :10].mean() + 0.5  # the star
     assert json.loads(json.dumps(night["first"]))  # digests are plain strings
+
+
+# ------------------------------------------------------------------------------------------------
+# finalize while the daemon is still running
+
+
+def _ledger_rows(out):
+    """Files and sets as the ledger holds them (read-only; the daemon table changes by itself)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        files = con.execute("SELECT path, state, tries, error, t_done FROM files ORDER BY path").fetchall()
+        sets = con.execute("SELECT key, state, reason, members FROM sets ORDER BY key").fetchall()
+    finally:
+        con.close()
+    return files, sets
+
+
+def _wait_for(out, ndone, nsets, proc, timeout=120):
+    import sqlite3
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, "the daemon died"
+        if (out / "vampd.sqlite").exists():
+            try:
+                files, sets = _ledger_rows(out)
+            except sqlite3.OperationalError:  # the daemon is still creating the schema
+                time.sleep(0.3)
+                continue
+            if sum(f[1] == "done" for f in files) >= ndone and sum(s[1] == "complete" for s in sets) >= nsets:
+                return files, sets
+        time.sleep(0.3)
+    raise AssertionError(f"daemon did not reach {ndone} done files / {nsets} sets in {timeout} s")
+
+
+def _drop(src, dest_dir):
+    """Copy a raw file in like the logger: a hidden temporary name, then an atomic rename."""
+    import os
+    import shutil
+
+    tmp = dest_dir / f".{src.name}.part"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest_dir / src.name)
+
+
+def test_finalize_while_the_daemon_runs(tmp_path, capsys):
+    """``vampd finalize`` next to a live ``vampd watch``: it reads one snapshot (20 files, one
+    complete set, one open), writes products and report from it, writes nothing to the ledger and
+    closes no set; the daemon goes on with the next files and exits 0 on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from vampd.cli import main
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+    from vampd.simulate.night import SimConfig, simulate_night
+
+    simulate_night(tmp_path / "sim", SimConfig(size=64, nframes=2, ncycles=2, noise_free=True, calib=False))
+    raw = sorted((tmp_path / "sim" / "raw").glob("*.fits"), key=lambda p: (p.name[4:], p.name))  # time order
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "d"
+    cfg.align.crop_width = 56
+    cfg.polarimetry.use_ideal_mm = True
+    cfg.diff_images.make_diff = False
+    for k, v in dict(settle_time=0.1, complete_timeout=3.0, reconcile_interval=2.0, stop_timeout=10.0,
+                     expect_sidecar=False, workers=1).items():
+        setattr(cfg.watch, k, v)
+    save_config(cfg, tmp_path / "d.toml")
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    env.pop("VAMPD_PROCESS", None)
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(tmp_path / "d.toml"), "-i", str(inbox),
+                             "-o", str(out)], env=env, stdout=log, stderr=log)
+    try:
+        for p in raw[:20]:  # set 0 (16 files) and 4 members of set 1
+            _drop(p, inbox)
+        before = _wait_for(out, 20, 1, proc)
+        assert sum(s[1] == "open" for s in before[1]) == 1
+        capsys.readouterr()
+        assert main(["finalize", str(tmp_path / "d.toml"), "-o", str(out)]) == 0
+        said = capsys.readouterr().out
+        assert f"(daemon pid {proc.pid} still running: snapshot only)" in said
+        assert "20 file(s) done" in said and "sets 1 complete, 0 broken, 1 open" in said
+        # nothing written to the ledger: no file redone, the open set not closed "end of night"
+        assert _ledger_rows(out) == before
+        with fits.open(out / "pdi" / "d_stokes_coll.fits") as h:
+            assert h[0].header["DPP FINAL NFILES DONE"] == 20 and h[0].header["DPP PDI NSETS"] == 1
+            assert h[0].header["DPP PDI COLLAPSE"] == "median"
+        report = (out / "report" / "report.md").read_text()
+        assert f"daemon pid {proc.pid} was still running" in report
+        assert "**1 complete**, **0 broken**, 1 open" in report
+        # the daemon goes on: the rest of set 1 completes it
+        for p in raw[20:]:
+            _drop(p, inbox)
+        files, sets = _wait_for(out, 32, 2, proc)
+        assert sum(f[1] == "done" for f in files) == 32
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        log.close()
+    assert rc == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+    with fits.open(out / "pdi" / "d_stokes_coll.fits") as h:  # the running product moved on
+        assert h[0].header["DPP PDI NSETS"] == 2 and h[0].header["DPP PDI COLLAPSE"] == "mean"
+
+
+# ------------------------------------------------------------------------------------------------
+# an MBI night with two targets and specphot, end to end
+
+
+@pytest.fixture(scope="module")
+def mbi_night(tmp_path_factory):
+    from vampd.cli import main
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+    from vampd.simulate.night import SimConfig, simulate_night
+    from vampd.simulate.scene import Scene
+
+    root = tmp_path_factory.mktemp("mbi")
+    sim = SimConfig(size=64, nframes=2, ncycles=1, noise_free=True, calib=False, mbi=True, targets=("ABAUR", "MWC480"),
+                    scene=Scene(ring_radius_mas=100.0, ring_width_mas=25.0, ring_flux=2e5))
+    truth = simulate_night(root / "sim", sim)
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "m"
+    cfg.align.crop_width = 56
+    cfg.polarimetry.use_ideal_mm = True
+    cfg.diff_images.make_diff = False
+    cfg.specphot.unit = "Jy"
+    cfg.specphot.source = "zeropoints"
+    save_config(cfg, root / "m.toml")
+    files = sorted(str(p) for p in (root / "sim" / "raw").glob("*.fits"))
+    out = root / "red"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VAMPD_DATA_DIR", raising=False)  # the built-in zero points
+        assert main(["run", str(root / "m.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+        assert main(["finalize", str(root / "m.toml"), "-o", str(out)]) == 0
+    return {"root": root, "out": out, "truth": truth, "nfiles": len(files)}
+
+
+MBI_FIELDS = ["F610", "F670", "F720", "F760"]
+
+
+def test_mbi_night_final_cube_per_target(mbi_night):
+    out = mbi_night["out"]
+    assert mbi_night["nfiles"] == 32
+    for target in ("ABAUR", "MWC480"):
+        base = out / "pdi" / f"m_{target}_F610-F670-F720-F760"
+        with fits.open(f"{base}_stokes_cube.fits") as h:
+            cube, n = h[0].data, h[0].data.shape[-1]
+            assert cube.shape == h["ERR"].data.shape == (4, 8, n, n) and n >= 56
+            assert [x.name for x in h[2:]] == MBI_FIELDS and h[0].header["OBJECT"] == target
+            assert h[0].header["DPP PDI NSETS"] == 1 and h[0].header["NCOADD"] == 16 / 4
+        with fits.open(f"{base}_stokes_coll.fits") as h:
+            assert h[0].data.shape == (8, n, n) and h[0].header["FIELD"] == "COMB"
+            # the collapse over fields is their mean
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(cube[:, 2]).all(axis=0)
+            np.testing.assert_allclose(h[0].data[2][ok], cube[:, 2].mean(axis=0)[ok], rtol=1e-5,
+                                       atol=1e-6 * np.abs(cube[:, 2][:, ok]).max())
+        assert fits.getdata(f"{base}_footprint.fits").shape == (4, n, n)
+        # the calibrated cube: every field by its own factor
+        with fits.open(f"{base}_stokes_cube_jy.fits") as h:
+            fac = [h[0].header[f"DPP FLUX FACTOR {f}"] for f in MBI_FIELDS]
+            np.testing.assert_allclose(h[0].data[:, 4], cube[:, 4] * np.asarray(fac)[:, None, None], rtol=1e-5)
+            np.testing.assert_array_equal(h[0].data[:, 7], cube[:, 7])  # AOLP stays in rad
+    text = (out / "report" / "report.md").read_text()
+    assert "**2 complete**, **0 broken**" in text and "ABAUR" in text and "MWC480" in text
+
+
+def test_specphot_summary_per_target(mbi_night):
+    """One summary row per target and camera, factor = median over its files of the built-in
+    C_FD · 10^(0.4 k AIRMASS)."""
+    import csv
+
+    from vampd.engine.ledger import Ledger
+
+    out = mbi_night["out"]
+    with open(out / "aux" / "m_specphot_summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["target"], r["camera"]) for r in rows] == [("ABAUR", "1"), ("ABAUR", "2"), ("MWC480", "1"), ("MWC480", "2")]
+    led = Ledger(out, readonly=True)
+    prods = led.conn.execute("SELECT f.target, f.camera, p.path FROM files f JOIN products p ON p.file = f.path"
+                             " WHERE p.kind = 'coadded'").fetchall()
+    led.close()
+    zp = {"F610": (1.40e-06, 0.09034138), "F760": (1.17e-06, 0.031851713)}
+    for r in rows:
+        assert r["unit"] == "Jy" and r["source"] == "zeropoints" and r["files"] == "8" and r["filter"] == ",".join(MBI_FIELDS)
+        x = [float(fits.getheader(p)["AIRMASS"]) for t, c, p in prods if t == r["target"] and str(c) == r["camera"]]
+        for f, (c_fd, k) in zp.items():
+            assert float(r[f"factor_{f}"]) == pytest.approx(np.median([c_fd * 10 ** (0.4 * k * a) for a in x]), rel=1e-5)
+    text = (out / "report" / "report.md").read_text()
+    assert "## Spectrophotometric calibration" in text and text.count("| zeropoints |") == 4
