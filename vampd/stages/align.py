@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 from astropy.io import fits
 
+from vampd.stages.centroids import intersect_diagonals  # one implementation (§3.4)
 from vampd.imaging import frame_center, shift_window, warp_similarity
 
 __all__ = [
@@ -46,41 +47,6 @@ def pad_width(crop_width: int) -> int:
 def aligned_size(crop_width: int, pad: bool = True) -> int:
     """Side ``N`` of the aligned frames: ``crop + 2·npad`` (756 for 536 with padding)."""
     return int(crop_width) + (2 * pad_width(crop_width) if pad else 0)
-
-
-def intersect_diagonals(points) -> np.ndarray:
-    """Centre of 4 satellite spots: intersection of the quadrilateral's diagonals.
-
-    The diagonals are found as the pairing of the 4 points with the largest summed segment
-    length (for a convex quadrilateral the diagonals are longer than either pair of opposite
-    sides), so "+", "×" and axis-aligned square layouts all work, in any order.
-
-    Parameters
-    ----------
-    points : array (..., 4, 2)
-        Positions ``(y, x)``.
-
-    Returns
-    -------
-    ndarray (..., 2)
-        ``(y, x)`` of the intersection (NaN where any input is NaN or lines are parallel).
-    """
-    p = np.asarray(points, dtype=np.float64)
-    if p.shape[-2:] != (4, 2):
-        raise ValueError(f"intersect_diagonals needs (..., 4, 2) points, got shape {p.shape}")
-    pairings = np.array([[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]])
-    a, b, c, d = (p[..., pairings[:, i], :] for i in range(4))  # (..., 3, 2)
-    lengths = np.linalg.norm(a - b, axis=-1) + np.linalg.norm(c - d, axis=-1)
-    best = np.argmax(np.nan_to_num(lengths, nan=-1.0), axis=-1)[..., None, None]
-    a, b, c, d = (np.take_along_axis(v, best, axis=-2)[..., 0, :] for v in (a, b, c, d))
-    # line a + t (b - a) meets c + u (d - c): solve the 2x2 system with Cramer's rule
-    r, s = b - a, d - c
-    denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
-    qa = c - a
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (qa[..., 0] * s[..., 1] - qa[..., 1] * s[..., 0]) / denom
-    t = np.where(denom == 0, np.nan, t)
-    return a + t[..., None] * r
 
 
 def frame_centers_from_metrics(metrics, method: str, default=None) -> np.ndarray:
@@ -471,14 +437,16 @@ def similarity_from_spots(spots_cam1, spots_cam2) -> tuple[float, float]:
     z2 = d2[:, 1] + 1j * d2[:, 0]
     z1 = z1[np.argsort(np.angle(z1))]
     z2 = z2[np.argsort(np.angle(z2))]
-    best = None
+    fits_ = []
     for r in range(len(z1)):
         zr = np.roll(z2, r)
         a = np.sum(np.conj(zr) * z1) / np.sum(np.abs(zr) ** 2)
-        resid = np.sum(np.abs(z1 - a * zr) ** 2)
-        if best is None or resid < best[0]:
-            best = (resid, a)
-    a = best[1]
+        fits_.append((float(np.sum(np.abs(z1 - a * zr) ** 2)), a))
+    # a square spot pattern fits equally well after any multiple of 90 deg: the two cameras differ
+    # by a small rotation, so among the (numerically) equally good fits take the smallest angle
+    floor = min(f[0] for f in fits_)
+    tol = floor + 1e-9 * float(np.sum(np.abs(z1) ** 2))
+    a = min((f[1] for f in fits_ if f[0] <= tol), key=lambda a: abs(np.angle(a)))
     return float(np.degrees(np.angle(a))), float(np.abs(a))
 
 

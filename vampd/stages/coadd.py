@@ -563,7 +563,7 @@ def recenter(image, err, method: str, window_size: int, psf=None, offsets=None):
         the intersection of the diagonals, else PSF 0. A field whose centre cannot be measured
         is not shifted.
     """
-    from vampd.stages.align import intersect_diagonals
+    from vampd.stages.centroids import intersect_diagonals
 
     image = np.asarray(image)
     squeeze = image.ndim == 2
