@@ -306,3 +306,62 @@ def test_live_in_a_pty_sees_the_count_grow(tmp_path):
                     p.kill()
                     p.wait()
         log.close()
+
+
+# -- a PDI night: the set board and the running-PDI panel read the PDI trigger's rows -------------
+@pytest.fixture(scope="module")
+def pdi_night(tmp_path_factory):
+    """Two HWP cycles reduced by ``vampd run`` with PDI on: set 0 complete, set 1 open because
+    one of its raw files (FLC B, camera 2) was deleted before the run. IP of 2 % left uncorrected,
+    so the star has a DoLP to show."""
+    from vampd.cli import main
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+    from vampd.simulate.night import SimConfig, simulate_night
+
+    root = tmp_path_factory.mktemp("livepdi")
+    truth = simulate_night(root / "night", SimConfig(size=64, nframes=2, ncycles=2, noise_free=True, calib=False,
+                                                      ip=0.02))
+    raw = root / "night" / "raw"
+    second = sorted((f for f in truth["files"] if f["camera"] == 2), key=lambda f: f["mjd"])[8:]
+    gone = next(f for f in second if f["flc"] == "B")
+    (raw / Path(gone["path"]).name).unlink()
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "lp"
+    cfg.align.crop_width = 56
+    cfg.polarimetry.use_ideal_mm = True
+    cfg.polarimetry.ip_correct = False
+    cfg.diff_images.make_diff = False
+    save_config(cfg, root / "lp.toml")
+    out = root / "out"
+    files = sorted(str(p) for p in raw.glob("*.fits"))
+    assert len(files) == 31
+    assert main(["run", str(root / "lp.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+    return {"root": root, "out": out, "gone": gone, "cfg": root / "lp.toml"}
+
+
+def test_pdi_panel_and_set_board_from_real_sets(pdi_night):
+    from astropy.io import fits
+
+    out, gone = pdi_night["out"], pdi_night["gone"]
+    con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True)
+    sets = dict(con.execute("SELECT state, COUNT(*) FROM sets GROUP BY state").fetchall())
+    con.close()
+    assert sets == {"complete": 1, "open": 1}
+    snap = take_snapshot(out)
+    assert [s.source for s in snap.open_sets] == ["ledger"]
+    text = render_text(snap, 120, 48)
+    assert "sets done 1" in text
+    # the star's DoLP of set 0 as the per-set file says it, in % with 2 decimals
+    hdr = fits.getheader(out / "pdi" / "stokes" / "lp_stokes_000.fits")
+    dolp = float(hdr["DPP PDI DOLP 750-50"])
+    assert 0.005 < dolp < 0.05  # the uncorrected 2 % IP, diluted by the unpolarised halo
+    row = next(line for line in text.splitlines() if "750-50" in line and f"{100 * dolp:+.2f}±" in line)
+    assert row.split("│")[1].split()[0] == "0"  # set index 0
+    # the open set: 15/16 with the deleted member named
+    label = f"HWP {float(gone['hwp']):g} FLC B cam2"
+    assert snap.open_sets[0].missing == [label]
+    assert f"missing: {label}" in text and "15/16" in text
+    # vampd status --json: the same set counts as the ledger
+    st = json.loads(_vampd("status", out, "--json").stdout)
+    assert st["sets"] == {"complete": 1, "broken": 0, "open": 1}

@@ -268,6 +268,9 @@ def _trends_panel(snap: Snapshot, width: int) -> Panel:
 
 
 def _pdi_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
+    """Sets done, Q_φ S/N and one row per set and field; columns are dropped from the right
+    (model IP, then measured IP) when ``width`` (the panel's outer width) cannot hold them, so the
+    star's DoLP is never cut."""
     p = snap.pdi
     if p is None or (not p.sets and not p.nsets):
         return Panel(Text("no PDI yet", style="dim"), title="running PDI", title_align="left", box=box.ROUNDED)
@@ -275,18 +278,25 @@ def _pdi_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
     head.append(f"sets done {p.nsets}", style="bold")
     if p.qphi_snr is not None:
         head.append(f"   Qphi S/N (annulus) {p.qphi_snr:.1f}", style="bold green" if p.qphi_snr > 5 else "yellow")
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
-    for c in ("set", "field", "DoLP %", "AoLP °", "IP meas q/u %", "IP model q/u %"):
-        t.add_column(c, justify="right" if c not in ("field",) else "left", no_wrap=True, overflow="ellipsis")
 
     def pct(v):
         return _g(None if v is None else 100 * v, "+.2f")
 
-    for s in p.sets[-max(nrows, 1):]:
-        t.add_row(str(s.index if s.index is not None else "?"), s.field or "",
-                  f"{pct(s.dolp)}±{_g(None if s.dolp_err is None else 100 * s.dolp_err, '.2f')}",
-                  f"{_g(s.aolp, '.1f')}±{_g(s.aolp_err, '.1f')}",
-                  f"{pct(s.ip_pq)}/{pct(s.ip_pu)}", f"{pct(s.mm_ip_pq)}/{pct(s.mm_ip_pu)}")
+    shown = p.sets[-max(nrows, 1):]
+    rows = [[str(s.index if s.index is not None else "?"), s.field or "",
+             f"{pct(s.dolp)}±{_g(None if s.dolp_err is None else 100 * s.dolp_err, '.2f')}",
+             f"{_g(s.aolp, '.1f')}±{_g(s.aolp_err, '.1f')}",
+             f"{pct(s.ip_pq)}/{pct(s.ip_pu)}", f"{pct(s.mm_ip_pq)}/{pct(s.mm_ip_pu)}"] for s in shown]
+    names = ["set", "field", "DoLP %", "AoLP °", "IP q/u %", "model q/u %"]
+    need = [max([len(n)] + [len(r[j]) for r in rows]) + 2 for j, n in enumerate(names)]  # + cell padding
+    ncol = len(names)
+    while ncol > 4 and sum(need[:ncol]) > width - 4:  # panel border and margins
+        ncol -= 1
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
+    for c in names[:ncol]:
+        t.add_column(c, justify="left" if c == "field" else "right", no_wrap=True, overflow="ellipsis")
+    for r in rows:
+        t.add_row(*r[:ncol])
     return Panel(Group(head, t) if p.sets else head, title="running PDI", title_align="left", box=box.ROUNDED)
 
 
@@ -365,8 +375,9 @@ def render(snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Aler
         bot_h = max(pdi_h, prob_h)
         if avail >= bot_h:
             bot = Layout(size=bot_h)
-            bot.split_row(Layout(_pdi_panel(snap, width // 2, bot_h - 5), ratio=1),
-                          Layout(_problems_panel(snap, width // 2, bot_h - 2), ratio=1))
+            # the set table needs more room than the parked-files list (3:2)
+            bot.split_row(Layout(_pdi_panel(snap, width * 3 // 5, bot_h - 5), ratio=3),
+                          Layout(_problems_panel(snap, width - width * 3 // 5, bot_h - 2), ratio=2))
             extra.append(("bottom", bot))
             avail -= bot_h
         elif avail >= prob_h and snap.problems:
