@@ -243,7 +243,7 @@ def test_sigkill_restarts_lose_nothing_redo_nothing(night):
     rng = random.Random(11)
     raw = night.tmp / "raw"
     proc = start_daemon(night.cfg, raw, night.out)
-    streamer = Streamer(night.tmp, cadence=0.2, ncycles=4)
+    streamer = Streamer(night.tmp, cadence=0.2, ncycles=4, size=64, nframes=10)  # jobs long enough to hit
     recorded: dict[str, int] = {}
     kills: list[dict] = []
 
@@ -261,8 +261,8 @@ def test_sigkill_restarts_lose_nothing_redo_nothing(night):
         while len(kills) < nkills:
             # once this incarnation has recorded a file, at a random moment while a job runs
             before = max(counts(night.out)["done"], marks[len(kills)])
-            wait_for(lambda: busy_after(before), timeout=90, every=0.05)
-            time.sleep(rng.uniform(0.0, 0.3))
+            wait_for(lambda: busy_after(before), timeout=90, every=0.01)
+            time.sleep(rng.uniform(0.0, 0.03))
             c = counts(night.out)
             if c["running"] == 0:
                 continue  # the moment passed: wait for the next job
@@ -272,7 +272,7 @@ def test_sigkill_restarts_lose_nothing_redo_nothing(night):
             kills.append(c)
             proc = start_daemon(night.cfg, raw, night.out)
         before = counts(night.out)["done"]
-        c = wait_for(lambda: busy_after(before), timeout=90, every=0.05)
+        c = wait_for(lambda: busy_after(before), timeout=90, every=0.01)
         snapshot()
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
