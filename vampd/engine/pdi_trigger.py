@@ -11,6 +11,10 @@ excluded from the rebuild; open and broken rows are rewritten to match the rebui
 Crash safety: per complete set the order is set file → accumulator (atomic NPZ, knows which set
 keys it holds) → running products → ledger row. A crash anywhere repeats the unfinished steps
 on the next call without double counting.
+
+With specphot on, every rebuild ends with :func:`refresh_calibrated`: the running products'
+companions in the specphot unit (``pdi/{name}_stokes_coll_{unit}.fits``, MBI cube too) follow
+the e-/s products and the target's factors (see :mod:`vampd.pdi.calibrated`).
 """
 
 from __future__ import annotations
