@@ -30,10 +30,15 @@ def prepare_demo(workdir: Path, nfiles: int, size: int = 128, nframes: int = 10)
     from vampd.config.io import save_config
     from vampd.config.presets import preset_config
     from vampd.simulate.night import SimConfig, simulate_night
+    from vampd.simulate.scene import Scene
     from vampd.stages.calibfiles import build_masters
 
     ncycles = max(1, -(-nfiles // 16))
-    sim = SimConfig(size=size, nframes=nframes, ncycles=ncycles, seed=7, exptime=0.05, max_files=nfiles)
+    # a bright, strongly polarised ring so that the Q_phi preview shows it after a few sets
+    sim = SimConfig(
+        size=size, nframes=nframes, ncycles=ncycles, seed=7, exptime=0.05, max_files=nfiles,
+        scene=Scene(ring_flux=6e5, pol_fraction=0.5),
+    )
     # calibration frames come first at the telescope too: simulate them (no science) and build masters
     simulate_night(workdir / "calsim", sim.replace(max_files=0))
     masters = build_masters(sorted(glob.glob(str(workdir / "calsim" / "calib" / "*.fits"))), workdir / "masters")
