@@ -471,3 +471,26 @@ def test_pdi_set_of_a_file_recorded_before_a_kill_is_processed_at_restart(night)
         assert len(list((night.out / "pdi" / "stokes").glob("*.fits"))) == 1
     assert all(r["nprocessed"] == 1 for r in ledger_rows(night.out).values())
     assert {p["path"]: p["mtime_ns"] for p in ledger_products(night.out)} == mtimes
+
+
+def test_lost_product_is_redone_at_daemon_start(night):
+    """A product lost after its file was recorded (power cut before the directory entry reached
+    the disk, or deleted by hand) is noticed at start-up and only that file is redone."""
+    files = [str(p) for p in simulate(night.tmp)]
+    cmd = [sys.executable, "-m", "vampd", "run", str(night.cfg), *files, "-o", str(night.out), "-j", "2"]
+    assert subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300).returncode == 0
+    prods = ledger_products(night.out)
+    victim = next(p for p in prods if p["kind"] == "coadded")
+    others = {p["path"]: os.stat(p["path"]).st_mtime_ns for p in prods if p["file"] != victim["file"]}
+    os.unlink(victim["path"])
+    assert status(night.out)["files"]["done"] == len(files) - 1
+    proc = start_daemon(night.cfg, night.tmp / "raw", night.out)
+    try:
+        wait_for(lambda: os.path.exists(victim["path"]), timeout=60)
+        wait_for(lambda: status(night.out)["files"]["done"] == len(files), timeout=60)
+    finally:
+        assert stop(proc) == 0
+    rows = ledger_rows(night.out)
+    assert rows[victim["file"]]["nprocessed"] == 2
+    assert all(r["nprocessed"] == 1 for p, r in rows.items() if p != victim["file"])
+    assert {p: os.stat(p).st_mtime_ns for p in others} == others  # nothing else rewritten

@@ -143,6 +143,28 @@ class Runner:
                 log.exception("%s trigger failed after %s", name, os.path.basename(path))
                 self.ledger.event("error", f"{name} trigger failed after {os.path.basename(path)}: {exc}")
 
+    def recheck_products(self) -> int:
+        """Requeue done files whose recorded products are no longer on disk.
+
+        Products are fsynced before their rename but the directory entry is not (for speed),
+        so a power cut can lose a product that the ledger already counts as done; a product
+        deleted by hand is the same case. Runs at daemon start-up and at each reconciliation.
+        Returns how many files were requeued.
+        """
+        rows = self.ledger.conn.execute(
+            "SELECT f.path AS path, p.path AS product FROM files f JOIN products p ON p.file = f.path"
+            " WHERE f.state = 'done'"
+        ).fetchall()
+        missing = sorted({r["path"] for r in rows if not os.path.exists(r["product"])})
+        n = 0
+        for path in missing:
+            if os.path.exists(path) and self.offer(path) == "missing-product":
+                n += 1
+        if n:
+            log.warning("%d done file(s) lost a product; redoing them", n)
+            self.ledger.event("warning", f"{n} done file(s) lost a product: requeued")
+        return n
+
     def resume_triggers(self) -> dict:
         """Start-up: run the set and sequence triggers once over what the ledger already holds.
 

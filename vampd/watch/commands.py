@@ -18,7 +18,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     # a stop request during start-up (opening the ledger, spawning workers) must still end in
     # a clean drain and exit 0, not in the default handler's death by SIGTERM
-    early: list[int] = []
+    from vampd import early_stop_signals as early  # handlers may already be in place (vampd/__init__)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: early.append(signum))
 

@@ -152,6 +152,7 @@ class Daemon:
         self.pool.start()
         watcher.start()
         n = self.rescan()  # catch up with what is already there
+        runner.recheck_products()  # products lost with a power cut (or deleted) are redone
         # sets/sequences whose last file was recorded just before a kill (idempotent)
         runner.resume_triggers()
         log.info("watching %s → %s; %d file(s) to catch up", ", ".join(watcher.roots), self.outdir, n)
@@ -174,7 +175,7 @@ class Daemon:
                 if path not in self.tracker and not self._recorded(path):
                     self.tracker.add(path, now)
             if watcher.take_rescan() or now >= next_reconcile:
-                found = self.rescan()
+                found = self.rescan() + runner.recheck_products()
                 if found:
                     log.info("rescan: %d file(s) not in the ledger", found)
                 next_reconcile = now + s["reconcile_interval"]
