@@ -59,10 +59,10 @@ def apply_wcs(header, angle: float, shape=None, path=None) -> fits.Header:
     scale = float(h["PXSCALE"]) / 3.6e6
     ra_deg, dec_deg = _ra_dec_deg(h, path)
 
-    for suffix in _CD_SUFFIXES:
-        for i in (1, 2):
-            for j in (1, 2):
-                h.remove(f"CD{i}_{j}{suffix}", ignore_missing=True, remove_all=True)
+    # one pass over the keys (20 separate removes cost ~1 ms per product)
+    cd_keys = {f"CD{i}_{j}{suffix}" for suffix in _CD_SUFFIXES for i in (1, 2) for j in (1, 2)}
+    for key in [k for k in h.keys() if k in cd_keys]:
+        h.remove(key, ignore_missing=True, remove_all=True)
 
     a = math.radians(float(angle))
     cos_a, sin_a = math.cos(a), math.sin(a)
