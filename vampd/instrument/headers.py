@@ -101,6 +101,19 @@ def _float(header, key: str, path=None) -> float:
     return out
 
 
+def header_float(header, key: str, path=None, purpose: str = "") -> float:
+    """A required, finite numeric keyword; :class:`HeaderError` names what is wrong.
+
+    ``purpose`` completes the "missing" message, e.g. "needed for the Mueller matrix".
+    """
+    if key not in header:
+        raise HeaderError(key, "missing" + (f" ({purpose})" if purpose else ""), path)
+    out = _float(header, key, path)
+    if not math.isfinite(out):
+        raise HeaderError(key, f"value {header[key]!r} is not finite", path)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # times
 

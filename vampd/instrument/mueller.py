@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from vampd.instrument.angles import SUBARU_LAT_DEG
-from vampd.instrument.headers import HeaderError
+from vampd.instrument.headers import HeaderError, header_float
 
 __all__ = [
     "MuellerParams",
@@ -379,15 +379,7 @@ def instrument_mueller(
 
 
 def _header_float(header, key: str, path=None) -> float:
-    if key not in header:
-        raise HeaderError(key, "missing (needed for the Mueller matrix)", path)
-    try:
-        value = float(header[key])
-    except (TypeError, ValueError):
-        raise HeaderError(key, f"value {header[key]!r} is not a number", path) from None
-    if not math.isfinite(value):
-        raise HeaderError(key, f"value {header[key]!r} is not finite", path)
-    return value
+    return header_float(header, key, path, purpose="needed for the Mueller matrix")
 
 
 def mueller_from_header(
