@@ -202,14 +202,12 @@ def group_label(target: str, fields: Sequence[str]) -> str:
 
 
 def _final_paths(outdir, name: str, label: str | None) -> dict[str, Path]:
-    base = name if not label else f"{name}_{label}"
-    pdi = Path(outdir) / "pdi"
-    return {
-        "coll": pdi / f"{base}_stokes_coll.fits",
-        "cube": pdi / f"{base}_stokes_cube.fits",
-        "footprint": pdi / f"{base}_footprint.fits",
-        "table": pdi / f"{base}_stokes_table.csv",
-    }
+    """The reference's PDI product names (the running products' paths, so finalize replaces them)."""
+    from vampd.pdi.running import running_paths
+
+    paths = running_paths(outdir, name if not label else f"{name}_{label}")
+    paths.pop("accumulator", None)
+    return paths
 
 
 def write_final_pdi(
