@@ -257,3 +257,51 @@ def test_bias_only_night_ignores_hot_pixels(tmp_path):
     tr = f["frames"]["fields"]["750-50"]
     assert np.sqrt(np.mean((m["dfty"][0, 0] - tr["star_y_cal"]) ** 2)) < 0.1
     assert np.sqrt(np.mean((m["dftx"][0, 0] - tr["star_x_cal"]) ** 2)) < 0.1
+
+
+def _spot_radius(img, offsets):
+    """Mean distance of the 4 satellite spots from the frame centre (COM in 7x7 boxes)."""
+    c = (img.shape[-1] - 1) / 2
+    r = []
+    for dy, dx in offsets:
+        y0, x0 = int(round(c + dy)), int(round(c + dx))
+        box = img[y0 - 3 : y0 + 4, x0 - 3 : x0 + 4].astype(float)
+        box = np.clip(box - np.nanmedian(box), 0, None)
+        yy, xx = np.mgrid[-3:4, -3:4]
+        r.append(math.hypot(y0 + (box * yy).sum() / box.sum() - c, x0 + (box * xx).sum() / box.sum() - c))
+    return float(np.mean(r))
+
+
+def test_reproject_cam2_onto_cam1(tmp_path):
+    """align.reproject: camera 2 (5.938 mas/px) is warped onto camera 1 (5.952 mas/px) using the
+    satellite spots of the two centroid files; without the files the header says it was skipped."""
+    from vampd.stages.centroids import save_centroid_file
+
+    truth = simulate_night(tmp_path / "night", SimConfig(size=128, nframes=4, coronagraphic=True, calib=False, seed=2))
+    cfg = _cfg(tmp_path, crop=128, align={"reproject": True})
+    cfg.calibrate.calib_directory = None
+    cfg.coronagraphic = True
+    f1 = next(f for f in truth["files"] if f["camera"] == 1)
+    f2 = next(f for f in truth["files"] if f["camera"] == 2)
+    out = tmp_path / "out"
+    # without centroid files: skipped, and said so
+    r = process_file(tmp_path / "night" / f2["path"], cfg, out)
+    with fits.open(dict(r.products)["coadded"]) as hdul:
+        assert hdul[0].header["HIERARCH DPP ALIGN REPROJ"] == "skipped"
+    assert "centroids_cam1.toml" in r.metrics["reproject_skipped"]
+    for cam, f in ((1, f1), (2, f2)):
+        spots = np.asarray(f["spots_raw_yx"]["750-50"])
+        save_centroid_file(out / "aux" / f"t_centroids_cam{cam}.toml", {"750-50": [(y, x) for y, x in spots]})
+    r2 = process_file(tmp_path / "night" / f2["path"], cfg, out, force=True)
+    r1 = process_file(tmp_path / "night" / f1["path"], cfg, out, force=True)
+    with fits.open(dict(r2.products)["coadded"]) as h2, fits.open(dict(r1.products)["coadded"]) as h1:
+        hdr = h2[0].header
+        assert hdr["HIERARCH DPP ALIGN REPROJ"] == "cam2->cam1"
+        assert hdr["HIERARCH DPP ALIGN REPROJ SCALE"] == pytest.approx(5.938 / 5.952, abs=2e-4)
+        assert abs(hdr["HIERARCH DPP ALIGN REPROJ ANG"]) < 0.05
+        assert "HIERARCH DPP ALIGN REPROJ" not in h1[0].header  # camera 1 is the reference
+        spots1 = np.asarray(f1["spots_cal_yx"]["750-50"])
+        offsets = spots1 - spots1.mean(axis=0)
+        r_cam1, r_cam2 = _spot_radius(h1[0].data[0], offsets), _spot_radius(h2[0].data[0], offsets)
+    # before: cam2's spots sit 0.24 % (0.12 px) further out; after the warp they agree with cam1
+    assert abs(r_cam2 - r_cam1) < 0.03

@@ -47,6 +47,7 @@ from vampd.stages.align import (
     align_region,
     aligned_size,
     frame_centers_from_metrics,
+    reproject_cam2,
     variance_sum_nearest,
 )
 from vampd.stages.analyze import analyze_cube, save_metrics
@@ -159,6 +160,35 @@ def _window_centers(cfg, header, image: np.ndarray, outdir: Path, psfs) -> dict[
     cam = int(header["U_CAMERA"])
     cfile = Path(outdir) / "aux" / f"{cfg.name or 'vampd'}_centroids_cam{cam}.toml"
     return resolve_centers(header, image.shape, cfile, image=image, coronagraphic=cfg.coronagraphic, psf=psfs)
+
+
+def _reprojection(cfg, header, outdir: Path, shape, fields: list[str]) -> tuple[np.ndarray, np.ndarray] | str:
+    """cam2 → cam1 similarity per field (§5.6) from the night's two centroid files.
+
+    Returns ``(angles_deg, scales)`` of shape (nfields,), or the reason why there is none
+    (recorded in the product header, so ``reproject = true`` is never silently ignored).
+    """
+    from vampd.stages.align import similarity_from_spots
+    from vampd.stages.centroids import centers_to_calibrated, load_centroid_file
+
+    aux = Path(outdir) / "aux"
+    files = {cam: aux / f"{cfg.name or 'vampd'}_centroids_cam{cam}.toml" for cam in (1, 2)}
+    missing = [str(p.name) for p in files.values() if not p.is_file()]
+    if missing:
+        return f"no centroid file(s) {', '.join(missing)} in aux/"
+    spots = {}
+    for cam, path in files.items():
+        h = header.copy()
+        h["U_CAMERA"] = cam  # each camera's raw positions flip by its own rule (§1.4)
+        spots[cam] = centers_to_calibrated(load_centroid_file(path), h, shape)
+    angles, scales = [], []
+    for f in fields:
+        if f not in spots[1] or f not in spots[2] or len(spots[1][f]) < 2:
+            return f"field {f}: the centroid files need >= 2 PSFs per camera (satellite spots)"
+        a, k = similarity_from_spots(spots[1][f], spots[2][f])
+        angles.append(a)
+        scales.append(k)
+    return np.asarray(angles), np.asarray(scales)
 
 
 def _calibrate_chunk(path, header, sl, back, flat, cfg, badpix=None, with_header=True):
@@ -393,9 +423,24 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         _write_product(paths["calibrated"], d, e, cal_header, [])
         products.append(("calibrated", str(paths["calibrated"])))
 
+    reproj = skipped_reproject = None
+    if cfg.align.reproject and int(header["U_CAMERA"]) == 2:
+        reproj = _reprojection(cfg, header, outdir, (ny, nx), fields)
+        if isinstance(reproj, str):
+            log.warning("%s: align.reproject skipped: %s", Path(path).name, reproj)
+            out_header["HIERARCH DPP ALIGN REPROJ"] = ("skipped", "no usable centroid files")
+            skipped_reproject = reproj
+            reproj = None
+        else:
+            out_header["HIERARCH DPP ALIGN REPROJ"] = ("cam2->cam1", "similarity from centroid files")
+            out_header["HIERARCH DPP ALIGN REPROJ ANG"] = (float(reproj[0][0]), "[deg] rotation (field 1)")
+            out_header["HIERARCH DPP ALIGN REPROJ SCALE"] = (float(reproj[1][0]), "scale (field 1)")
+
     if aligned_frames:
         d4 = np.concatenate([a[0] for a in aligned_frames])
         e4 = np.concatenate([a[1] for a in aligned_frames])
+        if reproj is not None:
+            d4, e4 = reproject_cam2(d4, e4, reproj[0], reproj[1])
         kind = "aligned" if (cfg.align.save_intermediate or not cfg.coadd.coadd) else None
         if kind:
             _write_product(paths["aligned"], d4, e4, out_header, fields)
@@ -405,6 +450,8 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
             products.append(("selected", str(paths["selected"])))
 
     coadd_info: dict[str, Any] = {}
+    if skipped_reproject:
+        coadd_info["reproject_skipped"] = skipped_reproject
     if coadder is not None:
         t = time.perf_counter()
         image, err, ncoadd = coadder.result()
@@ -435,6 +482,11 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
                 shifts.append((float(dy[0]), float(dx[0])))
             hdr = recenter_header(hdr, cfg.coadd.recenter_method, shifts[0][0], shifts[0][1], copy=False)
             coadd_info["recenter_shift"] = shifts
+        if reproj is not None:
+            # the warp is linear and about the frame centre, where the PSF now sits: applied
+            # once to the coadd instead of to every frame (exact for mean-type coadds)
+            image, err = (a[0] for a in reproject_cam2(image[None], err[None], reproj[0], reproj[1]))
+            coadd_info["reproject"] = [float(reproj[0][0]), float(reproj[1][0])]
         _write_product(paths["coadded"], image, err, hdr, fields)
         products.append(("coadded", str(paths["coadded"])))
         t_coadd += time.perf_counter() - t
