@@ -53,6 +53,8 @@ def run_cli(argv: list[str]) -> int:
 def no_config_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
+        # the one expected notice: an [nrm] section is accepted but not processed
+        warnings.filterwarnings("ignore", message=r"\[nrm\] is accepted", category=ConfigWarning)
         yield
 
 
@@ -548,3 +550,13 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     warn.write_text("[align]\nfoo = 1\n")
     assert run_cli(["check", str(warn)]) == 0
     assert "unknown key align.foo ignored" in capsys.readouterr().err
+
+
+def test_options_without_effect_in_a_streaming_daemon_are_announced():
+    """Reference options that vampd accepts but cannot honour say so instead of being ignored."""
+    with pytest.warns(ConfigWarning, match=r'combine.method = "pdi" has no effect'):
+        config_from_toml_str('[combine]\nmethod = "pdi"\n')
+    with pytest.warns(ConfigWarning, match="combine.save_intermediate has no effect"):
+        config_from_toml_str("[combine]\nsave_intermediate = true\n")
+    with pytest.warns(ConfigWarning, match=r"\[nrm\] is accepted but not processed"):
+        config_from_toml_str("[nrm]\nnbootstrap = 10\n")

@@ -332,6 +332,24 @@ class CombineConfig(_Model):
     )
     save_intermediate: bool = Field(False, description="Save the combined cubes into combined/ (large!)")
 
+    @model_validator(mode="after")
+    def _warn_streaming(self) -> CombineConfig:
+        # accepted so that reference configs load unchanged, but say plainly that they do nothing
+        if self.method == "pdi":
+            warnings.warn(
+                'combine.method = "pdi" has no effect in vampd: each file is reduced as it arrives and '
+                "HWP sets are formed from the per-file products ([polarimetry])",
+                ConfigWarning,
+                stacklevel=2,
+            )
+        if self.save_intermediate:
+            warnings.warn(
+                "combine.save_intermediate has no effect in vampd: files are not concatenated",
+                ConfigWarning,
+                stacklevel=2,
+            )
+        return self
+
 
 class CalibrateConfig(_Model):
     """Basic image calibration: background/bias, flat, bad pixels, camera flip, e-/s."""
@@ -542,6 +560,11 @@ class NRMConfig(_Model):
     _section: ClassVar[str] = "nrm"
 
     nbootstrap: PositiveInt = Field(1000, description="Number of bootstrap samples")
+
+    @model_validator(mode="after")
+    def _warn_unsupported(self) -> NRMConfig:
+        warnings.warn("[nrm] is accepted but not processed by vampd (no NRM observables)", ConfigWarning, stacklevel=2)
+        return self
 
 
 class PolarimetryConfig(_Model):
