@@ -65,16 +65,22 @@ def match_single(records: Sequence[Mapping], tolerance: float = 0.1) -> list[tup
             ov = overlap(a, b)
             if ov > 0:
                 cands.append((-ov, str(a["path"]), str(b["path"]), a, b))
-    cands.sort(key=lambda t: t[:3])
-    used: set[str] = set()
-    pairs = []
-    for _, pa, pb, a, b in cands:
-        if pa in used or pb in used:
-            continue
-        used.update((pa, pb))
-        pairs.append((a, b))
+    pairs = _greedy_pairs(cands)
     pairs.sort(key=lambda p: (float(p[0]["mjd_str"]), str(p[0]["path"])))
     return pairs
+
+
+def _greedy_pairs(cands: list[tuple]) -> list[tuple]:
+    """Pair candidates ``(-overlap, key_a, key_b, a, b)``: largest overlap first, each item used once."""
+    cands.sort(key=lambda t: t[:3])
+    used: set[str] = set()
+    out = []
+    for _, ka, kb, a, b in cands:
+        if ka in used or kb in used:
+            continue
+        used.update((ka, kb))
+        out.append((a, b))
+    return out
 
 
 def _span(pair):
@@ -96,14 +102,7 @@ def match_double(pairs: Sequence[tuple[Mapping, Mapping]], tolerance: float = 0.
             ov = overlap(_span(a), _span(b))
             if ov > 0:
                 cands.append((-ov, str(a[0]["path"]), str(b[0]["path"]), a, b))
-    cands.sort(key=lambda t: t[:3])
-    used: set[str] = set()
-    out = []
-    for _, ka, kb, a, b in cands:
-        if ka in used or kb in used:
-            continue
-        used.update((ka, kb))
-        out.append((a, b))
+    out = _greedy_pairs(cands)
     out.sort(key=lambda p: (float(p[0][0]["mjd_str"]), str(p[0][0]["path"])))
     return out
 
