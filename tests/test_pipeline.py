@@ -8,9 +8,7 @@ align → coadd, and compares with the injected quantities in ``truth.json``.
 from __future__ import annotations
 
 import glob
-import json
 import math
-import os
 import time
 from pathlib import Path
 

@@ -33,7 +33,6 @@ from astropy.io import fits
 
 from vampd import __version__
 from vampd.fitsio import InputError, output_stem, read_frames, read_header, write_hdus_atomic
-from vampd.imaging import frame_center
 from vampd.instrument.angles import update_angles
 from vampd.instrument.detectors import detector_from_header
 from vampd.instrument.fields import field_names
@@ -276,7 +275,6 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
     nframes = int(header["NAXIS3"]) if int(header.get("NAXIS", 0)) == 3 else 1
     ny, nx = int(header["NAXIS2"]), int(header["NAXIS1"])
     fields = field_names(header, path)
-    filt = fields[0]
 
     # calibration masters
     lib = _library(cfg.calibrate.calib_directory) if cfg.calibrate.calib_directory else None

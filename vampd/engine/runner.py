@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vampd.engine.ledger import Ledger
-from vampd.engine.pool import DEFAULT_PROCESS, JobResult, WorkerPool, estimate_bytes
+from vampd.engine.pool import JobResult, WorkerPool, estimate_bytes
 from vampd.fitsio import fits_structure_complete
 
 __all__ = ["Runner", "config_hash_of", "resolve_outdir", "watch_settings"]

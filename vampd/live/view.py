@@ -353,7 +353,6 @@ def render(snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Aler
     avail = left - latest_min
     open_h = 0
     if snap.open_sets:
-        s = snap.open_sets[-1]
         open_h = len(HWP_GRID) + 1 + 1 + 2 + (1 if len(snap.open_sets) > 1 else 0)
     sets_h = open_h or 3
     trend_h = 5 + 2 if snap.trends else 3

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 from astropy.io import fits
 
-from vampd.imaging import frame_center, shift_cube, shift_window
+from vampd.imaging import frame_center, shift_window
 
 __all__ = [
     "COADD_METHODS",

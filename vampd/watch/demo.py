@@ -9,9 +9,7 @@ terminal) reads the ledger, and ``vampd finalize`` writes the night's products a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
