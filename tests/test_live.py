@@ -141,7 +141,8 @@ def test_view_degrades_when_narrow(night):
     lines = small.splitlines()
     assert len(lines) == 24 and max(len(x) for x in lines) <= 80
     assert "DAEMON NOT RUNNING" in small and "missing:" in small  # header and set board stay
-    assert "FWHM" not in small.split("latest files")[1].splitlines()[0] or True
+    cols = small.split("latest files")[1].splitlines()[1]  # the column-header row (line 0 is the title)
+    assert "Strehl" in cols and "FWHM" not in cols  # low-priority columns dropped, Strehl kept
     tiny = _record(50, 14, render(snap, 50, 14))
     assert len(tiny.splitlines()) == 14 and "alerts" in tiny
 
