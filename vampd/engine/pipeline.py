@@ -190,7 +190,7 @@ def _reprojection(cfg, header, outdir: Path, shape, fields: list[str]) -> tuple[
     return np.asarray(angles), np.asarray(scales)
 
 
-def _calibrate_chunk(path, header, sl, back, flat, cfg, badpix=None, with_header=True):
+def _calibrate_chunk(path, header, sl, back, flat, cfg, with_header=True):
     raw = read_frames(path, sl)
     return calibrate_cube(raw, header, back, flat, cfg.calibrate.fix_bad_pixels, path=path, with_header=with_header)
 
@@ -214,7 +214,7 @@ def _provenance(header: fits.Header, cfg) -> None:
     header["HIERARCH DPP CONFIG HASH"] = (cfg.config_hash(), "hash of the processing configuration")
 
 
-def _summary_metrics(metrics: dict[str, np.ndarray], keep: np.ndarray, header: fits.Header, ctr) -> dict[str, Any]:
+def _summary_metrics(metrics: dict[str, np.ndarray], keep: np.ndarray, ctr) -> dict[str, Any]:
     """Medians over kept frames of the first field's first PSF, for the ledger and live view."""
 
     def med(key):
@@ -224,12 +224,15 @@ def _summary_metrics(metrics: dict[str, np.ndarray], keep: np.ndarray, header: f
         v = v[np.isfinite(v)]
         return float(np.median(v)) if v.size else None
 
-    cy, cx = med("dfty") or med("comy"), med("dftx") or med("comx")
+    def first(*keys):
+        return next((v for v in map(med, keys) if v is not None), None)
+
+    cy, cx = first("dfty", "comy"), first("dftx", "comx")
     out = {
         "nframes": int(keep.size),
         "nkept": int(keep.sum()),
         "strehl": med("strehl"),
-        "fwhm": med("modelfwhm") or med("fwhm"),
+        "fwhm": first("modelfwhm", "fwhm"),
         "flux": med("photf") if "photf" in metrics else med("sum"),
         "peak": med("max"),
         "cy": cy,
@@ -287,13 +290,9 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
             entry = lib.match_flat(header)
             flat = load_master(entry) if entry is not None else None
 
-    data_dir = None
-    try:
-        from vampd.config import resolve_data_dir
+    from vampd.config import resolve_data_dir
 
-        data_dir = resolve_data_dir(cfg)
-    except Exception:  # data dir only improves the PSF model; never fatal here
-        data_dir = None
+    data_dir = resolve_data_dir(cfg)  # exact filter curves for the PSF model, else top-hats
     npix = int(cfg.analysis.window_size)
     psfs = None
     if not cfg.planetary:
@@ -491,7 +490,7 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         coadder.close()
 
     ctr = centers[fields[0]][0]
-    qm = _summary_metrics(metrics, keep, header, ctr)
+    qm = _summary_metrics(metrics, keep, ctr)
     qm.update(coadd_info)
     qm["timing"] = {
         "calibrate": t_cal,

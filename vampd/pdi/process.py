@@ -11,6 +11,7 @@ are ``sqrt(Σ w_i² σ_i²)`` with the final weights.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from vampd.pdi.mmfiles import file_mueller
 from vampd.pdi.mueller_correct import mm_correct_weights, rotate_qu_weights
 from vampd.pdi.stokes import star_polarization
 from vampd.stages.combine import combine_headers
+
+log = logging.getLogger("vampd.pdi")
 
 __all__ = ["SetInvalid", "Member", "SetResult", "load_member", "check_members", "make_set_stokes", "write_set_file"]
 
@@ -183,6 +186,9 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
         for j, f in enumerate(fields):
             pq, pu = measure_ip(stokes[j], region)
             if not (math.isfinite(pq) and math.isfinite(pu)):
+                # no finite pixels in the IP region: say so rather than report a measured zero
+                log.warning("field %s: IP not measurable in the %s region; not corrected", f, pcfg.ip_method)
+                set_card(hdr, f"HIERARCH DPP PDI IP_NONE {f}", True, "IP region had no finite pixels")
                 pq = pu = 0.0
             weights[j] = ip_correct_weights(weights[j], pq, pu)
             stokes[j, 2] -= np.float32(pq) * stokes[j, 0]
