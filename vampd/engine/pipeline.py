@@ -211,7 +211,7 @@ def _field_headers(header: fits.Header, fields: list[str]) -> list[fits.Header]:
 
 def _provenance(header: fits.Header, cfg) -> None:
     header["HIERARCH DPP VERSION"] = (__version__, "vampd version")
-    header["HIERARCH DPP CONFIG HASH"] = (cfg.config_hash(), "hash of the processing configuration")
+    header["HIERARCH DPP CONFIG HASH"] = (cfg.config_hash(), "processing config hash")
 
 
 def _summary_metrics(metrics: dict[str, np.ndarray], keep: np.ndarray, ctr) -> dict[str, Any]:

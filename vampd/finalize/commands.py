@@ -173,7 +173,7 @@ def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None 
     counts = {s: sum(f["state"] == s for f in night["files"]) for s in ("done", "parked", "failed", "pending")}
     set_counts = {s: sum(x["state"] == s for x in night["sets"]) for s in ("complete", "broken", "open")}
     provenance = {
-        "DPP CONFIG HASH": (cfg.config_hash(), "hash of the processing configuration"),
+        "DPP CONFIG HASH": (cfg.config_hash(), "processing config hash"),
         "DPP FINAL NFILES DONE": (counts["done"], "files reduced this night"),
         "DPP FINAL NFILES PARKED": (counts["parked"], "files given up"),
         "DPP FINAL NSETS BROKEN": (set_counts["broken"], "HWP sets closed incomplete"),

@@ -647,7 +647,7 @@ def coadd_header(
             h[key] = os.path.basename(str(value))
     h["HIERARCH DPP VERSION"] = (__version__, "vampd version")
     if config_hash:
-        h["HIERARCH DPP CONFIG HASH"] = (str(config_hash), "hash of the vampd configuration")
+        h["HIERARCH DPP CONFIG HASH"] = (str(config_hash), "processing config hash")
     return h
 
 
