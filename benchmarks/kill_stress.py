@@ -19,7 +19,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,21 +63,15 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
 
-    from vampd.config import load_config, save_config
+    from _watchnight import watch_night
+
     from vampd.simulate.night import SimConfig
     from vampd.simulate.stream import stream_night
 
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vampd-kill-"))
-    (work / "raw").mkdir(parents=True, exist_ok=True)
-    out = work / "out"
-    cfgp = work / "night.toml"
-    sh("new", str(cfgp), "-f", check=True)
-    cfg = load_config(cfgp)
-    for k, v in dict(settle_time=0.1, complete_timeout=10.0, reconcile_interval=5.0, expect_sidecar=True,
-                     workers=2, stop_timeout=STOP_TIMEOUT).items():
-        setattr(cfg.watch, k, v)
-    save_config(cfg, cfgp)
+    work, out, cfgp = watch_night(
+        "kill", args.workdir, settle_time=0.1, complete_timeout=10.0, reconcile_interval=5.0,
+        expect_sidecar=True, workers=2, stop_timeout=STOP_TIMEOUT,
+    )
     log = open(work / "daemon.log", "ab")
 
     def start():

@@ -25,7 +25,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,20 +46,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from vampd.config import load_config, save_config
+    from _watchnight import watch_night
+
     from vampd.simulate.night import SimConfig
     from vampd.simulate.stream import stream_night
 
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vampd-latency-"))
-    (work / "raw").mkdir(parents=True, exist_ok=True)
-    out = work / "out"
-    cfgp = work / "night.toml"
-    subprocess.run([sys.executable, "-m", "vampd", "new", str(cfgp), "-f"], check=True, capture_output=True)
-    cfg = load_config(cfgp)
-    for k, v in dict(settle_time=args.settle, expect_sidecar=True, workers=args.workers).items():
-        setattr(cfg.watch, k, v)
-    save_config(cfg, cfgp)
+    work, out, cfgp = watch_night(
+        "latency", args.workdir, settle_time=args.settle, expect_sidecar=True, workers=args.workers
+    )
     log = open(work / "daemon.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(cfgp), "-i", str(work / "raw"), "-o",
                              str(out)], stdout=log, stderr=log)

@@ -290,7 +290,11 @@ def test_cross_field_rules_refused(data, expected):
     ],
 )
 def test_cross_field_rules_allow_valid(data, no_config_warnings):
-    PipelineConfig.from_dict(data)
+    cfg = PipelineConfig.from_dict(data)
+    for section, values in data.items():  # accepted as given, nothing coerced away
+        got = getattr(cfg, section)
+        for key, value in values.items():
+            assert getattr(got, key) == value, f"{section}.{key}"
 
 
 def test_specphot_file_source_resolved_relative(tmp_path):
