@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "live": ("vampd.live.commands", "cmd_live", "full-screen live view of the night"),
     "finalize": ("vampd.finalize.commands", "cmd_finalize", "write the night's final products and report"),
     "demo": ("vampd.watch.demo", "cmd_demo", "stream a simulated night into a temp dir and reduce it live"),
+    "reprocess": ("vampd.cluster.commands", "cmd_reprocess", "reprocess archived nights on a Dask cluster"),
 }
 
 
@@ -95,6 +96,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
 
 
+def _add_reprocess(p: argparse.ArgumentParser) -> None:
+    from vampd.cluster.commands import add_arguments
+
+    add_arguments(p)
+
+
 ARGUMENTS = {
     "new": _add_new,
     "check": _add_check,
@@ -106,6 +113,7 @@ ARGUMENTS = {
     "live": _add_live,
     "finalize": _add_finalize,
     "demo": _add_demo,
+    "reprocess": _add_reprocess,
 }
 
 

@@ -697,6 +697,24 @@ class AlertsConfig(_Model):
     disk_free_gb: NonNegFloat = Field(20.0, description="Alert when the output disk has less free space (GB)")
 
 
+class ClusterConfig(_Model):
+    """vampd: ``vampd reprocess`` on Dask distributed (optional extra ``[cluster]``)."""
+
+    _section: ClassVar[str] = "cluster"
+
+    scheduler: str | None = Field(
+        None, description="Dask scheduler address, e.g. tcp://host:8786 (default: start a local cluster)"
+    )
+    local_workers: PositiveInt | None = Field(
+        None, description="Worker processes of the local cluster (default: [watch].workers)"
+    )
+    oversubscribe: PositiveInt = Field(2, description="Tasks in flight per worker thread")
+    memory_fraction: PositiveFraction = Field(
+        0.5, description="Share of a worker's memory limit for task estimates when workers declare no MEMORY resource"
+    )
+    dashboard_address: str = Field(":8787", description="Dashboard address of the local cluster (':0' = any free port)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the whole configuration
 
@@ -717,7 +735,7 @@ _BRANCHES: dict[str, tuple[str, ...]] = {
 }
 _STAGE_ALIASES = {"analyze": "analysis", "select": "frame_select", "pdi": "polarimetry", "diff": "diff_images"}
 
-_NOT_PROCESSING = {"watch", "alerts", "name", "dpp_version", "vampd_version"}
+_NOT_PROCESSING = {"watch", "alerts", "cluster", "name", "dpp_version", "vampd_version"}
 
 
 class PipelineConfig(_Model):
@@ -752,6 +770,7 @@ class PipelineConfig(_Model):
     polarimetry: PolarimetryConfig | None = Field(None, description="If set, enables PDI")
     watch: WatchConfig = Field(default_factory=WatchConfig, description="vampd: watcher and workers")
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="vampd: live-view alert thresholds")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="vampd: reprocess on Dask")
 
     def __init__(self, **data: Any) -> None:
         # only the top level may override __init__: pydantic calls a custom __init__ of nested models
