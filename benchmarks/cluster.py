@@ -35,10 +35,11 @@ def echo(cfg, payload):
     return payload
 
 
-def _config(size: int):
+def _config(size: int, diff: bool = True):
     from vampd.config.presets import preset_config
 
     cfg = preset_config("pdi-triplediff", "bench")
+    cfg.diff_images.make_diff = diff
     cfg.align.crop_width = min(256, size - 16)
     cfg.coadd.method = "median"
     cfg.polarimetry.use_ideal_mm = True
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--nframes", type=int, default=20)
     ap.add_argument("--cycles", type=int, default=2, help="HWP cycles (16 files each)")
     ap.add_argument("--fs-gbps", type=float, default=1.0, help="shared filesystem bandwidth for the model (GB/s)")
+    ap.add_argument("--no-diff", action="store_true", help="no diagnostic difference images (client-side work)")
     ap.add_argument("--keep", default=None, help="work directory to keep")
     args = ap.parse_args()
     from vampd.simulate.night import SimConfig, simulate_night
@@ -128,9 +130,10 @@ def main() -> None:
     raw = work / "night" / "raw"
     if not raw.is_dir():
         simulate_night(work / "night", SimConfig(size=args.size, nframes=args.nframes, ncycles=args.cycles, calib=False))
-    cfg = _config(args.size)
+    cfg = _config(args.size, diff=not args.no_diff)
     print(f"machine: {os.cpu_count()} cores (shared and loaded: wall figures are noisy; CPU figures are per unit)")
-    print(f"night: {args.size}² px, {args.nframes} frames/file, {16 * args.cycles} files, PDI triple difference")
+    print(f"night: {args.size}² px, {args.nframes} frames/file, {16 * args.cycles} files, PDI triple difference, "
+          f"difference images {'off' if args.no_diff else 'on'}")
     runs = [run_night(raw, work / f"out{w}", cfg, w) for w in (1, 2)]
     over = runs[0]["overhead"]
     print(f"scheduler: round trip {over['rtt_ms']:.1f} ms/task, {over['tasks_per_s']:.0f} tasks/s with many in flight, "
