@@ -163,6 +163,18 @@ def test_missing_distributed_is_a_clear_error(monkeypatch):
         require_distributed()
 
 
+def test_docs_snippets_compile_and_slurm_config_loads():
+    root = TESTS.parent
+    text = (root / "docs" / "cluster.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    for b in blocks:
+        compile(b, "docs/cluster.md", "exec")
+    cfg = load_config(root / "configs" / "cluster-slurm.toml")
+    assert cfg.cluster.scheduler == "tcp://login01:8786" and cfg.polarimetry is not None
+    assert cfg.config_hash() == preset_config("pdi-triplediff", "reprocess").config_hash()
+
+
 # ------------------------------------------------------------------------------------------------
 # a real LocalCluster
 

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_workers(client, process: str, nights: list, outroot) -> str | None:
     """Every worker imports the chain and sees the nights and the output root; else the problem."""
+    from vampd import __version__
     from vampd.cluster.tasks import probe
 
     samples = [str(night_dir) for night_dir in nights]
@@ -38,6 +39,8 @@ def _check_workers(client, process: str, nights: list, outroot) -> str | None:
     for addr, a in sorted(answers.items()):
         if a["error"]:
             problems.append(f"worker {addr}: cannot import the vampd chain ({a['error']})")
+        elif a["vampd"] != __version__:
+            problems.append(f"worker {addr}: vampd {a['vampd']}, client vampd {__version__} (install the same version)")
         for m in a["missing"]:
             problems.append(f"worker {addr}: does not see {m} (not on a shared filesystem?)")
         for d in a["unwritable"]:

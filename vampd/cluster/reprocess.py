@@ -114,7 +114,11 @@ def _intake(night: Night) -> None:
     r = night.runner
     r.resume_triggers()
     todo = 0
+    beat = time.time()
     for p in night.paths:
+        if time.time() - beat > HEARTBEAT_S:  # hashing thousands of files takes a while
+            night.ledger.heartbeat("starting")
+            beat = time.time()
         ok, reason = fits_structure_complete(p)
         if not ok:
             r.reject(p, reason)
