@@ -90,6 +90,8 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
                 nights = reprocess(cfg, args.config, list(args.nights), outroot, shared,
                                    force=args.force, finalize=not args.no_finalize)
             else:
+                if not getattr(args, "verbose", 0):  # per-file lines would scroll the bars away
+                    logging.getLogger("vampd.engine.runner").setLevel(logging.WARNING)
                 with NightProgress() as display:
                     nights = reprocess(cfg, args.config, list(args.nights), outroot, shared,
                                        force=args.force, finalize=not args.no_finalize, progress=display)

@@ -144,6 +144,7 @@ def _close_night(night: Night, cfg: Any, config_path: str, finalize: bool) -> No
             night.ledger.event("error", f"finalize failed: {exc}")
             night.final = {"error": str(exc)}
     night.ledger.daemon_stop()
+    night.update_counts()
     night.finalized = True
     night.t_end = time.time()
 
