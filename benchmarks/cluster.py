@@ -122,7 +122,8 @@ def model(r: dict, over: dict, fs_gbps: float, workers: int) -> tuple[float, str
     terms = {
         "workers (per-file CPU)": workers / r["worker_cpu_s_per_file"],
         # finalize taken as linear in the night's files (conservative)
-        "client (ledger + PDI triggers + finalize)": 1.0 / max(r["client_cpu_s_per_file"] + r["finalize_cpu_s"] / r["files"], 1e-9),
+        "client (ledger + PDI triggers + finalize)":
+            1.0 / max(r["client_cpu_s_per_file"] + r["finalize_cpu_s"] / r["files"], 1e-9),
         "scheduler (tasks/s)": over["tasks_per_s"],
         f"filesystem ({fs_gbps:g} GB/s)": fs_gbps * 1e3 / (r["read_mb_per_file"] + r["write_mb_per_file"]),
     }
@@ -144,23 +145,26 @@ def main() -> None:
     work = Path(args.keep or tempfile.mkdtemp(prefix="vampd-cluster-bench-"))
     raw = work / "night" / "raw"
     if not raw.is_dir():
-        simulate_night(work / "night", SimConfig(size=args.size, nframes=args.nframes, ncycles=args.cycles, calib=False))
+        sim = SimConfig(size=args.size, nframes=args.nframes, ncycles=args.cycles, calib=False)
+        simulate_night(work / "night", sim)
     cfg = _config(args.size, diff=not args.no_diff)
     print(f"machine: {os.cpu_count()} cores (shared and loaded: wall figures are noisy; CPU figures are per unit)")
     print(f"night: {args.size}² px, {args.nframes} frames/file, {16 * args.cycles} files, PDI triple difference, "
           f"difference images {'off' if args.no_diff else 'on'}")
     runs = [run_night(raw, work / f"out{w}", cfg, w) for w in (1, 2)]
     over = runs[0]["overhead"]
-    print(f"scheduler: round trip {over['rtt_ms']:.1f} ms/task, {over['tasks_per_s']:.0f} tasks/s with many in flight, "
-          f"client CPU {over['client_cpu_ms_per_task']:.2f} ms/task (config {over['cfg_bytes']} B pickled)")
+    print(f"scheduler: round trip {over['rtt_ms']:.1f} ms/task, {over['tasks_per_s']:.0f} tasks/s with many in "
+          f"flight, client CPU {over['client_cpu_ms_per_task']:.2f} ms/task (config {over['cfg_bytes']} B pickled)")
     for r in runs:
         print(f"{r['workers']} worker(s): {r['files']} files in {r['wall_s']:.1f} s = {r['files_per_s']:.2f} files/s; "
               f"worker CPU {r['worker_cpu_s_per_file']:.3f} s/file median, {r['worker_cpu_mean']:.3f} mean "
-              f"(task wall {r['task_wall_s_per_file']:.3f} s median); client CPU {r['client_cpu_s_per_file']:.3f} s/file "
-              f"+ finalize {r['finalize_cpu_s']:.1f} s CPU ({r['finalize_wall_s']:.1f} s wall) per night; I/O {r['read_mb_per_file']:.2f} MB read + "
-              f"{r['write_mb_per_file']:.2f} MB written per file")
+              f"(task wall {r['task_wall_s_per_file']:.3f} s median); "
+              f"client CPU {r['client_cpu_s_per_file']:.3f} s/file + finalize {r['finalize_cpu_s']:.1f} s CPU "
+              f"({r['finalize_wall_s']:.1f} s wall) per night; "
+              f"I/O {r['read_mb_per_file']:.2f} MB read + {r['write_mb_per_file']:.2f} MB written per file")
     r = runs[1]
-    print(f"per-task scheduler overhead / per-file CPU = {over['client_cpu_ms_per_task'] / 1e3 / r['worker_cpu_s_per_file']:.3f}")
+    ratio = over["client_cpu_ms_per_task"] / 1e3 / r["worker_cpu_s_per_file"]
+    print(f"per-task scheduler overhead / per-file CPU = {ratio:.3f}")
     for w in (32, 256):
         rate, lim = model(r, over, args.fs_gbps, w)
         print(f"predicted at {w} workers: {rate:.1f} files/s, limited by {lim}")

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="join a running Dask scheduler, e.g. tcp://host:8786 (default: [cluster].scheduler)")
     g.add_argument("--local", type=int, default=None, metavar="N",
-                   help="start a local cluster of N worker processes (default: [cluster].local_workers or [watch].workers)")
+                   help="start a local cluster of N worker processes "
+                        "(default: [cluster].local_workers or [watch].workers)")
     p.add_argument("--force", action="store_true", help="redo work even if products are up to date")
     p.add_argument("--no-finalize", action="store_true", help="do not finalize the nights at the end")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of the progress display")

@@ -84,7 +84,8 @@ def night_inputs(night_dir: os.PathLike | str, cfg: Any) -> list[str]:
     return sorted(found)
 
 
-def open_nights(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, shared, force: bool = False) -> list[Night]:
+def open_nights(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, shared,
+                force: bool = False) -> list[Night]:
     """A ledger, a night pool and a runner per night (refusing a ledger a live daemon owns)."""
     labels = [night_label(d) for d in night_dirs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
