@@ -35,14 +35,15 @@ def echo(cfg, payload):
     return payload
 
 
-def _config(size: int, diff: bool = True):
+def _config(size: int, diff: bool = True, preset: str = "pdi-triplediff"):
     from vampd.config.presets import preset_config
 
-    cfg = preset_config("pdi-triplediff", "bench")
+    cfg = preset_config(preset, "bench")
     cfg.diff_images.make_diff = diff
     cfg.align.crop_width = min(256, size - 16)
     cfg.coadd.method = "median"
-    cfg.polarimetry.use_ideal_mm = True
+    if cfg.polarimetry is not None:
+        cfg.polarimetry.use_ideal_mm = True
     cfg.cluster.dashboard_address = ":0"
     return cfg
 
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--nframes", type=int, default=20)
     ap.add_argument("--cycles", type=int, default=2, help="HWP cycles (16 files each)")
     ap.add_argument("--fs-gbps", type=float, default=1.0, help="shared filesystem bandwidth for the model (GB/s)")
+    ap.add_argument("--preset", default="pdi-triplediff", help="processing preset (quicklook: no PDI on the client)")
     ap.add_argument("--no-diff", action="store_true", help="no diagnostic difference images (client-side work)")
     ap.add_argument("--keep", default=None, help="work directory to keep")
     args = ap.parse_args()
@@ -147,9 +149,9 @@ def main() -> None:
     if not raw.is_dir():
         sim = SimConfig(size=args.size, nframes=args.nframes, ncycles=args.cycles, calib=False)
         simulate_night(work / "night", sim)
-    cfg = _config(args.size, diff=not args.no_diff)
+    cfg = _config(args.size, diff=not args.no_diff, preset=args.preset)
     print(f"machine: {os.cpu_count()} cores (shared and loaded: wall figures are noisy; CPU figures are per unit)")
-    print(f"night: {args.size}² px, {args.nframes} frames/file, {16 * args.cycles} files, PDI triple difference, "
+    print(f"night: {args.size}² px, {args.nframes} frames/file, {16 * args.cycles} files, preset {args.preset}, "
           f"difference images {'off' if args.no_diff else 'on'}")
     runs = [run_night(raw, work / f"out{w}", cfg, w) for w in (1, 2)]
     over = runs[0]["overhead"]

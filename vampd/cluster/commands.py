@@ -107,5 +107,5 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     nfail = 0
     for n in nights:
         print(summary_line(n))
-        nfail += n.counts.get("parked", 0) + n.counts.get("failed", 0)
+        nfail += n.counts.get("parked", 0) + n.counts.get("failed", 0) + (n.stopped is not None)
     return 1 if nfail else 0

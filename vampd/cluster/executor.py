@@ -22,6 +22,7 @@ under the cluster's budget (a single task larger than the budget still runs, alo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -36,6 +37,12 @@ __all__ = ["MissingDistributed", "require_distributed", "connect", "ClusterPool"
 log = logging.getLogger(__name__)
 
 RESOURCE = "MEMORY"
+_RESULT_FIELDS = {f.name for f in dataclasses.fields(JobResult)}
+
+
+def _job_result(path: str, ok: bool, **fields) -> JobResult:
+    """A :class:`JobResult` with the fields this engine version has (``kind`` is newer)."""
+    return JobResult(path, ok, **{k: v for k, v in fields.items() if k in _RESULT_FIELDS})
 
 
 class MissingDistributed(RuntimeError):
@@ -209,6 +216,11 @@ class NightPool:
     def running_bytes(self) -> int:
         return sum(j.nbytes for j in self.jobs.values())
 
+    @property
+    def memory_limit(self) -> int:
+        """The cluster's task memory budget (bytes; the runner parks a file larger than this)."""
+        return self.shared.budget if self.shared.budget > 0 else 2**62
+
     def admissible(self, nbytes: int) -> bool:
         """The local pool's rule, cluster-wide: a slot is free and the estimates fit the budget
         (or nothing runs at all)."""
@@ -250,15 +262,19 @@ class NightPool:
             self.crashes += 1
             name = type(exc).__name__
             what = "worker lost (killed, out of memory or node gone)" if name == "KilledWorker" else name
-            return JobResult(path, False, error=f"{path}: {what}: {exc}")
+            # the scheduler pins a KilledWorker on this task (it re-ran it elsewhere first):
+            # an ordinary failed try, not the local pool's "crash" of unknown culprit
+            return _job_result(path, False, error=f"{path}: {what}: {exc}", kind="transient")
         r = fut.result()
         self.cpu.append(float(r.get("cpu", 0.0)))
         self.elapsed.append(float(r.get("elapsed", 0.0)))
         if r["ok"]:
-            return JobResult(path, True, r["products"], r["summary"], r["metrics"], elapsed=r["elapsed"])
+            return _job_result(path, True, products=r["products"], summary=r["summary"], metrics=r["metrics"],
+                               elapsed=r["elapsed"])
         if r.get("trace"):
             log.debug("worker traceback for %s:\n%s", path, r["trace"])
-        return JobResult(path, False, error=r["error"], permanent=r["permanent"], elapsed=r["elapsed"])
+        kind = r.get("kind", "permanent" if r["permanent"] else "transient")
+        return _job_result(path, False, error=r["error"], permanent=r["permanent"], elapsed=r["elapsed"], kind=kind)
 
     def healthy(self) -> bool:
         return self.shared.n_workers > 0

@@ -25,6 +25,8 @@ def summary_line(night) -> str:
     n = _numbers(night)
     wall = (night.t_end or time.time()) - night.t_start
     fin = " finalized" if night.finalized and night.final and "error" not in night.final else ""
+    if night.stopped:
+        fin = f" STOPPED ({night.stopped}; rerun to finish)"
     return (f"{night.label}: {n['done']}/{n['total']} done, {n['failed']} failed, "
             f"{n['sets']} set(s) complete, {n['broken']} broken, {wall:.1f} s{fin} -> {night.outdir}")
 
@@ -61,10 +63,11 @@ class NightProgress:
             return
         self._last = now
         for night in nights:
-            if not night.finalized:
+            if not night.closed:
                 night.update_counts()
             n = _numbers(night)
-            state = "finalized" if night.finalized else ("running" if n["running"] else "queued")
+            state = ("finalized" if night.finalized else "STOPPED" if night.stopped
+                     else "running" if n["running"] else "queued")
             if night.label not in self.tasks:
                 self.tasks[night.label] = self.progress.add_task(night.label, total=n["total"], running=0,
                                                                  sets=0, failed=0, state="")

@@ -46,11 +46,17 @@ class Night:
     runner: Runner
     todo: int = 0
     finalized: bool = False
+    #: why the night stopped unfinished (its output side refused writes), else None
+    stopped: str | None = None
     final: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     sets: dict = field(default_factory=dict)
     t_start: float = field(default_factory=time.time)
     t_end: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.finalized or self.stopped is not None
 
     def busy(self) -> bool:
         return bool(self.pool.jobs) or bool(self.ledger.next_pending(1))
@@ -150,6 +156,21 @@ def _close_night(night: Night, cfg: Any, config_path: str, finalize: bool) -> No
     night.t_end = time.time()
 
 
+def _output_stuck(night: Night) -> bool:
+    """The runner paused this night's intake (disk full, read-only output: engines that have
+    ``output_blocked``) and, with nothing left running, its output still refuses a write."""
+    blocked = getattr(night.runner, "output_blocked", None)
+    if not blocked or night.pool.jobs or night.runner.probe_output():
+        return False
+    log.error("%s: output blocked, files left pending for the next run: %s", night.label, blocked)
+    night.ledger.event("error", f"reprocess stopped: output blocked: {blocked}")
+    night.ledger.daemon_stop()
+    night.update_counts()
+    night.stopped = str(blocked)
+    night.t_end = time.time()
+    return True
+
+
 def reprocess(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, shared, *,
               force: bool = False, finalize: bool = True, poll: float = 0.2, progress=None) -> list[Night]:
     """Reprocess ``night_dirs`` on the cluster behind ``shared`` (a :class:`ClusterPool`).
@@ -162,28 +183,28 @@ def reprocess(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, 
         for n in nights:
             _intake(n)
         last_beat = time.time()
-        while not all(n.finalized for n in nights):
+        while not all(n.closed for n in nights):
             shared.maybe_refresh()
             for n in nights:
-                if not n.finalized:
+                if not n.closed and not _output_stuck(n):
                     n.runner.pump()
             shared.wait(poll)
             for n in nights:
                 if n.pool.jobs:
                     n.runner.collect(0)
             for n in nights:
-                if not n.finalized and not n.busy():
+                if not n.closed and not n.busy():
                     _close_night(n, cfg, config_path, finalize)
             if time.time() - last_beat > HEARTBEAT_S:
                 for n in nights:
-                    if not n.finalized:
+                    if not n.closed:
                         n.ledger.heartbeat("running")
                 last_beat = time.time()
             if progress is not None:
                 progress(nights)
     finally:
         for n in nights:
-            if not n.finalized:  # interrupted: leave the rows for the next run, release the ledger
+            if not n.closed:  # interrupted: leave the rows for the next run, release the ledger
                 _res, abandoned = n.pool.shutdown(0)
                 for p in abandoned:
                     n.ledger.release(p)
