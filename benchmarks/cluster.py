@@ -70,6 +70,32 @@ def scheduler_overhead(client, cfg, result_bytes: int, n: int = 400) -> dict:
             "cfg_bytes": len(pickle.dumps(cfg))}
 
 
+class _Meter:
+    """Client CPU spent inside a few engine methods (benchmark instrumentation only)."""
+
+    def __init__(self):
+        self.cpu: dict[str, float] = {}
+        self._saved: list = []
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            c = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.cpu[label] = self.cpu.get(label, 0.0) + time.process_time() - c
+
+        self._saved.append((owner, name, fn))
+        setattr(owner, name, timed)
+
+    def restore(self) -> None:
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+        self._saved.clear()
+
+
 def run_night(raw: Path, out: Path, cfg, workers: int) -> dict:
     """Reprocess one night on a fresh LocalCluster of ``workers`` processes; figures per file.
 
@@ -96,8 +122,18 @@ def run_night(raw: Path, out: Path, cfg, workers: int) -> dict:
         shared.refresh(wait_for_workers=120)
         client.run(probe, process, [str(raw)], [str(out)])  # warm start
         over = scheduler_overhead(client, cfg, 3000) if workers == 1 else None
+        from vampd.engine.ledger import Ledger
+        from vampd.engine.runner import Runner
+
+        meter = _Meter()
+        meter.wrap(Runner, "offer", "intake (register, content hash)")
+        meter.wrap(Ledger, "record_done", "record_done (one fsynced transaction)")
+        meter.wrap(Runner, "triggers", "PDI/specphot triggers (mm, diff images, sets)")
         t0, c0 = time.perf_counter(), time.process_time()
-        nights = reprocess(cfg, str(cfg_path), [str(raw)], out, shared, finalize=False)
+        try:
+            nights = reprocess(cfg, str(cfg_path), [str(raw)], out, shared, finalize=False)
+        finally:
+            meter.restore()
         wall, ccpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         client.close()
@@ -115,7 +151,7 @@ def run_night(raw: Path, out: Path, cfg, workers: int) -> dict:
             "task_wall_s_per_file": statistics.median(night.pool.elapsed),
             "client_cpu_s_per_file": ccpu / max(1, nfiles), "finalize_wall_s": fwall, "finalize_cpu_s": fcpu,
             "read_mb_per_file": raw_bytes / 1e6 / max(1, nfiles), "write_mb_per_file": out_bytes / 1e6 / max(1, nfiles),
-            "overhead": over}
+            "overhead": over, "client_split": {k: v / max(1, nfiles) for k, v in meter.cpu.items()}}
 
 
 def model(r: dict, over: dict, fs_gbps: float, workers: int) -> tuple[float, str]:
@@ -164,6 +200,8 @@ def main() -> None:
               f"client CPU {r['client_cpu_s_per_file']:.3f} s/file + finalize {r['finalize_cpu_s']:.1f} s CPU "
               f"({r['finalize_wall_s']:.1f} s wall) per night; "
               f"I/O {r['read_mb_per_file']:.2f} MB read + {r['write_mb_per_file']:.2f} MB written per file")
+        split = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r["client_split"].items())
+        print(f"    client CPU per file: {split}; the rest is the Dask client, the in-process scheduler and the loop")
     r = runs[1]
     ratio = over["client_cpu_ms_per_task"] / 1e3 / r["worker_cpu_s_per_file"]
     print(f"per-task scheduler overhead / per-file CPU = {ratio:.3f}")
