@@ -287,3 +287,45 @@ def test_killed_worker_and_client_then_rerun_exactly_once(archive, reference, tm
         assert sets_of(out / name) == sets_of(reference / name)
         for f in sorted(f for f in tree(reference / name) if f.startswith(("coadded/", "pdi/stokes/"))):
             assert_same_fits(out / name / f, reference / name / f)
+
+
+@needs_dask
+@pytest.mark.slow
+def test_joins_a_running_scheduler_from_the_config(archive, reference, tmp_path):
+    """The shared-workstation recipe of docs/cluster.md: `dask scheduler` + `dask worker
+    --nthreads 1 --resources MEMORY=...` started by hand, the address in `[cluster].scheduler`."""
+    root, _cfg = archive
+    sched_file = tmp_path / "scheduler.json"
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "dask", "scheduler", "--scheduler-file", str(sched_file), "--port", "0",
+             "--dashboard-address", ":0"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 120
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "dask", "worker", "--scheduler-file", str(sched_file), "--nworkers", "1",
+             "--nthreads", "1", "--memory-limit", "2GB", "--resources", "MEMORY=1e9"],
+            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cfg = load_config(root / "night.toml")
+        cfg.cluster.scheduler = address
+        save_config(cfg, tmp_path / "joined.toml")
+        name = NIGHTS[1]
+        p = vampd("reprocess", tmp_path / "joined.toml", root / name, "-o", tmp_path / "out", "--no-progress")
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"1 worker(s) on {address}" in p.stdout
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+    got = tmp_path / "out" / name
+    assert_exactly_once(got, 16)
+    assert sets_of(got) == sets_of(reference / name)
+    for f in sorted(f for f in tree(reference / name) if f.endswith(".fits")):
+        assert_same_fits(got / f, reference / name / f)
