@@ -46,6 +46,10 @@ def _check_workers(client, process: str, nights: list, outroot) -> str | None:
             problems.append(f"worker {addr}: does not see {m} (not on a shared filesystem?)")
         for d in a["unwritable"]:
             problems.append(f"worker {addr}: cannot write {d}")
+    loose = sorted(addr for addr, a in answers.items() if a.get("blas") != "1")
+    if loose:  # not fatal: slower (threads fight over the cores), same products
+        log.warning("%d worker(s) without OPENBLAS_NUM_THREADS=1 (e.g. %s): set it in the workers' environment",
+                    len(loose), loose[0])
     return "\n".join(problems) or None
 
 

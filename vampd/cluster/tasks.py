@@ -39,11 +39,12 @@ def probe(process: str, paths: list[str], outroots: list[str]) -> dict:
     """Run on every worker at start: import the chain (warm start) and check the shared filesystem.
 
     Returns ``{"vampd": version, "missing": [paths not visible], "unwritable": [dirs],
-    "error": import error or ""}``.
+    "error": import error or "", "blas": $OPENBLAS_NUM_THREADS of the worker}``.
     """
     import importlib
 
-    out: dict = {"vampd": None, "missing": [], "unwritable": [], "error": ""}
+    out: dict = {"vampd": None, "missing": [], "unwritable": [], "error": "",
+                 "blas": os.environ.get("OPENBLAS_NUM_THREADS")}
     try:
         import vampd
 
