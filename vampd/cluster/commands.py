@@ -68,6 +68,10 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     except (MissingDistributed, ValueError, OSError) as exc:
         print(f"vampd reprocess: {exc}", file=sys.stderr)
         return 2
+    missing = [d for d in args.nights if not os.path.isdir(d)]
+    if missing:
+        print(f"vampd reprocess: night directory not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
     cc = cfg.cluster
     outroot = resolve_outdir(cfg, args.config, args.outroot)
     outroot.mkdir(parents=True, exist_ok=True)
