@@ -175,6 +175,18 @@ def test_docs_snippets_compile_and_slurm_config_loads():
     assert cfg.config_hash() == preset_config("pdi-triplediff", "reprocess").config_hash()
 
 
+@needs_dask
+def test_usage_errors_exit_2_before_any_cluster(tmp_path):
+    cfg = write_config(tmp_path / "c.toml")
+    p = vampd("reprocess", cfg, tmp_path / "nope", "-o", tmp_path / "out", "--local", "1", timeout=120)
+    assert p.returncode == 2 and f"night directory not found: {tmp_path / 'nope'}" in p.stderr
+    (tmp_path / "a" / "raw").mkdir(parents=True)
+    (tmp_path / "b" / "a").mkdir(parents=True)
+    p = vampd("reprocess", cfg, tmp_path / "a" / "raw", tmp_path / "b" / "a", "-o", tmp_path / "out", "--local", "1",
+              "--no-progress", timeout=300)
+    assert p.returncode == 2 and "same output name ['a']" in p.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # a real LocalCluster
 

@@ -57,7 +57,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     """Reprocess whole nights on Dask; exit 0 if every file ends done, 1 if any failed, 2 on a problem."""
     from vampd.cluster.executor import ClusterPool, MissingDistributed, connect, require_distributed
     from vampd.cluster.progress import NightProgress, summary_line
-    from vampd.cluster.reprocess import reprocess
+    from vampd.cluster.reprocess import check_labels, reprocess
     from vampd.config import load_config
     from vampd.engine.pool import DEFAULT_PROCESS
     from vampd.engine.runner import resolve_outdir, watch_settings
@@ -71,6 +71,11 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     missing = [d for d in args.nights if not os.path.isdir(d)]
     if missing:
         print(f"vampd reprocess: night directory not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        check_labels(list(args.nights))
+    except ValueError as exc:
+        print(f"vampd reprocess: {exc}", file=sys.stderr)
         return 2
     cc = cfg.cluster
     outroot = resolve_outdir(cfg, args.config, args.outroot)

@@ -26,7 +26,7 @@ from vampd.engine.ledger import Ledger, daemon_alive
 from vampd.engine.runner import Runner, config_hash_of, watch_settings
 from vampd.fitsio import fits_structure_complete
 
-__all__ = ["Night", "night_label", "night_inputs", "open_nights", "reprocess"]
+__all__ = ["Night", "check_labels", "night_label", "night_inputs", "open_nights", "reprocess"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ def night_label(night_dir: os.PathLike | str) -> str:
     return p.parent.name if p.name.lower() == "raw" and p.parent.name else p.name
 
 
+def check_labels(night_dirs: list[str]) -> list[str]:
+    """The nights' output names; ``ValueError`` if two nights would share one."""
+    labels = [night_label(d) for d in night_dirs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"several night directories map to the same output name {dup}: give distinct names")
+    return labels
+
+
 def night_inputs(night_dir: os.PathLike | str, cfg: Any) -> list[str]:
     """Regular files matching ``[watch].patterns`` in ``night_dir`` (recursive if configured), sorted."""
     w = watch_settings(cfg)
@@ -93,10 +102,7 @@ def night_inputs(night_dir: os.PathLike | str, cfg: Any) -> list[str]:
 def open_nights(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, shared,
                 force: bool = False) -> list[Night]:
     """A ledger, a night pool and a runner per night (refusing a ledger a live daemon owns)."""
-    labels = [night_label(d) for d in night_dirs]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise ValueError(f"several night directories map to the same output name {dup}: give distinct names")
+    labels = check_labels(night_dirs)
     nights: list[Night] = []
     for d, label in zip(night_dirs, labels, strict=True):
         paths = night_inputs(d, cfg)
