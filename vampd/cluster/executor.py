@@ -10,9 +10,9 @@ Exactly-once: workers never see a ledger; a task returns a small dict and the cl
 A task lost with its worker is re-run by the scheduler (up to
 ``distributed.scheduler.allowed-failures``), then comes back as a failed try; either way the
 ledger row is committed once, by the client, after the products exist. Task keys are
-deterministic (night, file, identity, config hash, attempt), so a restarted client that
-resubmits a file whose task is still known to a long-lived scheduler joins it instead of
-running it twice.
+deterministic (night, file, identity, config hash, attempt), so a restarted client on a
+long-lived scheduler resubmits the same keys and a worker still running an abandoned task can
+take it up again (Dask's "resumed" task state) rather than running it twice.
 
 Memory: a task's estimate (cube bytes × ``watch.memory_factor``, as in the local pool) is
 requested as the worker resource ``MEMORY`` when every worker declares one (the scheduler then
