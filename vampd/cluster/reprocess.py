@@ -46,6 +46,8 @@ class Night:
     runner: Runner
     todo: int = 0
     finalized: bool = False
+    #: raw files registered in the ledger (nights are taken in one by one while workers run)
+    ingested: bool = False
     #: why the night stopped unfinished (its output side refused writes), else None
     stopped: str | None = None
     final: dict = field(default_factory=dict)
@@ -138,6 +140,7 @@ def _intake(night: Night) -> None:
             continue
         todo += r.offer(p) not in ("done", "parked", "ignored", "gone")
     night.todo = todo
+    night.ingested = True
     night.ledger.heartbeat("running")
     log.info("%s: %d file(s), %d to process -> %s", night.label, len(night.paths), todo, night.outdir)
 
@@ -186,20 +189,21 @@ def reprocess(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, 
     """
     nights = open_nights(cfg, config_path, night_dirs, Path(outroot), shared, force=force)
     try:
-        for n in nights:
-            _intake(n)
         last_beat = time.time()
         while not all(n.closed for n in nights):
             shared.maybe_refresh()
+            waiting = [n for n in nights if not n.ingested]
+            if waiting:  # one night per round: the first night's files run while the next are hashed
+                _intake(waiting[0])
             for n in nights:
-                if not n.closed and not _output_stuck(n):
+                if n.ingested and not n.closed and not _output_stuck(n):
                     n.runner.pump()
             shared.wait(poll)
             for n in nights:
                 if n.pool.jobs:
                     n.runner.collect(0)
             for n in nights:
-                if not n.closed and not n.busy():
+                if n.ingested and not n.closed and not n.busy():
                     _close_night(n, cfg, config_path, finalize)
             if time.time() - last_beat > HEARTBEAT_S:
                 for n in nights:
