@@ -27,9 +27,8 @@ from vampd.config import (
 )
 from vampd.config.presets import PRESETS, render_preset
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = (REPO / ".." / "shared").resolve()
-REFERENCE = SHARED / "docs" / "reference-config-example.toml"
+from conftest import REFERENCE_CONFIG as REFERENCE
+from conftest import REPO, needs_reference_config
 
 
 def run_cli(argv: list[str]) -> int:
@@ -161,6 +160,7 @@ def test_defaults_match_reference_schema(no_config_warnings):
     }
 
 
+@needs_reference_config
 def test_reference_example_loads_unchanged(no_config_warnings):
     cfg = load_config(REFERENCE)
     assert cfg.name == "20240115_HD169142"
@@ -401,6 +401,7 @@ def _full_config(tmp_path: Path) -> PipelineConfig:
     )
 
 
+@needs_reference_config
 def test_toml_round_trip(tmp_path, no_config_warnings):
     cfg = _full_config(tmp_path)
     text = to_toml_str(cfg)

@@ -24,6 +24,8 @@ from types import SimpleNamespace
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs real daemons in subprocesses (8-30 s each)
+
 FAULTS = ("truncated", "corrupt", "nonfits", "missing_keyword", "zero_byte")
 
 

@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from astropy.io import fits
+
+pytestmark = pytest.mark.slow  # a whole streamed night through a real daemon (~25 s)
 
 
 def test_demo_reduces_and_finalizes_a_streamed_night(tmp_path):

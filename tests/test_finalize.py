@@ -151,6 +151,7 @@ def _truth_qphi(sim, n):
     return 0.5 * cylindrical_stokes(qc, uc, 0 * qc, 0 * uc)[0]
 
 
+@pytest.mark.slow
 def test_finalize_products_on_simulated_night(night):
     out = night["out"]
     with fits.open(out / "pdi" / "n_stokes_coll.fits") as h:
@@ -178,6 +179,7 @@ def test_finalize_products_on_simulated_night(night):
     assert cube.shape[:2] == (12, 1) and ang.shape == (12,) and ang.dtype.itemsize == 4
 
 
+@pytest.mark.slow
 def test_report_names_targets_sets_and_reasons(night):
     text = (night["out"] / "report" / "report.md").read_text()
     assert "ABAUR" in text and "750-50" in text
@@ -189,12 +191,14 @@ def test_report_names_targets_sets_and_reasons(night):
         assert png in text
 
 
+@pytest.mark.slow
 def test_second_finalize_byte_identical(night):
     first, second = night["first"], night["second"]
     assert any(k.startswith("pdi/") for k in first) and any(k.endswith(".png") for k in first)
     assert first == second
 
 
+@pytest.mark.slow
 def test_qphi_preview_shows_the_ring(night):
     import matplotlib.image as mpimg
 
@@ -263,6 +267,7 @@ def _drop(src, dest_dir):
     os.replace(tmp, dest_dir / src.name)
 
 
+@pytest.mark.slow
 def test_finalize_while_the_daemon_runs(tmp_path, capsys):
     """``vampd finalize`` next to a live ``vampd watch``: it reads one snapshot (20 files, one
     complete set, one open), writes products and report from it, writes nothing to the ledger and
@@ -368,6 +373,7 @@ def mbi_night(tmp_path_factory):
 MBI_FIELDS = ["F610", "F670", "F720", "F760"]
 
 
+@pytest.mark.slow
 def test_mbi_night_final_cube_per_target(mbi_night):
     out = mbi_night["out"]
     assert mbi_night["nfiles"] == 32
@@ -395,6 +401,7 @@ def test_mbi_night_final_cube_per_target(mbi_night):
     assert "**2 complete**, **0 broken**" in text and "ABAUR" in text and "MWC480" in text
 
 
+@pytest.mark.slow
 def test_specphot_summary_per_target(mbi_night):
     """One summary row per target and camera, factor = median over its files of the built-in
     C_FD · 10^(0.4 k AIRMASS)."""

@@ -233,6 +233,7 @@ def test_helpers():
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 
 
+@pytest.mark.slow
 def test_live_in_a_pty_sees_the_count_grow(tmp_path):
     night = tmp_path / "night"
     (night / "raw").mkdir(parents=True)

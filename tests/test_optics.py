@@ -38,15 +38,11 @@ from vampd.instrument.pupil import (
     synthetic_psf,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "vampires_filters.csv").is_file(), reason="no data")
+from conftest import DATA_DIR as DATA
+from conftest import needs_data
+
 PIX = 5.952  # mas/px, CMOS cam 1 post-NBS
 OFFSET = 129.44
-
-
-@pytest.fixture
-def no_data_dir(monkeypatch):
-    monkeypatch.delenv("VAMPD_DATA_DIR", raising=False)
 
 
 # ---------------------------------------------------------------------------------- filters

@@ -23,8 +23,7 @@ from vampd.simulate.night import SimConfig, simulate_night
 from vampd.stages.analyze import load_metrics
 from vampd.stages.calibfiles import build_masters
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from conftest import REFERENCE_CONFIG, needs_reference_config
 
 
 def _night(tmp, **kw):
@@ -187,6 +186,7 @@ def test_intermediates_and_no_coadd(tmp_path):
     assert Path(kinds2["aligned"]).exists()
 
 
+@pytest.mark.slow
 def test_mbi_fields_each_centred(tmp_path):
     truth, _ = _night(tmp_path, mbi=True, nframes=6, size=256, calib=False)
     cfg = _cfg(tmp_path, crop=48)
@@ -208,10 +208,11 @@ def test_mbi_fields_each_centred(tmp_path):
             assert abs(peak[0] - c) <= 0.5 and abs(peak[1] - c) <= 0.5
 
 
+@needs_reference_config
 def test_reference_config_runs_unchanged(tmp_path):
     """The reference pipeline's example config (with its calib dir pointed at ours) runs as is."""
     truth, _ = _night(tmp_path, nframes=8, size=96)
-    cfg = load_config(SHARED / "docs" / "reference-config-example.toml")
+    cfg = load_config(REFERENCE_CONFIG)
     cfg.calibrate.calib_directory = tmp_path / "masters"
     cfg.align.crop_width = 64
     r = process_file(_raw(tmp_path, truth, 0)[0], cfg, tmp_path / "out")
