@@ -109,11 +109,11 @@ def env(**extra) -> dict:
 
 
 def start_daemon(cfg: Path, raw: Path, out: Path, *extra, **envx) -> subprocess.Popen:
-    log = open(out.parent / "daemon.log", "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out), *extra],
-        env=env(**envx), stdout=log, stderr=log,
-    )
+    with open(out.parent / "daemon.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out), *extra],
+            env=env(**envx), stdout=log, stderr=log,
+        )
 
 
 def status(out: Path, must=True) -> dict:

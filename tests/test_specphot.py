@@ -371,27 +371,24 @@ def _fake_products(out: Path, stem: str, fields: list[str], fluxes: list[float],
     return [("metrics", str(mpath)), ("coadded", str(cpath))]
 
 
+def _pickles_sequence_setup(tmp_path: Path, unit: str, sptype: str, mag: float):
+    """A config calibrating every 2 files of a target with a Pickles V-band source, and its ledger."""
+    from vampd.config import PipelineConfig
+    from vampd.engine.ledger import Ledger
+
+    specphot = {"unit": unit, "source": "pickles", "sptype": sptype, "mag": mag, "mag_band": "V", "sequence_files": 2}
+    cfg = PipelineConfig(name="t", specphot=specphot)
+    out = tmp_path / "out"
+    return cfg, out, Ledger(out)
+
+
 @needs_data
 def test_mbi_fields_get_their_own_factor_and_count_trigger(data_env, tmp_path):
-    from vampd.config import PipelineConfig
     from vampd.engine import specphot_trigger as st
-    from vampd.engine.ledger import Ledger
 
     fields = ["F610", "F670", "F720", "F760"]
     fluxes = [1.0e5, 2.0e5, 3.0e5, 4.0e5]
-    cfg = PipelineConfig(
-        name="t",
-        specphot={
-            "unit": "Jy/arcsec^2",
-            "source": "pickles",
-            "sptype": "K0III",
-            "mag": 8.0,
-            "mag_band": "V",
-            "sequence_files": 2,
-        },
-    )
-    out = tmp_path / "out"
-    ledger = Ledger(out)
+    cfg, out, ledger = _pickles_sequence_setup(tmp_path, "Jy/arcsec^2", "K0III", 8.0)
     header = {"AIRMASS": 1.3, "PXAREA": 3.5e-5, "OBJECT": "T"}
     results = []
     for i in range(3):
@@ -453,23 +450,9 @@ def test_zeropoints_e_per_s_is_a_no_op(no_data):
 
 @needs_data
 def test_late_file_moves_boundaries_and_supersedes(data_env, tmp_path):
-    from vampd.config import PipelineConfig
     from vampd.engine import specphot_trigger as st
-    from vampd.engine.ledger import Ledger
 
-    cfg = PipelineConfig(
-        name="t",
-        specphot={
-            "unit": "contrast",
-            "source": "pickles",
-            "sptype": "G2V",
-            "mag": 6.0,
-            "mag_band": "V",
-            "sequence_files": 2,
-        },
-    )
-    out = tmp_path / "out"
-    ledger = Ledger(out)
+    cfg, out, ledger = _pickles_sequence_setup(tmp_path, "contrast", "G2V", 6.0)
     fluxes = {0: 1e5, 1: 2e5, 2: 4e5}
 
     def finish(i):
