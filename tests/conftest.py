@@ -59,3 +59,13 @@ def no_data_dir_module():
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("VAMPD_DATA_DIR", raising=False)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline():
+    """No test may reach the network: astropy's downloads (IERS, data files) are off for the whole
+    session, whatever the import order. vampd's entry points do the same; the subprocess tests check
+    those."""
+    from vampd._offline import configure_offline
+
+    configure_offline()
