@@ -165,7 +165,12 @@ def ledger_products(out: Path) -> list[dict]:
 def stop(proc: subprocess.Popen, timeout=90) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a daemon behind: it would fail later tests (ResourceWarning)
+        proc.wait()
+        raise
 
 
 @pytest.fixture
@@ -350,8 +355,10 @@ def test_sighup_reload_and_sd_notify(night):
         assert stop(proc) == 0
         wait_for(lambda: got("STOPPING=1"), timeout=5, every=0)
     finally:
-        stop(proc)
-        sock.close()
+        try:
+            stop(proc)
+        finally:
+            sock.close()
 
 
 def test_burst_and_full_queue_rescan(night):
