@@ -35,6 +35,7 @@ __all__ = [
     "target_coord",
     "local_sidereal_hours",
     "update_angles",
+    "refresh_angles",
 ]
 
 SUBARU_LAT_DEG = 19.825504
@@ -368,3 +369,35 @@ def update_angles(header, target=None, path=None, copy: bool = True) -> fits.Hea
     h["PAOFFSET"] = (offset, "[deg] parallactic angle offset")
     h["DEROTANG"] = (derotation_angle(pa, offset), "[deg] derotation angle for North up")
     return h
+
+
+def refresh_angles(header, path=None) -> fits.Header:
+    """Recompute the angles of a combined header at its own times (in place).
+
+    ``PA-STR``/``PA``/``PA-END`` at ``MJD-STR``/``MJD``/``MJD-END`` from the header ``RA``/
+    ``DEC`` (:func:`sky_angles`), ``PA-ROT`` = wrap(PA-END − PA-STR) and ``DEROTANG`` =
+    wrap(PA + PAOFFSET). A mean of the members' angles is not the angle at the mean time when
+    the field rotates fast (near the zenith), so every product states the angle at its ``MJD``.
+    Headers without ``PA``, ``RA``/``DEC`` or times are returned unchanged.
+    """
+    if "PA" not in header or "RA" not in header or "DEC" not in header:
+        return header
+    mjd = header_mjd(header, path, required=False)
+    if mjd is None:
+        return header
+    try:
+        ra, dec = _icrs_radec(target_coord(header, None, path))
+    except ValueError:
+        return header
+    times = np.array([float(header.get("MJD-STR", mjd)), mjd, float(header.get("MJD-END", mjd))])
+    (pa_str, pa, pa_end), _, _ = sky_angles(ra, dec, times)
+    if "PA-STR" in header:
+        header["PA-STR"] = (float(pa_str), "[deg] parallactic angle at start")
+    header["PA"] = (float(pa), "[deg] parallactic angle at MJD")
+    if "PA-END" in header:
+        header["PA-END"] = (float(pa_end), "[deg] parallactic angle at end")
+    if "PA-ROT" in header:
+        header["PA-ROT"] = (float(wrap(pa_end - pa_str)), "[deg] parallactic angle rotation")
+    if "DEROTANG" in header and "PAOFFSET" in header:
+        header["DEROTANG"] = (float(derotation_angle(pa, float(header["PAOFFSET"]))), "[deg] derotation angle for North up")
+    return header
