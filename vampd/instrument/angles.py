@@ -364,7 +364,7 @@ def update_angles(header, target=None, path=None, copy: bool = True) -> fits.Hea
     h["PA-STR"] = (float(pa_str), "[deg] parallactic angle at exposure start")
     h["PA"] = (float(pa), "[deg] parallactic angle at exposure midpoint")
     h["PA-END"] = (float(pa_end), "[deg] parallactic angle at exposure end")
-    h["ALTITUDE"] = (round(float(alt[1]), 6), "[deg] altitude at mid-exposure (computed, no refraction)")
+    h["ALTITUDE"] = (round(float(alt[1]), 6), "[deg] mid-exposure altitude (computed)")
     h["AZIMUTH"] = (round(float(az[1]), 6), "[deg] azimuth N->E at mid-exposure (computed)")
     h["PAOFFSET"] = (offset, "[deg] parallactic angle offset")
     h["DEROTANG"] = (derotation_angle(pa, offset), "[deg] derotation angle for North up")
