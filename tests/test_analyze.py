@@ -104,7 +104,8 @@ def test_window_statistics_hand_made():
     data[1, 2:7, 2:7] = 2 * win
     data[1, 2, 2] = np.nan  # NaN-aware: frame 1 ignores the pixel holding 2
     m = analyze_cube(data, None, {"F720": [(4.0, 4.0)]}, cfg_(window_size=5, photometry=False, strehl=False))
-    assert set(m) == {"max", "sum", "mean", "med", "var", "nvar", "comx", "comy", "peakx", "peaky", "fwhm"}
+    assert set(m) == {"max", "sum", "mean", "med", "var", "nvar", "comx", "comy", "peakx", "peaky", "fwhm", "nsat"}
+    np.testing.assert_array_equal(m["nsat"][0, 0], [0, 0])  # a faint NaN is not a saturated core
     for k, v in m.items():
         assert v.shape == (1, 1, 2), k
     v1 = 2 * win.ravel()[1:]

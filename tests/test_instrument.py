@@ -233,7 +233,7 @@ def test_detector_constants(row):
     assert det.default_pap == pap
     # uint16 saturation is reachable: never above 65535
     assert det.saturation_adu <= 65535
-    assert det.saturation_adu == pytest.approx(min(fullwell / gain, 65535))
+    assert det.saturation_adu == pytest.approx(min(bias + fullwell / gain, 65535))
 
 
 def test_saturation_level_reachable():
@@ -242,7 +242,8 @@ def test_saturation_level_reachable():
     assert det.satlevel == pytest.approx(65536.0)
     assert det.saturation_adu == 65535.0
     assert np.uint16(65535) >= det.saturation_adu
-    assert emccd_detector(1, 0).saturation_adu == pytest.approx(40000.0)
+    # conventional-mode EMCCD: the 180 000 e- full well above the 150 adu bias
+    assert emccd_detector(1, 0).saturation_adu == pytest.approx(40150.0)
 
 
 def test_fullwell_halved_june_july_2023():
