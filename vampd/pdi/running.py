@@ -171,10 +171,10 @@ def set_exposure_cards(hdr: fits.Header, ncoadd: float, tint: float, what: str =
     n = int(round(float(ncoadd)))
     t = float(tint)
     suffix = f" {what}" if what else ""
-    hdr["NCOADD"] = (n, f"frames coadded{suffix}")
-    hdr["TINT"] = (t, f"[s] integration of the coadded frames{suffix}")
+    set_card(hdr, "NCOADD", n, f"frames coadded{suffix}")
+    set_card(hdr, "TINT", t, f"[s] EXPTIME x NCOADD{suffix}")
     set_card(hdr, "HIERARCH DPP COADD NCOADD", n, f"frames coadded{suffix}")
-    set_card(hdr, "HIERARCH DPP COADD TINT", t, f"[s] total integration coadded{suffix}")
+    set_card(hdr, "HIERARCH DPP COADD TINT", t, f"[s] EXPTIME x NCOADD{suffix}")
     return hdr
 
 
