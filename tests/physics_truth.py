@@ -202,7 +202,7 @@ def truth_qphi(scene: Scene, n: int, r_in: float, r_out: float) -> tuple[float, 
     """Σ Q_φ and Σ U_φ of the ring (PSF-convolved, North up) over an annulus of the n×n grid."""
     c = (n - 1) / 2
     yy, xx = np.mgrid[0:n, 0:n] - c
-    i, q, uu = _convolve(ring_sky_stokes(scene, xx, yy), moffat(xx, yy, scene.fwhm_px))
+    _, q, uu = _convolve(ring_sky_stokes(scene, xx, yy), moffat(xx, yy, scene.fwhm_px))
     theta = np.arctan2(-xx, yy)
     qphi = -q * np.cos(2 * theta) - uu * np.sin(2 * theta)
     uphi = q * np.sin(2 * theta) - uu * np.cos(2 * theta)
@@ -243,7 +243,9 @@ def night_geometry(night: Night) -> tuple[float, float]:
 
 def write_night(outdir: Path, night: Night) -> dict:
     """Write the raw cubes (uint16, realistic CMOS headers) and return the truth."""
-    from vampd.simulate.headers import raw_header  # keyword formatting only (no physics)
+    from vampd.simulate.headers import (
+        raw_header,  # keyword formatting only (no physics)
+    )
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +315,7 @@ def centroid(image: np.ndarray, guess: tuple[float, float], half: int = 6, niter
     """Background-subtracted, iterated centre of mass (y, x) in a (2·half+1)² box (NaNs ignored)."""
     y, x = guess
     for _ in range(niter):
-        iy, ix = int(round(y)), int(round(x))
+        iy, ix = round(y), round(x)
         box = image[iy - half : iy + half + 1, ix - half : ix + half + 1].astype(float)
         box = box - np.nanmedian(np.concatenate([box[0], box[-1], box[:, 0], box[:, -1]]))
         box = np.where(np.isfinite(box), np.clip(box, 0, None), 0.0)

@@ -31,8 +31,8 @@ from astropy.io import fits
 
 from vampd import __version__
 from vampd.fitsio import atomic_write, write_fits_atomic
-from vampd.pdi.calibrated import write_calibrated
 from vampd.instrument.angles import refresh_angles
+from vampd.pdi.calibrated import write_calibrated
 from vampd.pdi.cards import set_card
 from vampd.pdi.running import set_exposure_cards
 from vampd.pdi.stokes import product_names, stokes_products
