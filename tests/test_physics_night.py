@@ -182,6 +182,14 @@ def test_saturated_core_night(saturated):
     with Ledger(red) as led:
         sat = dict(led.saturated_files())
     assert len(sat) == 16 and set(sat.values()) == {run["night"].nframes}
+    from vampd.live.snapshot import take_snapshot
+    from vampd.live.view import render_text
+
+    lines = render_text(take_snapshot(red), 140, 40).splitlines()
+    head = next(ln for ln in lines if " sat " in ln and "file" in ln)
+    col = head.index(" sat ") + 4  # right-aligned cells end under the header's last letter
+    rows = [ln for ln in lines if ".fits" in ln]
+    assert rows and all(ln[col - 1] == str(run["night"].nframes) for ln in rows)
     # each file's coadd is centred on the crop centre (fitted on the unsaturated wings)
     for p in sorted(red.glob("coadded/*.fits")):
         img = fits.getdata(p)[0].astype(float)
