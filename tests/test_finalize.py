@@ -54,6 +54,7 @@ def _write_set(path, idx, fields, amp, nan_corner=False):
     h["OBJECT"] = "HD1"
     h["MJD"] = 60000.0 + idx * 0.01
     h["TINT"] = 2.0
+    h["NCOADD"] = 8
     h["DEROTANG"] = 10.0 * idx
     h["HIERARCH DPP PDI SET KEY"] = f"k{idx}"
     h["HIERARCH DPP PDI NMEMBERS"] = 16
@@ -72,7 +73,9 @@ def test_final_products_from_set_files(tmp_path, fields):
         d, hdr = h[0].data, h[0].header
         assert d.shape == h["ERR"].data.shape == (8, N, N)
         assert hdr["STOKES"] == "I_Q,I_U,Q,U,Q_PHI,U_PHI,LP_I,AOLP" and hdr["DPP PDI NSETS"] == 3
-        assert hdr["NCOADD"] == 48 / len(fields) and hdr["TINT"] == 6.0 / len(fields)
+        # NCOADD/TINT: frames and seconds per camera, summed over sets, not divided by nfields
+        assert hdr["NCOADD"] == hdr["DPP COADD NCOADD"] == 24 and hdr["TINT"] == hdr["DPP COADD TINT"] == 6.0
+        assert hdr["DPP PDI NFILES"] == 48 and all(x.header["NCOADD"] == 24 for x in h[2:])
         assert hdr["DPP PDI COLLAPSE"] == "median" and "DATE" not in hdr
         assert [x.name for x in h[2:]] == fields
     i, q, u = _ring(1.0)  # the median set
@@ -158,7 +161,10 @@ def test_finalize_products_on_simulated_night(night):
         coll, hdr = h[0].data, h[0].header
         n = coll.shape[-1]
         assert coll.shape == h["ERR"].data.shape == (8, n, n) and n >= 96
-        assert hdr["DPP PDI NSETS"] == 1 and hdr["NCOADD"] == 16 and hdr["DPP PDI COLLAPSE"] == "median"
+        assert hdr["DPP PDI NSETS"] == 1 and hdr["DPP PDI NFILES"] == 16 and hdr["DPP PDI COLLAPSE"] == "median"
+        # one meaning everywhere: frames (and their seconds) per camera
+        assert hdr["NCOADD"] == hdr["DPP COADD NCOADD"] and hdr["TINT"] == hdr["DPP COADD TINT"]
+        assert hdr["TINT"] == pytest.approx(hdr["NCOADD"] * hdr["EXPTIME"])
         assert hdr["DPP VERSION"] and len(hdr["DPP CONFIG HASH"]) >= 8
         assert hdr["DPP FINAL NFILES DONE"] == 24 and hdr["DPP FINAL NSETS BROKEN"] == 1
         assert "DATE" not in hdr and hdr["OBJECT"] == "ABAUR"
@@ -383,7 +389,8 @@ def test_mbi_night_final_cube_per_target(mbi_night):
             cube, n = h[0].data, h[0].data.shape[-1]
             assert cube.shape == h["ERR"].data.shape == (4, 8, n, n) and n >= 56
             assert [x.name for x in h[2:]] == MBI_FIELDS and h[0].header["OBJECT"] == target
-            assert h[0].header["DPP PDI NSETS"] == 1 and h[0].header["NCOADD"] == 16 / 4
+            assert h[0].header["DPP PDI NSETS"] == 1 and h[0].header["DPP PDI NFILES"] == 16
+            assert h[0].header["NCOADD"] == h[0].header["DPP COADD NCOADD"] == h["F610"].header["NCOADD"]
         with fits.open(f"{base}_stokes_coll.fits") as h:
             assert h[0].data.shape == (8, n, n) and h[0].header["FIELD"] == "COMB"
             # the collapse over fields is their mean

@@ -256,7 +256,8 @@ def _diff_rows(params, kind="cmos", pa=30.0, alt=60.0, az=100.0, imr=47.0):
 
 @pytest.mark.parametrize("kind", ["cmos", "emccd"])
 def test_ideal_triple_difference_is_pure_rotation(kind):
-    m_q, m_u = _diff_rows(MuellerParams.ideal(kind), kind)
+    assert MuellerParams.ideal(kind).flc_theta_b == {"cmos": 43.0, "emccd": 45.0}[kind]  # §1.5
+    m_q, m_u = _diff_rows(MuellerParams.ideal("emccd"), kind)
     assert m_q[0] == pytest.approx(0, abs=1e-12) and m_u[0] == pytest.approx(0, abs=1e-12)
     block = np.array([m_q[1:3], m_u[1:3]])
     np.testing.assert_allclose(block @ block.T, np.eye(2), atol=1e-12)

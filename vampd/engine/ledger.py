@@ -403,6 +403,14 @@ class Ledger:
             ).rowcount
 
     # -- products ---------------------------------------------------------------------------
+    def saturated_files(self) -> list[tuple[str, int]]:
+        """Done files with saturated PSF-core frames: (path, frame count) from the metrics ``nsat``."""
+        rows = self.conn.execute(
+            "SELECT path, CAST(json_extract(metrics, '$.nsat') AS INTEGER) AS nsat FROM files"
+            " WHERE state='done' AND json_extract(metrics, '$.nsat') > 0 ORDER BY path"
+        ).fetchall()
+        return [(r["path"], int(r["nsat"])) for r in rows]
+
     def products(self, path: str | None = None) -> list[sqlite3.Row]:
         if path is None:
             return self.conn.execute("SELECT * FROM products ORDER BY file, kind").fetchall()

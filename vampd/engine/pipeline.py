@@ -240,6 +240,8 @@ def _summary_metrics(metrics: dict[str, np.ndarray], keep: np.ndarray, ctr) -> d
     }
     if cy is not None and cx is not None:
         out["offset"] = float(math.hypot(cy - ctr[0], cx - ctr[1]))
+    if "nsat" in metrics:  # frames with a saturated PSF core (any field or PSF)
+        out["nsat"] = int(np.count_nonzero(np.asarray(metrics["nsat"]).max(axis=(0, 1)) > 0))
     return out
 
 
@@ -491,6 +493,8 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
 
     ctr = centers[fields[0]][0]
     qm = _summary_metrics(metrics, keep, ctr)
+    if qm.get("nsat"):
+        log.warning("%s: saturated PSF core in %d of %d frames", Path(path).name, qm["nsat"], nframes)
     qm.update(coadd_info)
     qm["timing"] = {
         "calibrate": t_cal,

@@ -31,8 +31,10 @@ from astropy.io import fits
 
 from vampd import __version__
 from vampd.fitsio import atomic_write, write_fits_atomic
+from vampd.instrument.angles import refresh_angles
 from vampd.pdi.calibrated import write_calibrated
 from vampd.pdi.cards import set_card
+from vampd.pdi.running import set_exposure_cards
 from vampd.pdi.stokes import product_names, stokes_products
 from vampd.stages.combine import circular_mean, combine_headers
 
@@ -172,18 +174,25 @@ def final_header(
     cyl_stokes: str = "azimuthal",
 ) -> fits.Header:
     """Primary header of the final collapse (§9.8): combined set headers (§7.2), ``NCOADD`` =
-    number of unique files, ``TINT`` = Σ of the sets' TINT (per camera), WCS angle 0, plane
-    names, collapse method and provenance (``provenance``: keyword → (value, comment))."""
+    Σ of the sets' NCOADD (frames, per camera), ``TINT`` = Σ of their TINT (per camera), the
+    ``DPP COADD`` twins equal to them (:func:`~vampd.pdi.running.set_exposure_cards`), ``DPP PDI
+    NFILES`` = number of unique raw files, WCS angle 0, plane names, collapse method and
+    provenance (``provenance``: keyword → (value, comment)).
+
+    Unlike the reference, ``NCOADD`` is a frame count in every product (per file, per set and
+    final) and is not divided by the number of MBI fields: every field of a file comes from the
+    same frames.
+    """
     hdr = _strip(combine_headers([_strip(s.header) for s in sets]))
     # per-set stellar polarisation/IP values vary: their mean is not a product value
     for key in list(hdr.keys()):
         if key.startswith("DPP PDI") and any(t in key for t in (" FLUX", "DOLP", "AOLP", "IP_P", "IP_ANG", "IP_POL")):
             hdr.remove(key, ignore_missing=True, remove_all=True)
     tint = sum(float(s.header.get("TINT", 0.0) or 0.0) for s in sets)
-    set_card(hdr, "TINT", tint, "[s] total integration of the sets (per camera)")
-    set_card(hdr, "NCOADD", int(nfiles), "unique files in the collapsed sets")
-    if "DEROTANG" in hdr:
-        set_card(hdr, "DEROTANG", circular_mean([float(s.header.get("DEROTANG", 0.0)) for s in sets]), "[deg] mean")
+    ncoadd = sum(float(s.header.get("NCOADD", 0) or 0) for s in sets)
+    set_exposure_cards(hdr, ncoadd, tint, "(per camera, all sets)")
+    set_card(hdr, "HIERARCH DPP PDI NFILES", int(nfiles), "unique raw files in the collapsed sets")
+    refresh_angles(hdr)  # PA and DEROTANG at the collapse's MJD (combine_headers does it too)
     names = product_names(cyl_stokes)
     set_card(hdr, "CTYPE3", "STOKES", "plane axis")
     set_card(hdr, "STOKES", ",".join(names), "Stokes product planes")
@@ -251,9 +260,6 @@ def write_final_pdi(
         nfiles = sum(int(s.header.get("HIERARCH DPP PDI NMEMBERS", 0) or 0) for s in sets)
     hdr = final_header(sets, method, nfiles, provenance, cyl_stokes)
     nf = len(fields)
-    if nf > 1:  # primary NCOADD/TINT per field (§9.8)
-        set_card(hdr, "NCOADD", hdr["NCOADD"] / nf, "unique files / nfields")
-        set_card(hdr, "TINT", hdr["TINT"] / nf, "[s] total integration / nfields")
     fhdus = []
     for f, fh in zip(fields, sets[0].field_headers):
         h = _strip(fh)
@@ -263,8 +269,8 @@ def write_final_pdi(
         h["CTYPE3"] = "STOKES"
         h["STOKES"] = ",".join(product_names(cyl_stokes))
         h["FIELD"] = f
-        h["NCOADD"] = int(nfiles)
-        h["TINT"] = float(sum(float(s.header.get("TINT", 0.0) or 0.0) for s in sets))
+        set_exposure_cards(h, hdr["NCOADD"], hdr["TINT"], "(per camera, all sets)")
+        set_card(h, "HIERARCH DPP PDI NFILES", int(nfiles), "unique raw files in the collapsed sets")
         fhdus.append(fits.ImageHDU(header=h, name=f))
     paths = _final_paths(outdir, name, label)
     written: dict[str, Path] = {}

@@ -70,6 +70,7 @@ class FileRow:
     fwhm: float | None = None
     flux: float | None = None
     offset: float | None = None
+    nsat: int | None = None  # frames with a saturated PSF core
     latency: float | None = None
     t_seen: float | None = None
     t_complete: float | None = None
@@ -226,7 +227,7 @@ def _file_row(r: sqlite3.Row) -> FileRow:
         nframes=r["nframes"] if r["nframes"] is not None else m.get("nframes"), obs_mod=r["obs_mod"],
         stage=r["stage"], tries=r["tries"] or 0, error=r["error"], nkept=m.get("nkept"),
         strehl=_num(m.get("strehl")), fwhm=_num(m.get("fwhm")), flux=_num(m.get("flux")),
-        offset=_num(m.get("offset")), latency=_num(r["latency"]), t_seen=r["t_seen"],
+        offset=_num(m.get("offset")), nsat=m.get("nsat"), latency=_num(r["latency"]), t_seen=r["t_seen"],
         t_complete=r["t_complete"], t_done=r["t_done"],
     )
 

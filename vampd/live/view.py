@@ -162,10 +162,10 @@ def _alerts_panel(alerts: list[Alert], nlines: int) -> Panel:
 
 _FILE_COLUMNS = [  # (name, width priority: lower is kept longer)
     ("time", 0), ("file", 1), ("cam", 0), ("FLC", 2), ("HWP", 2), ("filter", 7), ("kept", 5),
-    ("Strehl", 3), ("FWHM", 6), ("flux", 4), ("offset", 8), ("latency", 6), ("state", 0),
+    ("Strehl", 3), ("FWHM", 6), ("flux", 4), ("offset", 8), ("sat", 9), ("latency", 6), ("state", 0),
 ]
 _COL_WIDTH = {"time": 8, "file": 17, "cam": 3, "FLC": 3, "HWP": 5, "filter": 6, "kept": 5, "Strehl": 6,
-              "FWHM": 5, "flux": 6, "offset": 6, "latency": 7, "state": 7}
+              "FWHM": 5, "flux": 6, "offset": 6, "sat": 3, "latency": 7, "state": 7}
 
 
 def _file_cells(f: FileRow) -> dict:
@@ -176,6 +176,7 @@ def _file_cells(f: FileRow) -> dict:
         "kept": f"{f.nkept}/{f.nframes}" if f.nkept is not None else (str(f.nframes) if f.nframes else "–"),
         "Strehl": _g(f.strehl, ".2f"), "FWHM": _g(f.fwhm, ".2f"), "flux": _flux(f.flux),
         "offset": _g(f.offset, ".2f"), "latency": _g(f.latency, ".1f"), "state": f.state,
+        "sat": "–" if f.nsat is None else Text(str(f.nsat), style="bold red" if f.nsat else ""),
     }
 
 
@@ -189,7 +190,7 @@ def _latest_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
             cols.remove(c)
     t = Table(box=None, padding=(0, 1), show_edge=False, pad_edge=False, header_style="bold underline")
     for c in cols:
-        t.add_column(c, justify="right" if c in ("HWP", "kept", "Strehl", "FWHM", "flux", "offset", "latency") else "left",
+        t.add_column(c, justify="right" if c in ("HWP", "kept", "Strehl", "FWHM", "flux", "offset", "sat", "latency") else "left",
                      no_wrap=True, overflow="ellipsis", width=_COL_WIDTH[c])
     for f in snap.latest[: max(nrows, 0)]:
         cells = _file_cells(f)

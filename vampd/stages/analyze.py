@@ -20,6 +20,10 @@ Deliberate differences from the reference pipeline (domain doc §13):
 * edge windows (clipped by the frame) still get a DFT centroid: the template is cropped the same way;
 * Strehl estimates are rejected (NaN) outside [0, 1.1] rather than [0, 1] (see :func:`strehl_ratio`);
   with an annulus, the Strehl peak and flux are both background-subtracted;
+* a saturated core (NaN from calibration) is filled with the window's brightest valid value
+  before any centroid is measured (:func:`fill_saturated`): a clipped PSF is still symmetric
+  about its centre, so the centre of mass and the DFT centroid stay unbiased, whereas a hole
+  (or zeros) in the core scatters them by pixels. ``nsat`` counts those pixels per frame;
 * the pixel response is deconvolved with the continuous ``sinc`` (the reference divides by a
   4-sample discrete box; both go through image and template alike).
 """
@@ -43,6 +47,7 @@ __all__ = [
     "analyze_cube",
     "aperture_photometry",
     "centre_of_mass",
+    "fill_saturated",
     "circular_overlap",
     "fit_moffat",
     "load_metrics",
@@ -57,7 +62,7 @@ ALL_METRICS = (
     "max", "sum", "mean", "med", "var", "nvar",
     "comx", "comy", "peakx", "peaky", "dftx", "dfty", "fwhm",
     "photr", "photf", "phote", "strehl",
-    "modelx", "modely", "modelfwhm", "modelamp",
+    "modelx", "modely", "modelfwhm", "modelamp", "nsat",
 )  # fmt: skip
 
 #: Side of the sub-image used for the Strehl peak (as in the reference).
@@ -264,6 +269,43 @@ def centre_of_mass(windows: np.ndarray, niter: int = 3) -> tuple[np.ndarray, np.
         cx = np.where(step_ok, nx_, cx)
     ok &= (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
     return np.where(ok, cy, np.nan), np.where(ok, cx, np.nan)
+
+
+def fill_saturated(windows: np.ndarray, frac: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Fill saturated (NaN) cores of windows with each window's brightest valid value.
+
+    A NaN pixel belongs to a saturated core when it touches (8-connected, directly or through
+    other such NaN pixels) a valid pixel at ≥ ``frac`` of the window maximum: the pixels just
+    below the clip surround every clipped region. Isolated NaN pixels in the faint halo
+    (dead pixels, bad flat) are left NaN, so they can never become a bright spot.
+
+    Parameters
+    ----------
+    windows : ndarray, shape (n, h, w)
+    frac : float
+        Brightness (fraction of the window maximum) of the valid neighbours that mark a core.
+
+    Returns
+    -------
+    filled : ndarray (n, h, w) float64
+        A copy with the cores filled (the input when nothing is NaN).
+    nsat : ndarray (n,) int
+        Filled pixels per window.
+    """
+    from scipy import ndimage
+
+    w = np.asarray(windows, dtype=np.float64)
+    nan = ~np.isfinite(w)
+    if not nan.any():
+        return w, np.zeros(w.shape[0], dtype=np.int64)
+    vmax = _quiet_nan(np.nanmax, w.reshape(w.shape[0], -1), axis=1)
+    with np.errstate(invalid="ignore"):
+        bright = ~nan & (w >= (frac * vmax)[:, None, None]) & (vmax > 0)[:, None, None]
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = True  # 8-connected within a frame, never across frames
+    seed = nan & ndimage.binary_dilation(bright, structure=plane)
+    core = ndimage.binary_propagation(seed, structure=plane, mask=nan)
+    return np.where(core, vmax[:, None, None], w), core.sum(axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,10 +538,10 @@ def _analyze_window(
     oy, ox = math.ceil(center[0] - size / 2), math.ceil(center[1] - size / 2)  # nominal origin
     if sy.stop <= sy.start or sx.stop <= sx.start:
         raise ValueError(f"analysis: window centre {tuple(center)} lies outside the frame {data.shape[-2:]}")
-    win = np.asarray(data[:, sy, sx], dtype=np.float64)
+    win, nsat = fill_saturated(data[:, sy, sx])
     h, w = win.shape[1:]
     flat = win.reshape(n, -1)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {"nsat": nsat.astype(np.float64)}
 
     out["max"] = _quiet_nan(np.nanmax, flat, axis=1)
     out["sum"] = np.nansum(flat, axis=1)
@@ -615,7 +657,8 @@ def analyze_cube(
     -------
     dict[str, ndarray]
         Each value has shape ``(nfields, npsfs, nframes)`` (float64). Always: ``max sum mean med
-        var nvar comx comy peakx peaky fwhm``; with a template: ``dftx dfty``; with photometry:
+        var nvar comx comy peakx peaky fwhm nsat`` (``nsat``: saturated pixels filled in the
+        window, :func:`fill_saturated`); with a template: ``dftx dfty``; with photometry:
         ``photr photf phote``; with Strehl: ``strehl``; with the Moffat fit: ``modelx modely
         modelfwhm modelamp``. Frame coordinates, 0-based pixels.
     """

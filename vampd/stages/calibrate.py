@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from vampd.instrument.detectors import FULLWELL_HALVED_MJD
 from vampd.instrument.fields import is_flipped
 from vampd.stages.badpix import bad_pixel_mask, isolated_invalid, repair_bad_pixels
 
@@ -134,12 +135,21 @@ def _key(header: fits.Header, key: str, path=None) -> float:
 
 
 def saturation_level(header: fits.Header, path=None) -> float:
-    """Raw level [adu] at or above which a pixel is saturated: ``min(FULLWELL / GAIN, 65535)``.
+    """Raw level [adu] at or above which a pixel is saturated: ``min(BIAS + FULLWELL / GAIN, 65535)``.
 
-    Capped at 65535 so that clipped uint16 pixels are masked (§13 item 4); same rule as
-    ``Detector.saturation_adu``.
+    The full well holds the signal above the bias, so a pixel is full at ``BIAS + FULLWELL /
+    GAIN`` raw adu; the 16-bit converter clips at 65535 first on the CMOS (7000 e- at
+    0.103 e-/adu is above its range), so every clipped pixel is caught. The reference's
+    ``FULLWELL / GAIN`` = 65536 adu can never be reached (§13 item 4). In the June–July 2023
+    window (``FULLWELL`` halved) the files were written with a 2¹⁵ limit: the level is then
+    ``FULLWELL / GAIN`` = 32768 adu, the written limit.
     """
-    return min(_key(header, "FULLWELL", path) / _key(header, "GAIN", path), _UINT16_MAX)
+    fullwell_adu = _key(header, "FULLWELL", path) / _key(header, "GAIN", path)
+    mjd = header.get("MJD")
+    lo, hi = FULLWELL_HALVED_MJD
+    if isinstance(mjd, (int, float)) and lo < float(mjd) < hi and "U_EMGAIN" not in header:
+        return min(fullwell_adu, _UINT16_MAX)
+    return min(_key(header, "BIAS", path) + fullwell_adu, _UINT16_MAX)
 
 
 def read_noise_adu(header: fits.Header, path=None) -> float:
@@ -246,6 +256,7 @@ def calibrate_cube(
     badpix: np.ndarray | None = None,
     path=None,
     with_header: bool = True,
+    nsat: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, fits.Header]:
     """Calibrate a raw cube (or a chunk of its frames) to e-/s with an error cube (§2.1).
 
@@ -274,12 +285,14 @@ def calibrate_cube(
     with_header : bool
         False: skip building the output header (returned as None), e.g. for the second and
         later chunks of a file, whose header is the same.
+    nsat : ndarray of int (nframes,), optional
+        Filled with the number of saturated pixels of each frame (:func:`saturation_level`).
 
     Returns
     -------
     data, err : ndarray float32 (nframes, ny, nx)
         Calibrated frames and 1-sigma errors [e-/s], flipped along y for the flipped camera
-        (§1.4). Saturated raw pixels (``>= min(FULLWELL / GAIN, 65535)``) are NaN in both.
+        (§1.4). Saturated raw pixels (``>=`` :func:`saturation_level`) are NaN in both.
     header : astropy.io.fits.Header
         :func:`calibration_header` of ``header`` (the same for every chunk of a file).
 
@@ -350,6 +363,8 @@ def calibrate_cube(
         if mask is not None:
             mask = mask[::-1]
 
+    if nsat is not None:
+        nsat[:] = 0
     if out is None:
         data = np.empty((nframes, ny, nx), np.float32)
         err = np.empty((nframes, ny, nx), np.float32)
@@ -409,6 +424,8 @@ def calibrate_cube(
                     hit = bool(np.any(r_raw >= satlevel))
             if hit:
                 sat = r >= satlevel
+                if nsat is not None:
+                    nsat[fs] += sat.sum(axis=(1, 2))
                 np.copyto(d, np.float32(np.nan), where=sat)
                 np.copyto(e, np.float32(np.nan), where=sat)
 

@@ -24,6 +24,7 @@ import numpy as np
 from astropy.io import fits
 
 from vampd.imaging import frame_center, shift_window
+from vampd.stages.analyze import fill_saturated
 
 __all__ = [
     "COADD_METHODS",
@@ -492,11 +493,13 @@ def measure_center(image2d, centers, method: str, window_size: int, psf=None) ->
     ``method``: ``com`` (NaN-masked centre of mass), ``peak`` (argmax pixel), ``dft``
     (cross-correlation with ``psf`` of shape (window_size, window_size) via
     :func:`vampd.stages.dft.dft_centroid`; without a template it falls back to ``com``),
-    ``model`` (Moffat fit in the window, §13.6 fixed).
+    ``model`` (Moffat fit in the window, §13.6 fixed). A saturated core (NaN) is first filled
+    with the window's brightest value (:func:`vampd.stages.analyze.fill_saturated`).
     """
     centers = np.atleast_2d(np.asarray(centers, dtype=np.float64))
     size = int(window_size)
     wins, origins = _windows(np.asarray(image2d, dtype=np.float64), centers, size)
+    wins = fill_saturated(wins)[0]  # a saturated (NaN) core measured as a clipped, symmetric PSF
     if method == "dft" and psf is not None:
         from vampd.stages.dft import dft_centroid
 

@@ -276,6 +276,9 @@ def combine_headers(headers) -> fits.Header:
                 out[key] = vals[0]
         if _vals("MJD") and "MJD" not in out:
             out["MJD"] = (float(np.mean(_vals("MJD"))), "[d] mean MJD")
+    from vampd.instrument.angles import refresh_angles
+
+    refresh_angles(out)  # PA/DEROTANG at the combination's own MJD, not a mean of angles
     # WCS
     has_wcs = [h for h in headers if "CTYPE1" in h and "PC1_1" in h and "PC2_1" in h]
     if has_wcs:
