@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import physics_truth as pt
 import pytest
 from astropy.io import fits
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+import physics_truth as pt
+from conftest import DATA_DIR as DATA
+
 R_IN, R_OUT = 9.0, 27.0  # Q_phi annulus around the ring (radius 18 px)
 PER_CAMERA = 0.5
 
