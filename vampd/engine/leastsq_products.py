@@ -210,3 +210,32 @@ def refresh_group(ledger, cfg, outdir, key: str, force: bool = False) -> dict:
     else:
         ledger.lsq_snr(key, res.snr)
     return {"key": key, "ncubes": acc.ncubes, "snr": res.snr, "written": written, "ndegenerate": res.ndegenerate}
+
+
+def final_info(outdir, cfg) -> list[dict]:
+    """The report's PDI groups from the least-squares products on disk (read-only ledger):
+    ``target``, ``fields``, ``nsets`` (0), ``nfiles`` (cubes), ``paths`` and one pseudo-set whose
+    header is the product's (IP and star cards for the report's IP table)."""
+    from vampd.engine.ledger import Ledger
+
+    try:
+        led = Ledger(outdir, readonly=True)
+    except FileNotFoundError:
+        return []
+    try:
+        rows = led.lsq_accumulators(cfg.name or "vampd")
+    finally:
+        led.close()
+    out = []
+    for r in rows:
+        stats = json.loads(r["stats"] or "{}")
+        w = stats.get("written", {})
+        paths = {k.replace("_group", ""): v for k, v in w.items() if k.endswith("_group")} or \
+            {k: v for k, v in w.items() if not k.endswith("_group")}
+        if "coll" not in paths or not Path(paths["coll"]).exists():
+            continue
+        hdr = fits.getheader(paths["coll"])
+        out.append({"target": r["target"], "fields": json.loads(r["fields"] or "[]"), "nsets": 0,
+                    "nfiles": int(r["solved_ncubes"] or 0), "paths": paths,
+                    "sets": [{"key": r["key"], "path": paths["coll"], "mjd": None, "header": hdr}]})
+    return out
