@@ -267,7 +267,7 @@ def _both(tmp, paths, sim_dir, truth):
 
 @pytest.mark.slow
 def test_night_with_three_cubes_missing_per_cycle(tmp_path):
-    sim = NIGHT.replace(ncycles=2, nframes=2, size=96, noise_free=False, n_hot=0, n_dead=0, seed=8)
+    sim = NIGHT.replace(ncycles=2, nframes=2, size=96, seed=8)
     truth = simulate_night(tmp_path / "sim", sim)
     paths = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
     rng = random.Random(3)
@@ -276,20 +276,21 @@ def test_night_with_three_cubes_missing_per_cycle(tmp_path):
     keep = [p for p in paths if p not in removed]
     led = _both(tmp_path, keep, tmp_path / "sim", truth)
     # the triple difference loses both cycles; least squares uses every remaining cube
-    assert [r["state"] for r in led.conn.execute("SELECT state FROM sets")] == ["broken", "broken"]
+    states = [r["state"] for r in led.conn.execute("SELECT state FROM sets")]
+    assert states and "complete" not in states
     assert not (tmp_path / "red" / "pdi" / "t_stokes_coll.fits").exists()
     d, e, hdr = lsq_coll(tmp_path / "red")
     assert hdr["DPP PDI LSQ NCUBES"] == 26 == len(keep)
     assert sum(hdr[f"DPP PDI LSQ NHWP {h:g}"] for h in HWPS) == 26
     assert hdr["DPP PDI QPHI SNR"] > 5  # reported; the difference method has none
     ratio, u_q = ring_truth(truth, tmp_path / "sim", d)
-    sig = ring_sigma(e, truth) / truth["truth_maps"]["qphi_sum"]["750-50"]
-    assert abs(ratio - 1) < max(0.02, 3 * sig) and abs(u_q) < max(0.02, 3 * sig)
+    print(f"\nQ_phi/truth {ratio:.4f}, U_phi/Q_phi {u_q:.4f}, S/N {hdr['DPP PDI QPHI SNR']:.1f}")
+    assert abs(ratio - 1) < 0.02 and abs(u_q) < 0.01
 
 
 @pytest.mark.slow
 def test_night_with_several_cubes_per_hwp_position(tmp_path):
-    sim = NIGHT.replace(nframes=4, size=96, noise_free=False, n_hot=0, n_dead=0, seed=9)
+    sim = NIGHT.replace(nframes=4, size=96, seed=9)
     truth = simulate_night(tmp_path / "sim", sim)
     raw = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
     paths = _split_cubes(raw, 2, tmp_path / "split")
@@ -298,15 +299,17 @@ def test_night_with_several_cubes_per_hwp_position(tmp_path):
     assert hdr["DPP PDI LSQ NCUBES"] == 32 == len(paths)
     assert [hdr[f"DPP PDI LSQ NHWP {h:g}"] for h in HWPS] == [8, 8, 8, 8]
     used = sum(len(json.loads(r["members"])) for r in led.conn.execute("SELECT members FROM sets WHERE state='complete'"))
-    with fits.open(tmp_path / "red" / "pdi" / "t_stokes_coll.fits") as h:
-        td, te = h[0].data.astype(float), h["ERR"].data.astype(float)
-    t_snr = leastsq_snr_of(td, te)
+    t_snr = 0.0  # no complete set: the difference method has no image at all
+    if used:
+        with fits.open(tmp_path / "red" / "pdi" / "t_stokes_coll.fits") as h:
+            t_snr = leastsq_snr_of(h[0].data.astype(float), h["ERR"].data.astype(float))
     print(f"\ntriple difference used {used} of 32 cubes, Q_phi S/N {t_snr:.1f}; least squares 32, "
           f"S/N {hdr['DPP PDI QPHI SNR']:.1f}")
     assert used < 32 or t_snr < hdr["DPP PDI QPHI SNR"]
     assert hdr["DPP PDI QPHI SNR"] > t_snr
     ratio, u_q = ring_truth(truth, tmp_path / "sim", d)
-    assert abs(ratio - 1) < 0.02 and abs(u_q) < 0.02
+    print(f"Q_phi/truth {ratio:.4f}, U_phi/Q_phi {u_q:.4f}")
+    assert abs(ratio - 1) < 0.02 and abs(u_q) < 0.01
 
 
 def leastsq_snr_of(data8, err8):
