@@ -331,7 +331,8 @@ def test_sigkill_during_streamed_night_equals_uninterrupted_run(tmp_path):
     files = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
     cfgp = write_config(tmp_path / "lsq.toml", preset="pdi-triplediff",
                         sections={"align.crop_width": 48, "polarimetry.method": "leastsq",
-                                  "polarimetry.leastsq_refresh_files": 1, "diff_images.make_diff": False})
+                                  "polarimetry.leastsq_refresh_files": 1, "diff_images.make_diff": False},
+                        complete_timeout=120.0)
     # uninterrupted reference: `vampd run` over the same files
     ref = tmp_path / "ref"
     p = subprocess.run([sys.executable, "-m", "vampd", "run", str(cfgp), *map(str, files), "-o", str(ref), "-j", "2"],
