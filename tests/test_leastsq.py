@@ -173,6 +173,16 @@ def test_complete_night_agrees_with_triple_difference_and_truth(complete_night):
     (st,) = led.lsq_status()
     assert st["ncubes"] == 16 and st["coverage"] == {"0": 4, "22.5": 4, "45": 4, "67.5": 4}
     assert st["snr"] == pytest.approx(hdr["DPP PDI QPHI SNR"]) and st["snr"] > 5
+    # `vampd status` (JSON and text) and the live view's header line show them
+    from vampd.live.snapshot import take_snapshot
+    from vampd.live.status import collect_status, format_status
+    from vampd.live.view import render_text
+
+    js = collect_status(out)
+    assert js["leastsq"][0]["ncubes"] == 16 and js["leastsq"][0]["coverage"]["22.5"] == 4
+    assert f"lsq     ABAUR 750-50: 16 cubes (0 rejected), Q_phi S/N {st['snr']:.1f}, HWP 0:4 22.5:4 45:4 67.5:4" \
+        in format_status(js)
+    assert f"lsq 16 cubes S/N {st['snr']:.1f} HWP 0:4" in render_text(take_snapshot(out), width=200)
 
 
 def test_redo_config_change_and_crash_before_commit(complete_night, tmp_path):
