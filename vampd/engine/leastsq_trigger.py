@@ -53,7 +53,7 @@ __all__ = ["lsq_enabled", "group_key", "sync", "on_file_done", "on_finalize", "c
 
 log = logging.getLogger("vampd.pdi")
 _CACHE: dict[tuple[str, str], tuple[int, LeastSqAccumulator]] = {}
-_CONFIG_KEYS = ("derotate", "hwp_adi_sync", "use_ideal_mm", "mm_table")
+_CONFIG_KEYS = ("derotate", "hwp_adi_sync", "use_ideal_mm", "mm_table", "leastsq_weights")
 
 
 def lsq_enabled(cfg) -> bool:
@@ -117,7 +117,7 @@ def cube_contribution(product, pcfg) -> tuple[Contribution, list[str], fits.Head
     else:
         data = m.data
     tint = float(m.header.get("TINT", 0.0) or 0.0)
-    return contribution(data, var, mm, tint), m.fields, m.header
+    return contribution(data, var, mm, tint, getattr(pcfg, "leastsq_weights", "ivar")), m.fields, m.header
 
 
 def _contrib_path(outdir, name: str, product, token: str) -> Path:
@@ -215,7 +215,7 @@ def _apply(ledger, cfg, outdir, key: str, want: dict, have: dict) -> dict | None
         acc = _rebuild(ledger, outdir, name, key, have, pcfg)
     acc = acc if acc is not None else LeastSqAccumulator()
     work = LeastSqAccumulator()  # copy: the cached generation stays valid until the commit
-    work.a, work.b, work.n = (None if x is None else x.copy() for x in (acc.a, acc.b, acc.n))
+    work.a, work.b, work.n, work.c = (None if x is None else x.copy() for x in (acc.a, acc.b, acc.n, acc.c))
     work.tint, work.ncubes = acc.tint, acc.ncubes
     dropped = []
     for f in remove:

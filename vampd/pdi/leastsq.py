@@ -61,18 +61,27 @@ class Contribution:
     wd: np.ndarray
     rows: np.ndarray
     tint: float = 0.0
+    v: np.ndarray | None = None  # w²σ² when w is not 1/σ² (equal weights): for the sandwich covariance
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"w": self.w, "wd": self.wd, "rows": self.rows, "tint": np.float64(self.tint)}
+        out = {"w": self.w, "wd": self.wd, "rows": self.rows, "tint": np.float64(self.tint)}
+        if self.v is not None:
+            out["v"] = self.v
+        return out
 
     @classmethod
     def from_arrays(cls, z) -> Contribution:
         return cls(np.asarray(z["w"], np.float32), np.asarray(z["wd"], np.float32),
-                   np.asarray(z["rows"], np.float64), float(z["tint"]))
+                   np.asarray(z["rows"], np.float64), float(z["tint"]),
+                   np.asarray(z["v"], np.float32) if "v" in getattr(z, "files", z) else None)
 
 
-def contribution(data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: float = 0.0) -> Contribution:
+def contribution(data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: float = 0.0,
+                 weights: str = "ivar") -> Contribution:
     """The least-squares terms of one derotated cube.
+
+    ``weights = "ivar"``: ``w = 1/σ²`` (covariance ``A⁻¹``); ``"equal"``: ``w = 1`` on valid pixels
+    and ``v = σ²`` kept for the sandwich covariance ``A⁻¹ C A⁻¹`` with ``C = Σ m mᵀ w²σ²``.
 
     Parameters
     ----------
@@ -90,10 +99,17 @@ def contribution(data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: floa
     if d.ndim != 3 or v.shape != d.shape or r.shape != (d.shape[0], 3):
         raise ValueError(f"contribution: data {d.shape}, var {v.shape}, rows {r.shape}; expected (nf, N, N) twice and (nf, 3)")
     ok = np.isfinite(d) & np.isfinite(v) & (v > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.where(ok, 1.0 / np.where(ok, v, 1.0), 0.0).astype(np.float32)
+    vv = None
+    if weights == "equal":
+        w = ok.astype(np.float32)
+        vv = np.where(ok, v, 0.0).astype(np.float32)
+    elif weights == "ivar":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(ok, 1.0 / np.where(ok, v, 1.0), 0.0).astype(np.float32)
+    else:
+        raise ValueError(f"polarimetry.leastsq_weights = {weights!r}, expected 'ivar' or 'equal'")
     wd = (w.astype(np.float64) * np.where(ok, d, 0.0)).astype(np.float32)
-    return Contribution(w, wd, r, float(tint) if math.isfinite(float(tint)) else 0.0)
+    return Contribution(w, wd, r, float(tint) if math.isfinite(float(tint)) else 0.0, vv)
 
 
 class LeastSqAccumulator:
@@ -102,6 +118,7 @@ class LeastSqAccumulator:
 
     def __init__(self, shape: tuple[int, int, int] | None = None):
         self.a = self.b = self.n = None
+        self.c = None  # Σ m mᵀ w²σ² (6 entries), only for contributions with ``v`` (equal weights)
         self.tint = 0.0
         self.ncubes = 0
         if shape is not None:
@@ -129,10 +146,15 @@ class LeastSqAccumulator:
         w = c.w.astype(np.float64)
         wd = c.wd.astype(np.float64)
         s = float(sign)
+        if c.v is not None and self.c is None:
+            self.c = np.zeros_like(self.a)
+        v = None if c.v is None else c.v.astype(np.float64)
         for f in range(w.shape[0]):
             r = c.rows[f]
             for k, (i, j) in enumerate(A_INDEX):
                 self.a[f, k] += (s * r[i] * r[j]) * w[f]
+                if v is not None:
+                    self.c[f, k] += (s * r[i] * r[j]) * v[f]
             for i in range(3):
                 self.b[f, i] += (s * r[i]) * wd[f]
         self.n += np.int32(sign) * (c.w > 0)
@@ -140,12 +162,16 @@ class LeastSqAccumulator:
         self.ncubes += int(sign)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"a": self.a, "b": self.b, "n": self.n, "tint": np.float64(self.tint), "ncubes": np.int64(self.ncubes)}
+        out = {"a": self.a, "b": self.b, "n": self.n, "tint": np.float64(self.tint), "ncubes": np.int64(self.ncubes)}
+        if self.c is not None:
+            out["c"] = self.c
+        return out
 
     @classmethod
     def from_arrays(cls, z) -> LeastSqAccumulator:
         acc = cls()
         acc.a, acc.b, acc.n = np.array(z["a"]), np.array(z["b"]), np.array(z["n"])
+        acc.c = np.array(z["c"]) if "c" in z.files else None
         acc.tint, acc.ncubes = float(z["tint"]), int(z["ncubes"])
         return acc
 
@@ -190,7 +216,8 @@ def _frob(a6: np.ndarray) -> np.ndarray:
     return np.sqrt(a * a + d * d + f * f + 2.0 * (b * b + c * c + e * e))
 
 
-def solve_normal(a: np.ndarray, b: np.ndarray, n: np.ndarray | None = None, max_cond: float = 100.0) -> Solution:
+def solve_normal(a: np.ndarray, b: np.ndarray, n: np.ndarray | None = None, max_cond: float = 100.0,
+                 c: np.ndarray | None = None) -> Solution:
     """``S = A⁻¹ b`` per pixel with the covariance ``A⁻¹`` (vectorised over fields and pixels).
 
     Parameters
@@ -201,6 +228,8 @@ def solve_normal(a: np.ndarray, b: np.ndarray, n: np.ndarray | None = None, max_
         Cubes per pixel (pixels with fewer than 3 are degenerate by construction).
     max_cond : float
         Largest Frobenius condition number accepted; worse pixels are NaN.
+    c : ndarray (nf, 6, N, N), optional
+        ``Σ m mᵀ w²σ²`` for weights other than 1/σ²: covariance ``A⁻¹ C A⁻¹`` instead of ``A⁻¹``.
     """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
@@ -213,6 +242,10 @@ def solve_normal(a: np.ndarray, b: np.ndarray, n: np.ndarray | None = None, max_
     full = inv[_FULL]  # (3, 3, nf, N, N)
     bb = np.moveaxis(b, 1, 0)  # (3, nf, N, N)
     s = np.einsum("ij...,j...->i...", full, bb)
+    if c is not None:
+        full_c = np.moveaxis(np.asarray(c, np.float64), 1, 0)[_FULL]
+        sand = np.einsum("ij...,jk...,kl...->il...", full, full_c, full)
+        inv = np.stack([sand[i, j] for i, j in A_INDEX])
     s = np.where(bad[None], np.nan, s)
     cov = np.where(bad[None], np.nan, inv)
     covered = np.asarray(n) > 0 if n is not None else np.ones(bad.shape, bool)
@@ -300,7 +333,10 @@ def solve_products(acc: LeastSqAccumulator, pcfg) -> LeastSqProducts:
     from vampd.pdi.ip import measure_ip, region_weights
     from vampd.pdi.stokes import stokes_products
 
-    sol = solve_normal(acc.a, acc.b, acc.n, float(getattr(pcfg, "leastsq_max_cond", 100.0)))
+    equal = getattr(pcfg, "leastsq_weights", "ivar") == "equal"
+    if equal and acc.c is None:
+        raise ValueError("leastsq_weights = 'equal' but the accumulator has no sandwich term (built with 'ivar')")
+    sol = solve_normal(acc.a, acc.b, acc.n, float(getattr(pcfg, "leastsq_max_cond", 100.0)), acc.c if equal else None)
     stokes, err, cov = half_scale_stokes(sol)
     ips = []
     if pcfg.ip_correct:
