@@ -21,7 +21,6 @@ from vampd.engine import leastsq_trigger, pdi_trigger
 from vampd.engine.ledger import Ledger
 from vampd.instrument.mueller import instrument_mueller
 from vampd.pdi.leastsq import LeastSqAccumulator, contribution, half_scale_stokes, solve_normal
-from vampd.pdi.stokes import stokes_products
 from vampd.simulate.night import SimConfig, simulate_night
 from vampd.simulate.scene import Scene
 from vampd.simulate.truthmaps import annulus_sum, read_truth_stokes
@@ -95,7 +94,7 @@ def test_errors_match_monte_carlo(weights):
     sols, errs = [], None
     for _ in range(300):
         acc = LeastSqAccumulator()
-        for (m, img), s in zip(keep, sig):
+        for (m, img), s in zip(keep, sig, strict=True):
             acc.add(contribution((img + rng.normal(0, 1, (n, n)) * s)[None], (s * s)[None], m[None], weights=weights))
         sol = solve_normal(acc.a, acc.b, acc.n, c=acc.c)
         st, er, _ = half_scale_stokes(sol)
@@ -298,7 +297,7 @@ def test_night_with_three_cubes_missing_per_cycle(tmp_path):
     truth = simulate_night(tmp_path / "sim", sim)
     paths = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
     rng = random.Random(3)
-    cycles = [[p for p in (tmp_path / "sim" / f["path"] for f in truth["files"][16 * c:16 * (c + 1)])] for c in range(2)]
+    cycles = [[tmp_path / "sim" / f["path"] for f in truth["files"][16 * c:16 * (c + 1)]] for c in range(2)]
     removed = [p for c in cycles for p in rng.sample(c, 3)]
     keep = [p for p in paths if p not in removed]
     led = _both(tmp_path, keep, tmp_path / "sim", truth)
@@ -325,7 +324,8 @@ def test_night_with_several_cubes_per_hwp_position(tmp_path):
     d, e, hdr = lsq_coll(tmp_path / "red")
     assert hdr["DPP PDI LSQ NCUBES"] == 32 == len(paths)
     assert [hdr[f"DPP PDI LSQ NHWP {h:g}"] for h in HWPS] == [8, 8, 8, 8]
-    used = sum(len(json.loads(r["members"])) for r in led.conn.execute("SELECT members FROM sets WHERE state='complete'"))
+    rows = led.conn.execute("SELECT members FROM sets WHERE state='complete'").fetchall()
+    used = sum(len(json.loads(r["members"])) for r in rows)
     t_snr = 0.0  # no complete set: the difference method has no image at all
     if used:
         with fits.open(tmp_path / "red" / "pdi" / "t_stokes_coll.fits") as h:
@@ -378,7 +378,8 @@ def test_sigkill_during_streamed_night_equals_uninterrupted_run(tmp_path):
             shutil.copy(f, raw / (f.name + ".tmp"))
             (raw / (f.name + ".tmp")).rename(raw / f.name)
             if kills < len(marks) and i >= marks[kills]:
-                wait_for(lambda: counts(out)["done"] >= marks[kills] - 1, timeout=120, every=0.05)
+                mark = marks[kills]
+                wait_for(lambda m=mark: counts(out)["done"] >= m - 1, timeout=120, every=0.05)
                 time.sleep(rng.uniform(0.0, 0.5))
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(10)
@@ -406,3 +407,17 @@ def test_sigkill_during_streamed_night_equals_uninterrupted_run(tmp_path):
         assert len(members) == len(files) and len({m["file"] for m in members}) == len(files)
     finally:
         led.close()
+
+
+def test_config_leastsq_keys_and_rule():
+    from vampd.config import config_from_toml_str
+
+    cfg = config_from_toml_str('name = "n"\n[polarimetry]\nmethod = "leastsq"\nleastsq_refresh_files = 3\n'
+                               'leastsq_weights = "equal"\nleastsq_snr_annulus = [10, 30]\n')
+    pc = cfg.polarimetry
+    assert (pc.method, pc.leastsq_refresh_files, pc.leastsq_weights, pc.leastsq_snr_annulus) == \
+        ("leastsq", 3, "equal", (10.0, 30.0))
+    with pytest.raises(ValueError, match='method = "leastsq" requires polarimetry.derotate = true'):
+        config_from_toml_str('[polarimetry]\nmethod = "leastsq"\nderotate = false\nmm_correct = false\n')
+    with pytest.raises(ValueError, match="leastsq_weights"):
+        config_from_toml_str('[polarimetry]\nmethod = "leastsq"\nleastsq_weights = "median"\n')

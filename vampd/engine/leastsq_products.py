@@ -135,7 +135,8 @@ def write_products(outdir, name: str, label: str | None, res: LeastSqProducts, h
     chdr = header.copy()
     if len(fields) > 1:
         out["cube"] = write_fits_atomic(paths["cube"], fits.HDUList(
-            [fits.PrimaryHDU(res.data8, header=header), fits.ImageHDU(res.err8, name="ERR"), *[h.copy() for h in fhdus]]))
+            [fits.PrimaryHDU(res.data8, header=header), fits.ImageHDU(res.err8, name="ERR"),
+             *[h.copy() for h in fhdus]]))
         chdr["FIELD"] = ("COMB", "mean over fields")
     out["coll"] = write_fits_atomic(paths["coll"], fits.HDUList(
         [fits.PrimaryHDU(res.coll, header=chdr), fits.ImageHDU(res.ecoll, name="ERR"), *fhdus]))
@@ -203,9 +204,10 @@ def refresh_group(ledger, cfg, outdir, key: str, force: bool = False) -> dict:
         for lab in labels:
             written.update({(k if lab is None else f"{k}_group"): str(p) for k, p in
                             write_products(outdir, name, lab, res, hdr, fields, pcfg, foot, unit).items()})
-        stats = {"ndegenerate": dict(zip(fields, res.ndegenerate)), "ncovered": dict(zip(fields, res.ncovered)),
+        stats = {"ndegenerate": dict(zip(fields, res.ndegenerate, strict=True)),
+                 "ncovered": dict(zip(fields, res.ncovered, strict=True)),
                  "coverage": coverage, "written": written, "star_dolp": {f: s["DOLP"] for f, s in star.items()},
-                 "ip": {f: v for f, v in zip(fields, res.ip)}}
+                 "ip": dict(zip(fields, res.ip, strict=False))}  # no IP entries with ip_correct off
         ledger.lsq_solved(key, acc.ncubes, res.snr, stats)
     else:
         ledger.lsq_snr(key, res.snr)

@@ -45,7 +45,7 @@ from astropy.io import fits
 
 from vampd.fitsio import output_stem, save_npz_atomic
 from vampd.imaging import derotate
-from vampd.pdi.leastsq import Contribution, LeastSqAccumulator, contribution, solve_normal
+from vampd.pdi.leastsq import Contribution, LeastSqAccumulator, contribution
 from vampd.pdi.mmfiles import file_mueller
 from vampd.pdi.process import load_member
 

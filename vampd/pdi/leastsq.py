@@ -97,7 +97,8 @@ def contribution(data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: floa
     if r.ndim == 3:
         r = r[:, 0, :3]
     if d.ndim != 3 or v.shape != d.shape or r.shape != (d.shape[0], 3):
-        raise ValueError(f"contribution: data {d.shape}, var {v.shape}, rows {r.shape}; expected (nf, N, N) twice and (nf, 3)")
+        raise ValueError(f"contribution: data {d.shape}, var {v.shape}, rows {r.shape}; "
+                         "expected (nf, N, N) twice and (nf, 3)")
     ok = np.isfinite(d) & np.isfinite(v) & (v > 0)
     vv = None
     if weights == "equal":
