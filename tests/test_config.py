@@ -134,7 +134,7 @@ def test_defaults_match_reference_schema(no_config_warnings):
         "leastsq_max_cond": 100.0,
         "leastsq_refresh_files": 8,
         "leastsq_refresh_seconds": 60.0,
-        "leastsq_weights": "ivar",
+        "leastsq_weights": "equal",
         "leastsq_snr_annulus": None,
     }
     assert PipelineConfig(nrm={}).nrm.nbootstrap == 1000

@@ -244,19 +244,21 @@ def test_redo_config_change_and_crash_before_commit(complete_night, tmp_path):
     led.close()
 
 
-def test_equal_weights_match_triple_difference(complete_night):
-    """``leastsq_weights = "equal"``: the beams of an epoch weigh the same, so the time-variable PSF
-    cancels as in the triple difference (ivar weights leave ~0.5 %, see the notes)."""
+def test_ivar_weights_within_1pc(complete_night):
+    """``leastsq_weights = "ivar"`` (1/σ² per pixel, signal-dependent σ): still within 1 % of the truth
+    and of the triple difference's errors, but biased by the beams' unequal weights (see the notes),
+    unlike the default equal weights, which reproduce the triple difference."""
     tmp, truth, led, _, _ = complete_night
-    cfg = lsq_config("lsqeq", leastsq_weights="equal")
-    leastsq_trigger.sync(led, cfg, tmp / "red", final=True)
-    d, e, hdr = lsq_coll(tmp / "red", "lsqeq")
+    leastsq_trigger.sync(led, lsq_config("lsqiv", leastsq_weights="ivar"), tmp / "red", final=True)
+    d, e, hdr = lsq_coll(tmp / "red", "lsqiv")
     ratio, u_q = ring_truth(truth, tmp / "sim", d)
-    t_ratio, t_uq, *_ = ring_numbers(truth, tmp)
-    print(f"\nequal weights: Q_phi/truth {ratio:.5f} (triple {t_ratio:.5f}), U_phi/Q_phi {u_q:.5f}")
-    assert abs(ratio - t_ratio) < 1e-3 and abs(ratio - 1) < 0.005 and abs(u_q) < 0.005
+    de, _, _ = lsq_coll(tmp / "red")
+    eq_ratio, _ = ring_truth(truth, tmp / "sim", de)
+    t_ratio, *_ = ring_numbers(truth, tmp)
+    print(f"\nQ_phi/truth: ivar {ratio:.5f}, equal {eq_ratio:.5f}, triple {t_ratio:.5f}")
+    assert abs(eq_ratio - t_ratio) < 1e-3
+    assert abs(ratio - 1) < 0.01 and abs(u_q) < 0.01
     assert hdr["DPP PDI LSQ NCUBES"] == 16 and hdr["DPP PDI DOLP 750-50"] < 5e-4
-    assert np.nanmedian(e[4]) > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,3 +423,30 @@ def test_config_leastsq_keys_and_rule():
         config_from_toml_str('[polarimetry]\nmethod = "leastsq"\nderotate = false\nmm_correct = false\n')
     with pytest.raises(ValueError, match="leastsq_weights"):
         config_from_toml_str('[polarimetry]\nmethod = "leastsq"\nleastsq_weights = "median"\n')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["ivar", "equal"])
+def test_mbi_night_per_field(tmp_path, weights):
+    """MBI: one accumulator per target and filter holds the four fields; each field's ring is
+    recovered; the cube is (4, 8, N, N) and the collapse is the mean over fields (FIELD = COMB)."""
+    scene = Scene(ring_radius_mas=100.0, ring_width_mas=25.0, ring_flux=2e5)
+    sim = SimConfig(size=64, nframes=2, ncycles=1, noise_free=True, calib=False, mbi=True, scene=scene)
+    truth = simulate_night(tmp_path / "sim", sim)
+    paths = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
+    cfg = lsq_config(crop=56, leastsq_weights=weights)
+    led, _ = reduce_night(paths, cfg, tmp_path / "red")
+    leastsq_trigger.on_finalize(led, cfg, tmp_path / "red")
+    fields = ["F610", "F670", "F720", "F760"]
+    (st,) = led.lsq_status()
+    assert st["ncubes"] == 16 and st["rejected"] == 0
+    with fits.open(tmp_path / "red" / "pdi" / "lsq_stokes_cube.fits") as h:
+        cube, hdr = h[0].data.astype(float), h[0].header
+        assert cube.shape[:2] == (4, 8) and [x.name for x in h[2:]] == fields
+    with fits.open(tmp_path / "red" / "pdi" / "lsq_stokes_coll.fits") as h:
+        assert h[0].header["FIELD"] == "COMB" and h[0].header["DPP PDI LSQ NCUBES"] == 16
+    for j, f in enumerate(fields):
+        ratio, u_q = ring_truth(truth, tmp_path / "sim", cube[j], field=j)
+        print(f"\n{weights} {f}: Q_phi/truth {ratio:.4f}, U_phi/Q_phi {u_q:.4f}")
+        assert abs(ratio - 1) < (0.01 if weights == "equal" else 0.025) and abs(u_q) < 0.01, (f, ratio, u_q)
+        assert hdr[f"DPP PDI DOLP {f}"] < 5e-4 and hdr[f"DPP PDI LSQ NDEGEN {f}"] >= 0

@@ -615,9 +615,9 @@ class PolarimetryConfig(_Model):
     leastsq_refresh_seconds: PositiveFloat = Field(
         60.0, description="vampd leastsq: ... or when this many seconds passed since the last refresh"
     )
-    leastsq_weights: Literal["ivar", "equal"] = Field(
-        "ivar", description='vampd leastsq: "ivar" (1/sigma^2 per pixel) or "equal" (errors by the sandwich '
-        "estimator; immune to signal-dependent weights)"
+    leastsq_weights: Literal["equal", "ivar"] = Field(
+        "equal", description='vampd leastsq: "equal" (unit weights, errors by the sandwich estimator; unbiased '
+        'with signal-dependent errors) or "ivar" (1/sigma^2 per pixel)'
     )
     leastsq_snr_annulus: tuple[PositiveFloat, PositiveFloat] | None = Field(
         None, description="vampd leastsq: (r_in, r_out) px of the Q_phi S/N region; default (ip_radius, N/2)"

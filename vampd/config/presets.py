@@ -175,7 +175,7 @@ _COMMENTS: dict[tuple[str, str], str] = {
     ("polarimetry", "leastsq_max_cond"): "vampd leastsq: pixels with a worse HWP coverage (condition number) are NaN",
     ("polarimetry", "leastsq_refresh_files"): "vampd leastsq: rewrite the running products every N cubes",
     ("polarimetry", "leastsq_refresh_seconds"): "vampd leastsq: ... or every this many seconds",
-    ("polarimetry", "leastsq_weights"): 'vampd leastsq: "ivar" (1/sigma^2 per pixel) or "equal" (sandwich errors)',
+    ("polarimetry", "leastsq_weights"): 'vampd leastsq: "equal" (unbiased; sandwich errors) or "ivar" (1/sigma^2)',
     ("polarimetry", "leastsq_snr_annulus"): "vampd leastsq: [r_in, r_out] px of the Q_phi S/N (default ip_radius, N/2)",
     ("watch", "inputs"): "directories to watch (or give -i DIR to `vampd watch`)",
     ("watch", "outdir"): "output directory (default: this file's directory)",

@@ -117,7 +117,7 @@ def cube_contribution(product, pcfg) -> tuple[Contribution, list[str], fits.Head
     else:
         data = m.data
     tint = float(m.header.get("TINT", 0.0) or 0.0)
-    return contribution(data, var, mm, tint, getattr(pcfg, "leastsq_weights", "ivar")), m.fields, m.header
+    return contribution(data, var, mm, tint, getattr(pcfg, "leastsq_weights", "equal")), m.fields, m.header
 
 
 def _contrib_path(outdir, name: str, product, token: str) -> Path:

@@ -77,7 +77,7 @@ class Contribution:
 
 
 def contribution(data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: float = 0.0,
-                 weights: str = "ivar") -> Contribution:
+                 weights: str = "equal") -> Contribution:
     """The least-squares terms of one derotated cube.
 
     ``weights = "ivar"``: ``w = 1/σ²`` (covariance ``A⁻¹``); ``"equal"``: ``w = 1`` on valid pixels
@@ -334,7 +334,7 @@ def solve_products(acc: LeastSqAccumulator, pcfg) -> LeastSqProducts:
     from vampd.pdi.ip import measure_ip, region_weights
     from vampd.pdi.stokes import stokes_products
 
-    equal = getattr(pcfg, "leastsq_weights", "ivar") == "equal"
+    equal = getattr(pcfg, "leastsq_weights", "equal") == "equal"
     if equal and acc.c is None:
         raise ValueError("leastsq_weights = 'equal' but the accumulator has no sandwich term (built with 'ivar')")
     sol = solve_normal(acc.a, acc.b, acc.n, float(getattr(pcfg, "leastsq_max_cond", 100.0)), acc.c if equal else None)
