@@ -41,7 +41,7 @@ def _timed(fn, repeat: int) -> tuple[float, float]:
     return 1e3 * float(np.median(walls)), 1e3 * cpu
 
 
-def bench(n: int, repeat: int, nfields: int = 1) -> dict[str, tuple[float, float]]:
+def bench(n: int, repeat: int, nfields: int = 1, weights: str = "equal") -> dict[str, tuple[float, float]]:
     rng = np.random.default_rng(0)
     img = (1000 + rng.normal(0, 10, (nfields, n, n))).astype(np.float32)
     var = np.full((nfields, n, n), 100.0, np.float32)
@@ -51,20 +51,21 @@ def bench(n: int, repeat: int, nfields: int = 1) -> dict[str, tuple[float, float
     for k in range(16):  # a full cycle so that the solve is non-degenerate
         h = (0.0, 45.0, 22.5, 67.5)[k // 4]
         r = instrument_mueller(-40 + k, 55, 120, h, 30, "AB"[k % 2], 1 + (k // 2) % 2, None, "cmos")[0, :3]
-        cubes.append(contribution(img, var, np.stack([r] * nfields)))
+        cubes.append(contribution(img, var, np.stack([r] * nfields), weights=weights))
         acc.add(cubes[-1])
     c = cubes[0]
     out = {
         "derotate": _timed(lambda: (derotate(img, 12.3, order=3), derotate(var, 12.3, order=1)), repeat),
-        "contribution": _timed(lambda: contribution(img, var, rows), repeat),
+        "contribution": _timed(lambda: contribution(img, var, rows, weights=weights), repeat),
         "add": _timed(lambda: acc.add(c), repeat),
     }
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
         p = Path(d) / "acc.npz"
         out["persist"] = _timed(lambda: save_npz_atomic(p, compress=False, **acc.arrays()), max(3, repeat // 3))
         out["persist_MB"] = (p.stat().st_size / 1e6, 0.0)
-    out["solve"] = _timed(lambda: solve_normal(acc.a, acc.b, acc.n), repeat)
+    out["solve"] = _timed(lambda: solve_normal(acc.a, acc.b, acc.n, c=acc.c), repeat)
     pcfg = preset_config("pdi-triplediff").polarimetry
+    pcfg.leastsq_weights = weights
     out["products"] = _timed(lambda: solve_products(acc, pcfg), max(3, repeat // 3))
     return out
 
@@ -74,10 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 536])
     ap.add_argument("--fields", type=int, default=1, help="MBI fields per cube")
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--weights", choices=["equal", "ivar"], default="equal")
     a = ap.parse_args(argv)
-    print(f"least squares, {a.fields} field(s); wall = median ms per call, cpu = process user+sys ms per call")
+    print(f"least squares, {a.fields} field(s), {a.weights} weights; wall = median ms per call, "
+          "cpu = process user+sys ms per call")
     for n in a.sizes:
-        r = bench(n, a.repeat, a.fields)
+        r = bench(n, a.repeat, a.fields, a.weights)
         per_cube = sum(r[k][0] for k in ("derotate", "contribution", "add"))
         per_cube_cpu = sum(r[k][1] for k in ("derotate", "contribution", "add"))
         print(f"\n{n}x{n}: accumulator generation {r['persist_MB'][0]:.1f} MB")

@@ -334,8 +334,10 @@ def test_night_with_several_cubes_per_hwp_position(tmp_path):
             t_snr = leastsq_snr_of(h[0].data.astype(float), h["ERR"].data.astype(float))
     print(f"\ntriple difference used {used} of 32 cubes, Q_phi S/N {t_snr:.1f}; least squares 32, "
           f"S/N {hdr['DPP PDI QPHI SNR']:.1f}")
-    assert used < 32 or t_snr < hdr["DPP PDI QPHI SNR"]
-    assert hdr["DPP PDI QPHI SNR"] > t_snr
+    if used < 32:  # the difference method lost cubes: least squares' S/N is higher
+        assert hdr["DPP PDI QPHI SNR"] > t_snr
+    else:  # a set former that groups repeated cubes uses them all: same information
+        assert hdr["DPP PDI QPHI SNR"] > 0.95 * t_snr
     ratio, u_q = ring_truth(truth, tmp_path / "sim", d)
     print(f"Q_phi/truth {ratio:.4f}, U_phi/Q_phi {u_q:.4f}")
     assert abs(ratio - 1) < 0.02 and abs(u_q) < 0.01
