@@ -241,6 +241,17 @@ def test_redo_config_change_and_crash_before_commit(complete_night, tmp_path):
     r = leastsq_trigger.sync(led, cfg, out, final=True)  # and back
     d3, _, _ = lsq_coll(out)
     np.testing.assert_allclose(d3, ref, rtol=1e-6, atol=1e-6 * np.nanmax(np.abs(ref)), equal_nan=True)
+    # 4. bounded refresh: a requeued file leaves the accumulator at once, the products follow after
+    # leastsq_refresh_files cubes or at the daemon's tick once leastsq_refresh_seconds have passed
+    slow = lsq_config(leastsq_refresh_files=100, leastsq_refresh_seconds=3600)
+    with led.transaction():
+        led.conn.execute("UPDATE files SET state='pending' WHERE path=?", (prod["file"],))
+    r = leastsq_trigger.sync(led, slow, out)
+    assert r["changed"][0]["ncubes"] == 15 and r["solved"][0]["written"] == {}
+    assert lsq_coll(out)[2]["DPP PDI LSQ NCUBES"] == 16 and led.lsq_status()[0]["ncubes"] == 15
+    assert leastsq_trigger.tick(led, slow, out) == []  # not yet due
+    assert [t["ncubes"] for t in leastsq_trigger.tick(led, slow, out, idle=True)] == [15]
+    assert lsq_coll(out)[2]["DPP PDI LSQ NCUBES"] == 15
     led.close()
 
 
@@ -452,3 +463,43 @@ def test_mbi_night_per_field(tmp_path, weights):
         print(f"\n{weights} {f}: Q_phi/truth {ratio:.4f}, U_phi/Q_phi {u_q:.4f}")
         assert abs(ratio - 1) < (0.01 if weights == "equal" else 0.025) and abs(u_q) < 0.01, (f, ratio, u_q)
         assert hdr[f"DPP PDI DOLP {f}"] < 5e-4 and hdr[f"DPP PDI LSQ NDEGEN {f}"] >= 0
+
+
+@pytest.mark.slow
+def test_specphot_companion_through_vampd_run_and_finalize(tmp_path, monkeypatch):
+    """``[specphot] unit = "Jy"``: the least-squares products get their Jy companions (planes × the
+    target's factor, AOLP unchanged) during the run and at finalize, as the difference methods' do."""
+    from test_pdi_specphot import NIGHT as SP_NIGHT
+    from test_pdi_specphot import _check_scaled, _hand_factors
+
+    from vampd.cli import main
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+
+    monkeypatch.delenv("VAMPD_DATA_DIR", raising=False)
+    simulate_night(tmp_path / "sim", SimConfig(**SP_NIGHT))
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "t"
+    cfg.align.crop_width = 56
+    cfg.coadd.method = "mean"
+    cfg.polarimetry.method = "leastsq"
+    cfg.polarimetry.use_ideal_mm = True
+    cfg.polarimetry.leastsq_refresh_files = 4
+    cfg.diff_images.make_diff = False
+    cfg.specphot.unit = "Jy"
+    cfg.specphot.source = "zeropoints"
+    cfg.specphot.sequence_files = 4
+    save_config(cfg, tmp_path / "t.toml")
+    out = tmp_path / "out"
+    files = sorted(str(p) for p in (tmp_path / "sim" / "raw").glob("*.fits"))
+    assert main(["run", str(tmp_path / "t.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+    hand, _ = _hand_factors(out, ["750-50"])
+    for stage in ("run", "finalize"):  # the end of `vampd run` refreshes lagging products (tick idle)
+        eps, eerr, hdr = lsq_coll(out, "t")
+        assert hdr["DPP PDI METHOD"] == "leastsq" and hdr["DPP PDI LSQ NCUBES"] == 16
+        jy = _check_scaled(out / "pdi" / "t_stokes_coll_jy.fits", eps, eerr, [hand["750-50"]])
+        assert jy["BUNIT"] == "Jy" and jy["DPP FLUX FACTOR 750-50"] == pytest.approx(hand["750-50"], rel=1e-12)
+        if stage == "run":
+            assert main(["finalize", str(tmp_path / "t.toml"), "-o", str(out)]) == 0
+    report = next((out / "report").glob("*.md"), None) if (out / "report").exists() else None
+    assert report is None or "Polarimetry" in report.read_text()

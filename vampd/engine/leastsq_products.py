@@ -171,15 +171,15 @@ def refresh_group(ledger, cfg, outdir, key: str, force: bool = False) -> dict:
 
     pcfg = cfg.polarimetry
     row = next((r for r in ledger.lsq_accumulators() if r["key"] == key), None)
-    _gen, acc = load_accumulator(ledger, outdir, key)
+    gen, acc = load_accumulator(ledger, outdir, key)
     if row is None or acc is None or acc.ncubes <= 0 or acc.n is None:
         return {"key": key, "ncubes": 0, "snr": None, "written": {}}
     fields = json.loads(row["fields"] or "[]") or [f"F{j}" for j in range(acc.n.shape[0])]
     res = solve_products(acc, pcfg)
-    since = acc.ncubes - int(row["solved_ncubes"] or 0)
-    age = time.time() - float(row["solved_at"] or 0.0)
-    due = force or since >= pcfg.leastsq_refresh_files or age >= pcfg.leastsq_refresh_seconds or since < 0
     stats = json.loads(row["stats"] or "{}")
+    since = gen - int(stats.get("gen", 0))  # generations (≈ files: one per engine call) since the last refresh
+    age = time.time() - float(row["solved_at"] or 0.0)
+    due = force or since >= pcfg.leastsq_refresh_files or age >= pcfg.leastsq_refresh_seconds
     written: dict = {}
     if due:
         name = _name(cfg)
@@ -204,7 +204,7 @@ def refresh_group(ledger, cfg, outdir, key: str, force: bool = False) -> dict:
         for lab in labels:
             written.update({(k if lab is None else f"{k}_group"): str(p) for k, p in
                             write_products(outdir, name, lab, res, hdr, fields, pcfg, foot, unit).items()})
-        stats = {"ndegenerate": dict(zip(fields, res.ndegenerate, strict=True)),
+        stats = {"gen": gen, "ndegenerate": dict(zip(fields, res.ndegenerate, strict=True)),
                  "ncovered": dict(zip(fields, res.ncovered, strict=True)),
                  "coverage": coverage, "written": written, "star_dolp": {f: s["DOLP"] for f, s in star.items()},
                  "ip": dict(zip(fields, res.ip, strict=False))}  # no IP entries with ip_correct off

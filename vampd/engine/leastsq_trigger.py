@@ -303,3 +303,22 @@ def accumulator_age(row) -> float:
     """Seconds since the group's products were last refreshed (inf if never)."""
     t = row["solved_at"] if row is not None else None
     return math.inf if not t else time.time() - float(t)
+
+
+def tick(ledger, cfg, outdir, idle: bool = False) -> list[dict]:
+    """Refresh groups whose products lag their accumulator generation: older than ``leastsq_refresh_seconds``
+    (the daemon's reconciliation tick) or at once with ``idle`` (end of a batch run). Never raises."""
+    from vampd.engine.leastsq_products import refresh_group
+
+    if not lsq_enabled(cfg):
+        return []
+    out = []
+    try:
+        for r in ledger.lsq_accumulators(_name(cfg)):
+            if r["gen"] != json.loads(r["stats"] or "{}").get("gen") and (
+                    idle or accumulator_age(r) >= cfg.polarimetry.leastsq_refresh_seconds):
+                out.append(refresh_group(ledger, cfg, outdir, r["key"], force=True))
+    except Exception as exc:  # noqa: BLE001 -- advisory refresh; the next file or tick retries
+        log.exception("least squares refresh failed")
+        ledger.event("error", f"least squares refresh failed: {exc}")
+    return out
