@@ -245,8 +245,8 @@ def solve_normal(a: np.ndarray, b: np.ndarray, n: np.ndarray | None = None, max_
     s = np.einsum("ij...,j...->i...", full, bb)
     if c is not None:
         full_c = np.moveaxis(np.asarray(c, np.float64), 1, 0)[_FULL]
-        sand = np.einsum("ij...,jk...,kl...->il...", full, full_c, full)
-        inv = np.stack([sand[i, j] for i, j in A_INDEX])
+        t = np.einsum("ij...,jk...->ik...", full, full_c)  # A⁻¹C, then only the 6 entries of (A⁻¹C)A⁻¹
+        inv = np.stack([np.einsum("k...,k...->...", t[i], full[:, j]) for i, j in A_INDEX])
     s = np.where(bad[None], np.nan, s)
     cov = np.where(bad[None], np.nan, inv)
     covered = np.asarray(n) > 0 if n is not None else np.ones(bad.shape, bool)
