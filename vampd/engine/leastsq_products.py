@@ -1,8 +1,9 @@
 """Products of the least-squares accumulators (``polarimetry.method = "leastsq"``, issue 13).
 
 :func:`refresh_group` solves one group's accumulator after every change (cheap) to record the
-running Q_φ S/N in the ledger, and rewrites its products at a bounded rate
-(``leastsq_refresh_files`` cubes or ``leastsq_refresh_seconds`` seconds, always with ``force``):
+running Q_φ S/N in the ledger, and rewrites its products at a bounded rate (``leastsq_refresh_files``
+accumulator generations — about one per recorded file — or ``leastsq_refresh_seconds`` seconds since
+the last refresh; always with ``force``):
 
 * ``pdi/{name}_stokes_coll.fits`` (the group just updated) — ``(8, N, N)`` planes
   ``I_Q, I_U, Q, U, Q_PHI, U_PHI, LP_I, AOLP`` (or ``Q_R, U_R``) + ``ERR`` + one header HDU per

@@ -26,8 +26,9 @@ differs from the ledger's is rebuilt from the contributions of the recorded memb
 Products: the solve is cheap (closed-form 3×3 inverse per pixel) and runs after every change to
 update the Q_φ S/N in the ledger; the running products (``pdi/{name}_stokes_coll.fits`` of the
 group just updated, plus ``pdi/{name}_{group}_stokes_coll.fits`` when the night has several groups,
-MBI cube, footprint, specphot companions) are rewritten every ``leastsq_refresh_files`` cubes or
-``leastsq_refresh_seconds`` seconds, and always at finalize.
+MBI cube, footprint, specphot companions) are rewritten every ``leastsq_refresh_files`` generations or
+``leastsq_refresh_seconds`` seconds (also from :func:`tick`, the daemon's reconciliation), at the end of
+a batch run and always at finalize.
 """
 
 from __future__ import annotations
