@@ -131,6 +131,28 @@ def test_degenerate_coverage_is_nan_and_counted():
     assert acc.ncubes == 8
 
 
+@pytest.mark.parametrize("nf", [1, 2])
+def test_live_snr_equals_the_products_snr(nf):
+    """The per-file S/N (Q_φ only) is the S/N of the written products (all planes, mean over fields)."""
+    from vampd.pdi.leastsq import solve_products, solve_snr
+
+    rng = np.random.default_rng(2)
+    n = 40
+    yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+    th = np.arctan2(-xx, yy)
+    ring = 50 * np.exp(-((np.hypot(yy, xx) - 12) ** 2) / 8)
+    s_true = np.stack([1000 * np.exp(-np.hypot(yy, xx) / 5) + 4 * ring, -ring * np.cos(2 * th), -ring * np.sin(2 * th)])
+    for weights in ("equal", "ivar"):
+        acc = LeastSqAccumulator()
+        for m, img in _cubes(s_true, None, HWPS, rng):
+            sig = np.sqrt(np.abs(img) + 25)
+            d = np.stack([img + rng.normal(0, 1, img.shape) * sig] * nf)
+            acc.add(contribution(d, np.stack([sig**2] * nf), np.stack([m] * nf), weights=weights))
+        pc = lsq_config(leastsq_weights=weights, leastsq_snr_annulus=(6.0, 18.0)).polarimetry
+        full = solve_products(acc, pc).snr
+        assert full > 10 and solve_snr(acc, pc) == pytest.approx(full, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # a complete simulated night: least squares vs triple difference vs truth
 

@@ -33,7 +33,7 @@ from vampd.fitsio import write_fits_atomic
 from vampd.instrument.wcs import apply_wcs
 from vampd.pdi.cards import set_card
 from vampd.pdi.ip import ip_header_values
-from vampd.pdi.leastsq import LeastSqProducts, solve_products
+from vampd.pdi.leastsq import LeastSqProducts, solve_products, solve_snr
 from vampd.pdi.stokes import product_names, star_polarization
 
 __all__ = ["refresh_group", "product_paths", "write_products"]
@@ -176,42 +176,43 @@ def refresh_group(ledger, cfg, outdir, key: str, force: bool = False) -> dict:
     if row is None or acc is None or acc.ncubes <= 0 or acc.n is None:
         return {"key": key, "ncubes": 0, "snr": None, "written": {}}
     fields = json.loads(row["fields"] or "[]") or [f"F{j}" for j in range(acc.n.shape[0])]
-    res = solve_products(acc, pcfg)
     stats = json.loads(row["stats"] or "{}")
     since = gen - int(stats.get("gen", 0))  # generations (≈ files: one per engine call) since the last refresh
     age = time.time() - float(row["solved_at"] or 0.0)
     due = force or since >= pcfg.leastsq_refresh_files or age >= pcfg.leastsq_refresh_seconds
+    if not due:  # the live figure only
+        snr = solve_snr(acc, pcfg)
+        ledger.lsq_snr(key, snr)
+        return {"key": key, "ncubes": acc.ncubes, "snr": snr, "written": {}}
+    res = solve_products(acc, pcfg)
     written: dict = {}
-    if due:
-        name = _name(cfg)
-        target, filt = key.split("|")[1:]
-        coverage = ledger.lsq_coverage(key)
-        star = _star(res, fields, cfg.analysis, cfg.coronagraphic)
-        hdr = _header(ledger, key, pcfg)
-        _cards(hdr, res, fields, pcfg, acc.ncubes, coverage, acc.tint, star)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            foot = (acc.n / max(acc.ncubes, 1)).astype(np.float32)
-        unit = None
-        from vampd.engine.specphot_trigger import specphot_enabled
+    name = _name(cfg)
+    target, filt = key.split("|")[1:]
+    coverage = ledger.lsq_coverage(key)
+    star = _star(res, fields, cfg.analysis, cfg.coronagraphic)
+    hdr = _header(ledger, key, pcfg)
+    _cards(hdr, res, fields, pcfg, acc.ncubes, coverage, acc.tint, star)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        foot = (acc.n / max(acc.ncubes, 1)).astype(np.float32)
+    unit = None
+    from vampd.engine.specphot_trigger import specphot_enabled
 
-        if specphot_enabled(cfg):
-            from vampd.specphot import pdi_unit_factor
+    if specphot_enabled(cfg):
+        from vampd.specphot import pdi_unit_factor
 
-            unit = pdi_unit_factor(outdir, target, ",".join(fields))
-        groups = ledger.lsq_accumulators(name)
-        labels = [None] + ([_label(target, filt)] if len(groups) > 1 else [])
-        if force and len(groups) > 1:
-            labels = [_label(target, filt)]  # the night's final products: one file per group
-        for lab in labels:
-            written.update({(k if lab is None else f"{k}_group"): str(p) for k, p in
-                            write_products(outdir, name, lab, res, hdr, fields, pcfg, foot, unit).items()})
-        stats = {"gen": gen, "ndegenerate": dict(zip(fields, res.ndegenerate, strict=True)),
-                 "ncovered": dict(zip(fields, res.ncovered, strict=True)),
-                 "coverage": coverage, "written": written, "star_dolp": {f: s["DOLP"] for f, s in star.items()},
-                 "ip": dict(zip(fields, res.ip, strict=False))}  # no IP entries with ip_correct off
-        ledger.lsq_solved(key, acc.ncubes, res.snr, stats)
-    else:
-        ledger.lsq_snr(key, res.snr)
+        unit = pdi_unit_factor(outdir, target, ",".join(fields))
+    groups = ledger.lsq_accumulators(name)
+    labels = [None] + ([_label(target, filt)] if len(groups) > 1 else [])
+    if force and len(groups) > 1:
+        labels = [_label(target, filt)]  # the night's final products: one file per group
+    for lab in labels:
+        written.update({(k if lab is None else f"{k}_group"): str(p) for k, p in
+                        write_products(outdir, name, lab, res, hdr, fields, pcfg, foot, unit).items()})
+    stats = {"gen": gen, "ndegenerate": dict(zip(fields, res.ndegenerate, strict=True)),
+             "ncovered": dict(zip(fields, res.ncovered, strict=True)),
+             "coverage": coverage, "written": written, "star_dolp": {f: s["DOLP"] for f, s in star.items()},
+             "ip": dict(zip(fields, res.ip, strict=False))}  # no IP entries with ip_correct off
+    ledger.lsq_solved(key, acc.ncubes, res.snr, stats)
     return {"key": key, "ncubes": acc.ncubes, "snr": res.snr, "written": written, "ndegenerate": res.ndegenerate}
 
 

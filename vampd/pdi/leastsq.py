@@ -327,12 +327,9 @@ def snr_annulus(shape, pcfg) -> tuple[float, float]:
     return float(pcfg.ip_radius), 0.5 * min(shape[-2:])
 
 
-def solve_products(acc: LeastSqAccumulator, pcfg) -> LeastSqProducts:
-    """Solve, IP-correct (``ip_correct``: the residual IP of :func:`vampd.pdi.ip.measure_ip` on the
-    solved image) and form the Stokes products (:func:`vampd.pdi.stokes.stokes_products`)."""
-    from vampd.pdi.calibrated import mean_over_fields
+def _solve_ip(acc: LeastSqAccumulator, pcfg):
+    """Solve with the configured weighting, then the residual-IP correction per field."""
     from vampd.pdi.ip import measure_ip, region_weights
-    from vampd.pdi.stokes import stokes_products
 
     equal = getattr(pcfg, "leastsq_weights", "equal") == "equal"
     if equal and acc.c is None:
@@ -349,6 +346,16 @@ def solve_products(acc: LeastSqAccumulator, pcfg) -> LeastSqProducts:
                 continue
             stokes[j], err[j] = ip_correct_solved(stokes[j], err[j], cov[j], pq, pu)
             ips.append((pq, pu))
+    return sol, stokes, err, ips
+
+
+def solve_products(acc: LeastSqAccumulator, pcfg) -> LeastSqProducts:
+    """Solve, IP-correct (``ip_correct``: the residual IP of :func:`vampd.pdi.ip.measure_ip` on the
+    solved image) and form the Stokes products (:func:`vampd.pdi.stokes.stokes_products`)."""
+    from vampd.pdi.calibrated import mean_over_fields
+    from vampd.pdi.stokes import stokes_products
+
+    sol, stokes, err, ips = _solve_ip(acc, pcfg)
     data8, err8 = stokes_products(stokes, err, pcfg.cyl_stokes)
     if data8.shape[0] > 1:
         coll, ecoll = mean_over_fields(data8, err8, pcfg.cyl_stokes)
@@ -358,3 +365,22 @@ def solve_products(acc: LeastSqAccumulator, pcfg) -> LeastSqProducts:
     snr = qphi_snr(coll[4] if pcfg.cyl_stokes == "azimuthal" else -coll[4], ecoll[4], r_in, r_out)
     return LeastSqProducts(stokes.astype(np.float32), err.astype(np.float32), data8, err8, coll, ecoll, ips,
                            sol.ndegenerate, sol.ncovered, snr)
+
+
+def solve_snr(acc: LeastSqAccumulator, pcfg) -> float:
+    """Only the Q_φ S/N of :func:`solve_products` (no product planes): the per-file live figure."""
+    from vampd.pdi.stokes import cylindrical_stokes
+
+    _sol, stokes, err, _ips = _solve_ip(acc, pcfg)
+    q, u, eq, eu = stokes[:, 2], stokes[:, 3], err[:, 2], err[:, 3]
+    if q.shape[0] > 1:  # mean over fields, as mean_over_fields
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n = np.sum(np.isfinite(q), axis=0)
+            nn = np.where(n > 0, n, np.nan)
+            q, u = np.nansum(q, axis=0) / nn, np.nansum(u, axis=0) / nn
+            eq, eu = np.sqrt(np.nansum(eq**2, axis=0)) / nn, np.sqrt(np.nansum(eu**2, axis=0)) / nn
+    else:
+        q, u, eq, eu = q[0], u[0], eq[0], eu[0]
+    qphi, _, eqphi, _ = cylindrical_stokes(q, u, eq, eu, mode="azimuthal")
+    r_in, r_out = snr_annulus(q.shape, pcfg)
+    return qphi_snr(qphi, eqphi, r_in, r_out)
