@@ -130,6 +130,11 @@ def test_defaults_match_reference_schema(no_config_warnings):
         "hwp_tolerance": 0.1,
         "set_timeout": 900.0,
         "mm_table": None,
+        "leastsq_max_cond": 100.0,
+        "leastsq_refresh_files": 8,
+        "leastsq_refresh_seconds": 60.0,
+        "leastsq_weights": "equal",
+        "leastsq_snr_annulus": None,
     }
     assert PipelineConfig(nrm={}).nrm.nbootstrap == 1000
     w = cfg.watch

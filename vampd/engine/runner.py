@@ -294,6 +294,9 @@ class Runner:
                     break
                 continue
             self.collect(timeout=poll)
+        from vampd.engine import leastsq_trigger
+
+        leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
         return {"given": len(paths), "processed": todo, "done": self.n_done, "failed": self.n_failed,
                 "seconds": time.time() - t0}
 

@@ -192,7 +192,14 @@ def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None 
 
     # final PDI collapse per (target, fields)
     pdi_info = []
-    if cfg.polarimetry is not None:
+    if cfg.polarimetry is not None and cfg.polarimetry.method == "leastsq":  # issue 13: no sets
+        from vampd.engine.leastsq_products import final_info
+
+        pdi_info = final_info(outdir, cfg)
+        for g in pdi_info:
+            for k, p in g["paths"].items():
+                written.setdefault(k, []).append(str(p))
+    elif cfg.polarimetry is not None:
         complete = {s["key"]: s for s in night["sets"] if s["state"] == "complete"}
         paths = sorted((outdir / "pdi" / "stokes").glob(f"{name}_stokes_*.fits"))
         sets = []

@@ -50,6 +50,7 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         ]
         lat = [r[0] for r in led.conn.execute("SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL")]
         sets = led.set_counts()
+        lsq = led.lsq_status()  # least-squares accumulators (issue 13); [] without
     lat.sort()
     out = {
         "outdir": str(os.path.abspath(outdir)),
@@ -78,6 +79,8 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         },
         "errors": errors,
     }
+    if lsq:
+        out["leastsq"] = lsq
     if last is not None:
         out["last_file"] = {
             "path": last["path"], "done": _iso(last["t_done"]), "latency": last["latency"],
@@ -102,6 +105,11 @@ def format_status(st: dict) -> str:
         f"files   {f['total']} total: {f['done']} done, {f['failed']} failed, {f['pending']} pending",
         f"sets    {s['complete']} complete, {s['broken']} broken, {s['open']} open",
     ]
+    for a in st.get("leastsq", []):
+        cov = " ".join(f"{h}:{n}" for h, n in a["coverage"].items())
+        snr = f"{a['snr']:.1f}" if a["snr"] is not None else "-"
+        lines.append(f"lsq     {a['target']} {a['filter']}: {a['ncubes']} cubes ({a['rejected']} rejected), "
+                     f"Q_phi S/N {snr}, HWP {cov}")
     if st["latency"]["median"] is not None:
         lines.append(f"latency median {st['latency']['median']:.2f} s, p95 {st['latency']['p95']:.2f} s")
     if st["last_file"]:

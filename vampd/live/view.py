@@ -130,7 +130,12 @@ def _header(snap: Snapshot, width: int) -> RenderableType:
     line3.append(f" │ {_g(snap.throughput, '.1f')} files/min  queue {snap.queue}"
                  f"  latency p50 {_g(lat.get('median'), '.1f')} s p95 {_g(lat.get('p95'), '.1f')} s")
     sc = snap.set_counts
-    line3.append(f" │ sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken")
+    if snap.leastsq:  # least squares: cubes, Q_phi S/N and coverage per HWP angle of the latest group
+        a = max(snap.leastsq, key=lambda x: x.get("updated") or 0.0)
+        line3.append(f" │ lsq {a['ncubes']} cubes S/N {_g(a['snr'], '.1f')} HWP "
+                     + " ".join(f"{h}:{n}" for h, n in a["coverage"].items()))
+    else:
+        line3.append(f" │ sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken")
     if snap.disk_free_gb is not None:
         line3.append(f" │ disk {snap.disk_free_gb:.0f} GB free")
     for line in (line1, line2, line3):

@@ -178,6 +178,9 @@ class Daemon:
                 found = self.rescan() + runner.recheck_products()
                 if found:
                     log.info("rescan: %d file(s) not in the ledger", found)
+                from vampd.engine import leastsq_trigger
+
+                leastsq_trigger.tick(ledger, runner.cfg, self.outdir)  # products lagging by time (issue 13)
                 next_reconcile = now + s["reconcile_interval"]
             for v in self.tracker.check(now):
                 if v.state == "complete":
