@@ -116,19 +116,8 @@ def split_sequences(keys: list, sequence_files: int | None = None, final: bool =
 
 
 def _stream(ledger, camera: int) -> list[Member]:
-    rows = ledger.conn.execute(
-        "SELECT path, target, filter, camera, mjd, t_done FROM files WHERE state='done' AND camera=?"
-        " ORDER BY mjd, path",
-        (int(camera),),
-    ).fetchall()
-    prods: dict[str, dict[str, str]] = {}
-    for r in ledger.conn.execute(
-        "SELECT p.file, p.kind, p.path FROM products p JOIN files f ON f.path = p.file"
-        " WHERE f.state='done' AND f.camera=?",
-        (int(camera),),
-    ):
-        prods.setdefault(r[0], {})[r[1]] = r[2]
-    return [Member(r[0], r[1], r[2], int(r[3]), r[4], r[5], prods.get(r[0], {})) for r in rows]
+    return [Member(r["path"], r["target"], r["filter"], int(r["camera"]), r["mjd"], r["t_done"], prods)
+            for r, prods in ledger.camera_stream(int(camera))]
 
 
 def _fingerprint(cfg, members: list[Member]) -> str:
@@ -330,8 +319,7 @@ def on_finalize(ledger, cfg, outdir) -> list[dict]:
     if not specphot_enabled(cfg):
         return []
     out: list[dict[str, Any]] = []
-    cams = [r[0] for r in ledger.conn.execute("SELECT DISTINCT camera FROM files WHERE state='done' AND camera IS NOT NULL")]
-    for cam in sorted(cams):
+    for cam in ledger.done_cameras():
         out.extend(_process_camera(ledger, cfg, Path(outdir), int(cam), final=True, check_files=True))
     _refresh_pdi(cfg, outdir, out)
     return out

@@ -363,7 +363,7 @@ def _sets_from_ledger(led: Ledger, files: dict[str, FileRow], tolerance: float) 
     from vampd.pdi.sets import all_slots, slot_label
 
     out = []
-    for r in led.conn.execute("SELECT * FROM sets WHERE state='open' ORDER BY created, key"):
+    for r in led.set_rows("open"):
         mode = r["mode"] or "triplediff"
         try:
             members = json.loads(r["members"] or "[]")
@@ -453,13 +453,10 @@ def take_snapshot(outdir: os.PathLike | str, now: float | None = None, config_pa
         snap.problem = str(exc)
         return snap
     try:
-        led.conn.execute("BEGIN")  # one read transaction: a consistent view while the daemon commits
+        led.begin_read()  # one read transaction: a consistent view while the daemon commits
         _read(led, snap, now, config_path, read_products)
     finally:
-        try:
-            led.conn.execute("COMMIT")
-        except sqlite3.Error:
-            pass
+        led.end_read()
         led.close()
     return snap
 
@@ -478,7 +475,7 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
     snap.queue = snap.counts["pending"] + snap.counts["queued"] + snap.counts["running"]
     snap.set_counts = led.set_counts()
 
-    files = {r["path"]: _file_row(r) for r in led.conn.execute("SELECT * FROM files")}
+    files = {r["path"]: _file_row(r) for r in led.all_files()}
     rows = sorted(files.values(), key=lambda f: (f.t_arrival or 0.0, f.path))
     snap.latest = rows[-_NLATEST:][::-1]
     snap.last_arrival = rows[-1].t_arrival if rows else None
@@ -526,10 +523,9 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
             if not trend:
                 continue
             newest = max(trend, key=lambda f: f.t_done or 0.0)
-            prod = led.conn.execute(
-                "SELECT path FROM products WHERE file=? AND kind='coadded'", (newest.path,)).fetchone()
+            prod = led.product_path(newest.path, "coadded")
             if prod is not None:
-                info = _cached(_HEADER_CACHE, prod["path"], _calib_header)
+                info = _cached(_HEADER_CACHE, prod, _calib_header)
                 if info is not None:
                     snap.calibration[cam] = dict(info, file=newest.name,
                                                  back_expected=bool(cal and cal.calib_directory and cal.back_subtract),
