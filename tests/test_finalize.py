@@ -128,8 +128,11 @@ def night(tmp_path_factory):
     # the second HWP cycle is cut short: 24 of 32 files → one complete set, one broken at dawn
     files = sorted(str(p) for p in (root / "sim" / "raw").glob("*.fits"))
     files = [f for f in files if int(f[-10:-5]) < 10012]
+    # a file cut short by the logger: parked before its header is read (no target, no camera)
+    bad = root / "sim" / "raw" / "VMPA00019999.fits"
+    bad.write_bytes(open(files[3], "rb").read()[:5000])
     out = root / "red"
-    assert main(["run", str(root / "n.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+    assert main(["run", str(root / "n.toml"), *files, str(bad), "-o", str(out), "-j", "2"]) == 1
     assert main(["finalize", str(root / "n.toml"), "-o", str(out)]) == 0
     first = _digest(out)
     assert main(["finalize", str(root / "n.toml"), "-o", str(out)]) == 0
@@ -195,26 +198,93 @@ def test_second_finalize_byte_identical(night):
     assert first == second
 
 
-def test_qphi_preview_shows_the_ring(night):
-    import matplotlib.image as mpimg
-
-    from vampd.finalize.report import PREVIEW_ZOOM
+def _previews(night):
+    """The final product's planes and preview figures, as the report draws them."""
+    from vampd.finalize.previews import PreviewMeta, preview_figure, preview_planes, stokes_limit
 
     out = night["out"]
-    img = mpimg.imread(out / "report" / "n_q_phi.png")[::-1, :, :3]  # origin lower-left
-    lum = img.mean(axis=-1)
-    n = lum.shape[0] // PREVIEW_ZOOM
-    lum = lum.reshape(n, PREVIEW_ZOOM, n, PREVIEW_ZOOM).mean(axis=(1, 3))
+    with fits.open(out / "pdi" / "n_stokes_coll.fits") as h:
+        data, hdr = h[0].data.astype(float), h[0].header
+    planes = preview_planes(data, hdr["STOKES"].split(","), fits.getdata(out / "pdi" / "n_footprint.fits"))
+    meta = PreviewMeta(target="ABAUR", filter="750-50", pixel_scale_mas=hdr["PXSCALE"], unit=hdr["BUNIT"], nsets=1)
+    lim = stokes_limit(planes["Q_PHI"])
+    return planes, {k: preview_figure(v, k, meta, None if k == "I" else lim) for k, v in planes.items()}
+
+
+def test_every_preview_has_axes_colour_bar_and_symmetric_limits(night):
+    planes, figs = _previews(night)
+    assert set(figs) == {"I", "Q_PHI", "U_PHI"}
+    for key, fig in figs.items():
+        ax, cax = fig.axes[0], fig.axes[1]
+        assert "arcsec" in ax.get_xlabel() and "arcsec" in ax.get_ylabel()
+        assert "e-/s" in cax.get_ylabel() and "ABAUR" in ax.get_title() and "750-50" in ax.get_title()
+        assert ax.images and cax.get_ylim()[1] > cax.get_ylim()[0]  # a real colour bar
+        lo, hi = ax.images[0].get_clim()
+        if key != "I":
+            assert lo == pytest.approx(-hi) and hi > 0
+            assert "RdBu" in ax.images[0].get_cmap().name
+    # axes: arcsec offsets from the star, East (positive dRA) to the left
+    ext = figs["Q_PHI"].axes[0].images[0].get_extent()
+    n = planes["Q_PHI"].shape[0]
+    assert ext[0] > 0 > ext[1] and ext[0] - ext[1] == pytest.approx(n * fits.getheader(night["out"] / "pdi" / "n_stokes_coll.fits")["PXSCALE"] / 1000)
+    # the ring is positive in Q_phi, the background near zero; pixels outside the footprint masked
+    q = np.ma.filled(figs["Q_PHI"].axes[0].images[0].get_array().astype(float), np.nan)
     px = night["truth"]["detectors"]["1"]["pixel_scale"]
     yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
     r = np.hypot(xx, yy)
     ring = np.abs(r - 150.0 / px) < 2
-    bg = (r > 42) & (r < 46)
-    assert lum[ring].mean() > lum[bg].mean() + 0.2
-    i_img = mpimg.imread(out / "report" / "n_i.png")[::-1, :, :3].mean(axis=-1)
-    c = i_img.shape[0] // 2
-    assert i_img[c - 3 : c + 3, c - 3 : c + 3].mean() > i_img[:10, :10].mean() + 0.5  # the star
-    assert json.loads(json.dumps(night["first"]))  # digests are plain strings
+    assert np.nanmin(q[ring]) > 0 and np.nanmean(q[ring]) > 0.3 * hi
+    assert np.isnan(q[0, 0]) and np.isnan(planes["I"][0, 0])  # the derotated field's corner
+    i_img = planes["I"]
+    c = n // 2
+    assert np.nanmean(i_img[c - 2 : c + 2, c - 2 : c + 2]) > 100 * np.nanmedian(i_img)  # the star
+
+
+def test_report_png_files_and_html(night):
+    import matplotlib.image as mpimg
+
+    rdir = night["out"] / "report"
+    text = (rdir / "report.md").read_text()
+    assert text.splitlines()[2] == "![night summary](n_night_summary.png)"
+    html = (rdir / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and '<img alt="night summary" src="n_night_summary.png">' in html
+    assert html.count("<table>") == sum(ln.startswith("|---") for ln in text.splitlines()) and "<td>ABAUR</td>" in html
+    for png in ("n_night_summary.png", "n_q_phi.png", "metrics_trends.png", "sets_timeline.png"):
+        img = mpimg.imread(rdir / png)
+        assert img.ndim == 3 and min(img.shape[:2]) > 250, png
+
+
+def _md_table(text: str, heading: str) -> list[list[str]]:
+    sec = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in sec.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    assert all(len(c) == len(cells[0]) for c in cells), f"{heading}: ragged table"
+    return cells
+
+
+def test_report_tables_match_the_ledger(night):
+    import sqlite3
+
+    out = night["out"]
+    con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True)
+    states = dict(con.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+    per_cam = dict(con.execute("SELECT camera, COUNT(*) FROM files WHERE state='done' GROUP BY camera").fetchall())
+    con.close()
+    assert states == {"done": 24, "parked": 1}
+    text = (out / "report" / "report.md").read_text()
+    counts = _md_table(text, "Counts")
+    assert counts[0] == ["state", "files"]
+    assert {r[0]: int(r[1]) for r in counts[2:] if not r[0].startswith("**")} == states
+    assert counts[-1] == ["**total**", "**25**"]
+    targets = _md_table(text, "Targets")
+    head = targets[0]
+    rows = [dict(zip(head, r)) for r in targets[2:]]
+    assert all("None" not in r.values() and "(unknown)" not in r.values() for r in rows)
+    assert {(r["target"], r["filter"], int(r["camera"])): int(r["files done"]) for r in rows} == {
+        ("ABAUR", "750-50", c): n for c, n in per_cam.items()}
+    assert sum(int(r["parked"]) for r in rows) == 1  # the truncated file, on its sequence's row
+    parked = _md_table(text, "Parked and unfinished files")
+    assert parked[2][0] == "`VMPA00019999.fits`" and "END" in parked[2][2] and "/" not in parked[2][2].split(":")[0]
 
 
 # ------------------------------------------------------------------------------------------------
