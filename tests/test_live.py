@@ -88,7 +88,7 @@ def night(tmp_path_factory):
     out = root / "out"
     files = sorted(str(p) for p in raw.glob("*.fits"))
     p = _vampd("run", cfg, *files, "-o", out, "-j", "1", check=False)
-    assert p.returncode == 1 and "1 failed" in p.stdout, p.stderr  # the non-FITS file
+    assert p.returncode == 1 and "1 parked" in p.stdout, p.stderr  # the non-FITS file
     faulty = [f for f in truth["files"] if f.get("fault")]
     return {"root": root, "out": out, "truth": truth, "gone": gone, "gone_name": gone_path.name,
             "faulty": faulty, "nfiles": len(files)}

@@ -93,10 +93,10 @@ def stokes_limit(q: np.ndarray, u: np.ndarray | None = None, pct: float = 99.5) 
     return v if v > 0 and math.isfinite(v) else 1.0
 
 
-def _figure(w: float, h: float):
+def _figure(w: float, h: float, layout: str | None = None):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(w, h), dpi=_DPI)
+    return Figure(figsize=(w, h), dpi=_DPI, layout=layout)
 
 
 def _nice(x: float) -> float:
@@ -206,7 +206,7 @@ def trends_figure(files: list[dict], keys=(("strehl", "Strehl"), ("fwhm", "FWHM 
     if not done:
         return None
     if axes is None:
-        fig = _figure(7, 1.9 * len(keys) + 0.6)
+        fig = _figure(7, 1.9 * len(keys) + 0.6, layout="constrained")
         axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     cams = sorted({f.get("camera") for f in done if f.get("camera") is not None})
     for ax, (key, label) in zip(axes, keys):
@@ -215,11 +215,11 @@ def trends_figure(files: list[dict], keys=(("strehl", "Strehl"), ("fwhm", "FWHM 
             if t:
                 ax.plot(t, v, ".", ms=5, label=f"cam{cam}")
         ax.set_ylabel(label)
+        ax.ticklabel_format(axis="y", useOffset=False)  # values as they are, no "1e-5+3.441"
         ax.grid(alpha=0.3)
     if cams:
         axes[0].legend(loc="best", fontsize=8)
     _time_axis(axes[-1], [f["mjd"] for f in done])
-    fig.align_ylabels(list(axes))
     return fig
 
 
@@ -231,7 +231,6 @@ def timeline_figure(sets: list[dict], fig=None, ax=None):
     number (integers). ``None`` if no set has times."""
     from matplotlib.dates import date2num
     from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
 
     sets = [s for s in sets if s.get("t0") is not None]
     if not sets:
@@ -243,7 +242,7 @@ def timeline_figure(sets: list[dict], fig=None, ax=None):
         t0, t1 = mjd_to_datetime([s["t0"], s["t1"]])
         width = max((t1 - t0).total_seconds(), 1.0) / 86400.0
         ax.barh(i, width, left=date2num(t0), height=0.6, color=_SET_COLOURS.get(s["state"], "grey"))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_axis(ax.yaxis, range(len(sets)))
     ax.set_ylim(len(sets) - 0.5, -0.5)
     ax.set_ylabel("set #")
     ax.legend(handles=[Patch(color=c, label=k) for k, c in _SET_COLOURS.items()], fontsize=7, ncol=3, loc="best")
@@ -251,10 +250,16 @@ def timeline_figure(sets: list[dict], fig=None, ax=None):
     return fig
 
 
+def _integer_axis(axis, values) -> None:
+    """Ticks at whole set numbers only (every set when there are few)."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    vals = sorted({int(v) for v in np.asarray(values, float) if math.isfinite(v)})
+    axis.set_major_locator(FixedLocator(vals) if len(vals) <= 16 else MaxNLocator(integer=True))
+
+
 def ip_figure(rows: list[dict]):
     """Residual IP (after the model) and the model's IP per set, in %, set numbers as integers."""
-    from matplotlib.ticker import MaxNLocator
-
     if not rows:
         return None
     fig = _figure(7, 3)
@@ -264,7 +269,8 @@ def ip_figure(rows: list[dict]):
                            ("resid_pq", "x", "residual q"), ("resid_pu", "+", "residual u")):
         v = np.array([r[key] if isinstance(r[key], (int, float)) else np.nan for r in rows], float)
         ax.plot(x, 100 * v, mk, label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_axis(ax.xaxis, x)
+    ax.set_xlim(np.nanmin(x) - 0.5, np.nanmax(x) + 0.5)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_xlabel("set #")
     ax.set_ylabel("IP [%]")

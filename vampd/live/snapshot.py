@@ -38,6 +38,7 @@ __all__ = [
     "take_snapshot",
     "camera_of",
     "night_label",
+    "obs_time",
     "status_with_alerts",
 ]
 
@@ -195,6 +196,13 @@ def camera_of(row: FileRow | dict) -> int | None:
     if name.startswith("VMPB"):
         return 2
     return None
+
+
+def obs_time(row: FileRow) -> float | None:
+    """Unix time of the observation (MJD), else of the file's arrival (wall clock)."""
+    if row.mjd is not None:
+        return (row.mjd - 40587.0) * 86400.0
+    return row.t_arrival
 
 
 def night_label(mjd: float | None) -> str | None:
@@ -477,7 +485,10 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
 
     files = {r["path"]: _file_row(r) for r in led.all_files()}
     rows = sorted(files.values(), key=lambda f: (f.t_arrival or 0.0, f.path))
-    snap.latest = rows[-_NLATEST:][::-1]
+    # the view lists files by observation time (newest first); a file without an MJD (parked
+    # before its header was read) goes where it arrived
+    by_obs = sorted(files.values(), key=lambda f: (obs_time(f) or 0.0, f.path))
+    snap.latest = by_obs[-_NLATEST:][::-1]
     snap.last_arrival = rows[-1].t_arrival if rows else None
     done = [f for f in rows if f.state == "done"]
     by_mjd = sorted(done, key=lambda f: (f.mjd if f.mjd is not None else -1.0, f.path))
