@@ -428,11 +428,33 @@ def mbi_night(tmp_path_factory):
     save_config(cfg, root / "m.toml")
     files = sorted(str(p) for p in (root / "sim" / "raw").glob("*.fits"))
     out = root / "red"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("VAMPD_DATA_DIR", raising=False)  # the built-in zero points
-        assert main(["run", str(root / "m.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+        with contextlib.redirect_stdout(buf):
+            assert main(["run", str(root / "m.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+        # what exists when `vampd run` returns (before any finalize)
+        after_run = sorted(str(p.relative_to(out)) for p in out.rglob("*_jy.fits"))
         assert main(["finalize", str(root / "m.toml"), "-o", str(out)]) == 0
-    return {"root": root, "out": out, "truth": truth, "nfiles": len(files)}
+    return {"root": root, "out": out, "truth": truth, "nfiles": len(files), "after_run": after_run,
+            "run_stdout": buf.getvalue()}
+
+
+def test_run_closes_its_sequences_jy_products_exist_when_it_returns(mbi_night):
+    """A finished batch is a finished sequence: `vampd run` calibrates the last target's
+    sequence too, and says where the products are."""
+    out, after = mbi_night["out"], mbi_night["after_run"]
+    coadded = sorted(p.name for p in (out / "coadded").glob("*.fits"))
+    per_file = [p for p in after if p.startswith("specphot/")]
+    assert len(per_file) == len(coadded) == 32  # every file of both targets, in Jy
+    for target in ("ABAUR", "MWC480"):
+        assert f"pdi/m_{target}_F610-F670-F720-F760_stokes_coll_jy.fits" in after
+        assert f"pdi/m_{target}_F610-F670-F720-F760_stokes_cube_jy.fits" in after
+    line = next(ln for ln in mbi_night["run_stdout"].splitlines() if "spectrophotometry" in ln)
+    assert "(Jy): 4 sequence(s) calibrated" in line and str(out / "specphot") in line
 
 
 MBI_FIELDS = ["F610", "F670", "F720", "F760"]

@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(fn, args: argparse.Namespace) -> int:
     """Call a command; Ctrl-C → 130 and a closed stdout (``vampd status | head``) → quiet exit."""
     try:
-        return int(fn(args) or 0)
+        rc = int(fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return rc
     except KeyboardInterrupt:
         print(f"vampd {args.command}: interrupted", file=sys.stderr)
         return 130
