@@ -512,8 +512,11 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
 
     # sets: the PDI trigger's rows when there are any, else assembled from the files
     pcfg = getattr(cfg, "polarimetry", None) if cfg is not None else None
-    tol = float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0) or float(
-        getattr(getattr(cfg, "alerts", None), "hwp_grid_tolerance", 0.5) or 0.5)
+    from vampd.config.models import PolarimetryConfig
+    from vampd.live.alerts import thresholds
+
+    tol = float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0) or thresholds(
+        getattr(cfg, "alerts", None) if cfg is not None else None).hwp_grid_tolerance
     if sum(snap.set_counts.values()):
         snap.open_sets = _sets_from_ledger(led, files, tol)
         snap.set_mode = snap.open_sets[0].mode if snap.open_sets else (pcfg.method if pcfg else None)
@@ -522,7 +525,7 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
         if pol:
             mode = pcfg.method if pcfg is not None else (
                 "triplediff" if any((f.flc or "").upper() in ("A", "B") for f in pol) else "doublediff")
-            timeout = float(getattr(pcfg, "set_timeout", 900.0) or 900.0)
+            timeout = float(getattr(pcfg, "set_timeout", None) or PolarimetryConfig.model_fields["set_timeout"].default)
             snap.set_mode = mode
             snap.open_sets = _sets_from_files(files, mode, tol, timeout)
 
