@@ -672,3 +672,18 @@ def test_verbosity_after_the_command():
     assert parser.parse_args(["-v", "status"]).verbose == 1
     assert parser.parse_args(["status", "-q"]).quiet == 1 and parser.parse_args(["status"]).quiet == 0
     assert parser.parse_args(["watch", "c.toml", "-vv"]).verbose == 2
+
+
+def test_worker_log_lines_carry_level_and_logger():
+    """Worker processes log as ``LEVEL logger [worker pid]: message`` (they have no handler of
+    their own otherwise, and Python's last-resort handler prints the bare message)."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from vampd.engine.pool import _worker_init; import os; _worker_init(os.getppid()); "
+            "logging.getLogger('vampd.pipeline').warning('disk slow'); logging.getLogger('vampd.x').info('quiet')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if "disk slow" in ln]
+    assert len(lines) == 1 and re.fullmatch(r"WARNING vampd\.pipeline \[worker \d+\]: disk slow", lines[0]), p.stderr
+    assert "quiet" not in p.stderr

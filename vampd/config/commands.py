@@ -202,23 +202,26 @@ def _pad_side(crop: int) -> int:
     return crop + 2 * npad
 
 
-def summarize(cfg: PipelineConfig, path: str | Path | None = None, ok: bool = True) -> str:
-    """A short human summary of what a run with ``cfg`` will do (one ``label  text`` line each),
-    the data files and where they were found; the last line says whether it can run."""
-    rows: list[tuple[str, str]] = []
-    versions = f"vampd {cfg.vampd_version}, dpp schema {cfg.dpp_version}"
-    rows.append(("config", f"{path}" if path else "(in memory)"))
-    rows.append(("name", f'"{cfg.name}"' + ("  (empty: products will start with '_')" if not cfg.name else "")))
-    rows.append(("hash", f"{cfg.config_hash()}  ({versions})"))
-    mode = "PDI " + cfg.polarimetry.method if cfg.polarimetry else "imaging (no PDI)"
-    extras = [m for m, on in (("coronagraphic", cfg.coronagraphic), ("planetary", cfg.planetary)) if on]
-    rows.append(("mode", mode + (" + " + ", ".join(extras) if extras else "") + f"; combine {cfg.combine.method}"))
-    if cfg.target:
-        t = cfg.target
-        rows.append(("target", f"{t.name} {t.ra} {t.dec} (parallax {t.parallax:g} mas)"))
-    else:
-        rows.append(("target", "header coordinates"))
+def _polarimetry_text(po) -> str:
+    mm = "off"
+    if po.mm_correct:
+        if po.use_ideal_mm:
+            mm = "ideal"
+        elif po.mm_table is not None:
+            mm = f"table {po.mm_table}" + ("" if po.mm_table.exists() else " (MISSING -> ideal)")
+        else:
+            mm = "ideal (no mm_table)"
+    ip = "off"
+    if po.ip_correct:
+        ip = (f"aperture r={po.ip_radius:g} px" if po.ip_method == "aperture"
+              else f"annulus {po.ip_radius:g}-{po.ip_radius2:g} px")
+    return (f"{po.method}, derotate {_onoff(po.derotate)}, MM {mm}, IP {ip}, {po.cyl_stokes}; "
+            f"HWP tolerance {po.hwp_tolerance:g} deg, set timeout {po.set_timeout:g} s")
 
+
+def _science_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """The summary's rows for the per-file chain, specphot, polarimetry and difference images."""
+    rows: list[tuple[str, str]] = []
     cal = cfg.calibrate
     if cal.calib_directory is None:
         caltxt = "no calib directory: bias subtraction only"
@@ -270,33 +273,32 @@ def summarize(cfg: PipelineConfig, path: str | Path | None = None, ok: bool = Tr
     rows.append(("specphot", sptxt))
 
     if cfg.polarimetry:
-        po = cfg.polarimetry
-        mm = "off"
-        if po.mm_correct:
-            if po.use_ideal_mm:
-                mm = "ideal"
-            elif po.mm_table is not None:
-                mm = f"table {po.mm_table}" + ("" if po.mm_table.exists() else " (MISSING -> ideal)")
-            else:
-                mm = "ideal (no mm_table)"
-        ip = "off"
-        if po.ip_correct:
-            ip = (
-                f"aperture r={po.ip_radius:g} px"
-                if po.ip_method == "aperture"
-                else f"annulus {po.ip_radius:g}-{po.ip_radius2:g} px"
-            )
-        rows.append(
-            (
-                "polarimetry",
-                f"{po.method}, derotate {_onoff(po.derotate)}, MM {mm}, IP {ip}, {po.cyl_stokes}; "
-                f"HWP tolerance {po.hwp_tolerance:g} deg, set timeout {po.set_timeout:g} s",
-            )
-        )
+        rows.append(("polarimetry", _polarimetry_text(cfg.polarimetry)))
     di = cfg.diff_images
     rows.append(
         ("diff_images", "off" if not di.make_diff else "single" + (" + double" if di.save_double else ""))
     )
+    return rows
+
+
+def summarize(cfg: PipelineConfig, path: str | Path | None = None, ok: bool = True) -> str:
+    """A short human summary of what a run with ``cfg`` will do (one ``label  text`` line each),
+    the data files and where they were found; the last line says whether it can run."""
+    rows: list[tuple[str, str]] = []
+    versions = f"vampd {cfg.vampd_version}, dpp schema {cfg.dpp_version}"
+    rows.append(("config", f"{path}" if path else "(in memory)"))
+    rows.append(("name", f'"{cfg.name}"' + ("  (empty: products will start with '_')" if not cfg.name else "")))
+    rows.append(("hash", f"{cfg.config_hash()}  ({versions})"))
+    mode = "PDI " + cfg.polarimetry.method if cfg.polarimetry else "imaging (no PDI)"
+    extras = [m for m, on in (("coronagraphic", cfg.coronagraphic), ("planetary", cfg.planetary)) if on]
+    rows.append(("mode", mode + (" + " + ", ".join(extras) if extras else "") + f"; combine {cfg.combine.method}"))
+    if cfg.target:
+        t = cfg.target
+        rows.append(("target", f"{t.name} {t.ra} {t.dec} (parallax {t.parallax:g} mas)"))
+    else:
+        rows.append(("target", "header coordinates"))
+
+    rows += _science_rows(cfg)
     rows.append(("adi cubes", _onoff(cfg.save_adi_cubes)))
     data_dir = resolve_data_dir(cfg)
     if cfg.data_dir is not None:

@@ -150,15 +150,11 @@ def _fields(npz_fields: list[str], m: Member) -> list[str]:
     return [f for f in (m.filter or "").split(",") if f]
 
 
-def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Compute and write the calibration of one sequence; return (ledger row, products)."""
-    from vampd.config import resolve_data_dir
+def _sequence_metrics(members: list[Member]) -> tuple[list, list[str]]:
+    """The members' metrics and their (common) fields; a member without metrics, or with other
+    fields, is an error naming its file."""
     from vampd.stages.analyze import load_metrics
 
-    sp = cfg.specphot
-    data_dir = resolve_data_dir(cfg)
-    name = cfg.name or "vampd"
-    coronagraphic = bool(getattr(cfg, "coronagraphic", False))
     metrics, fields = [], None
     for m in members:
         mpath = m.products.get("metrics")
@@ -171,6 +167,18 @@ def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, 
         elif flds != fields:
             raise ValueError(f"{mpath}: fields {flds} differ from the sequence's {fields}")
         metrics.append(mt)
+    return metrics, fields
+
+
+def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, list[tuple[str, str, str]]]:
+    """Compute and write the calibration of one sequence; return (ledger row, products)."""
+    from vampd.config import resolve_data_dir
+
+    sp = cfg.specphot
+    data_dir = resolve_data_dir(cfg)
+    name = cfg.name or "vampd"
+    coronagraphic = bool(getattr(cfg, "coronagraphic", False))
+    metrics, fields = _sequence_metrics(members)
     need_flux = sp.source_kind != "zeropoints"
     seq_flux = instrumental_flux(metrics, sp.flux_metric) if need_flux else None
 

@@ -122,7 +122,6 @@ def read_night(led) -> dict:
 
 def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None = None, do_flush: bool = True) -> dict:
     """Flush, write the final products and the report; returns a summary dict."""
-    from vampd.engine.specphot_trigger import specphot_enabled
     from vampd.finalize import products as P
     from vampd.finalize.report import write_report
 
@@ -164,34 +163,7 @@ def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None 
                 written.setdefault(k, []).append(str(p))
 
     # final PDI collapse per (target, fields)
-    pdi_info = []
-    if cfg.polarimetry is not None:
-        complete = {s["key"]: s for s in night["sets"] if s["state"] == "complete"}
-        paths = sorted((outdir / "pdi" / "stokes").glob(f"{name}_stokes_*.fits"))
-        sets = []
-        for p in paths:
-            s = P.load_set_file(p)
-            if s.key in complete or not night["sets"]:
-                sets.append(s)
-        groups: dict[tuple, list] = {}
-        for s in sets:
-            groups.setdefault((s.target, tuple(s.fields)), []).append(s)
-        for (target, fields), members in sorted(groups.items()):
-            label = None if len(groups) == 1 else P.group_label(target, fields)
-            files = sorted({m["path"] for s in members if s.key in complete for m in complete[s.key]["members"]
-                            if isinstance(m, dict) and "path" in m})
-            unit = None
-            if specphot_enabled(cfg):
-                from vampd.specphot import pdi_unit_factor
-
-                unit = pdi_unit_factor(outdir, target, ",".join(fields))
-            w = P.write_final_pdi(outdir, name, members, method, cfg.polarimetry.cyl_stokes,
-                                  nfiles=len(files) or None, provenance=provenance, label=label, unit_factors=unit)
-            for k, p in w.items():
-                written.setdefault(k, []).append(str(p))
-            pdi_info.append({"target": target, "fields": list(fields), "nsets": len(members), "nfiles": len(files),
-                             "paths": {k: str(v) for k, v in w.items()},
-                             "sets": [{"key": s.key, "path": s.path, "mjd": s.mjd, "header": s.header} for s in members]})
+    pdi_info = _final_pdi(cfg, outdir, name, night, method, provenance, written) if cfg.polarimetry else []
 
     # specphot summary per target
     sp_rows = specphot_summary(night["specphot"])
@@ -205,6 +177,42 @@ def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None 
 
     report = write_report(outdir, cfg, night, pdi_info, written, sp_rows, provenance, method, config_path)
     return {"written": written, "report": report, "flush": fl, "counts": counts, "sets": set_counts, "pdi": pdi_info}
+
+
+def _final_pdi(cfg, outdir: Path, name: str, night: dict, method: str, provenance: dict, written: dict) -> list[dict]:
+    """The final Stokes products per (target, fields) from the complete sets' files; returns the
+    report's description of each group and adds the written paths to ``written``."""
+    from vampd.engine.specphot_trigger import specphot_enabled
+    from vampd.finalize import products as P
+
+    pdi_info: list[dict] = []
+    complete = {s["key"]: s for s in night["sets"] if s["state"] == "complete"}
+    paths = sorted((outdir / "pdi" / "stokes").glob(f"{name}_stokes_*.fits"))
+    sets = []
+    for p in paths:
+        s = P.load_set_file(p)
+        if s.key in complete or not night["sets"]:
+            sets.append(s)
+    groups: dict[tuple, list] = {}
+    for s in sets:
+        groups.setdefault((s.target, tuple(s.fields)), []).append(s)
+    for (target, fields), members in sorted(groups.items()):
+        label = None if len(groups) == 1 else P.group_label(target, fields)
+        files = sorted({m["path"] for s in members if s.key in complete for m in complete[s.key]["members"]
+                        if isinstance(m, dict) and "path" in m})
+        unit = None
+        if specphot_enabled(cfg):
+            from vampd.specphot import pdi_unit_factor
+
+            unit = pdi_unit_factor(outdir, target, ",".join(fields))
+        w = P.write_final_pdi(outdir, name, members, method, cfg.polarimetry.cyl_stokes,
+                              nfiles=len(files) or None, provenance=provenance, label=label, unit_factors=unit)
+        for k, p in w.items():
+            written.setdefault(k, []).append(str(p))
+        pdi_info.append({"target": target, "fields": list(fields), "nsets": len(members), "nfiles": len(files),
+                         "paths": {k: str(v) for k, v in w.items()},
+                         "sets": [{"key": s.key, "path": s.path, "mjd": s.mjd, "header": s.header} for s in members]})
+    return pdi_info
 
 
 def specphot_summary(rows: list[dict]) -> list[dict]:
