@@ -87,3 +87,20 @@ def test_ctrl_c_in_run_drains_prints_the_summary_and_exits_130(tmp_path):
                            capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"{48 - states['done']} processed, {48 - states['done']} done, 0 parked" in again.stdout
+
+
+def test_calib_prints_one_line_per_master(tmp_path):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    vampd = [sys.executable, "-m", "vampd"]
+    subprocess.run(vampd + ["simulate", str(tmp_path / "sim"), "--size", "64", "--nframes", "2", "--cycles", "1"],
+                   check=True, capture_output=True, env=env, timeout=300)
+    calib = sorted(str(p) for p in (tmp_path / "sim" / "calib").glob("*.fits"))
+    p = subprocess.run(vampd + ["calib", *calib, "-o", str(tmp_path / "cal")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    masters = sorted(str(q) for q in (tmp_path / "cal").rglob("*_coll.fits"))
+    lines = p.stdout.splitlines()
+    assert len(masters) == len(calib) == len(lines) == 4
+    assert sorted(ln.split()[1] for ln in lines) == masters  # each master once, with its kind
+    assert sorted(ln.split()[0] for ln in lines) == ["background", "background", "flat", "flat"]
+    assert not any(m in p.stderr for m in masters)  # not repeated by the log

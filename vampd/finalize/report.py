@@ -282,12 +282,12 @@ def write_report(outdir, cfg, night: dict, pdi_info: list[dict], written: dict, 
             + _targets(night) + pol + _ip(rdir, pdi_info) + _timeline(rdir, sets) + _trends(rdir, night["files"])
             + _specphot(specphot_rows) + _parked(night))
     summary = _summary(rdir, name, night, sets, first)
-    head = [f"# vampd night report: {name}", "", f"![night summary]({_rel(summary, rdir)})", "",
-            "HTML version: [report.html](report.html)", ""]
-    text = "\n".join(head + body + _products(outdir, rdir, night, written))
+    head = [f"# vampd night report: {name}", "", f"![night summary]({_rel(summary, rdir)})", ""]
+    link = ["HTML version: [report.html](report.html)", ""]
+    rest = body + _products(outdir, rdir, night, written)
     path = rdir / "report.md"
-    _atomic_text(path, text)
-    _atomic_text(rdir / "report.html", markdown_to_html(text, f"vampd night report: {name}"))
+    _atomic_text(path, "\n".join(head + link + rest))
+    _atomic_text(rdir / "report.html", markdown_to_html("\n".join(head + rest), f"vampd night report: {name}"))
     return path
 
 

@@ -99,9 +99,13 @@ def format_status(st: dict) -> str:
         lines.append(f"latency median {st['latency']['median']:.2f} s, p95 {st['latency']['p95']:.2f} s")
     if st["last_file"]:
         lf = st["last_file"]
-        lines.append(f"last    {os.path.basename(lf['path'])} at {lf['done']} ({lf['target'] or '?'}, {lf['filter'] or '?'})")
+        lines.append(f"last    {os.path.basename(lf['path'])} done at {lf['done']} (wall clock; "
+                     f"{lf['target'] or '?'}, {lf['filter'] or '?'})")
     for e in st["errors"][:10]:
-        lines.append(f"{e['state']:<7} {os.path.basename(e['path'])} ({e['tries']} tries): {_one_line(e['error'])}")
+        name = os.path.basename(e["path"])
+        err = _one_line(e["error"]).replace(e["path"], name)
+        err = err[len(name) + 2:] if err.startswith(f"{name}: ") else err
+        lines.append(f"{e['state']:<7} {name} (tries {e['tries']}): {err}")
     if len(st["errors"]) > 10:
         lines.append(f"        … and {len(st['errors']) - 10} more")
     return "\n".join(lines)
