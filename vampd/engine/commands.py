@@ -40,11 +40,12 @@ def open_engine(config_path: str, outdir: str | None, jobs: int | None, force: b
     return cfg, out, ledger, pool, runner
 
 
-def close_sequences(ledger, cfg, outdir) -> dict:
+def close_sequences(ledger, cfg, outdir, since: float = 0.0) -> dict:
     """End of a batch: every target sequence is complete, so spectrophotometry calibrates the
     ones still open and brings the running Stokes products' companions up to date.
 
-    Returns ``{"sequences": n done, "failed": n failed, "unit": unit, "where": [paths]}``
+    Returns ``{"sequences": n done, "failed": n failed, "unit": unit, "where": [paths]}``; ``where``
+    lists the running products only if written at or after ``since`` (the run's start).
     (``{}`` when specphot is off).
     """
     from vampd.engine import specphot_trigger
@@ -58,7 +59,9 @@ def close_sequences(ledger, cfg, outdir) -> dict:
     done = specphot_trigger.on_finalize(ledger, cfg, outdir)
     rows = ledger.specphot_rows("done")
     where = [str(Path(outdir) / "specphot")] if rows else []
-    where += sorted(str(p) for p in (Path(outdir) / "pdi").glob(f"*_{slug(cfg.specphot.unit)}.fits"))
+    # the running Stokes products' companions in the unit, if this run brought them up to date
+    where += sorted(str(p) for p in (Path(outdir) / "pdi").glob(f"*_{slug(cfg.specphot.unit)}.fits")
+                    if p.stat().st_mtime >= since)
     return {"sequences": len(rows), "new": sum(d.get("state") == "done" for d in done),
             "failed": sum(d.get("state") == "failed" for d in done), "unit": cfg.specphot.unit, "where": where}
 
@@ -94,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0, interrupted, sp = time.time(), False, {}
     try:
         summary = runner.run_batch(list(args.files))
-        sp = close_sequences(ledger, cfg, out)
+        sp = close_sequences(ledger, cfg, out, since=t0)
     except KeyboardInterrupt:
         interrupted = True
         print("vampd run: interrupted; waiting for the running files (Ctrl-C again to abandon them)", file=sys.stderr)

@@ -238,9 +238,10 @@ def timeline_figure(sets: list[dict], fig=None, ax=None):
     if ax is None:
         fig = _figure(7, 0.35 * len(sets) + 1.5)
         ax = fig.add_axes((0.12, 0.3, 0.83, 0.62))
+    span = max(max(s["t1"] for s in sets) - min(s["t0"] for s in sets), 1.0 / 86400.0)
     for i, s in enumerate(sets):
         t0, t1 = mjd_to_datetime([s["t0"], s["t1"]])
-        width = max((t1 - t0).total_seconds(), 1.0) / 86400.0
+        width = max((t1 - t0).total_seconds() / 86400.0, 0.01 * span)  # a short set stays visible
         ax.barh(i, width, left=date2num(t0), height=0.6, color=_SET_COLOURS.get(s["state"], "grey"))
     _integer_axis(ax.yaxis, range(len(sets)))
     ax.set_ylim(len(sets) - 0.5, -0.5)
