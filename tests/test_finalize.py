@@ -2,7 +2,6 @@
 real chain on a simulated night (simulate → vampd run → vampd finalize, twice)."""
 
 import hashlib
-import json
 import math
 
 import numpy as np
@@ -200,7 +199,12 @@ def test_second_finalize_byte_identical(night):
 
 def _previews(night):
     """The final product's planes and preview figures, as the report draws them."""
-    from vampd.finalize.previews import PreviewMeta, preview_figure, preview_planes, stokes_limit
+    from vampd.finalize.previews import (
+        PreviewMeta,
+        preview_figure,
+        preview_planes,
+        stokes_limit,
+    )
 
     out = night["out"]
     with fits.open(out / "pdi" / "n_stokes_coll.fits") as h:

@@ -13,11 +13,11 @@ import math
 import os
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.layout import Layout
 from rich.panel import Panel
 from rich.table import Table
-from rich.cells import cell_len
 from rich.text import Text
 
 from vampd.live.alerts import Alert, compute_alerts

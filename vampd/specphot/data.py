@@ -2,7 +2,8 @@
 
 The data directory is named by ``data_dir`` in the configuration, else by the environment variable
 ``VAMPD_DATA_DIR``; the Pickles atlas and Vega are also found in the synphot data tree under
-``$PYSYN_CDBS`` (``grid/pickles/dat_uvk/``, ``calspec/``), as synphot users keep them. It holds instrument and catalogue data that vampd does not embed:
+``$PYSYN_CDBS`` (``grid/pickles/dat_uvk/``, ``calspec/``), as synphot users keep them. It holds
+instrument and catalogue data that vampd does not embed:
 
 ==================================  ===========================================================
 ``vampires_filters.csv``            VAMPIRES total-throughput curves (read through
