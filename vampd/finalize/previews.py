@@ -282,16 +282,22 @@ def ip_figure(rows: list[dict]):
 
 def summary_figure(title: str, planes: dict[str, np.ndarray] | None, meta: PreviewMeta | None,
                    files: list[dict], sets: list[dict]):
-    """The one-page night summary: I and Q_phi (when there is PDI), Strehl per camera and the
-    set timeline against UT."""
+    """The one-page night summary. With PDI: I and Q_phi, Strehl per camera and the set timeline
+    against UT; without: Strehl, FWHM and flux per camera against UT."""
+    if not planes or meta is None:
+        fig = trends_figure(files)
+        if fig is None:
+            fig = _figure(7, 2)
+            fig.text(0.5, 0.5, "no finished files", ha="center", va="center")
+        fig.suptitle(title, fontsize=11)
+        return fig
     fig = _figure(11, 8.5)
     fig.suptitle(title, fontsize=12)
-    if planes and meta is not None:
-        qk = "Q_PHI" if "Q_PHI" in planes else "Q_R"
-        for j, key in enumerate(("I", qk)):
-            sub = preview_figure(planes[key], key, meta, None if key == "I" else stokes_limit(planes[qk]))
-            ax = fig.add_axes((0.05 + 0.5 * j, 0.47, 0.38, 0.42))
-            _copy_image(sub, ax, fig)
+    qk = "Q_PHI" if "Q_PHI" in planes else "Q_R"
+    for j, key in enumerate(("I", qk)):
+        sub = preview_figure(planes[key], key, meta, None if key == "I" else stokes_limit(planes[qk]))
+        ax = fig.add_axes((0.05 + 0.5 * j, 0.47, 0.38, 0.42))
+        _copy_image(sub, ax, fig)
     t_ax = fig.add_axes((0.08, 0.07, 0.4, 0.28))
     trends_figure(files, keys=(("strehl", "Strehl"),), fig=fig, axes=[t_ax])
     s_ax = fig.add_axes((0.58, 0.07, 0.38, 0.28))
