@@ -3,6 +3,7 @@ real chain on a simulated night (simulate → vampd run → vampd finalize, twic
 
 import hashlib
 import math
+import re
 
 import numpy as np
 import pytest
@@ -516,3 +517,30 @@ def test_specphot_summary_per_target(mbi_night):
             assert float(r[f"factor_{f}"]) == pytest.approx(np.median([c_fd * 10 ** (0.4 * k * a) for a in x]), rel=1e-5)
     text = (out / "report" / "report.md").read_text()
     assert "## Spectrophotometric calibration" in text and text.count("| zeropoints |") == 4
+
+
+def test_trends_and_summary_use_ut_clock_times():
+    """Trend axes are UT clock times (not hours since an MJD); an imaging night's summary is its
+    three metric trends; set axes are integers."""
+    from vampd.finalize.previews import ip_figure, summary_figure, timeline_figure
+
+    mjd0 = 61004.45
+    files = [{"state": "done", "mjd": mjd0 + i / 86400.0 * 30, "camera": 1 + i % 2,
+              "metrics": {"strehl": 0.8, "fwhm": 3.5, "flux": 1e5 + i}} for i in range(8)]
+    fig = summary_figure("night", None, None, files, [])
+    axes = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in axes] == ["Strehl", "FWHM [px]", "flux [e-/s]"]
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in axes[-1].get_xticklabels() if t.get_text()]
+    from astropy.time import Time
+
+    first = Time(mjd0, format="mjd", scale="utc").datetime  # 2025-11-25 10:48:00
+    assert any(t.startswith(f"{first:%H:%M}") for t in ticks) and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in ticks), ticks
+    assert axes[-1].get_xlabel() == f"UT on {first:%Y-%m-%d}"
+    sets = [{"t0": mjd0, "t1": mjd0 + 1e-3, "state": "complete"}, {"t0": mjd0 + 2e-3, "t1": mjd0 + 3e-3, "state": "broken"}]
+    tl = timeline_figure(sets)
+    tl.canvas.draw()
+    assert [t.get_text() for t in tl.axes[0].get_yticklabels()] == ["0", "1"]
+    ip = ip_figure([{"index": 0, "model_pq": 0.01, "model_pu": 0.0, "resid_pq": 1e-4, "resid_pu": 2e-4}])
+    ip.canvas.draw()
+    assert [t.get_text() for t in ip.axes[0].get_xticklabels()] == ["0"]
