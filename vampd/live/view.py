@@ -352,13 +352,13 @@ def problem_reason(f: FileRow) -> str:
     return err
 
 
-def _problem_lines(snap: Snapshot, width: int) -> list[Text]:
+def _problem_lines(problems: list[FileRow], width: int) -> list[Text]:
     """One entry per parked/failed file: ``name  state  reason``, the reason wrapped under it
     (never cut)."""
     import textwrap
 
     lines = []
-    for f in snap.problems:
+    for f in problems:
         state = f"{f.state}×{f.tries}" if f.state == "failed" else f.state
         head = Text()
         head.append(f.name, style="bold")
@@ -384,7 +384,7 @@ def _problems_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
     shown: list[Text] = []
     nfiles = 0
     for f in snap.problems:
-        one = _problem_lines(Snapshot(outdir="", taken=0, problems=[f]), inner)
+        one = _problem_lines([f], inner)
         if len(shown) + len(one) > max(nrows, 1) and nfiles:
             break
         shown += one
@@ -398,7 +398,7 @@ def _problems_height(snap: Snapshot, width: int, max_rows: int) -> int:
     """Rows the parked-files panel needs at ``width`` (borders included), at most ``max_rows``."""
     if not snap.problems:
         return 3
-    return min(len(_problem_lines(snap, width - 4)), max_rows - 2) + 2
+    return min(len(_problem_lines(snap.problems, width - 4)), max_rows - 2) + 2
 
 
 # -- compact (80×24): one line each for sets, running PDI and every parked file -----------------------------
@@ -485,8 +485,10 @@ def render(snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Aler
 def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]]:
     """Small terminals: the one-line summaries (sets, running PDI, parked files), the latest
     files, then the set board if there is room."""
-    latest_min = 4  # borders, column header, one file
-    max_parked = max(min(len(snap.problems), left - latest_min - 4), 1 if snap.problems else 0)
+    latest_min = 6 if left >= 14 else 4  # borders, column header, three files (one on tiny screens)
+    room = max(left - latest_min - 2 - 2, 1)  # summary panel borders, the sets and PDI lines
+    n = len(snap.problems)
+    max_parked = n if n <= room else max(room - 1, 1)  # keep a line for "… and N more"
     lines = _compact_lines(snap, width - 4, max_parked)
     sum_h = min(len(lines) + 2, max(left - latest_min, 3))
     out = [("summary", Layout(Panel(Group(*lines[: sum_h - 2]), box=box.ROUNDED, padding=(0, 1)), size=sum_h))]
