@@ -44,17 +44,17 @@ def close_sequences(ledger, cfg, outdir, since: float = 0.0) -> dict:
     """End of a batch: every target sequence is complete, so spectrophotometry calibrates the
     ones still open and brings the running Stokes products' companions up to date.
 
-    Returns ``{"sequences": n done, "failed": n failed, "unit": unit, "where": [paths]}``; ``where``
-    lists the running products only if written at or after ``since`` (the run's start).
-    (``{}`` when specphot is off).
+    Returns ``{}`` when specphot is off, else ``{"sequences": calibrated sequences of the night,
+    "new": calibrated now, "failed": failed now, "unit": unit, "where": [paths]}``; ``where`` lists
+    ``specphot/`` and the running products written at or after ``since`` (the run's start).
     """
+    from pathlib import Path
+
     from vampd.engine import specphot_trigger
+    from vampd.specphot.factors import slug
 
     if not specphot_trigger.specphot_enabled(cfg):
         return {}
-    from pathlib import Path
-
-    from vampd.specphot.factors import slug
 
     done = specphot_trigger.on_finalize(ledger, cfg, outdir)
     rows = ledger.specphot_rows("done")
