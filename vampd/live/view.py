@@ -1,9 +1,10 @@
 """The live view: a pure function from a :class:`~vampd.live.snapshot.Snapshot` to a rich renderable.
 
-Panels, most important first (narrow or short terminals drop from the end): header (night,
-target, config, daemon), alerts, latest files, the HWP-set board, trends, running PDI,
-parked/failed files. At ≥ 100 columns the set board sits next to the trends and PDI next to
-the parked files.
+The header (night, target, config, daemon, counts, sets) is packed into as many lines as it
+needs and is never cut. At ≥ 100 × 30: alerts, latest files (by observation time), the HWP-set
+board next to the trends, the running PDI next to the parked files (reasons in full). Smaller
+terminals get the compact layout: alerts, then one line each for the sets, the running PDI and
+every parked file, then the latest files (and the set board if there is room).
 """
 
 from __future__ import annotations
