@@ -187,7 +187,7 @@ def test_run_twice_does_nothing_the_second_time(night):
     cmd = [sys.executable, "-m", "vampd", "run", str(night.cfg), *files, "-o", str(night.out), "-j", "2"]
     p1 = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert p1.returncode == 1, p1.stderr  # one file is truncated
-    assert "16 file(s), 15 processed, 15 done, 1 failed" in p1.stdout
+    assert "16 file(s), 15 processed, 15 done, 1 parked" in p1.stdout
     rows = ledger_rows(night.out)
     assert rows[bad[0]]["state"] == "parked"
     assert "data truncated" in rows[bad[0]]["error"] and "bytes on disk" in rows[bad[0]]["error"]
@@ -195,7 +195,7 @@ def test_run_twice_does_nothing_the_second_time(night):
     mtimes = {p["path"]: os.stat(p["path"]).st_mtime_ns for p in prods}
     assert {p["kind"] for p in prods} >= {"metrics", "coadded"} and len({p["file"] for p in prods}) == 15
     p2 = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    assert p2.returncode == 1 and "0 processed, 0 done, 1 failed" in p2.stdout
+    assert p2.returncode == 1 and "0 processed, 0 done, 1 parked" in p2.stdout
     assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes
     assert all(r["nprocessed"] == 1 for r in ledger_rows(night.out).values() if r["state"] == "done")
     st = status(night.out)

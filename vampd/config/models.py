@@ -241,6 +241,14 @@ VersionStr = Annotated[str, AfterValidator(_check_version_string)]
 # base model: unknown keys warn, errors become ConfigError
 
 
+def _did_you_mean(key: str, known) -> str:
+    """``"; did you mean `cutoff`?"`` for the nearest known key (difflib), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 class _Model(BaseModel):
     """Common behaviour: unknown keys warn (naming them); invalid assignments raise ConfigError.
 
@@ -268,7 +276,8 @@ class _Model(BaseModel):
                     where = f"{cls._section}.{key}" if cls._section else str(key)
                     kind = "section" if isinstance(data[key], dict) and not cls._section else "key"
                     shown = f"[{where}]" if kind == "section" else where
-                    warnings.warn(f"unknown {kind} {shown} ignored", ConfigWarning, stacklevel=2)
+                    warnings.warn(f"unknown {kind} {shown} ignored{_did_you_mean(str(key), cls.model_fields)}",
+                                  ConfigWarning, stacklevel=2)
         return data
 
 

@@ -56,6 +56,9 @@ def _worker_init(ppid: int, process: str | None = None) -> None:
     import signal
 
     _single_thread_env()
+    from vampd.logs import setup_worker_logging
+
+    setup_worker_logging(logging.WARNING)  # "LEVEL logger [worker pid]: message" lines
     # Ctrl-C and a terminal hang-up are for the parent, which decides when workers stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

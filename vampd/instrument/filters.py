@@ -201,7 +201,7 @@ def load_filter_curve(
             )
         curve = nominal_filter_curve(name)  # raises FilterError for unknown names
         if not _warned_fallback:
-            log.warning(
+            log.info(  # not a problem worth a line per run and worker: `vampd check` reports it
                 "no data directory (set $%s): using nominal top-hat filter curves", DATA_DIR_ENV
             )
             _warned_fallback = True

@@ -38,6 +38,7 @@ __all__ = [
     "take_snapshot",
     "camera_of",
     "night_label",
+    "obs_time",
     "status_with_alerts",
 ]
 
@@ -197,6 +198,13 @@ def camera_of(row: FileRow | dict) -> int | None:
     if name.startswith("VMPB"):
         return 2
     return None
+
+
+def obs_time(row: FileRow) -> float | None:
+    """Unix time of the observation (MJD), else of the file's arrival (wall clock)."""
+    if row.mjd is not None:
+        return (row.mjd - 40587.0) * 86400.0
+    return row.t_arrival
 
 
 def night_label(mjd: float | None) -> str | None:
@@ -365,7 +373,7 @@ def _sets_from_ledger(led: Ledger, files: dict[str, FileRow], tolerance: float) 
     from vampd.pdi.sets import all_slots, slot_label
 
     out = []
-    for r in led.conn.execute("SELECT * FROM sets WHERE state='open' ORDER BY created, key"):
+    for r in led.set_rows("open"):
         mode = r["mode"] or "triplediff"
         try:
             members = json.loads(r["members"] or "[]")
@@ -455,13 +463,10 @@ def take_snapshot(outdir: os.PathLike | str, now: float | None = None, config_pa
         snap.problem = str(exc)
         return snap
     try:
-        led.conn.execute("BEGIN")  # one read transaction: a consistent view while the daemon commits
+        led.begin_read()  # one read transaction: a consistent view while the daemon commits
         _read(led, snap, now, config_path, read_products)
     finally:
-        try:
-            led.conn.execute("COMMIT")
-        except sqlite3.Error:
-            pass
+        led.end_read()
         led.close()
     return snap
 
@@ -481,9 +486,12 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
     snap.set_counts = led.set_counts()
     snap.leastsq = led.lsq_status()
 
-    files = {r["path"]: _file_row(r) for r in led.conn.execute("SELECT * FROM files")}
+    files = {r["path"]: _file_row(r) for r in led.all_files()}
     rows = sorted(files.values(), key=lambda f: (f.t_arrival or 0.0, f.path))
-    snap.latest = rows[-_NLATEST:][::-1]
+    # the view lists files by observation time (newest first); a file without an MJD (parked
+    # before its header was read) goes where it arrived
+    by_obs = sorted(files.values(), key=lambda f: (obs_time(f) or 0.0, f.path))
+    snap.latest = by_obs[-_NLATEST:][::-1]
     snap.last_arrival = rows[-1].t_arrival if rows else None
     done = [f for f in rows if f.state == "done"]
     by_mjd = sorted(done, key=lambda f: (f.mjd if f.mjd is not None else -1.0, f.path))
@@ -507,8 +515,11 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
 
     # sets: the PDI trigger's rows when there are any, else assembled from the files
     pcfg = getattr(cfg, "polarimetry", None) if cfg is not None else None
-    tol = float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0) or float(
-        getattr(getattr(cfg, "alerts", None), "hwp_grid_tolerance", 0.5) or 0.5)
+    from vampd.config.models import PolarimetryConfig
+    from vampd.live.alerts import thresholds
+
+    tol = float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0) or thresholds(
+        getattr(cfg, "alerts", None) if cfg is not None else None).hwp_grid_tolerance
     if sum(snap.set_counts.values()):
         snap.open_sets = _sets_from_ledger(led, files, tol)
         snap.set_mode = snap.open_sets[0].mode if snap.open_sets else (pcfg.method if pcfg else None)
@@ -517,7 +528,7 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
         if pol:
             mode = pcfg.method if pcfg is not None else (
                 "triplediff" if any((f.flc or "").upper() in ("A", "B") for f in pol) else "doublediff")
-            timeout = float(getattr(pcfg, "set_timeout", 900.0) or 900.0)
+            timeout = float(getattr(pcfg, "set_timeout", None) or PolarimetryConfig.model_fields["set_timeout"].default)
             snap.set_mode = mode
             snap.open_sets = _sets_from_files(files, mode, tol, timeout)
 
@@ -529,10 +540,9 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
             if not trend:
                 continue
             newest = max(trend, key=lambda f: f.t_done or 0.0)
-            prod = led.conn.execute(
-                "SELECT path FROM products WHERE file=? AND kind='coadded'", (newest.path,)).fetchone()
+            prod = led.product_path(newest.path, "coadded")
             if prod is not None:
-                info = _cached(_HEADER_CACHE, prod["path"], _calib_header)
+                info = _cached(_HEADER_CACHE, prod, _calib_header)
                 if info is not None:
                     snap.calibration[cam] = dict(info, file=newest.name,
                                                  back_expected=bool(cal and cal.calib_directory and cal.back_subtract),

@@ -23,32 +23,21 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
 
     ``files.done`` counts files whose recorded per-file products all exist on disk; a
     ``done`` row with a missing product is counted as ``pending`` (the daemon will redo it).
-    ``failed`` counts failed (will retry) and parked (given up) files. ``ledger``: an open
+    ``parked`` counts files given up (the word the live view and finalize use); ``failed``
+    (kept for scripts) counts parked files plus those that failed and will be retried.
+    ``ledger``: an open
     (read-only) ledger to read through, e.g. inside the live view's single read transaction.
     """
     now = time.time() if now is None else now
     with nullcontext(ledger) if ledger is not None else Ledger(outdir, readonly=True) as led:
         counts = led.counts()
-        done = missing = 0
-        for row in led.conn.execute("SELECT path FROM files WHERE state='done'"):
-            prods = led.products(row["path"])
-            if prods and all(os.path.exists(p["path"]) for p in prods):
-                done += 1
-            else:
-                missing += 1
+        done, missing = led.done_products_complete()
         pending = counts["pending"] + counts["queued"] + counts["running"] + missing
         info = led.daemon_info()
-        last = led.conn.execute(
-            "SELECT path, t_done, latency, target, filter, camera, flc, hwp, mjd, metrics FROM files"
-            " WHERE state='done' ORDER BY t_done DESC LIMIT 1"
-        ).fetchone()
-        errors = [
-            {"path": r["path"], "state": r["state"], "tries": r["tries"], "error": r["error"]}
-            for r in led.conn.execute(
-                "SELECT path, state, tries, error FROM files WHERE state IN ('failed','parked') ORDER BY path"
-            )
-        ]
-        lat = [r[0] for r in led.conn.execute("SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL")]
+        last = led.last_done()
+        errors = [{"path": r["path"], "state": r["state"], "tries": r["tries"], "error": r["error"]}
+                  for r in led.problem_files()]
+        lat = led.done_latencies()
         sets = led.set_counts()
         lsq = led.lsq_status()  # least-squares accumulators (issue 13); [] without
     lat.sort()
@@ -57,7 +46,7 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         "files": {
             "total": sum(counts.values()),
             "done": done,
-            "failed": counts["failed"] + counts["parked"],
+            "failed": counts["failed"] + counts["parked"],  # kept for scripts: failed or parked
             "pending": pending,
             "running": counts["running"],
             "parked": counts["parked"],
@@ -90,6 +79,10 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
     return out
 
 
+def _one_line(text: str | None) -> str:
+    return " ".join(str(text or "").split())
+
+
 def format_status(st: dict) -> str:
     """Plain multi-line text of :func:`collect_status`."""
     f, s, d = st["files"], st["sets"], st["daemon"]
@@ -102,7 +95,8 @@ def format_status(st: dict) -> str:
     lines = [
         f"ledger  {st['outdir']}",
         f"daemon  {dline}",
-        f"files   {f['total']} total: {f['done']} done, {f['failed']} failed, {f['pending']} pending",
+        f"files   {f['total']} total: {f['done']} done, {f['parked']} parked, {f['failed'] - f['parked']} to retry, "
+        f"{f['pending']} pending",
         f"sets    {s['complete']} complete, {s['broken']} broken, {s['open']} open",
     ]
     for a in st.get("leastsq", []):
@@ -114,9 +108,13 @@ def format_status(st: dict) -> str:
         lines.append(f"latency median {st['latency']['median']:.2f} s, p95 {st['latency']['p95']:.2f} s")
     if st["last_file"]:
         lf = st["last_file"]
-        lines.append(f"last    {os.path.basename(lf['path'])} at {lf['done']} ({lf['target'] or '?'}, {lf['filter'] or '?'})")
+        lines.append(f"last    {os.path.basename(lf['path'])} done at {lf['done']} (wall clock; "
+                     f"{lf['target'] or '?'}, {lf['filter'] or '?'})")
     for e in st["errors"][:10]:
-        lines.append(f"error   {os.path.basename(e['path'])} [{e['state']}, {e['tries']} tries]: {e['error']}")
+        name = os.path.basename(e["path"])
+        err = _one_line(e["error"]).replace(e["path"], name)
+        err = err[len(name) + 2:] if err.startswith(f"{name}: ") else err
+        lines.append(f"{e['state']:<7} {name} (tries {e['tries']}): {err}")
     if len(st["errors"]) > 10:
         lines.append(f"        … and {len(st['errors']) - 10} more")
     return "\n".join(lines)

@@ -137,7 +137,7 @@ class Daemon:
     def status_line(self) -> str:
         c = self.ledger.counts()
         pending = c["pending"] + c["queued"] + c["running"]
-        return (f"{c['done']} done, {c['failed'] + c['parked']} failed, {pending} pending, "
+        return (f"{c['done']} done, {c['parked']} parked, {c['failed']} to retry, {pending} pending, "
                 f"{len(self.tracker)} arriving, {len(self.pool.jobs)} running")
 
     def healthy(self) -> bool:
