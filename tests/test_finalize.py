@@ -207,13 +207,6 @@ def test_second_finalize_byte_identical(night):
     assert first == second
 
 
-<<<<<<< HEAD
-@pytest.mark.slow
-def test_qphi_preview_shows_the_ring(night):
-    import matplotlib.image as mpimg
-
-    from vampd.finalize.report import PREVIEW_ZOOM
-=======
 def _previews(night):
     """The final product's planes and preview figures, as the report draws them."""
     from vampd.finalize.previews import (
@@ -222,7 +215,6 @@ def _previews(night):
         preview_planes,
         stokes_limit,
     )
->>>>>>> h/ux
 
     out = night["out"]
     with fits.open(out / "pdi" / "n_stokes_coll.fits") as h:
@@ -233,6 +225,7 @@ def _previews(night):
     return planes, {k: preview_figure(v, k, meta, None if k == "I" else lim) for k, v in planes.items()}
 
 
+@pytest.mark.slow
 def test_every_preview_has_axes_colour_bar_and_symmetric_limits(night):
     planes, figs = _previews(night)
     assert set(figs) == {"I", "Q_PHI", "U_PHI"}
@@ -262,6 +255,7 @@ def test_every_preview_has_axes_colour_bar_and_symmetric_limits(night):
     assert np.nanmean(i_img[c - 2 : c + 2, c - 2 : c + 2]) > 100 * np.nanmedian(i_img)  # the star
 
 
+@pytest.mark.slow
 def test_report_png_files_and_html(night):
     import matplotlib.image as mpimg
 
@@ -284,6 +278,7 @@ def _md_table(text: str, heading: str) -> list[list[str]]:
     return cells
 
 
+@pytest.mark.slow
 def test_report_tables_match_the_ledger(night):
     import sqlite3
 
@@ -469,6 +464,7 @@ def mbi_night(tmp_path_factory):
             "run_stdout": buf.getvalue()}
 
 
+@pytest.mark.slow
 def test_run_closes_its_sequences_jy_products_exist_when_it_returns(mbi_night):
     """A finished batch is a finished sequence: `vampd run` calibrates the last target's
     sequence too, and says where the products are."""
