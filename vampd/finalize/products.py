@@ -261,7 +261,9 @@ def write_final_pdi(
         unit, factors = unit_factors
         try:
             written.update(
-                write_calibrated(paths["coll"], paths["cube"], data8, err8, coll_hdr, fhdus, fields, unit, factors, cyl_stokes)
+                write_calibrated(
+                    paths["coll"], paths["cube"], data8, err8, coll_hdr, fhdus, fields, unit, factors, cyl_stokes
+                )
             )
         except ValueError as exc:
             warnings.warn(f"{paths['coll'].name}: no calibrated copy: {exc}", stacklevel=2)
@@ -290,7 +292,7 @@ def _sorted_compatible(sets: Sequence[StokesSet]) -> list[StokesSet]:
 def _final_field_hdus(first: StokesSet, hdr: fits.Header, nfiles: int, cyl_stokes: str) -> list[fits.ImageHDU]:
     """One header-only HDU per field (from the first set's), with the collapse's exposure cards."""
     fhdus = []
-    for f, fh in zip(first.fields, first.field_headers):
+    for f, fh in zip(first.fields, first.field_headers, strict=False):
         h = _drop_per_set_values(_strip(fh))
         h["CTYPE3"] = "STOKES"
         h["STOKES"] = ",".join(product_names(cyl_stokes))
@@ -309,7 +311,9 @@ def _write_stokes_products(
     if mbi:
         written["cube"] = write_fits_atomic(
             paths["cube"],
-            fits.HDUList([fits.PrimaryHDU(data8, header=hdr), fits.ImageHDU(err8, name="ERR"), *[h.copy() for h in fhdus]]),
+            fits.HDUList(
+                [fits.PrimaryHDU(data8, header=hdr), fits.ImageHDU(err8, name="ERR"), *[h.copy() for h in fhdus]]
+            ),
         )
         coll, ecoll = collapse_fields(data8, err8, cyl_stokes)
         chdr = hdr.copy()

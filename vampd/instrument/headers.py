@@ -239,9 +239,7 @@ def fix_header(header, path=None) -> fits.Header:
 
     h = header.copy() if isinstance(header, fits.Header) else fits.Header(dict(header))
     if "ACQNCYCS" in h:
-        raise HeaderError(
-            "ACQNCYCS", "present: pre-open-use VAMPIRES data are not supported", path
-        )
+        raise HeaderError("ACQNCYCS", "present: pre-open-use VAMPIRES data are not supported", path)
 
     h["U_CAMERA"] = camera_number(h, path)
     _fix_times(h, path)

@@ -205,7 +205,12 @@ def _moffat_metrics(win, err, sy: slice, sx: slice, start_win, fwhm) -> dict[str
     """``modely modelx modelfwhm modelamp`` of the Moffat fit on the window (frame coordinates)."""
     ewin = None if err is None else np.asarray(err[:, sy, sx], dtype=np.float64)
     fit = fit_moffat(win, ewin, start_yx=start_win, start_fwhm=fwhm)
-    return {"modely": fit["y"] + sy.start, "modelx": fit["x"] + sx.start, "modelfwhm": fit["fwhm"], "modelamp": fit["amp"]}
+    return {
+        "modely": fit["y"] + sy.start,
+        "modelx": fit["x"] + sx.start,
+        "modelfwhm": fit["fwhm"],
+        "modelamp": fit["amp"],
+    }
 
 
 def _dft_metrics(sub, psf, size: int, sy: slice, sx: slice, origin: tuple[int, int]) -> dict[str, np.ndarray]:
