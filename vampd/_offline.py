@@ -2,19 +2,18 @@
 
 The summit machines have no internet. Without these settings every sidereal-time
 computation for a date past the bundled IERS-A table tries to download a new one and
-raises. Importing :mod:`vampd` applies them once.
+raises. They are applied by the command-line entry point and, lazily, by the functions that
+need IERS or remote data (sidereal time, alt/az, synphot), never at import time.
 """
 
 from __future__ import annotations
 
-_DONE = False
+import functools
 
 
+@functools.cache
 def configure_offline() -> None:
-    """Disable every astropy download path (idempotent)."""
-    global _DONE
-    if _DONE:
-        return
+    """Disable every astropy download path (idempotent: applied once per process)."""
     from astropy.utils import iers
     from astropy.utils.data import conf as data_conf
 
@@ -24,4 +23,3 @@ def configure_offline() -> None:
     # instead of raising: a quicklook PA good to ~1e-4 deg is plenty.
     iers.conf.iers_degraded_accuracy = "ignore"
     data_conf.allow_internet = False
-    _DONE = True

@@ -109,7 +109,8 @@ ARGUMENTS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, the arguments of that command alone (fast ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="vampd",
         description="Night-time quicklook daemon for VAMPIRES (SCExAO/Subaru).",
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_mod, _fn, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
+        if only is not None and name != only:
+            continue  # sub-command arguments may import (presets, simulator): only the one used
         try:
             ARGUMENTS[name](p)
         except ImportError as exc:  # a missing optional module must not break every other command
@@ -127,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "watch":
+        from vampd import install_early_stop
+
+        install_early_stop()  # before any heavy import: an early SIGTERM drains cleanly
+    parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vampd {args.command}: not available in this build ({args._unavailable})", file=sys.stderr)
         return 3
     from vampd.logs import setup_logging
+
 
     setup_logging(args.verbose)
     module, func, _ = COMMANDS[args.command]
