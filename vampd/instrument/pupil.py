@@ -26,7 +26,6 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -382,29 +381,10 @@ def airy_strehl_peak(psf: np.ndarray, flux: float | None = None) -> float:
 
 
 def psf_cache_dir(fallback: str | os.PathLike | None = None) -> Path | None:
-    """Directory of the on-disk PSF cache, created if needed; ``None`` if none is writable.
+    """Directory of the on-disk PSF cache (``<user cache>/psf``, :func:`vampd.cache.cache_dir`)."""
+    from vampd.cache import cache_dir
 
-    ``$VAMPD_CACHE_DIR/psf`` if set, else ``$XDG_CACHE_HOME/vampd/psf`` (default
-    ``~/.cache/vampd/psf``): one cache per user, shared by every night and command. When that
-    cannot be created or written, ``fallback`` (e.g. the night's ``aux/cache``) is tried.
-    """
-    roots = []
-    if os.environ.get("VAMPD_CACHE_DIR"):
-        roots.append(Path(os.environ["VAMPD_CACHE_DIR"]))
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        roots.append(Path(xdg) / "vampd")
-    if fallback is not None:
-        roots.append(Path(fallback))
-    for root in roots:
-        d = root / "psf"
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(d, os.W_OK | os.X_OK):
-            return d
-    return None
+    return cache_dir("psf", fallback)
 
 
 @functools.cache
@@ -460,15 +440,8 @@ def cached_synthetic_psf(
     psf = synthetic_psf(filter_name, pixel_scale_mas, pupil_offset_deg, npix, data_dir=data_dir, nwave=nwave)
     psf.flags.writeable = False
     if path is not None:
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, psf, allow_pickle=False)
-            os.replace(tmp, path)
-        except OSError as exc:  # a full or read-only disk costs speed, never the file
-            log.warning("could not write PSF cache entry %s: %s", path, exc)
-            try:
-                os.unlink(tmp)
-            except (OSError, UnboundLocalError):
-                pass
+        from vampd.cache import write_atomic
+
+        if not write_atomic(path, lambda fh: np.save(fh, psf, allow_pickle=False)):
+            log.warning("could not write PSF cache entry %s", path)
     return psf
