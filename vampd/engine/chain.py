@@ -22,6 +22,7 @@ frame store; the coadd error uses per-frame variances shifted by the nearest who
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -105,7 +106,8 @@ class FileContext:
     # results
     products: list[tuple[str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    timing: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)  # wall seconds per stage name
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (this thread) per stage name
 
     @property
     def nframes(self) -> int:
@@ -117,6 +119,35 @@ class FileContext:
         c = self.cfg
         fs = c.frame_select
         return not c.coadd.coadd or c.align.save_intermediate or (fs.frame_select and fs.save_intermediate)
+
+
+class _Scratch(threading.local):
+    """Reusable float32 memory of one worker thread, kept from one file to the next.
+
+    Writing a freshly allocated cube costs a page fault per 4 kB: for the calibrated data and
+    error cubes that was 5x the calibration arithmetic (536², measured on a loaded 2-core
+    machine; ~1 ms/frame even idle). Files are processed one at a time per thread, so the
+    calibrated cube of the next file reuses the pages of the previous one. Thread-local:
+    a process running several files at once in threads (e.g. a Dask worker) stays safe.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], limit: int) -> np.ndarray:
+        """A float32 array of ``shape`` over reused memory (fresh if over ``limit`` bytes)."""
+        n = int(np.prod(shape))
+        if 4 * n > limit:
+            self.buffers.pop(name, None)
+            return np.empty(shape, np.float32)
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < n:
+            self.buffers.pop(name, None)  # free the old pages before taking new ones
+            buf = self.buffers[name] = np.empty(n, np.float32)
+        return buf[:n].reshape(shape)
+
+
+_SCRATCH = _Scratch()
 
 
 class Stage:
@@ -136,13 +167,14 @@ def _run_stage(stage: Stage, ctx: FileContext) -> None:
     if not stage.timed:
         stage.run(ctx)
         return
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.thread_time()
     stage.run(ctx)
     ctx.timing[stage.name] = ctx.timing.get(stage.name, 0.0) + time.perf_counter() - t
+    ctx.cpu[stage.name] = ctx.cpu.get(stage.name, 0.0) + time.thread_time() - c
 
 
 def run_chain(stages: list[Stage], ctx: FileContext) -> FileContext:
-    """Run the stages in order, timing each (``ctx.timing``), and log the split once."""
+    """Run the stages in order, timing each (wall ``ctx.timing``, CPU ``ctx.cpu``); log the split once."""
     t0 = time.perf_counter()
     for stage in stages:
         _run_stage(stage, ctx)
@@ -193,10 +225,25 @@ class Calibrate(Stage):
         raw = read_frames(ctx.path, ctx.chunk)
         first = ctx.cal_header is None
         ctx.data, ctx.err, hdr = calibrate_cube(
-            raw, ctx.header, ctx.back, ctx.flat, ctx.cfg.calibrate.fix_bad_pixels, path=ctx.path, with_header=first
+            raw, ctx.header, ctx.back, ctx.flat, ctx.cfg.calibrate.fix_bad_pixels, out=self._out(ctx, raw.shape),
+            path=ctx.path, with_header=first,
         )
         if hdr is not None:
             ctx.cal_header = hdr
+
+
+    @staticmethod
+    def _out(ctx: FileContext, shape) -> tuple[np.ndarray, np.ndarray] | None:
+        """Output arrays on reused memory: the whole cube's when held, else one chunk's."""
+        if ctx.cfg.calibrate.save_intermediate:
+            return None  # the chunks are collected for the calibrated product: fresh arrays
+        nframes, ny, nx = ctx.shape
+        limit = ctx.limits.hold_bytes // 2
+        if ctx.hold:  # every chunk keeps its own frames of one cube-sized buffer until pass 2
+            full = (nframes, ny, nx)
+            sl = ctx.chunk
+            return _SCRATCH.get("data", full, limit)[sl], _SCRATCH.get("err", full, limit)[sl]
+        return _SCRATCH.get("data", tuple(shape), limit), _SCRATCH.get("err", tuple(shape), limit)
 
 
 class Analyze(Stage):
@@ -295,7 +342,9 @@ class PlanAlignment(Stage):
         in_ram = nkept * len(ctx.fields) * h * w * 4 <= ctx.limits.coadd_ram_bytes
         if not in_ram:
             scratch.mkdir(parents=True, exist_ok=True)
-        ctx.coadder = Coadder(cfg.coadd.method, tmpdir=None if in_ram else scratch, capacity=nkept if in_ram else None)
+        limit = ctx.limits.coadd_ram_bytes
+        ctx.coadder = Coadder(cfg.coadd.method, tmpdir=None if in_ram else scratch, capacity=nkept if in_ram else None,
+                              alloc=lambda shape, dtype: _SCRATCH.get("coadd", shape, limit))
 
 
 class KeepCalibrated(Stage):

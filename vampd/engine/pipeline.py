@@ -172,6 +172,20 @@ def _summary_metrics(metrics: dict[str, np.ndarray], keep: np.ndarray, ctr) -> d
     return out
 
 
+def warm_up() -> None:
+    """Per-process start-up work that every first file would otherwise pay (worker initializer).
+
+    Loads the IERS table (from the per-user cache, :mod:`vampd._offline`) and reads astropy's
+    configuration once; nothing file- or config-specific.
+    """
+    from vampd._offline import configure_offline
+    from vampd.instrument.angles import local_sidereal_hours
+
+    configure_offline()
+    local_sidereal_hours(np.array([60000.0]))  # astropy Time machinery and erfa, once
+    fits.Card("DUMMY", 1.0).value  # noqa: B018 -- astropy.io.fits reads its configuration
+
+
 def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False) -> FileResult:
     """Reduce one raw file to its per-file products (§2–§6) and return what to record.
 
@@ -205,4 +219,5 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
     qm = _summary_metrics(ctx.metrics, ctx.keep, ctx.centers[ctx.fields[0]][0])
     qm.update(ctx.info)
     qm["timing"] = dict(ctx.timing, total=time.perf_counter() - t0)
+    qm["cpu"] = ctx.cpu
     return FileResult(path, ctx.products, summary, qm)
