@@ -134,16 +134,17 @@ class _Scratch(threading.local):
     def __init__(self):
         self.buffers: dict[str, np.ndarray] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], limit: int) -> np.ndarray:
-        """A float32 array of ``shape`` over reused memory (fresh if over ``limit`` bytes)."""
+    def get(self, name: str, shape: tuple[int, ...], limit: int, dtype=np.float32) -> np.ndarray:
+        """An array of ``shape`` over reused memory (fresh if over ``limit`` bytes)."""
+        dtype = np.dtype(dtype)
         n = int(np.prod(shape))
-        if 4 * n > limit:
+        if dtype.itemsize * n > limit:
             self.buffers.pop(name, None)
-            return np.empty(shape, np.float32)
+            return np.empty(shape, dtype)
         buf = self.buffers.get(name)
-        if buf is None or buf.size < n:
+        if buf is None or buf.size < n or buf.dtype != dtype:
             self.buffers.pop(name, None)  # free the old pages before taking new ones
-            buf = self.buffers[name] = np.empty(n, np.float32)
+            buf = self.buffers[name] = np.empty(n, dtype)
         return buf[:n].reshape(shape)
 
 
@@ -222,7 +223,9 @@ class Calibrate(Stage):
             ctx.data, ctx.err = ctx.held[ctx.index]
             ctx.held[ctx.index] = None  # free as we go
             return
-        raw = read_frames(ctx.path, ctx.chunk)
+        nframes, ny, nx = ctx.shape
+        n = len(range(*ctx.chunk.indices(nframes)))
+        raw = read_frames(ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16))
         first = ctx.cal_header is None
         ctx.data, ctx.err, hdr = calibrate_cube(
             raw, ctx.header, ctx.back, ctx.flat, ctx.cfg.calibrate.fix_bad_pixels, out=self._out(ctx, raw.shape),
