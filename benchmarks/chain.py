@@ -70,6 +70,22 @@ def _read(path):
     return time.perf_counter() - t, time.process_time() - c
 
 
+def _cpu_report(results, reads, frames: int, workers: int) -> None:
+    """CPU seconds per frame per stage (robust on a loaded machine) and the implied idle rate."""
+    stage_cpu: dict[str, float] = {}
+    for r in results:
+        for k, v in r[5].items():
+            stage_cpu[k] = stage_cpu.get(k, 0.0) + v
+    read_cpu = sum(r[1] for r in reads)
+    print(f"  CPU per frame per stage (robust on a loaded machine; bare read + float32 {1e3 * read_cpu / frames:.3f} ms):")
+    for k, v in stage_cpu.items():
+        print(f"    {k:10s} {1e3 * v / frames:7.3f} ms/frame ({v / read_cpu:.1f}x the read)")
+    per_frame = sum(r[4] for r in results) / frames
+    # each worker reduces whole files on its own core: rate = workers / (worker CPU per frame)
+    print(f"  => on {workers} idle cores: {workers / per_frame:.0f} frames/s "
+          f"(workers / worker CPU per frame; target >= 1000 frames/s at 536^2)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=256)
@@ -141,17 +157,7 @@ def main(argv=None) -> None:
     print(f"    {'io+other':10s} {1e3 * other / frames:7.3f} ms/frame (header, PSF/masters lookup, writing products)")
     read = sum(r[0] for r in reads)
     print(f"  bare FITS read + float32: {1e3 * read / frames:.3f} ms/frame; chain/read ratio {cpu / read:.1f}")
-    stage_cpu: dict[str, float] = {}
-    for r in results:
-        for k, v in r[5].items():
-            stage_cpu[k] = stage_cpu.get(k, 0.0) + v
-    read_cpu = sum(r[1] for r in reads)
-    print(f"  CPU per frame per stage (robust on a loaded machine; bare read + float32 {1e3 * read_cpu / frames:.3f} ms):")
-    for k, v in stage_cpu.items():
-        print(f"    {k:10s} {1e3 * v / frames:7.3f} ms/frame ({v / read_cpu:.1f}x the read)")
-    per_frame = cpu_all / frames
-    print(f"  => on {args.workers} idle cores: {args.workers / per_frame:.0f} frames/s "
-          f"(workers x 1 / worker CPU per frame; target >= 1000 frames/s at 536^2)")
+    _cpu_report(results, reads, frames, args.workers)
     if not args.keep and not args.reuse:
         shutil.rmtree(work, ignore_errors=True)
 
