@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from vampd.engine.products import centroid_file, provenance, reprojection, write_product
 from vampd.fitsio import InputError, read_frames
+from vampd.instrument.wcs import apply_wcs
 from vampd.stages.align import (
     align_cube,
     align_header,
@@ -45,6 +47,7 @@ from vampd.stages.align import (
 )
 from vampd.stages.analyze import analyze_cube, save_metrics
 from vampd.stages.calibrate import calibrate_cube
+from vampd.stages.centroids import resolve_centers
 from vampd.stages.coadd import Coadder, coadd_header, recenter, recenter_header
 from vampd.stages.select import METRIC_KEYS, frame_cutoffs, select_frames
 
@@ -265,8 +268,6 @@ class Analyze(Stage):
 
 def _find_centers(ctx: FileContext) -> dict[str, list]:
     """Window centres (calibrated coords): the night's centroid file if present, else found on the data."""
-    from vampd.engine.products import centroid_file
-    from vampd.stages.centroids import resolve_centers
 
     first = ctx.data[: min(len(ctx.data), 16)]
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -411,8 +412,6 @@ class OutputHeader(Stage):
     name = "write"
 
     def run(self, ctx: FileContext) -> None:
-        from vampd.engine.products import provenance, reprojection
-        from vampd.instrument.wcs import apply_wcs
 
         cfg = ctx.cfg
         hdr = apply_wcs(ctx.cal_header, float(ctx.cal_header.get("DEROTANG", 0.0)))
@@ -438,8 +437,6 @@ class WriteCalibrated(Stage):
     name = "write"
 
     def run(self, ctx: FileContext) -> None:
-        from vampd.engine.products import write_product
-
         d = np.concatenate([c[0] for c in ctx.calibrated])
         e = np.concatenate([c[1] for c in ctx.calibrated])
         ctx.calibrated = []
@@ -453,8 +450,6 @@ class WriteAligned(Stage):
     name = "write"
 
     def run(self, ctx: FileContext) -> None:
-        from vampd.engine.products import write_product
-
         if not ctx.aligned:
             return
         cfg, fs = ctx.cfg, ctx.cfg.frame_select
@@ -479,8 +474,6 @@ class FinishCoadd(Stage):
     name = "coadd"
 
     def run(self, ctx: FileContext) -> None:
-        from vampd.engine.products import write_product
-
         cfg = ctx.cfg
         image, err, ncoadd = ctx.coadder.result()
         if ctx.fast:  # back to the full aligned frame: NaN outside the data region

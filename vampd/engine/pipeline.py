@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from vampd.config import resolve_data_dir
 from vampd.engine.chain import FileContext, Limits, build_chain, run_chain
 from vampd.engine.products import expected_products, product_paths
 from vampd.fitsio import InputError, read_header
@@ -35,6 +36,7 @@ from vampd.instrument.angles import update_angles
 from vampd.instrument.detectors import detector_from_header
 from vampd.instrument.fields import field_names
 from vampd.instrument.headers import HeaderError, fix_header, header_summary, missing_keywords
+from vampd.instrument.pupil import cached_synthetic_psf, psf_cache_dir
 from vampd.stages.calibfiles import CalibLibrary, load_master
 
 __all__ = ["FileResult", "process_file", "prepare_header", "product_paths", "expected_products"]
@@ -93,9 +95,6 @@ def _psfs(cfg, header: fits.Header, fields: list[str], outdir: Path) -> dict[str
     """Synthetic PSF per field (§3.6), from the per-user disk cache when there (None: planetary)."""
     if cfg.planetary:
         return None
-    from vampd.config import resolve_data_dir
-    from vampd.instrument.pupil import cached_synthetic_psf, psf_cache_dir
-
     data_dir = resolve_data_dir(cfg)  # exact filter curves for the PSF model, else top-hats
     cache = psf_cache_dir(fallback=Path(outdir) / "aux" / "cache")
     npix = int(cfg.analysis.window_size)
@@ -184,6 +183,11 @@ def warm_up() -> None:
     configure_offline()
     local_sidereal_hours(np.array([60000.0]))  # astropy Time machinery and erfa, once
     fits.Card("DUMMY", 1.0).value  # noqa: B018 -- astropy.io.fits reads its configuration
+    # first calls of the numeric kernels (BLAS buffers, FFT plans, sort): not on the first file
+    a = np.ones((4, 16, 23), np.float32)
+    np.matmul(a, np.ones((4, 23, 16), np.float32))
+    np.fft.irfft2(np.fft.rfft2(a))
+    np.sort(a, axis=-1)
 
 
 def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False) -> FileResult:
