@@ -182,12 +182,31 @@ def warm_up() -> None:
 
     configure_offline()
     local_sidereal_hours(np.array([60000.0]))  # astropy Time machinery and erfa, once
+    _warm_coordinates()
     fits.Card("DUMMY", 1.0).value  # noqa: B018 -- astropy.io.fits reads its configuration
     # first calls of the numeric kernels (BLAS buffers, FFT plans, sort): not on the first file
     a = np.ones((4, 16, 23), np.float32)
     np.matmul(a, np.ones((4, 23, 16), np.float32))
     np.fft.irfft2(np.fft.rfft2(a))
     np.sort(a, axis=-1)
+
+
+def _warm_coordinates() -> None:
+    """First use of what ``update_angles`` needs per file: sexagesimal parsing (parser tables),
+    a proper-motion propagation (frame transforms, erfa) and formatting."""
+    import warnings
+
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+    from astropy.time import Time
+
+    c = SkyCoord("05:30:00.000", "+25:00:00.00", unit=(u.hourangle, u.deg), frame="icrs",
+                 pm_ra_cosdec=1.0 * u.mas / u.yr, pm_dec=1.0 * u.mas / u.yr, obstime=Time("J2016"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = c.apply_space_motion(new_obstime=Time(60000.0, format="mjd", scale="utc"))
+    c.ra.to_string(unit=u.hourangle, sep=":", precision=3, pad=True)
+    c.dec.to_string(unit=u.deg, sep=":", precision=2, alwayssign=True, pad=True)
 
 
 def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False) -> FileResult:
@@ -208,7 +227,7 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
     vampd.fitsio.InputError, vampd.instrument.headers.HeaderError
         For a file that cannot be reduced; the message names the file and the problem.
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     path = str(path)
     outdir = Path(outdir)
     header = prepare_header(path, cfg)
@@ -219,6 +238,7 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         return FileResult(path, [(k, str(paths[k])) for k in kinds], summary, {}, skipped=True)
     ctx = _context(path, cfg, outdir, header, paths)
     ctx.timing["setup"] = time.perf_counter() - t0
+    ctx.cpu["setup"] = time.thread_time() - c0
     run_chain(build_chain(cfg), ctx)
     qm = _summary_metrics(ctx.metrics, ctx.keep, ctx.centers[ctx.fields[0]][0])
     qm.update(ctx.info)
