@@ -231,12 +231,11 @@ class Calibrate(Stage):
         raw = read_frames(ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16))
         first = ctx.cal_header is None
         ctx.data, ctx.err, hdr = calibrate_cube(
-            raw, ctx.header, ctx.back, ctx.flat, ctx.cfg.calibrate.fix_bad_pixels, out=self._out(ctx, raw.shape),
+            raw, ctx.header, ctx.back, ctx.flat, ctx.cfg.calibrate.fix_bad_pixels, out=self._out(ctx, (n, ny, nx)),
             path=ctx.path, with_header=first,
         )
         if hdr is not None:
             ctx.cal_header = hdr
-
 
     @staticmethod
     def _out(ctx: FileContext, shape) -> tuple[np.ndarray, np.ndarray] | None:
