@@ -369,3 +369,25 @@ def test_mueller_from_header():
     del hdr["D_IMRANG"]
     with pytest.raises(HeaderError, match="D_IMRANG"):
         mueller_from_header(hdr, p)
+
+
+def test_psf_disk_cache_is_exact_keyed_and_repairs(tmp_path):
+    """The on-disk PSF cache returns exactly the computed PSF, keys on the pupil offset and
+    recomputes a damaged entry."""
+    from vampd.instrument.pupil import cached_synthetic_psf, synthetic_psf
+
+    cache = str(tmp_path)
+    ref = synthetic_psf("750-50", 6.0, 39.0, 21)
+    cached_synthetic_psf.cache_clear()
+    a = cached_synthetic_psf("750-50", 6.0, 39.0, 21, None, cache)
+    files = sorted(tmp_path.glob("psf_750-50_21_*.npy"))
+    assert len(files) == 1 and not list(tmp_path.glob(".tmp-*"))
+    np.testing.assert_array_equal(a, ref)
+    cached_synthetic_psf.cache_clear()
+    np.testing.assert_array_equal(cached_synthetic_psf("750-50", 6.0, 39.0, 21, None, cache), ref)  # from disk
+    cached_synthetic_psf("750-50", 6.0, 40.0, 21, None, cache)
+    assert len(list(tmp_path.glob("psf_750-50_21_*.npy"))) == 2  # another pupil offset, another entry
+    files[0].write_bytes(b"not an npy file")
+    cached_synthetic_psf.cache_clear()
+    np.testing.assert_array_equal(cached_synthetic_psf("750-50", 6.0, 39.0, 21, None, cache), ref)
+    assert np.load(files[0]).shape == (21, 21)  # rewritten

@@ -328,3 +328,63 @@ def test_large_cube_path_streams_chunks_and_gives_the_same_products(tmp_path, mo
         np.testing.assert_allclose(b[0].data, a[0].data, rtol=1e-5, atol=1e-3)
         np.testing.assert_allclose(b["ERR"].data, a["ERR"].data, rtol=1e-5, atol=1e-3)
     assert not list((tmp_path / "disk" / ".scratch").glob("*"))  # the disk store is removed
+
+
+def test_reused_scratch_memory_gives_identical_products(reduced, tmp_path):
+    """Calibrated cubes reuse per-thread memory across files: a file reduced after others (its
+    buffers hold their data) gives byte-identical products to its first reduction."""
+    tmp, truth, cfg, out, results = reduced
+    first = dict(results[0].products)["coadded"]
+    with fits.open(first) as hdul:
+        before = (hdul[0].data.copy(), hdul["ERR"].data.copy())
+    again = tmp_path / "again"
+    for i in (2, 1, 0):  # file 0 last, after two other cubes went through the same buffers
+        r = process_file(_raw(tmp, truth, i)[0], cfg, again)
+    with fits.open(dict(r.products)["coadded"]) as hdul:
+        np.testing.assert_array_equal(hdul[0].data, before[0])
+        np.testing.assert_array_equal(hdul["ERR"].data, before[1])
+
+
+def test_chain_is_built_from_the_config(tmp_path):
+    """The stage list follows the config (stages turned off are absent) and each is timed."""
+    from vampd.engine.chain import ChunkPass, build_chain
+
+    def names(cfg):
+        out = []
+        for s in build_chain(cfg):
+            out += [f"{s.name}:{t.name}" for t in s.stages] if isinstance(s, ChunkPass) else [s.name]
+        return out
+
+    cfg = _cfg(tmp_path, frame_select={"frame_select": True, "cutoff": 0.3}, coadd={"coadd": True})
+    full = names(cfg)
+    assert full[:3] == ["measure:calibrate", "measure:analyze", "metrics"]
+    assert "select" in full and "combine:coadd" in full and full[-1] == "coadd"
+    cfg2 = _cfg(tmp_path, frame_select={"frame_select": False}, coadd={"coadd": False})
+    lean = names(cfg2)
+    assert "select" not in lean and "combine:coadd" not in lean and lean[-1] == "write"
+
+
+def test_timing_and_cpu_per_stage(reduced):
+    tmp, truth, cfg, out, results = reduced
+    r = process_file(_raw(tmp, truth, 0)[0], cfg, out, force=True)
+    timing, cpu = r.metrics["timing"], r.metrics["cpu"]
+    for k in ("calibrate", "analyze", "align", "coadd", "total"):
+        assert timing[k] >= 0.0
+    assert set(cpu) >= {"calibrate", "analyze", "align", "coadd"}
+    assert timing["total"] >= sum(v for k, v in timing.items() if k not in ("total", "chain", "setup")) * 0.99
+
+
+def test_import_has_no_side_effects():
+    """`import vampd` (as `vampd watch` would) installs no handler and leaves astropy online."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, signal; sys.argv = ['vampd', 'watch', 'x.toml']; "
+        "from astropy.utils import iers; from astropy.utils.data import conf; "
+        "before = (iers.conf.auto_download, conf.allow_internet); "
+        "import vampd, vampd.engine.pipeline; "
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, (iers.conf.auto_download, conf.allow_internet) == before)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]

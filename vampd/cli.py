@@ -148,7 +148,8 @@ def _verbosity_options(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("-q", "--quiet", action="count", default=default, help="less logging: warnings and errors only")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, the arguments of that command alone (fast ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="vampd",
         description="Night-time quicklook daemon for VAMPIRES (SCExAO/Subaru).",
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter,
                            epilog=f"example:\n  {example}" if example else None)
         _verbosity_options(p, argparse.SUPPRESS)  # -v/-q after the command too
+        if only is not None and name != only:
+            continue  # sub-command arguments may import (presets, simulator): only the one used
         try:
             ARGUMENTS[name](p)
         except ImportError as exc:  # a missing optional module must not break every other command
@@ -190,7 +193,13 @@ def _run(fn, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "watch":
+        from vampd import install_early_stop
+
+        install_early_stop()  # before any heavy import: an early SIGTERM drains cleanly
+    parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

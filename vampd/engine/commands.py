@@ -94,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"vampd run: {exc}", file=sys.stderr)
         return 2
+    pool.start()  # spawn and warm the workers while the inputs are scanned and registered
     t0, interrupted, sp = time.time(), False, {}
     try:
         summary = runner.run_batch(list(args.files))

@@ -5,7 +5,8 @@ the apparent sidereal time): the position angle in ICRS of the zenith as seen fr
 target, with the zenith's ICRS place from astropy (see ``docs/angles-and-mueller.md``).
 
 Everything here runs offline: Subaru's location is hard-coded (never
-``EarthLocation.of_site``) and :mod:`vampd` disables IERS downloads, so sidereal time past
+``EarthLocation.of_site``) and IERS downloads are disabled before the first sidereal time
+(:func:`vampd._offline.configure_offline`), so sidereal time past
 the bundled IERS table degrades to predicted UT1−UTC instead of raising.
 """
 
@@ -61,6 +62,9 @@ _LST_STEP = 0.25
 @functools.lru_cache(maxsize=256)
 def _last_anchor(mjd_anchor: float) -> float:
     """Exact local apparent sidereal time [h] at Subaru at a grid time (astropy, cached)."""
+    from vampd._offline import configure_offline
+
+    configure_offline()  # no IERS download on the summit (applied once per process)
     t = Time(mjd_anchor, format="mjd", scale="ut1", location=SUBARU)
     return float(t.sidereal_time("apparent").hour)
 

@@ -197,8 +197,10 @@ class Coadder:
     >>> image, err, ncoadd = c.result()                 # doctest: +SKIP
     """
 
-    def __init__(self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20, capacity: int | None = None):
+    def __init__(self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20, capacity: int | None = None,
+                 alloc=None):
         self.method = _check_method(method)
+        self.alloc = alloc or np.empty  # (shape, dtype) -> array for the frame store (reused memory)
         self.tmpdir = tmpdir
         self.block_bytes = int(block_bytes)
         self.capacity = None if capacity is None else int(capacity)
@@ -228,7 +230,7 @@ class Coadder:
                 # frame stride = an odd number of cache lines: the median's blocked transpose
                 # reads ~40 frames at once, which alias in cache at power-of-two strides (4x slower)
                 npix = int(np.prod(self.shape))
-                rows = np.empty((self.capacity, npix + (16 - npix) % 32), np.float32)
+                rows = self.alloc((self.capacity, npix + (16 - npix) % 32), np.float32)
                 self._buffer = rows[:, :npix].reshape((self.capacity,) + self.shape)
         elif tuple(shape) != self.shape:
             raise ValueError(f"Coadder.add: chunk frame shape {tuple(shape)} differs from {self.shape}")
