@@ -28,7 +28,7 @@ from vampd.config import (
 from vampd.config.presets import PRESETS, render_preset
 
 from conftest import REFERENCE_CONFIG as REFERENCE
-from conftest import REPO, needs_reference_config
+from conftest import REPO, SHARED, needs_reference_config
 
 
 def run_cli(argv: list[str]) -> int:
