@@ -45,7 +45,8 @@ def main(argv=None) -> None:
     try:
         ncycles = max(1, -(-args.files // 16))
         truth = simulate_night(
-            work / "night", SimConfig(size=args.size, nframes=args.nframes, ncycles=ncycles, seed=11, exptime=args.exptime)
+            work / "night",
+            SimConfig(size=args.size, nframes=args.nframes, ncycles=ncycles, seed=11, exptime=args.exptime),
         )
         build_masters(sorted(glob.glob(str(work / "night" / "calib" / "*.fits"))), work / "masters")
         cfg = preset_config("quicklook", "acc")
@@ -71,15 +72,28 @@ def main(argv=None) -> None:
             c = (img.shape[-1] - 1) / 2
             w = cfg.analysis.window_size
             o = int(round(c)) - w // 2
-            y, x = dft_centroid(img[o : o + w, o : o + w][None], synthetic_psf(fields[0], h["PXSCALE"], h["INST-PA"], w))
+            y, x = dft_centroid(
+                img[o : o + w, o : o + w][None], synthetic_psf(fields[0], h["PXSCALE"], h["INST-PA"], w)
+            )
             dcen.append(math.hypot(y[0] + o - c, x[0] + o - c))
         dpos, dflux, dstrehl = map(np.concatenate, (dpos, dflux, dstrehl))
         n = sum(k[1] for k in kept)
-        print(f"vampd chain accuracy vs truth: {len(kept)} files x {args.nframes} frames, {args.size}^2, exptime {args.exptime} s")
-        print(f"  DFT centroid error: rms {math.sqrt(np.mean(dpos**2)):.4f} px (target <= 0.05), max {dpos.max():.4f} px")
-        print(f"  aperture photometry: mean {100 * dflux.mean():+.3f} %, rms {100 * dflux.std():.3f} % per frame (target 1 %)")
+        print(
+            f"vampd chain accuracy vs truth: {len(kept)} files x {args.nframes} frames, {args.size}^2, "
+            f"exptime {args.exptime} s"
+        )
+        print(
+            f"  DFT centroid error: rms {math.sqrt(np.mean(dpos**2)):.4f} px (target <= 0.05), max {dpos.max():.4f} px"
+        )
+        print(
+            f"  aperture photometry: mean {100 * dflux.mean():+.3f} %, "
+            f"rms {100 * dflux.std():.3f} % per frame (target 1 %)"
+        )
         print(f"  Strehl: mean error {dstrehl.mean():+.4f}, rms {math.sqrt(np.mean(dstrehl**2)):.4f} (target 0.03)")
-        print(f"  coadd PSF centre offset from (N-1)/2 (alignment only, no recenter): max {max(dcen):.4f} px, mean {np.mean(dcen):.4f} px (target 0.02)")
+        print(
+            f"  coadd PSF centre offset from (N-1)/2 (alignment only, no recenter): max {max(dcen):.4f} px, "
+            f"mean {np.mean(dcen):.4f} px (target 0.02)"
+        )
         exp = all(k == math.ceil((1 - args.cutoff) * m) for k, m in kept)
         print(f"  frame selection: kept {sum(k[0] for k in kept)}/{n}; ceil((1-q) n) per file: {exp}")
     finally:

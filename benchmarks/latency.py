@@ -10,10 +10,11 @@ the daemon runs with the given workers. Two latencies are reported per file, med
 * ``end-to-end``: from the sidecar's mtime (the logger's last write) to the commit, which
   adds the settle time and the watcher's detection delay.
 
-The stream starts once the daemon is up (its workers are spawned and import the pipeline when
-the pool starts). The first file of each camera on each worker still computes that camera's PSF
-model: the first ``2 x workers`` files are reported separately as the cold start, the rest as
-the steady state. Target: median <= 1 s for a 50-frame 256x256 cube on 2 workers.
+The stream starts once the daemon is up (its workers are spawned, import the pipeline and run
+``pipeline.warm_up`` when the pool starts; PSF models and the IERS table come from the per-user
+cache). The first ``2 x workers`` files are reported separately as the cold start, the rest as
+the steady state. Targets: first file <= 0.5 s, median <= 1 s for a 50-frame 256x256 cube on 2
+workers. On a loaded machine, compare the workers' CPU (``metrics.cpu`` in the ledger) instead.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ def main(argv=None) -> int:
         print(f"cold start (first {ncold} files): complete -> recorded "
               f"{', '.join(f'{c:.2f}' for c in res['cold_ledger_s'])} s")
         print(f"all files: median {res['all_ledger_median_s']:.2f} s, p95 {res['all_ledger_p95_s']:.2f} s")
+        first = res["cold_ledger_s"][0] if res["cold_ledger_s"] else float("nan")
+        print(f"{'PASS' if first <= 0.5 else 'FAIL'}: first file after start-up recorded {first:.2f} s after "
+              f"completing (target <= 0.5 s); {'PASS' if res['ledger_median_s'] <= 1.0 else 'FAIL'}: steady "
+              f"median {res['ledger_median_s']:.2f} s (target <= 1 s)")
     return 0
 
 

@@ -472,3 +472,20 @@ def test_end_to_end_with_simulated_night(tmp_path):
             win = data[:, max(yo - 2, 0) : yo + 3, max(x - 2, 0) : x + 3]
             assert np.all(np.nanmin(win, axis=(1, 2)) <= data[:, yo, x])
             assert np.all(data[:, yo, x] <= np.nanmax(win, axis=(1, 2)))
+
+
+def test_saturated_pixels_counted_per_frame_and_level_includes_bias():
+    # the full well holds the signal above the bias: conventional EMCCD saturates at
+    # 150 + 180000 / 4.5 = 40150 adu; CMOS clips at the 16-bit limit first
+    h = header(cam=1, shape=(3, 6, 6))
+    assert saturation_level(h) == 65535.0
+    raw = np.full((3, 6, 6), 500, np.uint16)
+    raw[0, :2, :2] = 65535
+    raw[2, 3, 3] = 65535
+    nsat = np.zeros(3, np.int64)
+    data, _, _ = calibrate_cube(raw, h, nsat=nsat)
+    np.testing.assert_array_equal(nsat, [4, 0, 1])
+    assert np.isnan(data).sum() == 5
+    e = h.copy()
+    e.update(BIAS=150.0, GAIN=4.5, FULLWELL=180000.0, U_EMGAIN=0)
+    assert saturation_level(e) == pytest.approx(40150.0)

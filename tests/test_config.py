@@ -27,9 +27,8 @@ from vampd.config import (
 )
 from vampd.config.presets import PRESETS, render_preset
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = (REPO / ".." / "shared").resolve()
-REFERENCE = SHARED / "docs" / "reference-config-example.toml"
+from conftest import REFERENCE_CONFIG as REFERENCE
+from conftest import REPO, SHARED, needs_reference_config
 
 
 def run_cli(argv: list[str]) -> int:
@@ -131,6 +130,11 @@ def test_defaults_match_reference_schema(no_config_warnings):
         "hwp_tolerance": 0.1,
         "set_timeout": 900.0,
         "mm_table": None,
+        "leastsq_max_cond": 100.0,
+        "leastsq_refresh_files": 8,
+        "leastsq_refresh_seconds": 60.0,
+        "leastsq_weights": "equal",
+        "leastsq_snr_annulus": None,
     }
     assert PipelineConfig(nrm={}).nrm.nbootstrap == 1000
     w = cfg.watch
@@ -161,6 +165,7 @@ def test_defaults_match_reference_schema(no_config_warnings):
     }
 
 
+@needs_reference_config
 def test_reference_example_loads_unchanged(no_config_warnings):
     cfg = load_config(REFERENCE)
     assert cfg.name == "20240115_HD169142"
@@ -401,6 +406,7 @@ def _full_config(tmp_path: Path) -> PipelineConfig:
     )
 
 
+@needs_reference_config
 def test_toml_round_trip(tmp_path, no_config_warnings):
     cfg = _full_config(tmp_path)
     text = to_toml_str(cfg)
@@ -536,10 +542,26 @@ def test_cli_new_refuses_overwrite(tmp_path, capsys):
     assert load_config(path).align.crop_width == 536
 
 
-def test_cli_check_exit_codes(tmp_path, capsys):
-    assert run_cli(["check", str(REFERENCE)]) == 0
+def _runnable_reference(tmp_path):
+    """The reference example next to an existing (empty) calibration directory."""
+    cfg = tmp_path / "ref.toml"
+    text = REFERENCE.read_text()
+    assert 'sptype = "F1V"' in text
+    cfg.write_text(text.replace('sptype = "F1V"', 'sptype = "F0V"'))  # F1V is not in the Pickles UVK atlas
+    (tmp_path / "calib" / "background").mkdir(parents=True)
+    return cfg
+
+
+def test_cli_check_exit_codes(tmp_path, capsys, monkeypatch):
+    if not (SHARED / "data" / "pickles_uvk").is_dir():
+        pytest.skip("no shared data directory")
+    monkeypatch.setenv("VAMPD_DATA_DIR", str(SHARED / "data"))
+    monkeypatch.delenv("PYSYN_CDBS", raising=False)
+    ref = _runnable_reference(tmp_path)
+    assert run_cli(["check", str(ref)]) == 0
     out = capsys.readouterr().out
-    assert "doublediff" in out and load_config(REFERENCE).config_hash() in out and "MISSING" in out
+    assert "doublediff" in out and load_config(ref).config_hash() in out and out.endswith("OK: configuration is valid\n")
+    assert f"pickles_uvk/pickles_uk.fits: {SHARED / 'data' / 'pickles_uvk' / 'pickles_uk.fits'}  [$VAMPD_DATA_DIR]" in out
     bad = tmp_path / "bad.toml"
     bad.write_text("[frame_select]\ncutoff = 1.7\n")
     assert run_cli(["check", str(bad)]) == 1
@@ -564,3 +586,110 @@ def test_options_without_effect_in_a_streaming_daemon_are_announced():
         config_from_toml_str("[combine]\nsave_intermediate = true\n")
     with pytest.warns(ConfigWarning, match=r"\[nrm\] is accepted but not processed"):
         config_from_toml_str("[nrm]\nnbootstrap = 10\n")
+
+
+def test_check_names_a_spectral_type_missing_from_the_atlas(monkeypatch, capsys, tmp_path):
+    if not (SHARED / "data" / "pickles_uvk").is_dir():
+        pytest.skip("no shared data directory")
+    monkeypatch.setenv("VAMPD_DATA_DIR", str(SHARED / "data"))
+    ref = _runnable_reference(tmp_path)
+    ref.write_text(ref.read_text().replace('sptype = "F0V"', 'sptype = "F1V"'))
+    assert run_cli(["check", str(ref)]) == 1
+    err = capsys.readouterr().err
+    assert "error: specphot.sptype = 'F1V' is not in the Pickles atlas" in err and "F0V" in err
+
+
+def test_check_reference_without_data_directory_cannot_run(monkeypatch, capsys):
+    """The reference example asks for Pickles photometry and a calibration directory that does not
+    exist: check exits 1 and says what is missing and how to fix it."""
+    monkeypatch.delenv("VAMPD_DATA_DIR", raising=False)
+    monkeypatch.delenv("PYSYN_CDBS", raising=False)
+    assert run_cli(["check", str(REFERENCE)]) == 1
+    cap = capsys.readouterr()
+    assert "NOT OK" in cap.out and "pickles_uvk/pickles_uk.fits: NOT FOUND" in cap.out
+    errors = [ln for ln in cap.err.splitlines() if ln.startswith("error: ")]
+    assert any("the Pickles atlas" in e and "data_dir" in e and "$VAMPD_DATA_DIR" in e and "$PYSYN_CDBS" in e
+               for e in errors)
+    assert any("calibrate.calib_directory" in e and "does not exist" in e and "vampd calib" in e for e in errors)
+    assert "cannot run as configured" in cap.err
+
+
+def test_check_finds_pickles_and_vega_in_the_synphot_tree(tmp_path, monkeypatch, capsys):
+    """$PYSYN_CDBS: grid/pickles/dat_uvk/ and calspec/ (synphot's layout) serve Pickles and Vega."""
+    from vampd.specphot.data import locate, pickles_file, vega_file
+
+    data = SHARED / "data"
+    if not (data / "pickles_uvk").is_dir():
+        pytest.skip("no shared data directory")
+    cdbs = tmp_path / "cdbs"
+    (cdbs / "grid" / "pickles").mkdir(parents=True)
+    (cdbs / "calspec").mkdir()
+    (cdbs / "grid" / "pickles" / "dat_uvk").symlink_to(data / "pickles_uvk")
+    (cdbs / "calspec" / "alpha_lyr_stis_011.fits").symlink_to(data / "alpha_lyr_stis_011.fits")
+    onlybands = tmp_path / "bands"  # the data directory holds the VAMPIRES files, not the catalogues
+    onlybands.mkdir()
+    for name in ("vampires_filters.csv", "johnson_v.txt"):
+        (onlybands / name).symlink_to(data / name)
+    monkeypatch.setenv("VAMPD_DATA_DIR", str(onlybands))
+    monkeypatch.setenv("PYSYN_CDBS", str(cdbs))
+    assert pickles_file("F0V").parent == cdbs / "grid" / "pickles" / "dat_uvk"
+    assert vega_file() == cdbs / "calspec" / "alpha_lyr_stis_011.fits"
+    assert locate("johnson_v.txt")[1] == "data_dir"
+    assert run_cli(["check", str(_runnable_reference(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert f"alpha_lyr_stis_011.fits: {cdbs / 'calspec' / 'alpha_lyr_stis_011.fits'}  [$PYSYN_CDBS]" in out
+    assert "johnson_v.txt: " + str(onlybands / "johnson_v.txt") + "  [$VAMPD_DATA_DIR]" in out
+
+
+def test_unknown_key_suggests_the_nearest_and_prints_one_clean_line(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "typo.toml"
+    bad.write_text("[frame_select]\ncuttoff = 0.3\n")
+    assert run_cli(["check", str(bad)]) == 0
+    assert "warning: unknown key frame_select.cuttoff ignored; did you mean `cutoff`?" in capsys.readouterr().err
+    with pytest.warns(ConfigWarning, match="did you mean `cutoff`"):
+        config_from_toml_str("[frame_select]\ncuttoff = 0.3\n")
+    # a command that loads the config logs it as one line with level and logger, no warnings text
+    p = subprocess.run([sys.executable, "-m", "vampd.cli", "finalize", str(bad), "-o", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if "cuttoff" in ln]
+    assert lines == ["WARNING vampd.config: unknown key frame_select.cuttoff ignored; did you mean `cutoff`?"]
+    assert "ConfigWarning" not in p.stderr and "pydantic" not in p.stderr
+
+
+def test_cli_help_shows_defaults_and_an_example(capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "example:\n  vampd " + name in text, name
+    helps = {n: " ".join(sub.choices[n].format_help().split()) for n in ("run", "live", "demo", "finalize", "new")}
+    assert "(default: the config's watch.workers)" in helps["run"] and "(default: 1.0)" in helps["live"]
+    assert "(default: 32)" in helps["demo"] and "(default: watch.outdir" in helps["finalize"]
+    assert "(default: quicklook)" in helps["new"]
+    assert sorted(cli.PRESET_NAMES) == sorted(PRESETS)
+
+
+def test_verbosity_after_the_command():
+    parser = cli.build_parser()
+    assert parser.parse_args(["status", "-v"]).verbose == 1
+    assert parser.parse_args(["-v", "status"]).verbose == 1
+    assert parser.parse_args(["status", "-q"]).quiet == 1 and parser.parse_args(["status"]).quiet == 0
+    assert parser.parse_args(["watch", "c.toml", "-vv"]).verbose == 2
+
+
+def test_worker_log_lines_carry_level_and_logger():
+    """Worker processes log as ``LEVEL logger [worker pid]: message`` (they have no handler of
+    their own otherwise, and Python's last-resort handler prints the bare message)."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from vampd.engine.pool import _worker_init; import os; _worker_init(os.getppid()); "
+            "logging.getLogger('vampd.pipeline').warning('disk slow'); logging.getLogger('vampd.x').info('quiet')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if "disk slow" in ln]
+    assert len(lines) == 1 and re.fullmatch(r"WARNING vampd\.pipeline \[worker \d+\]: disk slow", lines[0]), p.stderr
+    assert "quiet" not in p.stderr

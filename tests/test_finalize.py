@@ -2,8 +2,8 @@
 real chain on a simulated night (simulate → vampd run → vampd finalize, twice)."""
 
 import hashlib
-import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -54,6 +54,7 @@ def _write_set(path, idx, fields, amp, nan_corner=False):
     h["OBJECT"] = "HD1"
     h["MJD"] = 60000.0 + idx * 0.01
     h["TINT"] = 2.0
+    h["NCOADD"] = 8
     h["DEROTANG"] = 10.0 * idx
     h["HIERARCH DPP PDI SET KEY"] = f"k{idx}"
     h["HIERARCH DPP PDI NMEMBERS"] = 16
@@ -72,7 +73,9 @@ def test_final_products_from_set_files(tmp_path, fields):
         d, hdr = h[0].data, h[0].header
         assert d.shape == h["ERR"].data.shape == (8, N, N)
         assert hdr["STOKES"] == "I_Q,I_U,Q,U,Q_PHI,U_PHI,LP_I,AOLP" and hdr["DPP PDI NSETS"] == 3
-        assert hdr["NCOADD"] == 48 / len(fields) and hdr["TINT"] == 6.0 / len(fields)
+        # NCOADD/TINT: frames and seconds per camera, summed over sets, not divided by nfields
+        assert hdr["NCOADD"] == hdr["DPP COADD NCOADD"] == 24 and hdr["TINT"] == hdr["DPP COADD TINT"] == 6.0
+        assert hdr["DPP PDI NFILES"] == 48 and all(x.header["NCOADD"] == 24 for x in h[2:])
         assert hdr["DPP PDI COLLAPSE"] == "median" and "DATE" not in hdr
         assert [x.name for x in h[2:]] == fields
     i, q, u = _ring(1.0)  # the median set
@@ -128,8 +131,11 @@ def night(tmp_path_factory):
     # the second HWP cycle is cut short: 24 of 32 files → one complete set, one broken at dawn
     files = sorted(str(p) for p in (root / "sim" / "raw").glob("*.fits"))
     files = [f for f in files if int(f[-10:-5]) < 10012]
+    # a file cut short by the logger: parked before its header is read (no target, no camera)
+    bad = root / "sim" / "raw" / "VMPA00019999.fits"
+    bad.write_bytes(open(files[3], "rb").read()[:5000])
     out = root / "red"
-    assert main(["run", str(root / "n.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+    assert main(["run", str(root / "n.toml"), *files, str(bad), "-o", str(out), "-j", "2"]) == 1
     assert main(["finalize", str(root / "n.toml"), "-o", str(out)]) == 0
     first = _digest(out)
     assert main(["finalize", str(root / "n.toml"), "-o", str(out)]) == 0
@@ -151,13 +157,17 @@ def _truth_qphi(sim, n):
     return 0.5 * cylindrical_stokes(qc, uc, 0 * qc, 0 * uc)[0]
 
 
+@pytest.mark.slow
 def test_finalize_products_on_simulated_night(night):
     out = night["out"]
     with fits.open(out / "pdi" / "n_stokes_coll.fits") as h:
         coll, hdr = h[0].data, h[0].header
         n = coll.shape[-1]
         assert coll.shape == h["ERR"].data.shape == (8, n, n) and n >= 96
-        assert hdr["DPP PDI NSETS"] == 1 and hdr["NCOADD"] == 16 and hdr["DPP PDI COLLAPSE"] == "median"
+        assert hdr["DPP PDI NSETS"] == 1 and hdr["DPP PDI NFILES"] == 16 and hdr["DPP PDI COLLAPSE"] == "median"
+        # one meaning everywhere: frames (and their seconds) per camera
+        assert hdr["NCOADD"] == hdr["DPP COADD NCOADD"] and hdr["TINT"] == hdr["DPP COADD TINT"]
+        assert hdr["TINT"] == pytest.approx(hdr["NCOADD"] * hdr["EXPTIME"])
         assert hdr["DPP VERSION"] and len(hdr["DPP CONFIG HASH"]) >= 8
         assert hdr["DPP FINAL NFILES DONE"] == 24 and hdr["DPP FINAL NSETS BROKEN"] == 1
         assert "DATE" not in hdr and hdr["OBJECT"] == "ABAUR"
@@ -178,6 +188,7 @@ def test_finalize_products_on_simulated_night(night):
     assert cube.shape[:2] == (12, 1) and ang.shape == (12,) and ang.dtype.itemsize == 4
 
 
+@pytest.mark.slow
 def test_report_names_targets_sets_and_reasons(night):
     text = (night["out"] / "report" / "report.md").read_text()
     assert "ABAUR" in text and "750-50" in text
@@ -189,32 +200,108 @@ def test_report_names_targets_sets_and_reasons(night):
         assert png in text
 
 
+@pytest.mark.slow
 def test_second_finalize_byte_identical(night):
     first, second = night["first"], night["second"]
     assert any(k.startswith("pdi/") for k in first) and any(k.endswith(".png") for k in first)
     assert first == second
 
 
-def test_qphi_preview_shows_the_ring(night):
-    import matplotlib.image as mpimg
-
-    from vampd.finalize.report import PREVIEW_ZOOM
+def _previews(night):
+    """The final product's planes and preview figures, as the report draws them."""
+    from vampd.finalize.previews import (
+        PreviewMeta,
+        preview_figure,
+        preview_planes,
+        stokes_limit,
+    )
 
     out = night["out"]
-    img = mpimg.imread(out / "report" / "n_q_phi.png")[::-1, :, :3]  # origin lower-left
-    lum = img.mean(axis=-1)
-    n = lum.shape[0] // PREVIEW_ZOOM
-    lum = lum.reshape(n, PREVIEW_ZOOM, n, PREVIEW_ZOOM).mean(axis=(1, 3))
+    with fits.open(out / "pdi" / "n_stokes_coll.fits") as h:
+        data, hdr = h[0].data.astype(float), h[0].header
+    planes = preview_planes(data, hdr["STOKES"].split(","), fits.getdata(out / "pdi" / "n_footprint.fits"))
+    meta = PreviewMeta(target="ABAUR", filter="750-50", pixel_scale_mas=hdr["PXSCALE"], unit=hdr["BUNIT"], nsets=1)
+    lim = stokes_limit(planes["Q_PHI"])
+    return planes, {k: preview_figure(v, k, meta, None if k == "I" else lim) for k, v in planes.items()}
+
+
+@pytest.mark.slow
+def test_every_preview_has_axes_colour_bar_and_symmetric_limits(night):
+    planes, figs = _previews(night)
+    assert set(figs) == {"I", "Q_PHI", "U_PHI"}
+    for key, fig in figs.items():
+        ax, cax = fig.axes[0], fig.axes[1]
+        assert "arcsec" in ax.get_xlabel() and "arcsec" in ax.get_ylabel()
+        assert "e-/s" in cax.get_ylabel() and "ABAUR" in ax.get_title() and "750-50" in ax.get_title()
+        assert ax.images and cax.get_ylim()[1] > cax.get_ylim()[0]  # a real colour bar
+        lo, hi = ax.images[0].get_clim()
+        if key != "I":
+            assert lo == pytest.approx(-hi) and hi > 0
+            assert "RdBu" in ax.images[0].get_cmap().name
+    # axes: arcsec offsets from the star, East (positive dRA) to the left
+    ext = figs["Q_PHI"].axes[0].images[0].get_extent()
+    n = planes["Q_PHI"].shape[0]
+    assert ext[0] > 0 > ext[1] and ext[0] - ext[1] == pytest.approx(n * fits.getheader(night["out"] / "pdi" / "n_stokes_coll.fits")["PXSCALE"] / 1000)
+    # the ring is positive in Q_phi, the background near zero; pixels outside the footprint masked
+    q = np.ma.filled(figs["Q_PHI"].axes[0].images[0].get_array().astype(float), np.nan)
     px = night["truth"]["detectors"]["1"]["pixel_scale"]
     yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
     r = np.hypot(xx, yy)
     ring = np.abs(r - 150.0 / px) < 2
-    bg = (r > 42) & (r < 46)
-    assert lum[ring].mean() > lum[bg].mean() + 0.2
-    i_img = mpimg.imread(out / "report" / "n_i.png")[::-1, :, :3].mean(axis=-1)
-    c = i_img.shape[0] // 2
-    assert i_img[c - 3 : c + 3, c - 3 : c + 3].mean() > i_img[:10, :10].mean() + 0.5  # the star
-    assert json.loads(json.dumps(night["first"]))  # digests are plain strings
+    assert np.nanmin(q[ring]) > 0 and np.nanmean(q[ring]) > 0.3 * hi
+    assert np.isnan(q[0, 0]) and np.isnan(planes["I"][0, 0])  # the derotated field's corner
+    i_img = planes["I"]
+    c = n // 2
+    assert np.nanmean(i_img[c - 2 : c + 2, c - 2 : c + 2]) > 100 * np.nanmedian(i_img)  # the star
+
+
+@pytest.mark.slow
+def test_report_png_files_and_html(night):
+    import matplotlib.image as mpimg
+
+    rdir = night["out"] / "report"
+    text = (rdir / "report.md").read_text()
+    assert text.splitlines()[2] == "![night summary](n_night_summary.png)"
+    html = (rdir / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and '<img alt="night summary" src="n_night_summary.png">' in html
+    assert html.count("<table>") == sum(ln.startswith("|---") for ln in text.splitlines()) and "<td>ABAUR</td>" in html
+    for png in ("n_night_summary.png", "n_q_phi.png", "metrics_trends.png", "sets_timeline.png"):
+        img = mpimg.imread(rdir / png)
+        assert img.ndim == 3 and min(img.shape[:2]) >= 200, png
+
+
+def _md_table(text: str, heading: str) -> list[list[str]]:
+    sec = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in sec.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    assert all(len(c) == len(cells[0]) for c in cells), f"{heading}: ragged table"
+    return cells
+
+
+@pytest.mark.slow
+def test_report_tables_match_the_ledger(night):
+    import sqlite3
+
+    out = night["out"]
+    con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True)
+    states = dict(con.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+    per_cam = dict(con.execute("SELECT camera, COUNT(*) FROM files WHERE state='done' GROUP BY camera").fetchall())
+    con.close()
+    assert states == {"done": 24, "parked": 1}
+    text = (out / "report" / "report.md").read_text()
+    counts = _md_table(text, "Counts")
+    assert counts[0] == ["state", "files"]
+    assert {r[0]: int(r[1]) for r in counts[2:] if not r[0].startswith("**")} == states
+    assert counts[-1] == ["**total**", "**25**"]
+    targets = _md_table(text, "Targets")
+    head = targets[0]
+    rows = [dict(zip(head, r)) for r in targets[2:]]
+    assert all("None" not in r.values() and "(unknown)" not in r.values() for r in rows)
+    assert {(r["target"], r["filter"], int(r["camera"])): int(r["files done"]) for r in rows} == {
+        ("ABAUR", "750-50", c): n for c, n in per_cam.items()}
+    assert sum(int(r["parked"]) for r in rows) == 1  # the truncated file, on its sequence's row
+    parked = _md_table(text, "Parked and unfinished files")
+    assert parked[2][0] == "`VMPA00019999.fits`" and "END" in parked[2][2] and "/" not in parked[2][2].split(":")[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +335,10 @@ def _wait_for(out, ndone, nsets, proc, timeout=120):
                 time.sleep(0.3)
                 continue
             if sum(f[1] == "done" for f in files) >= ndone and sum(s[1] == "complete" for s in sets) >= nsets:
-                return files, sets
+                time.sleep(1.0)  # the set trigger runs just after the last record: wait until the rows settle
+                if _ledger_rows(out) == (files, sets):
+                    return files, sets
+                continue
         time.sleep(0.3)
     raise AssertionError(f"daemon did not reach {ndone} done files / {nsets} sets in {timeout} s")
 
@@ -263,6 +353,7 @@ def _drop(src, dest_dir):
     os.replace(tmp, dest_dir / src.name)
 
 
+@pytest.mark.slow
 def test_finalize_while_the_daemon_runs(tmp_path, capsys):
     """``vampd finalize`` next to a live ``vampd watch``: it reads one snapshot (20 files, one
     complete set, one open), writes products and report from it, writes nothing to the ledger and
@@ -358,16 +449,39 @@ def mbi_night(tmp_path_factory):
     save_config(cfg, root / "m.toml")
     files = sorted(str(p) for p in (root / "sim" / "raw").glob("*.fits"))
     out = root / "red"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("VAMPD_DATA_DIR", raising=False)  # the built-in zero points
-        assert main(["run", str(root / "m.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+        with contextlib.redirect_stdout(buf):
+            assert main(["run", str(root / "m.toml"), *files, "-o", str(out), "-j", "2"]) == 0
+        # what exists when `vampd run` returns (before any finalize)
+        after_run = sorted(str(p.relative_to(out)) for p in out.rglob("*_jy.fits"))
         assert main(["finalize", str(root / "m.toml"), "-o", str(out)]) == 0
-    return {"root": root, "out": out, "truth": truth, "nfiles": len(files)}
+    return {"root": root, "out": out, "truth": truth, "nfiles": len(files), "after_run": after_run,
+            "run_stdout": buf.getvalue()}
+
+
+@pytest.mark.slow
+def test_run_closes_its_sequences_jy_products_exist_when_it_returns(mbi_night):
+    """A finished batch is a finished sequence: `vampd run` calibrates the last target's
+    sequence too, and says where the products are."""
+    out, after = mbi_night["out"], mbi_night["after_run"]
+    coadded = sorted(p.name for p in (out / "coadded").glob("*.fits"))
+    per_file = [p for p in after if p.startswith("specphot/")]
+    assert len(per_file) == len(coadded) == 32  # every file of both targets, in Jy
+    with fits.open(out / "specphot" / "m_VMPB00010015_coll_jy.fits") as h:  # the night's last file
+        assert h[0].header["BUNIT"] == "Jy" and h[0].header["OBJECT"] == "MWC480"
+    line = next(ln for ln in mbi_night["run_stdout"].splitlines() if "spectrophotometry" in ln)
+    assert "(Jy): 4 sequence(s) calibrated" in line and str(out / "specphot") in line
 
 
 MBI_FIELDS = ["F610", "F670", "F720", "F760"]
 
 
+@pytest.mark.slow
 def test_mbi_night_final_cube_per_target(mbi_night):
     out = mbi_night["out"]
     assert mbi_night["nfiles"] == 32
@@ -377,7 +491,8 @@ def test_mbi_night_final_cube_per_target(mbi_night):
             cube, n = h[0].data, h[0].data.shape[-1]
             assert cube.shape == h["ERR"].data.shape == (4, 8, n, n) and n >= 56
             assert [x.name for x in h[2:]] == MBI_FIELDS and h[0].header["OBJECT"] == target
-            assert h[0].header["DPP PDI NSETS"] == 1 and h[0].header["NCOADD"] == 16 / 4
+            assert h[0].header["DPP PDI NSETS"] == 1 and h[0].header["DPP PDI NFILES"] == 16
+            assert h[0].header["NCOADD"] == h[0].header["DPP COADD NCOADD"] == h["F610"].header["NCOADD"]
         with fits.open(f"{base}_stokes_coll.fits") as h:
             assert h[0].data.shape == (8, n, n) and h[0].header["FIELD"] == "COMB"
             # the collapse over fields is their mean
@@ -395,6 +510,7 @@ def test_mbi_night_final_cube_per_target(mbi_night):
     assert "**2 complete**, **0 broken**" in text and "ABAUR" in text and "MWC480" in text
 
 
+@pytest.mark.slow
 def test_specphot_summary_per_target(mbi_night):
     """One summary row per target and camera, factor = median over its files of the built-in
     C_FD · 10^(0.4 k AIRMASS)."""
@@ -418,3 +534,30 @@ def test_specphot_summary_per_target(mbi_night):
             assert float(r[f"factor_{f}"]) == pytest.approx(np.median([c_fd * 10 ** (0.4 * k * a) for a in x]), rel=1e-5)
     text = (out / "report" / "report.md").read_text()
     assert "## Spectrophotometric calibration" in text and text.count("| zeropoints |") == 4
+
+
+def test_trends_and_summary_use_ut_clock_times():
+    """Trend axes are UT clock times (not hours since an MJD); an imaging night's summary is its
+    three metric trends; set axes are integers."""
+    from vampd.finalize.previews import ip_figure, summary_figure, timeline_figure
+
+    mjd0 = 61004.45
+    files = [{"state": "done", "mjd": mjd0 + i / 86400.0 * 30, "camera": 1 + i % 2,
+              "metrics": {"strehl": 0.8, "fwhm": 3.5, "flux": 1e5 + i}} for i in range(8)]
+    fig = summary_figure("night", None, None, files, [])
+    axes = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in axes] == ["Strehl", "FWHM [px]", "flux [e-/s]"]
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in axes[-1].get_xticklabels() if t.get_text()]
+    from astropy.time import Time
+
+    first = Time(mjd0, format="mjd", scale="utc").datetime  # 2025-11-25 10:48:00
+    assert any(t.startswith(f"{first:%H:%M}") for t in ticks) and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in ticks), ticks
+    assert axes[-1].get_xlabel() == f"UT on {first:%Y-%m-%d}"
+    sets = [{"t0": mjd0, "t1": mjd0 + 1e-3, "state": "complete"}, {"t0": mjd0 + 2e-3, "t1": mjd0 + 3e-3, "state": "broken"}]
+    tl = timeline_figure(sets)
+    tl.canvas.draw()
+    assert [t.get_text() for t in tl.axes[0].get_yticklabels()] == ["0", "1"]
+    ip = ip_figure([{"index": 0, "model_pq": 0.01, "model_pu": 0.0, "resid_pq": 1e-4, "resid_pu": 2e-4}])
+    ip.canvas.draw()
+    assert [t.get_text() for t in ip.axes[0].get_xticklabels()] == ["0"]

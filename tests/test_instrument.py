@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from astropy.coordinates import SkyCoord
+import astropy.units as u
+from astropy.coordinates import AltAz, SkyCoord
+from astropy.time import Time
 from astropy.io import fits
 from astropy.wcs import WCS
 
@@ -38,7 +40,7 @@ from vampd.instrument import (
     update_angles,
     wrap,
 )
-from vampd.instrument.angles import SUBARU_LAT_DEG, SUBARU_LON_DEG
+from vampd.instrument.angles import SUBARU, SUBARU_LAT_DEG, SUBARU_LON_DEG, sky_angles
 
 # ---------------------------------------------------------------------------------------
 # fixtures
@@ -231,7 +233,7 @@ def test_detector_constants(row):
     assert det.default_pap == pap
     # uint16 saturation is reachable: never above 65535
     assert det.saturation_adu <= 65535
-    assert det.saturation_adu == pytest.approx(min(fullwell / gain, 65535))
+    assert det.saturation_adu == pytest.approx(min(bias + fullwell / gain, 65535))
 
 
 def test_saturation_level_reachable():
@@ -240,7 +242,8 @@ def test_saturation_level_reachable():
     assert det.satlevel == pytest.approx(65536.0)
     assert det.saturation_adu == 65535.0
     assert np.uint16(65535) >= det.saturation_adu
-    assert emccd_detector(1, 0).saturation_adu == pytest.approx(40000.0)
+    # conventional-mode EMCCD: the 180 000 e- full well above the 150 adu bias
+    assert emccd_detector(1, 0).saturation_adu == pytest.approx(40150.0)
 
 
 def test_fullwell_halved_june_july_2023():
@@ -461,22 +464,55 @@ def test_wrap():
     np.testing.assert_allclose(wrap(np.array([-257.4, 10.0, 200.0])), [102.6, 10.0, -160.0])
 
 
-def test_parallactic_angle_matches_hand_computation(emccd_raw):
+def pa_astropy(ra_deg, dec_deg, mjd, frame="icrs"):
+    """Truth: position angle (ICRS, N through E) of the zenith seen from the target (astropy)."""
+    t = Time(np.atleast_1d(mjd), format="mjd", scale="utc")
+    zen = SkyCoord(alt=90 * u.deg, az=0 * u.deg, frame=AltAz(obstime=t, location=SUBARU)).icrs
+    target = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame=frame).icrs
+    return np.asarray(wrap(target.position_angle(zen).deg))
+
+
+def test_parallactic_angle_is_the_zenith_position_angle(emccd_raw):
     h = update_angles(fix_header(emccd_raw))
-    coord = SkyCoord("04:55:45.674", "+30:33:07.39", unit=("hourangle", "deg"))
+    coord = SkyCoord("04:55:45.674", "+30:33:07.39", unit=("hourangle", "deg"), frame="fk5", equinox="J2000")
     for key in ("PA-STR", "PA", "PA-END"):
         mjd = h[{"PA-STR": "MJD-STR", "PA": "MJD", "PA-END": "MJD-END"}[key]]
-        assert h[key] == pytest.approx(pa_by_hand(coord.ra.deg, coord.dec.deg, mjd), abs=1e-3)
-    # pinned value of the midpoint (hand formula above, USNO sidereal time)
-    assert h["PA"] == pytest.approx(100.289, abs=0.01)
+        truth = pa_astropy(coord.ra.deg, coord.dec.deg, mjd, frame=coord.frame)
+        assert h[key] == pytest.approx(float(truth[0]), abs=1e-3)
+    # the J2000 hour-angle formula of the reference (no precession) is 0.18 deg off in 2022
+    assert abs(h["PA"] - pa_by_hand(coord.ra.deg, coord.dec.deg, h["MJD"])) > 0.1
     assert h["PAOFFSET"] == pytest.approx(-78.6)
     assert h["DEROTANG"] == pytest.approx(wrap(h["PA"] - 78.6), abs=1e-9)
-    assert h["DEROTANG"] == pytest.approx(21.689, abs=0.01)
+
+
+def test_parallactic_angle_from_apparent_place_by_hand():
+    # independent of astropy's frames: precess J2000 -> date (IAU 1976, Lieske), then the
+    # hour-angle formula with the apparent sidereal time; differs from the ICRS-north PA only
+    # by the small rotation between mean-of-date and ICRS north at the target (< 0.01 deg
+    # for this target) plus nutation/aberration (few arcsec in position)
+    mjd = 61000.3
+    ra, dec = 275.0, 25.0
+    tc = (mjd - 51544.5) / 36525.0
+    zeta = math.radians((2306.2181 * tc + 0.30188 * tc**2) / 3600)
+    z = math.radians((2306.2181 * tc + 1.09468 * tc**2) / 3600)
+    theta = math.radians((2004.3109 * tc - 0.42665 * tc**2) / 3600)
+    a0, d0 = math.radians(ra), math.radians(dec)
+    aa = math.cos(d0) * math.sin(a0 + zeta)
+    bb = math.cos(theta) * math.cos(d0) * math.cos(a0 + zeta) - math.sin(theta) * math.sin(d0)
+    cc = math.sin(theta) * math.cos(d0) * math.cos(a0 + zeta) + math.cos(theta) * math.sin(d0)
+    ra_date, dec_date = math.degrees(math.atan2(aa, bb) + z), math.degrees(math.asin(cc))
+    # angle at the target from the J2000 north to the north of date (IAU 1976 precession)
+    rot = math.degrees(math.atan2(math.sin(theta) * math.sin(a0 + zeta),
+                                  math.cos(d0) * math.cos(theta) - math.sin(d0) * math.sin(theta) * math.cos(a0 + zeta)))
+    pa_date = pa_by_hand(ra_date, dec_date, mjd)
+    assert float(parallactic_angle(ra, dec, mjd)) == pytest.approx(pa_date - rot, abs=0.01)
+    assert abs(rot) > 0.1  # precession matters at this level
+    assert float(parallactic_angle(ra, dec, mjd)) == pytest.approx(float(pa_astropy(ra, dec, mjd)[0]), abs=1e-3)
 
 
 def test_parallactic_angle_consistent_with_telescope_altaz(emccd_raw):
     # independent check against the telescope's own ALTITUDE/AZIMUTH (Meeus alt/az PA);
-    # differences come from precession/refraction and the header time, so 0.5 deg
+    # differences come from refraction and the header time, so 0.5 deg
     alt, az = math.radians(56.68925), math.radians(295.86528) - math.pi
     lat = math.radians(SUBARU_LAT_DEG)
     dec = math.asin(math.sin(alt) * math.sin(lat) - math.cos(alt) * math.cos(lat) * math.cos(az))
@@ -484,6 +520,9 @@ def test_parallactic_angle_consistent_with_telescope_altaz(emccd_raw):
     pa_altaz = math.degrees(math.atan2(math.sin(ha), math.tan(lat) * math.cos(dec) - math.sin(dec) * math.cos(ha)))
     h = update_angles(fix_header(emccd_raw))
     assert h["PA"] == pytest.approx(pa_altaz, abs=0.5)
+    # the computed mid-exposure alt/az agree with the telescope's to the same level
+    assert h["ALTITUDE"] == pytest.approx(56.68925, abs=0.5)
+    assert h["AZIMUTH"] == pytest.approx(295.86528, abs=0.5)
 
 
 def test_parallactic_angle_post_nbs_offline(cmos_raw):
@@ -491,25 +530,47 @@ def test_parallactic_angle_post_nbs_offline(cmos_raw):
     mjds = np.array([61000.2, 61000.25, 61300.3])
     pa = parallactic_angle(275.0, -10.0, mjds)
     assert pa.shape == (3,)
-    for m, p in zip(mjds, pa):
-        assert p == pytest.approx(pa_by_hand(275.0, -10.0, m), abs=1e-3)
+    np.testing.assert_allclose(pa, pa_astropy(275.0, -10.0, mjds), atol=1e-3)
     h = update_angles(fix_header(cmos_raw))
-    assert h["PA"] == pytest.approx(pa_by_hand(275.0, -10.0, h["MJD"]), abs=0.01)
+    assert h["PA"] == pytest.approx(float(pa_astropy(275.0, -10.0, h["MJD"], frame="fk5")[0]), abs=1e-3)
     assert h["PAOFFSET"] == pytest.approx(-87.01)
     assert h["DEROTANG"] == pytest.approx(wrap(h["PA"] - 87.01), abs=1e-9)
 
 
 def test_parallactic_angle_transit_and_sign():
     mjd = 61000.3
-    last_deg = 15 * gast_hours_usno(mjd) + SUBARU_LON_DEG
-    dec = -20.0  # south of zenith: PA = 0 at transit
-    assert float(parallactic_angle(last_deg, dec, mjd)) == pytest.approx(0.0, abs=0.01)
+    zen = SkyCoord(alt=90 * u.deg, az=0 * u.deg,
+                   frame=AltAz(obstime=Time(mjd, format="mjd", scale="utc"), location=SUBARU)).icrs
+    ra0, dec = zen.ra.deg, -20.0  # on the meridian, south of the zenith: PA = 0 at transit
+    assert float(parallactic_angle(ra0, dec, mjd)) == pytest.approx(0.0, abs=0.01)
     # one hour west of the meridian (HA = +1 h): PA positive; east: negative
-    assert float(parallactic_angle(last_deg - 15.0, dec, mjd)) > 5.0
-    assert float(parallactic_angle(last_deg + 15.0, dec, mjd)) < -5.0
+    assert float(parallactic_angle(ra0 - 15.0, dec, mjd)) > 5.0
+    assert float(parallactic_angle(ra0 + 15.0, dec, mjd)) < -5.0
     # scalar input gives a 0-d array, arrays keep their shape
     assert np.ndim(parallactic_angle(10.0, 10.0, mjd)) == 0
     assert parallactic_angle(10.0, 10.0, np.full((2, 3), mjd)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("offset_deg", [0.3, -0.3, 0.8])
+def test_parallactic_angle_near_zenith_transit_is_continuous_and_exact(offset_deg):
+    # a target transiting offset_deg north (+) or south (-) of the zenith: PA swings by
+    # 180 deg within minutes; every sample agrees with astropy and the sweep is monotonic
+    mjd0 = 61000.3
+    zen = SkyCoord(alt=90 * u.deg, az=0 * u.deg,
+                   frame=AltAz(obstime=Time(mjd0, format="mjd", scale="utc"), location=SUBARU)).icrs
+    ra, dec = zen.ra.deg, zen.dec.deg + offset_deg
+    t = mjd0 + np.linspace(-900, 900, 361) / 86400.0
+    pa = parallactic_angle(ra, dec, t)
+    np.testing.assert_allclose(((pa - pa_astropy(ra, dec, t)) + 180) % 360 - 180, 0, atol=2e-3)
+    # continuous (mod 360) and monotonic: increasing south of the zenith, decreasing north of it
+    steps = -np.sign(offset_deg) * (((np.diff(pa) + 180) % 360) - 180)
+    assert np.all(steps > 0) and np.all(steps < 10)
+    total = np.sum(steps)
+    assert 150 < total < 180
+    mid = float(parallactic_angle(ra, dec, mjd0))
+    assert abs(wrap(mid - (180.0 if offset_deg > 0 else 0.0))) < 1.0
+    _, alt, _ = sky_angles(ra, dec, mjd0)
+    assert float(alt) == pytest.approx(90 - abs(offset_deg), abs=0.01)
 
 
 def test_derotation_angle_wraps():

@@ -88,7 +88,7 @@ def night(tmp_path_factory):
     out = root / "out"
     files = sorted(str(p) for p in raw.glob("*.fits"))
     p = _vampd("run", cfg, *files, "-o", out, "-j", "1", check=False)
-    assert p.returncode == 1 and "1 failed" in p.stdout, p.stderr  # the non-FITS file
+    assert p.returncode == 1 and "1 parked" in p.stdout, p.stderr  # the non-FITS file
     faulty = [f for f in truth["files"] if f.get("fault")]
     return {"root": root, "out": out, "truth": truth, "gone": gone, "gone_name": gone_path.name,
             "faulty": faulty, "nfiles": len(files)}
@@ -233,6 +233,7 @@ def test_helpers():
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 
 
+@pytest.mark.slow
 def test_live_in_a_pty_sees_the_count_grow(tmp_path):
     night = tmp_path / "night"
     (night / "raw").mkdir(parents=True)
@@ -337,8 +338,11 @@ def pdi_night(tmp_path_factory):
     out = root / "out"
     files = sorted(str(p) for p in raw.glob("*.fits"))
     assert len(files) == 31
-    assert main(["run", str(root / "lp.toml"), *files, "-o", str(out), "-j", "2"]) == 0
-    return {"root": root, "out": out, "gone": gone, "cfg": root / "lp.toml"}
+    # a file cut short: parked before its header is read
+    bad = raw / "VMPA00019999.fits"
+    bad.write_bytes(open(files[0], "rb").read()[:5000])
+    assert main(["run", str(root / "lp.toml"), *files, str(bad), "-o", str(out), "-j", "2"]) == 1
+    return {"root": root, "out": out, "gone": gone, "cfg": root / "lp.toml", "bad": bad}
 
 
 def test_pdi_panel_and_set_board_from_real_sets(pdi_night):
@@ -366,3 +370,91 @@ def test_pdi_panel_and_set_board_from_real_sets(pdi_night):
     # vampd status --json: the same set counts as the ledger
     st = json.loads(_vampd("status", out, "--json").stdout)
     assert st["sets"] == {"complete": 1, "broken": 0, "open": 1}
+
+
+def _pty_once(out: Path, cols: int, rows: int) -> list[str]:
+    """``vampd live OUT --once`` on a real pseudo-terminal of ``cols`` × ``rows`` (the size comes
+    from the terminal, not from COLUMNS/LINES); the screen's lines without ANSI codes."""
+    import fcntl
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: size the terminal, then run the view on it
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env = _env(TERM="xterm-256color")
+        env.pop("COLUMNS", None)
+        env.pop("LINES", None)
+        os.execve(PY, [PY, "-m", "vampd", "live", str(out), "--once"], env)
+    buf = b""
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 120:
+            r, _, _ = select.select([fd], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+    finally:
+        _pid, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, buf[-2000:]
+    text = _ANSI.sub(b"", buf).decode(errors="ignore").replace("\r\n", "\n").replace("\r", "")
+    return text.rstrip("\n").split("\n")
+
+
+@pytest.mark.parametrize("cols, rows", [(120, 40), (80, 24)])
+def test_live_in_a_pty_keeps_the_news(pdi_night, cols, rows):
+    """At 120×40 and 80×24 the screen holds the set count, the parked file with its reason and
+    the running-PDI line; nothing inside the header is cut."""
+    lines = _pty_once(pdi_night["out"], cols, rows)
+    assert len(lines) == rows and max(len(x) for x in lines) <= cols
+    top = next(i for i, ln in enumerate(lines) if ln.startswith("┏"))
+    bottom = next(i for i, ln in enumerate(lines) if ln.startswith("┗"))
+    header = lines[top + 1 : bottom]
+    assert header and not any("…" in ln for ln in header), header
+    screen = "\n".join(lines)
+    assert "sets 1 complete, 1 open, 0 broken" in "\n".join(header)
+    # the parked file and its reason (the structure check's words), on the screen
+    name = pdi_night["bad"].name
+    assert any(name in ln and "parked" in ln and "header" in ln for ln in lines), screen
+    if cols >= 100:
+        assert "running PDI" in screen and "sets done 1" in screen
+        # the parked-files panel (right of the running PDI): the whole reason, wrapped, not cut
+        i = next(i for i, ln in enumerate(lines) if "╭─ parked files (1)" in ln)
+        col = lines[i].index("╭─ parked files")
+        body = []
+        for ln in lines[i + 1 :]:
+            if ln[col:].startswith("╰"):
+                break
+            body.append(ln[col:].strip("│ "))
+        assert "header incomplete: no END card in the first 5000 bytes" in " ".join(" ".join(body).split())
+    else:
+        assert any(ln.strip("│ ").startswith("running PDI: sets done 1") for ln in lines), screen
+        assert any(ln.strip("│ ").startswith(f"parked {name}: header incomplete") for ln in lines), screen
+    # observation times, and the wall-clock times marked as such
+    assert "obs UT" in screen and "(wall clock)" in "\n".join(header)
+
+
+def test_latest_files_by_observation_time(pdi_night):
+    snap = take_snapshot(pdi_night["out"])
+    obs = [f.mjd for f in snap.latest if f.mjd is not None]
+    assert obs == sorted(obs, reverse=True) and len(obs) == len(snap.latest) - 1
+    text = render_text(snap, 120, 40)
+    assert "~ = arrival (wall clock)" in text
+
+
+def test_status_survives_a_closed_pipe(pdi_night):
+    """`vampd status | head`: the reader has gone; no traceback, exit 0."""
+    code = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
+            "from vampd.cli import main; sys.exit(main(['status', sys.argv[1]]))")
+    p = subprocess.run([PY, "-c", code, str(pdi_night["out"])], capture_output=True, text=True, timeout=120,
+                       env=_env())
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    st = _vampd("status", pdi_night["out"]).stdout
+    assert "1 parked" in st and "failed" not in st.split("files", 1)[1].splitlines()[0]
+    assert f"parked  {pdi_night['bad'].name}" in st and "header incomplete" in st

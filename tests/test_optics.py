@@ -38,15 +38,11 @@ from vampd.instrument.pupil import (
     synthetic_psf,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "vampires_filters.csv").is_file(), reason="no data")
+from conftest import DATA_DIR as DATA
+from conftest import needs_data
+
 PIX = 5.952  # mas/px, CMOS cam 1 post-NBS
 OFFSET = 129.44
-
-
-@pytest.fixture
-def no_data_dir(monkeypatch):
-    monkeypatch.delenv("VAMPD_DATA_DIR", raising=False)
 
 
 # ---------------------------------------------------------------------------------- filters
@@ -260,7 +256,8 @@ def _diff_rows(params, kind="cmos", pa=30.0, alt=60.0, az=100.0, imr=47.0):
 
 @pytest.mark.parametrize("kind", ["cmos", "emccd"])
 def test_ideal_triple_difference_is_pure_rotation(kind):
-    m_q, m_u = _diff_rows(MuellerParams.ideal(kind), kind)
+    assert MuellerParams.ideal(kind).flc_theta_b == {"cmos": 43.0, "emccd": 45.0}[kind]  # §1.5
+    m_q, m_u = _diff_rows(MuellerParams.ideal("emccd"), kind)
     assert m_q[0] == pytest.approx(0, abs=1e-12) and m_u[0] == pytest.approx(0, abs=1e-12)
     block = np.array([m_q[1:3], m_u[1:3]])
     np.testing.assert_allclose(block @ block.T, np.eye(2), atol=1e-12)
@@ -372,3 +369,25 @@ def test_mueller_from_header():
     del hdr["D_IMRANG"]
     with pytest.raises(HeaderError, match="D_IMRANG"):
         mueller_from_header(hdr, p)
+
+
+def test_psf_disk_cache_is_exact_keyed_and_repairs(tmp_path):
+    """The on-disk PSF cache returns exactly the computed PSF, keys on the pupil offset and
+    recomputes a damaged entry."""
+    from vampd.instrument.pupil import cached_synthetic_psf, synthetic_psf
+
+    cache = str(tmp_path)
+    ref = synthetic_psf("750-50", 6.0, 39.0, 21)
+    cached_synthetic_psf.cache_clear()
+    a = cached_synthetic_psf("750-50", 6.0, 39.0, 21, None, cache)
+    files = sorted(tmp_path.glob("psf_750-50_21_*.npy"))
+    assert len(files) == 1 and not list(tmp_path.glob(".tmp-*"))
+    np.testing.assert_array_equal(a, ref)
+    cached_synthetic_psf.cache_clear()
+    np.testing.assert_array_equal(cached_synthetic_psf("750-50", 6.0, 39.0, 21, None, cache), ref)  # from disk
+    cached_synthetic_psf("750-50", 6.0, 40.0, 21, None, cache)
+    assert len(list(tmp_path.glob("psf_750-50_21_*.npy"))) == 2  # another pupil offset, another entry
+    files[0].write_bytes(b"not an npy file")
+    cached_synthetic_psf.cache_clear()
+    np.testing.assert_array_equal(cached_synthetic_psf("750-50", 6.0, 39.0, 21, None, cache), ref)
+    assert np.load(files[0]).shape == (21, 21)  # rewritten

@@ -23,8 +23,7 @@ from vampd.simulate.night import SimConfig, simulate_night
 from vampd.stages.analyze import load_metrics
 from vampd.stages.calibfiles import build_masters
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from conftest import REFERENCE_CONFIG, needs_reference_config
 
 
 def _night(tmp, **kw):
@@ -187,6 +186,7 @@ def test_intermediates_and_no_coadd(tmp_path):
     assert Path(kinds2["aligned"]).exists()
 
 
+@pytest.mark.slow
 def test_mbi_fields_each_centred(tmp_path):
     truth, _ = _night(tmp_path, mbi=True, nframes=6, size=256, calib=False)
     cfg = _cfg(tmp_path, crop=48)
@@ -208,10 +208,11 @@ def test_mbi_fields_each_centred(tmp_path):
             assert abs(peak[0] - c) <= 0.5 and abs(peak[1] - c) <= 0.5
 
 
+@needs_reference_config
 def test_reference_config_runs_unchanged(tmp_path):
     """The reference pipeline's example config (with its calib dir pointed at ours) runs as is."""
     truth, _ = _night(tmp_path, nframes=8, size=96)
-    cfg = load_config(SHARED / "docs" / "reference-config-example.toml")
+    cfg = load_config(REFERENCE_CONFIG)
     cfg.calibrate.calib_directory = tmp_path / "masters"
     cfg.align.crop_width = 64
     r = process_file(_raw(tmp_path, truth, 0)[0], cfg, tmp_path / "out")
@@ -327,3 +328,63 @@ def test_large_cube_path_streams_chunks_and_gives_the_same_products(tmp_path, mo
         np.testing.assert_allclose(b[0].data, a[0].data, rtol=1e-5, atol=1e-3)
         np.testing.assert_allclose(b["ERR"].data, a["ERR"].data, rtol=1e-5, atol=1e-3)
     assert not list((tmp_path / "disk" / ".scratch").glob("*"))  # the disk store is removed
+
+
+def test_reused_scratch_memory_gives_identical_products(reduced, tmp_path):
+    """Calibrated cubes reuse per-thread memory across files: a file reduced after others (its
+    buffers hold their data) gives byte-identical products to its first reduction."""
+    tmp, truth, cfg, out, results = reduced
+    first = dict(results[0].products)["coadded"]
+    with fits.open(first) as hdul:
+        before = (hdul[0].data.copy(), hdul["ERR"].data.copy())
+    again = tmp_path / "again"
+    for i in (2, 1, 0):  # file 0 last, after two other cubes went through the same buffers
+        r = process_file(_raw(tmp, truth, i)[0], cfg, again)
+    with fits.open(dict(r.products)["coadded"]) as hdul:
+        np.testing.assert_array_equal(hdul[0].data, before[0])
+        np.testing.assert_array_equal(hdul["ERR"].data, before[1])
+
+
+def test_chain_is_built_from_the_config(tmp_path):
+    """The stage list follows the config (stages turned off are absent) and each is timed."""
+    from vampd.engine.chain import ChunkPass, build_chain
+
+    def names(cfg):
+        out = []
+        for s in build_chain(cfg):
+            out += [f"{s.name}:{t.name}" for t in s.stages] if isinstance(s, ChunkPass) else [s.name]
+        return out
+
+    cfg = _cfg(tmp_path, frame_select={"frame_select": True, "cutoff": 0.3}, coadd={"coadd": True})
+    full = names(cfg)
+    assert full[:3] == ["measure:calibrate", "measure:analyze", "metrics"]
+    assert "select" in full and "combine:coadd" in full and full[-1] == "coadd"
+    cfg2 = _cfg(tmp_path, frame_select={"frame_select": False}, coadd={"coadd": False})
+    lean = names(cfg2)
+    assert "select" not in lean and "combine:coadd" not in lean and lean[-1] == "write"
+
+
+def test_timing_and_cpu_per_stage(reduced):
+    tmp, truth, cfg, out, results = reduced
+    r = process_file(_raw(tmp, truth, 0)[0], cfg, out, force=True)
+    timing, cpu = r.metrics["timing"], r.metrics["cpu"]
+    for k in ("calibrate", "analyze", "align", "coadd", "total"):
+        assert timing[k] >= 0.0
+    assert set(cpu) >= {"calibrate", "analyze", "align", "coadd"}
+    assert timing["total"] >= sum(v for k, v in timing.items() if k not in ("total", "chain", "setup")) * 0.99
+
+
+def test_import_has_no_side_effects():
+    """`import vampd` (as `vampd watch` would) installs no handler and leaves astropy online."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, signal; sys.argv = ['vampd', 'watch', 'x.toml']; "
+        "from astropy.utils import iers; from astropy.utils.data import conf; "
+        "before = (iers.conf.auto_download, conf.allow_internet); "
+        "import vampd, vampd.engine.pipeline; "
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, (iers.conf.auto_download, conf.allow_internet) == before)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]

@@ -24,8 +24,8 @@ from vampd.specphot import (
     zeropoint,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "vampires_filters.csv").is_file(), reason="../shared/data not present")
+from conftest import DATA_DIR as DATA
+from conftest import needs_data
 
 
 @pytest.fixture(autouse=True)
@@ -43,12 +43,6 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture
-def data_env(monkeypatch):
-    monkeypatch.setenv("VAMPD_DATA_DIR", str(DATA))
-    return DATA
-
-
-@pytest.fixture
 def no_data(monkeypatch, tmp_path):
     monkeypatch.delenv("VAMPD_DATA_DIR", raising=False)
     return tmp_path
@@ -59,10 +53,10 @@ def no_data(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------
 @needs_data
 def test_vega_through_675_50(data_env):
+    import astropy.units as u
     from synphot import Observation
     from synphot import config as syn_config
     from synphot.units import VEGAMAG
-    import astropy.units as u
 
     from vampd.specphot.synth import filter_bandpass, vega_spectrum
 
@@ -180,14 +174,28 @@ def test_coronagraphic_contrast_and_jy_use_star_flux(data_env):
     header = {"AIRMASS": 1.1, "PXAREA": 3.5e-5, "X_GRDAMP": 0.05, "X_GRDSEP": 15.5}
     c = satellite_spot_contrast(0.05, 15.5, filter_info("750-50").waveave)
     spot = 2000.0
-    r = conversion_factor("750-50", spot, header, "contrast", "pickles", sptype="G2V", mag=6.0, mag_band="V", coronagraphic=True)
+    r = conversion_factor(
+        "750-50", spot, header, "contrast", "pickles", sptype="G2V", mag=6.0, mag_band="V", coronagraphic=True
+    )
     assert r.contrast == pytest.approx(c)
     assert r.star_flux == pytest.approx(spot / c)
     assert r.factor == pytest.approx(c / spot)  # a spot in contrast units equals its contrast
-    rj = conversion_factor("750-50", spot, header, "Jy", "pickles", sptype="G2V", mag=6.0, mag_band="V", coronagraphic=True)
+    rj = conversion_factor(
+        "750-50", spot, header, "Jy", "pickles", sptype="G2V", mag=6.0, mag_band="V", coronagraphic=True
+    )
     assert rj.factor * (spot / c) == pytest.approx(19.1867, rel=1e-4)  # the star, in Jy
     with pytest.raises(SpecphotError, match="X_GRDAMP"):
-        conversion_factor("750-50", spot, {"PXAREA": 1.0}, "contrast", "pickles", sptype="G2V", mag=6.0, mag_band="V", coronagraphic=True)
+        conversion_factor(
+            "750-50",
+            spot,
+            {"PXAREA": 1.0},
+            "contrast",
+            "pickles",
+            sptype="G2V",
+            mag=6.0,
+            mag_band="V",
+            coronagraphic=True,
+        )
 
 
 def test_apply_units_per_field():
@@ -212,9 +220,14 @@ def test_split_sequences():
 
 
 def test_scale_hdul_sets_unit():
-    hdul = fits.HDUList([fits.PrimaryHDU(np.ones((2, 3, 3), np.float32)), fits.ImageHDU(np.ones((2, 3, 3), np.float32), name="ERR"),
-                         fits.ImageHDU(header=fits.Header([("FIELD", "F610")]), name="F610"),
-                         fits.ImageHDU(header=fits.Header([("FIELD", "F670")]), name="F670")])
+    hdul = fits.HDUList(
+        [
+            fits.PrimaryHDU(np.ones((2, 3, 3), np.float32)),
+            fits.ImageHDU(np.ones((2, 3, 3), np.float32), name="ERR"),
+            fits.ImageHDU(header=fits.Header([("FIELD", "F610")]), name="F610"),
+            fits.ImageHDU(header=fits.Header([("FIELD", "F670")]), name="F670"),
+        ]
+    )
     scale_hdul(hdul, "Jy", {"F670": 3.0, "F610": 2.0})
     np.testing.assert_array_equal(hdul[0].data[:, 0, 0], [2.0, 3.0])
     assert all(h.header["BUNIT"] == "Jy" for h in hdul)
@@ -229,11 +242,27 @@ def _raw(path, flux, obj="HD1", filt="750-50", mjd=60500.3, n=3, shape=(48, 48),
 
     h = fits.Header()
     cards = {
-        "U_CAMERA": cam, "U_DETMOD": "FAST", "EXPTIME": exptime, "MJD-STR": mjd,
-        "MJD-END": mjd + n * exptime / 86400, "MJD": mjd + n * exptime / 172800, "DATE-OBS": "2024-07-01",
-        "DATA-TYP": "OBJECT", "OBJECT": obj, "RA": "01:00:00.000", "DEC": "+10:00:00.00", "FILTER01": filt,
-        "FILTER02": "Open", "OBS-MOD": "IMAG", "AIRMASS": 1.2, "ALTITUDE": 56.4, "AZIMUTH": 100.0,
-        "D_IMRANG": 10.0, "D_IMRPAP": -39.0, "RET-ANG1": 0.0, "U_FLC": "A",
+        "U_CAMERA": cam,
+        "U_DETMOD": "FAST",
+        "EXPTIME": exptime,
+        "MJD-STR": mjd,
+        "MJD-END": mjd + n * exptime / 86400,
+        "MJD": mjd + n * exptime / 172800,
+        "DATE-OBS": "2024-07-01",
+        "DATA-TYP": "OBJECT",
+        "OBJECT": obj,
+        "RA": "01:00:00.000",
+        "DEC": "+10:00:00.00",
+        "FILTER01": filt,
+        "FILTER02": "Open",
+        "OBS-MOD": "IMAG",
+        "AIRMASS": 1.2,
+        "ALTITUDE": 56.4,
+        "AZIMUTH": 100.0,
+        "D_IMRANG": 10.0,
+        "D_IMRPAP": -39.0,
+        "RET-ANG1": 0.0,
+        "U_FLC": "A",
     }
     for k, v in cards.items():
         h[k] = v
@@ -270,7 +299,9 @@ def test_sequence_calibration_end_to_end(data_env, tmp_path):
         p = raw / f"VMPA{i:08d}.fits"
         _raw(p, truth / c_fd_true, obj=obj, mjd=60500.3 + 0.001 * i)
         paths.append(str(p))
-    cfg = PipelineConfig(name="t", specphot={"unit": "Jy", "source": "pickles", "sptype": "G2V", "mag": 6.0, "mag_band": "V"})
+    cfg = PipelineConfig(
+        name="t", specphot={"unit": "Jy", "source": "pickles", "sptype": "G2V", "mag": 6.0, "mag_band": "V"}
+    )
     cfg.align.crop_width = 40
     out = tmp_path / "out"
     ledger = Ledger(out)
@@ -340,18 +371,24 @@ def _fake_products(out: Path, stem: str, fields: list[str], fluxes: list[float],
     return [("metrics", str(mpath)), ("coadded", str(cpath))]
 
 
+def _pickles_sequence_setup(tmp_path: Path, unit: str, sptype: str, mag: float):
+    """A config calibrating every 2 files of a target with a Pickles V-band source, and its ledger."""
+    from vampd.config import PipelineConfig
+    from vampd.engine.ledger import Ledger
+
+    specphot = {"unit": unit, "source": "pickles", "sptype": sptype, "mag": mag, "mag_band": "V", "sequence_files": 2}
+    cfg = PipelineConfig(name="t", specphot=specphot)
+    out = tmp_path / "out"
+    return cfg, out, Ledger(out)
+
+
 @needs_data
 def test_mbi_fields_get_their_own_factor_and_count_trigger(data_env, tmp_path):
-    from vampd.config import PipelineConfig
     from vampd.engine import specphot_trigger as st
-    from vampd.engine.ledger import Ledger
 
     fields = ["F610", "F670", "F720", "F760"]
     fluxes = [1.0e5, 2.0e5, 3.0e5, 4.0e5]
-    cfg = PipelineConfig(name="t", specphot={"unit": "Jy/arcsec^2", "source": "pickles", "sptype": "K0III", "mag": 8.0,
-                                             "mag_band": "V", "sequence_files": 2})
-    out = tmp_path / "out"
-    ledger = Ledger(out)
+    cfg, out, ledger = _pickles_sequence_setup(tmp_path, "Jy/arcsec^2", "K0III", 8.0)
     header = {"AIRMASS": 1.3, "PXAREA": 3.5e-5, "OBJECT": "T"}
     results = []
     for i in range(3):
@@ -359,12 +396,14 @@ def test_mbi_fields_get_their_own_factor_and_count_trigger(data_env, tmp_path):
         src.write_bytes(b"x")
         ledger.register(str(src), "h")
         prods = _fake_products(out, src.stem, fields, fluxes, header)
-        ledger.record_done(str(src), prods, {"target": "T", "filter": ",".join(fields), "camera": 2, "mjd": 60500.0 + i}, {}, "h")
+        ledger.record_done(
+            str(src), prods, {"target": "T", "filter": ",".join(fields), "camera": 2, "mjd": 60500.0 + i}, {}, "h"
+        )
         results.append(st.on_file_done(ledger, cfg, out, str(src)))
     # the count is reached at the second file; the third waits for finalize
     assert results[0] == [] and [r["key"] for r in results[1]] == ["cam2:VMPB00000000"] and results[2] == []
     f = results[1][0]["factors"]["VMPB00000000"]
-    for fld, flux in zip(fields, fluxes):
+    for fld, flux in zip(fields, fluxes, strict=True):
         expect = synthetic_photometry(fld, "pickles", "K0III", 8.0, "V").flux_jy / flux / 3.5e-5
         assert f[fld] == pytest.approx(expect, rel=1e-9)
     assert len(set(f.values())) == 4
@@ -383,7 +422,9 @@ def test_trigger_failure_is_recorded_not_raised(no_data):
     from vampd.engine.ledger import Ledger
 
     tmp = no_data
-    cfg = PipelineConfig(name="t", specphot={"unit": "Jy", "source": "pickles", "sptype": "G2V", "mag": 6.0, "mag_band": "V"})
+    cfg = PipelineConfig(
+        name="t", specphot={"unit": "Jy", "source": "pickles", "sptype": "G2V", "mag": 6.0, "mag_band": "V"}
+    )
     out = tmp / "out"
     ledger = Ledger(out)
     src = tmp / "VMPA00000009.fits"
@@ -409,14 +450,9 @@ def test_zeropoints_e_per_s_is_a_no_op(no_data):
 
 @needs_data
 def test_late_file_moves_boundaries_and_supersedes(data_env, tmp_path):
-    from vampd.config import PipelineConfig
     from vampd.engine import specphot_trigger as st
-    from vampd.engine.ledger import Ledger
 
-    cfg = PipelineConfig(name="t", specphot={"unit": "contrast", "source": "pickles", "sptype": "G2V", "mag": 6.0,
-                                             "mag_band": "V", "sequence_files": 2})
-    out = tmp_path / "out"
-    ledger = Ledger(out)
+    cfg, out, ledger = _pickles_sequence_setup(tmp_path, "contrast", "G2V", 6.0)
     fluxes = {0: 1e5, 1: 2e5, 2: 4e5}
 
     def finish(i):
@@ -424,7 +460,9 @@ def test_late_file_moves_boundaries_and_supersedes(data_env, tmp_path):
         src.write_bytes(b"x")
         ledger.register(str(src), "h")
         prods = _fake_products(out, src.stem, ["750-50"], [fluxes[i]], {"AIRMASS": 1.0, "PXAREA": 3.5e-5})
-        ledger.record_done(str(src), prods, {"target": "T", "filter": "750-50", "camera": 1, "mjd": 60500.0 + i}, {}, "h")
+        ledger.record_done(
+            str(src), prods, {"target": "T", "filter": "750-50", "camera": 1, "mjd": 60500.0 + i}, {}, "h"
+        )
         return st.on_file_done(ledger, cfg, out, str(src))
 
     assert finish(1) == []
@@ -436,5 +474,8 @@ def test_late_file_moves_boundaries_and_supersedes(data_env, tmp_path):
     states = {r["key"]: r["state"] for r in ledger.specphot_rows()}
     assert states == {"cam1:VMPA00000000": "done", "cam1:VMPA00000001": "superseded"}
     assert not (out / "specphot" / "t_T_750-50_cam1_VMPA00000001.json").exists()
-    assert pdi_unit_factor(out, "T", "750-50") == ("contrast", {"750-50": pytest.approx(1 / 1.45e5)})  # median of .9,1,1.1,1.8,2,2.2 e5
+    assert pdi_unit_factor(out, "T", "750-50") == (
+        "contrast",
+        {"750-50": pytest.approx(1 / 1.45e5)},
+    )  # median of .9,1,1.1,1.8,2,2.2 e5
     ledger.close()

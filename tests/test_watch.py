@@ -196,7 +196,8 @@ MAXQ = "/proc/sys/fs/inotify/max_queued_events"
 @pytest.mark.skipif(not os.access(MAXQ, os.W_OK), reason="needs root to lower max_queued_events")
 def test_real_inotify_overflow(tmp_path):
     """A real kernel queue overflow (the limit is lowered only while the watch is created)."""
-    old = open(MAXQ).read().strip()
+    with open(MAXQ) as fh:
+        old = fh.read().strip()
     try:
         with open(MAXQ, "w") as fh:
             fh.write("8")

@@ -1,25 +1,27 @@
-"""vampd — the night-time quicklook daemon for VAMPIRES (SCExAO, Subaru Telescope)."""
+"""vampd — the night-time quicklook daemon for VAMPIRES (SCExAO, Subaru Telescope).
 
-import os as _os
-import sys as _sys
+Importing :mod:`vampd` has no side effects: signal handlers and astropy's offline settings
+are applied by the command-line entry point (:func:`vampd.cli.main`) and, for the offline
+settings, at first use by the code that computes sidereal time or synthetic photometry
+(:func:`vampd._offline.configure_offline`).
+"""
 
 __version__ = "0.1.0"
 
-#: SIGTERM/SIGINT received while ``vampd watch`` was still importing (see watch.commands)
+#: SIGTERM/SIGINT received while ``vampd watch`` was still starting (see watch.commands)
 early_stop_signals: list[int] = []
 
-if len(_sys.argv) > 1 and _sys.argv[1] == "watch" and (
-    _sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "vampd"
-):
-    # the daemon: a stop request during the ~0.5 s of imports below must end in a clean drain
-    # (exit 0), not in death by the default handler
-    import signal as _signal
 
-    for _sig in (_signal.SIGTERM, _signal.SIGINT):
-        _signal.signal(_sig, lambda signum, frame: early_stop_signals.append(signum))
+def install_early_stop() -> None:
+    """Record SIGTERM/SIGINT in :data:`early_stop_signals` instead of dying.
 
-from vampd._offline import configure_offline  # noqa: E402
+    Called by the CLI for ``vampd watch`` before any heavy import: a stop request during
+    start-up must end in a clean drain (exit 0), not in death by the default handler.
+    """
+    import signal
 
-configure_offline()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early_stop_signals.append(signum))
 
-__all__ = ["__version__"]
+
+__all__ = ["__version__", "early_stop_signals", "install_early_stop"]

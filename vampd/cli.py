@@ -28,11 +28,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _add_new(p: argparse.ArgumentParser) -> None:
-    from vampd.config.presets import PRESETS
+PRESET_NAMES = ("quicklook", "pdi-triplediff", "pdi-doublediff", "mbi", "coronagraphic")
 
+
+def _add_new(p: argparse.ArgumentParser) -> None:
+    # the preset names are checked by `vampd new` itself: importing the config models here would
+    # slow every `vampd --help` (tests/test_config.py checks this list against PRESETS)
     p.add_argument("path", help="where to write the TOML file")
-    p.add_argument("--preset", default="quicklook", choices=sorted(PRESETS), help="starting point (default: quicklook)")
+    p.add_argument("--preset", default="quicklook", metavar="PRESET",
+                   help="starting point: " + ", ".join(PRESET_NAMES))
     p.add_argument("--name", default=None, help="the config's `name` (default: the file's stem)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
 
@@ -50,23 +54,24 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="raw dark/sky and flat files")
     p.add_argument("-o", "--outdir", required=True, help="calibration directory to write masters into")
-    p.add_argument("--method", default="median", choices=["median", "mean", "varmean", "biweight"])
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--method", default="median", choices=["median", "mean", "varmean", "biweight"],
+                   help="how the frames of the input files are combined")
+    p.add_argument("--force", action="store_true", help="rebuild masters that are newer than their inputs")
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="configuration TOML file")
     p.add_argument("files", nargs="+", help="raw FITS files")
     p.add_argument("-o", "--outdir", default=None, help="output directory (default: the config's directory)")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: the config's watch.workers)")
     p.add_argument("--force", action="store_true", help="redo work even if products are up to date")
 
 
 def _add_watch(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="configuration TOML file")
     p.add_argument("-i", "--input", action="append", default=None, help="directory to watch (repeatable)")
-    p.add_argument("-o", "--outdir", default=None, help="output directory")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes")
+    p.add_argument("-o", "--outdir", default=None, help="output directory (default: watch.outdir, else the config's directory)")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: the config's watch.workers)")
     p.add_argument("--poll", action="store_true", help="poll instead of inotify (NFS/CIFS)")
 
 
@@ -84,7 +89,7 @@ def _add_live(p: argparse.ArgumentParser) -> None:
 
 def _add_finalize(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="configuration TOML file")
-    p.add_argument("-o", "--outdir", default=None, help="output directory")
+    p.add_argument("-o", "--outdir", default=None, help="output directory (default: watch.outdir, else the config's directory)")
     p.add_argument("--mean", action="store_true", help="collapse sets by their mean instead of the median")
     p.add_argument("--ivar", action="store_true", help="collapse sets by the inverse-variance weighted mean")
 
@@ -117,16 +122,59 @@ ARGUMENTS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: one example per command (shown at the end of its ``--help``); commands added later may add theirs
+EXAMPLES: dict[str, str] = {
+    "new": "vampd new night.toml --preset pdi-triplediff",
+    "check": "vampd check night.toml",
+    "simulate": "vampd simulate /tmp/sim --cycles 2 --size 128",
+    "calib": "vampd calib /data/darks/*.fits /data/flats/*.fits -o /reduced/calib",
+    "run": "vampd run night.toml /data/20251125/*.fits -o /reduced/20251125 -j 2",
+    "watch": "vampd watch night.toml -i /data/20251125/vcam1 -i /data/20251125/vcam2 -o /reduced/20251125",
+    "status": "vampd status /reduced/20251125 --json",
+    "live": "vampd live /reduced/20251125 --refresh 2",
+    "finalize": "vampd finalize night.toml -o /reduced/20251125",
+    "demo": "vampd demo --files 16 --no-live",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the example's layout and appends every option's default (unless it is ``None``,
+    ``False`` or already written in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(d, list) and not d:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _verbosity_options(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more logging (repeatable)")
+    p.add_argument("-q", "--quiet", action="count", default=default, help="less logging: warnings and errors only")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, the arguments of that command alone (fast ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="vampd",
         description="Night-time quicklook daemon for VAMPIRES (SCExAO/Subaru).",
+        formatter_class=_HelpFormatter,
+        epilog="example:\n  vampd new night.toml && vampd check night.toml && vampd watch night.toml -i /data/tonight\n\n"
+               "`vampd COMMAND --help` shows each command's options, defaults and an example.",
     )
     parser.add_argument("--version", action="version", version=f"vampd {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
+    _verbosity_options(parser, 0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_mod, _fn, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        example = EXAMPLES.get(name)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter,
+                           epilog=f"example:\n  {example}" if example else None)
+        _verbosity_options(p, argparse.SUPPRESS)  # -v/-q after the command too
+        if only is not None and name != only:
+            continue  # sub-command arguments may import (presets, simulator): only the one used
         try:
             ARGUMENTS[name](p)
         except ImportError as exc:  # a missing optional module must not break every other command
@@ -134,8 +182,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(fn, args: argparse.Namespace) -> int:
+    """Call a command; Ctrl-C → 130 and a closed stdout (``vampd status | head``) → quiet exit."""
+    try:
+        rc = int(fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return rc
+    except KeyboardInterrupt:
+        print(f"vampd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        import os
+
+        # the reader went away: nothing more to say, and no second error when Python flushes stdout
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "watch":
+        from vampd import install_early_stop
+
+        install_early_stop()  # before any heavy import: an early SIGTERM drains cleanly
+    parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -145,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     from vampd.logs import setup_logging
 
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, getattr(args, "quiet", 0))
     module, func, _ = COMMANDS[args.command]
     try:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as exc:
         print(f"vampd {args.command}: not available in this build ({exc})", file=sys.stderr)
         return 3
-    return int(fn(args) or 0)
+    return _run(fn, args)
 
 
 if __name__ == "__main__":

@@ -284,13 +284,14 @@ def _primary_layout(path) -> dict | None:
     return {"offset": offset, "dtype": np.dtype(dtypes[bitpix]), "shape": shape, "bzero": bzero, "bscale": bscale}
 
 
-def read_frames(path: os.PathLike | str, frames: slice | None = None) -> np.ndarray:
+def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """The data of a raw cube (or a slice of its frames) as :func:`read_cube` returns them.
 
     Plain primary-HDU files are memory-mapped directly from the offsets in their header
     bytes (no astropy HDU, no header copy: ~10x less overhead for a small cube); anything
     else (``.fz``, BLANK, ...) goes through :func:`read_cube`. Same values, dtype and
-    errors as ``read_cube(path, frames)[0]``.
+    errors as ``read_cube(path, frames)[0]``. ``out``: optional uint16 array of the result's
+    shape to fill (reused memory) for the usual unsigned-16-bit cube; ignored otherwise.
     """
     if data_hdu_index(path) != 0:
         return read_cube(path, frames)[0]
@@ -311,7 +312,11 @@ def read_frames(path: os.PathLike | str, frames: slice | None = None) -> np.ndar
         data = mm if frames is None else mm[frames]
         dt, bzero, bscale = lay["dtype"], lay["bzero"], lay["bscale"]
         if bscale == 1 and bzero == 32768 and dt.kind == "i" and dt.itemsize == 2:
-            out = data.view(dt.newbyteorder(">").str.replace("i", "u")).astype(np.uint16)
+            src = data.view(dt.newbyteorder(">").str.replace("i", "u"))
+            if out is not None and out.shape == src.shape and out.dtype == np.uint16:
+                np.copyto(out, src)
+            else:
+                out = src.astype(np.uint16)
             out ^= np.uint16(0x8000)  # the instrument's uint16-as-int16: exact
             return out
         if bscale == 1 and bzero == 0:

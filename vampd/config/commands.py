@@ -54,9 +54,12 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Load and validate ``args.config`` and print what a run will do.
+    """Load and validate ``args.config``, say what a run will do, which data files are found where,
+    and what would stop it.
 
-    Returns 0 if valid, 1 if invalid (message on stderr), 2 if the file is missing or not TOML.
+    Returns 0 if it can run (warnings allowed), 1 if it cannot run as configured (invalid values,
+    or a missing calibration directory, data file or spectrum: each named with how to fix it),
+    2 if the file is missing or not TOML.
     """
     path = Path(args.config)
     with warnings.catch_warnings(record=True) as caught:
@@ -70,8 +73,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             _print_warnings(caught)
             print(f"vampd check: {exc}", file=sys.stderr)
             return 1
-    print(summarize(cfg, path))
+    errors, warns = diagnose(cfg)
+    print(summarize(cfg, path, ok=not errors))
     _print_warnings(caught)
+    for w in warns:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
+        print(f"vampd check: {path} cannot run as configured ({len(errors)} error(s) above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -79,6 +90,101 @@ def _print_warnings(caught: list) -> None:
     for w in caught:
         if issubclass(w.category, ConfigWarning):
             print(f"warning: {w.message}", file=sys.stderr)
+
+
+# -- what a run needs ---------------------------------------------------------------------------------
+def data_needs(cfg: PipelineConfig) -> list[tuple[str, str, bool]]:
+    """Data files a run with ``cfg`` reads: ``(name, what it is for, required)``. Optional files
+    have a fallback (nominal filter curves, the built-in zero-point table)."""
+    from vampd.specphot.data import BAND_FILES, PICKLES_INDEX, VEGA_FILE, ZEROPOINT_TABLE_NAME
+
+    sp = cfg.specphot
+    synthetic = sp.unit != "e-/s" and sp.source_kind in ("pickles", "file")
+    needs = [("vampires_filters.csv", "VAMPIRES filter curves" + ("" if synthetic else "; nominal top-hat bands are used"),
+              synthetic),
+             (ZEROPOINT_TABLE_NAME, "zero points; the built-in table is used", False)]
+    if synthetic:
+        if sp.source_kind == "pickles":
+            needs.append((PICKLES_INDEX, f"the Pickles atlas (spectral type {sp.sptype})", True))
+        band = str(sp.mag_band or "V")
+        band = band.upper() if band.lower() in ("r", "i") else band
+        if band in BAND_FILES:
+            needs.append((BAND_FILES[band], f"the {band} passband of specphot.mag_band", True))
+        needs.append((VEGA_FILE, "the Vega spectrum (Vega magnitudes)", True))
+    return needs
+
+
+def data_report(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """``(name, where)`` for every data file a run reads: the path and which convention found it
+    (``data_dir``/``$VAMPD_DATA_DIR``, ``$PYSYN_CDBS``, an installed package), or "not found"."""
+    from vampd.specphot.data import VEGA_FILE, locate, vega_file
+
+    rows = []
+    for name, purpose, required in data_needs(cfg):
+        path, source = locate(name, cfg)
+        if path is None and name == VEGA_FILE:
+            try:
+                path, source = vega_file(cfg), "installed package"
+            except FileNotFoundError:
+                pass
+        if path is not None:
+            rows.append((name, f"{path}  [{_source_label(cfg, source)}]"))
+        else:
+            rows.append((name, f"NOT FOUND (required: {purpose})" if required else f"not found ({purpose})"))
+    return rows
+
+
+def _source_label(cfg: PipelineConfig, source: str) -> str:
+    if source == "data_dir":
+        return "data_dir" if cfg.data_dir is not None else "$VAMPD_DATA_DIR"
+    return source
+
+
+def _fix_data(name: str, purpose: str) -> str:
+    from vampd.specphot.data import PICKLES_DIR, VEGA_FILE
+
+    cdbs = name.startswith(PICKLES_DIR) or name == VEGA_FILE
+    return (f"{purpose}: {name} not found. Set `data_dir` in the configuration or $VAMPD_DATA_DIR to a "
+            f"directory holding it" + (" (or $PYSYN_CDBS to a synphot data tree: grid/pickles/dat_uvk/, calspec/)"
+                                      if cdbs else "") + "; vampd never downloads it")
+
+
+def diagnose(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)``: what stops a run with ``cfg`` and what only degrades it."""
+    errors, warns = [], []
+    cal = cfg.calibrate
+    if cal.calib_directory is not None and (cal.back_subtract or cal.flat_correct) and not cal.calib_directory.is_dir():
+        errors.append(f"calibrate.calib_directory = {cal.calib_directory} does not exist (needed for "
+                      f"{'background subtraction' if cal.back_subtract else 'flat correction'}): build it with "
+                      f"`vampd calib DARKS... FLATS... -o {cal.calib_directory}`, point calib_directory at the "
+                      "directory holding background/ and flat/, or set back_subtract = flat_correct = false")
+    if cfg.data_dir is not None and not cfg.data_dir.is_dir():
+        warns.append(f"data_dir = {cfg.data_dir} does not exist")
+    from vampd.specphot.data import PICKLES_INDEX, VEGA_FILE, locate, pickles_file, vega_file
+
+    for name, purpose, required in data_needs(cfg):
+        if not required or locate(name, cfg)[0] is not None:
+            continue
+        if name == VEGA_FILE:
+            try:
+                vega_file(cfg)
+                continue
+            except FileNotFoundError:
+                pass
+        errors.append(f"specphot.source = \"{cfg.specphot.source_kind}\" needs " + _fix_data(name, purpose))
+    sp = cfg.specphot
+    if sp.unit != "e-/s" and sp.source_kind == "pickles" and locate(PICKLES_INDEX, cfg)[0] is not None:
+        try:
+            pickles_file(sp.sptype, cfg)
+        except (ValueError, FileNotFoundError) as exc:
+            errors.append(str(exc))
+    if sp.source_kind == "file" and not Path(sp.source).is_file():
+        errors.append(f"specphot.source = {sp.source}: spectrum file not found (give an existing FITS/ASCII "
+                      "spectrum, or use source = \"pickles\" or \"zeropoints\")")
+    po = cfg.polarimetry
+    if po is not None and po.mm_correct and not po.use_ideal_mm and po.mm_table is not None and not po.mm_table.exists():
+        warns.append(f"polarimetry.mm_table = {po.mm_table} not found: the ideal Mueller model will be used")
+    return errors, warns
 
 
 def _onoff(flag: bool) -> str:
@@ -96,22 +202,26 @@ def _pad_side(crop: int) -> int:
     return crop + 2 * npad
 
 
-def summarize(cfg: PipelineConfig, path: str | Path | None = None) -> str:
-    """A short human summary of what a run with ``cfg`` will do (one ``label  text`` line each)."""
-    rows: list[tuple[str, str]] = []
-    versions = f"vampd {cfg.vampd_version}, dpp schema {cfg.dpp_version}"
-    rows.append(("config", f"{path}" if path else "(in memory)"))
-    rows.append(("name", f'"{cfg.name}"' + ("  (empty: products will start with '_')" if not cfg.name else "")))
-    rows.append(("hash", f"{cfg.config_hash()}  ({versions})"))
-    mode = "PDI " + cfg.polarimetry.method if cfg.polarimetry else "imaging (no PDI)"
-    extras = [m for m, on in (("coronagraphic", cfg.coronagraphic), ("planetary", cfg.planetary)) if on]
-    rows.append(("mode", mode + (" + " + ", ".join(extras) if extras else "") + f"; combine {cfg.combine.method}"))
-    if cfg.target:
-        t = cfg.target
-        rows.append(("target", f"{t.name} {t.ra} {t.dec} (parallax {t.parallax:g} mas)"))
-    else:
-        rows.append(("target", "header coordinates"))
+def _polarimetry_text(po) -> str:
+    mm = "off"
+    if po.mm_correct:
+        if po.use_ideal_mm:
+            mm = "ideal"
+        elif po.mm_table is not None:
+            mm = f"table {po.mm_table}" + ("" if po.mm_table.exists() else " (MISSING -> ideal)")
+        else:
+            mm = "ideal (no mm_table)"
+    ip = "off"
+    if po.ip_correct:
+        ip = (f"aperture r={po.ip_radius:g} px" if po.ip_method == "aperture"
+              else f"annulus {po.ip_radius:g}-{po.ip_radius2:g} px")
+    return (f"{po.method}, derotate {_onoff(po.derotate)}, MM {mm}, IP {ip}, {po.cyl_stokes}; "
+            f"HWP tolerance {po.hwp_tolerance:g} deg, set timeout {po.set_timeout:g} s")
 
+
+def _science_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """The summary's rows for the per-file chain, specphot, polarimetry and difference images."""
+    rows: list[tuple[str, str]] = []
     cal = cfg.calibrate
     if cal.calib_directory is None:
         caltxt = "no calib directory: bias subtraction only"
@@ -163,33 +273,32 @@ def summarize(cfg: PipelineConfig, path: str | Path | None = None) -> str:
     rows.append(("specphot", sptxt))
 
     if cfg.polarimetry:
-        po = cfg.polarimetry
-        mm = "off"
-        if po.mm_correct:
-            if po.use_ideal_mm:
-                mm = "ideal"
-            elif po.mm_table is not None:
-                mm = f"table {po.mm_table}" + ("" if po.mm_table.exists() else " (MISSING -> ideal)")
-            else:
-                mm = "ideal (no mm_table)"
-        ip = "off"
-        if po.ip_correct:
-            ip = (
-                f"aperture r={po.ip_radius:g} px"
-                if po.ip_method == "aperture"
-                else f"annulus {po.ip_radius:g}-{po.ip_radius2:g} px"
-            )
-        rows.append(
-            (
-                "polarimetry",
-                f"{po.method}, derotate {_onoff(po.derotate)}, MM {mm}, IP {ip}, {po.cyl_stokes}; "
-                f"HWP tolerance {po.hwp_tolerance:g} deg, set timeout {po.set_timeout:g} s",
-            )
-        )
+        rows.append(("polarimetry", _polarimetry_text(cfg.polarimetry)))
     di = cfg.diff_images
     rows.append(
         ("diff_images", "off" if not di.make_diff else "single" + (" + double" if di.save_double else ""))
     )
+    return rows
+
+
+def summarize(cfg: PipelineConfig, path: str | Path | None = None, ok: bool = True) -> str:
+    """A short human summary of what a run with ``cfg`` will do (one ``label  text`` line each),
+    the data files and where they were found; the last line says whether it can run."""
+    rows: list[tuple[str, str]] = []
+    versions = f"vampd {cfg.vampd_version}, dpp schema {cfg.dpp_version}"
+    rows.append(("config", f"{path}" if path else "(in memory)"))
+    rows.append(("name", f'"{cfg.name}"' + ("  (empty: products will start with '_')" if not cfg.name else "")))
+    rows.append(("hash", f"{cfg.config_hash()}  ({versions})"))
+    mode = "PDI " + cfg.polarimetry.method if cfg.polarimetry else "imaging (no PDI)"
+    extras = [m for m, on in (("coronagraphic", cfg.coronagraphic), ("planetary", cfg.planetary)) if on]
+    rows.append(("mode", mode + (" + " + ", ".join(extras) if extras else "") + f"; combine {cfg.combine.method}"))
+    if cfg.target:
+        t = cfg.target
+        rows.append(("target", f"{t.name} {t.ra} {t.dec} (parallax {t.parallax:g} mas)"))
+    else:
+        rows.append(("target", "header coordinates"))
+
+    rows += _science_rows(cfg)
     rows.append(("adi cubes", _onoff(cfg.save_adi_cubes)))
     data_dir = resolve_data_dir(cfg)
     if cfg.data_dir is not None:
@@ -198,6 +307,7 @@ def summarize(cfg: PipelineConfig, path: str | Path | None = None) -> str:
         rows.append(("data dir", _dir_state(data_dir) + " [from $VAMPD_DATA_DIR]"))
     else:
         rows.append(("data dir", "not set (neither data_dir nor $VAMPD_DATA_DIR)"))
+    rows += [("", f"{name}: {where}") for name, where in data_report(cfg)]
 
     w = cfg.watch
     inputs = ", ".join(_dir_state(p) for p in w.inputs) if w.inputs else "none in file (give -i DIR)"
@@ -212,4 +322,5 @@ def summarize(cfg: PipelineConfig, path: str | Path | None = None) -> str:
         )
     )
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\nOK: configuration is valid"
+    verdict = "OK: configuration is valid" if ok else "NOT OK: the configuration is valid but cannot run (see the errors)"
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n" + verdict

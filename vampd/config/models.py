@@ -241,6 +241,14 @@ VersionStr = Annotated[str, AfterValidator(_check_version_string)]
 # base model: unknown keys warn, errors become ConfigError
 
 
+def _did_you_mean(key: str, known) -> str:
+    """``"; did you mean `cutoff`?"`` for the nearest known key (difflib), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 class _Model(BaseModel):
     """Common behaviour: unknown keys warn (naming them); invalid assignments raise ConfigError.
 
@@ -268,7 +276,8 @@ class _Model(BaseModel):
                     where = f"{cls._section}.{key}" if cls._section else str(key)
                     kind = "section" if isinstance(data[key], dict) and not cls._section else "key"
                     shown = f"[{where}]" if kind == "section" else where
-                    warnings.warn(f"unknown {kind} {shown} ignored", ConfigWarning, stacklevel=2)
+                    warnings.warn(f"unknown {kind} {shown} ignored{_did_you_mean(str(key), cls.model_fields)}",
+                                  ConfigWarning, stacklevel=2)
         return data
 
 
@@ -572,9 +581,10 @@ class PolarimetryConfig(_Model):
 
     _section: ClassVar[str] = "polarimetry"
 
-    method: Literal["triplediff", "doublediff"] = Field(
+    method: Literal["triplediff", "doublediff", "leastsq"] = Field(
         "triplediff",
-        description='"triplediff" (HWP x FLC x camera, 16 files per set) or "doublediff" (HWP x camera, 8)',
+        description='"triplediff" (HWP x FLC x camera, 16 files per set), "doublediff" (HWP x camera, 8) or '
+        '"leastsq" (vampd: per-pixel least squares over every cube, streamed)',
     )
     derotate: bool = Field(
         True, description="Derotate to north up, east left when forming Stokes images (needed for mm_correct)"
@@ -603,12 +613,32 @@ class PolarimetryConfig(_Model):
         description="vampd: CSV table of fitted Mueller-model parameters (never downloaded); without it the "
         "ideal model is used",
     )
+    # least squares (method = "leastsq")
+    leastsq_max_cond: PositiveFloat = Field(
+        100.0, description="vampd leastsq: pixels whose normal matrix has a (Frobenius) condition number above "
+        "this are NaN (degenerate HWP coverage)"
+    )
+    leastsq_refresh_files: PositiveInt = Field(
+        8, description="vampd leastsq: re-solve and rewrite the running products after this many new cubes"
+    )
+    leastsq_refresh_seconds: PositiveFloat = Field(
+        60.0, description="vampd leastsq: ... or when this many seconds passed since the last refresh"
+    )
+    leastsq_weights: Literal["equal", "ivar"] = Field(
+        "equal", description='vampd leastsq: "equal" (unit weights, errors by the sandwich estimator; unbiased '
+        'with signal-dependent errors) or "ivar" (1/sigma^2 per pixel)'
+    )
+    leastsq_snr_annulus: tuple[PositiveFloat, PositiveFloat] | None = Field(
+        None, description="vampd leastsq: (r_in, r_out) px of the Q_phi S/N region; default (ip_radius, N/2)"
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> PolarimetryConfig:
         problems = []
         if self.mm_correct and not self.derotate:
             problems.append("polarimetry.mm_correct = true requires polarimetry.derotate = true")
+        if self.method == "leastsq" and not self.derotate:
+            problems.append('polarimetry.method = "leastsq" requires polarimetry.derotate = true')
         if self.ip_method == "annulus":
             if self.ip_radius2 is None:
                 problems.append(

@@ -403,6 +403,14 @@ class Ledger:
             ).rowcount
 
     # -- products ---------------------------------------------------------------------------
+    def saturated_files(self) -> list[tuple[str, int]]:
+        """Done files with saturated PSF-core frames: (path, frame count) from the metrics ``nsat``."""
+        rows = self.conn.execute(
+            "SELECT path, CAST(json_extract(metrics, '$.nsat') AS INTEGER) AS nsat FROM files"
+            " WHERE state='done' AND json_extract(metrics, '$.nsat') > 0 ORDER BY path"
+        ).fetchall()
+        return [(r["path"], int(r["nsat"])) for r in rows]
+
     def products(self, path: str | None = None) -> list[sqlite3.Row]:
         if path is None:
             return self.conn.execute("SELECT * FROM products ORDER BY file, kind").fetchall()
@@ -476,6 +484,106 @@ class Ledger:
     def daemon_info(self) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM daemon WHERE id=1").fetchone()
 
+    # --- least-squares accumulators ---
+    # Shadow paging (vampd.engine.leastsq_trigger): an accumulator generation is an immutable NPZ;
+    # ``lsq_acc`` names the generation that holds exactly the cubes listed in ``lsq_members``
+    # (error IS NULL), and both change in one transaction (:meth:`lsq_commit`).
+    _LSQ_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS lsq_acc (
+        key TEXT PRIMARY KEY, name TEXT, target TEXT, filter TEXT, gen INTEGER NOT NULL,
+        path TEXT, digest TEXT, ncubes INTEGER, fields TEXT, shape TEXT, updated REAL,
+        solved_ncubes INTEGER, solved_at REAL, snr REAL, stats TEXT
+    );
+    CREATE TABLE IF NOT EXISTS lsq_members (
+        key TEXT NOT NULL, file TEXT NOT NULL, token TEXT NOT NULL, contrib TEXT, gen INTEGER,
+        camera INTEGER, flc TEXT, hwp REAL, mjd REAL, error TEXT, PRIMARY KEY (key, file)
+    );
+    """
+
+    def lsq_schema(self) -> None:
+        """Create the least-squares tables (idempotent; the writer calls it before use)."""
+        self.conn.executescript(self._LSQ_SCHEMA)
+
+    def _lsq_rows(self, sql: str, args=()) -> list[sqlite3.Row]:
+        try:
+            return self.conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:  # read-only ledger of a night without least squares
+            return []
+
+    def lsq_inputs(self) -> list[sqlite3.Row]:
+        """Done files with a coadded product: file, product, its recorded mtime/size and the slot."""
+        return self.conn.execute(
+            "SELECT f.path AS file, p.path AS product, p.mtime_ns AS mtime_ns, p.size AS size, f.target AS target,"
+            " f.filter AS filter, f.camera AS camera, f.flc AS flc, f.hwp AS hwp, f.mjd AS mjd"
+            " FROM files f JOIN products p ON p.file = f.path WHERE f.state = 'done' AND p.kind = 'coadded'"
+            " ORDER BY f.mjd, f.path"
+        ).fetchall()
+
+    def lsq_accumulators(self, name: str | None = None) -> list[sqlite3.Row]:
+        """Accumulator rows (of one run ``name``, or all)."""
+        if name is None:
+            return self._lsq_rows("SELECT * FROM lsq_acc ORDER BY key")
+        return self._lsq_rows("SELECT * FROM lsq_acc WHERE name=? ORDER BY key", (name,))
+
+    def lsq_members(self, key: str | None = None) -> list[sqlite3.Row]:
+        """Member rows (``error`` set: rejected, not in the accumulator)."""
+        if key is None:
+            return self._lsq_rows("SELECT * FROM lsq_members ORDER BY key, mjd, file")
+        return self._lsq_rows("SELECT * FROM lsq_members WHERE key=? ORDER BY mjd, file", (key,))
+
+    def lsq_commit(self, key: str, acc: dict, add: Iterable[dict], remove: Iterable[str]) -> None:
+        """Point ``key`` at a new accumulator generation and update its member list, atomically.
+
+        ``acc``: lsq_acc columns (gen, path, digest, ...); ``add``: member rows (replacing the
+        file's row); ``remove``: files whose rows go.
+        """
+        cols = ("name", "target", "filter", "gen", "path", "digest", "ncubes", "fields", "shape")
+        mcols = ("token", "contrib", "gen", "camera", "flc", "hwp", "mjd", "error")
+        with self.transaction():
+            self.conn.execute(
+                f"INSERT INTO lsq_acc (key, {', '.join(cols)}, updated) VALUES (?{',?' * len(cols)},?)"
+                f" ON CONFLICT(key) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in cols)}, updated=excluded.updated",
+                (key, *(_plain(acc.get(c)) for c in cols), time.time()),
+            )
+            self.conn.executemany("DELETE FROM lsq_members WHERE key=? AND file=?", [(key, f) for f in remove])
+            self.conn.executemany(
+                f"INSERT OR REPLACE INTO lsq_members (key, file, {', '.join(mcols)}) VALUES (?,?{',?' * len(mcols)})",
+                [(key, r["file"], *(_plain(r.get(c)) for c in mcols)) for r in add],
+            )
+
+    def lsq_solved(self, key: str, ncubes: int, snr: float | None, stats: dict) -> None:
+        """Record a solve of ``key`` (cubes in it, Q_phi S/N, degenerate pixels, products)."""
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE lsq_acc SET solved_ncubes=?, solved_at=?, snr=?, stats=? WHERE key=?",
+                (ncubes, time.time(), _plain(snr), json.dumps(_plain(stats)), key),
+            )
+
+    def lsq_snr(self, key: str, snr: float | None) -> None:
+        """Record the Q_phi S/N of the latest solve (products not rewritten)."""
+        with self.transaction():
+            self.conn.execute("UPDATE lsq_acc SET snr=? WHERE key=?", (_plain(snr), key))
+
+    def lsq_coverage(self, key: str) -> dict[str, int]:
+        """Cubes in the accumulator per HWP angle (``{"0": n, "22.5": n, ...}``)."""
+        rows = self._lsq_rows(
+            "SELECT ROUND(hwp, 1) AS h, COUNT(*) FROM lsq_members WHERE key=? AND error IS NULL GROUP BY h ORDER BY h",
+            (key,),
+        )
+        return {f"{r[0]:g}" if r[0] is not None else "?": int(r[1]) for r in rows}
+
+    def lsq_status(self) -> list[dict]:
+        """Per accumulator: target, filter, cubes, rejected cubes, last Q_phi S/N, coverage per HWP."""
+        out = []
+        for r in self.lsq_accumulators():
+            nrej = self._lsq_rows("SELECT COUNT(*) FROM lsq_members WHERE key=? AND error IS NOT NULL", (r["key"],))
+            out.append({"key": r["key"], "name": r["name"], "target": r["target"], "filter": r["filter"],
+                        "ncubes": r["ncubes"], "rejected": int(nrej[0][0]) if nrej else 0, "snr": r["snr"],
+                        "solved_ncubes": r["solved_ncubes"], "coverage": self.lsq_coverage(r["key"]), "updated": r["updated"],
+                        "stats": json.loads(r["stats"] or "{}")})
+        return out
+    # --- end least-squares accumulators ---
+
     # -- summaries ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """Number of files in each state (every state present, zeros included)."""
@@ -489,6 +597,145 @@ class Ledger:
         for state, n in self.conn.execute("SELECT state, COUNT(*) FROM sets GROUP BY state"):
             out[state] = n
         return out
+
+    # --- read-only queries: live, status, finalize -------------------------------------------
+    # Readers (``vampd status``, ``vampd live``, ``vampd finalize``, the specphot trigger) go
+    # through these named methods only; none of them writes.
+    @classmethod
+    def snapshot(cls, outdir: os.PathLike | str) -> Ledger:
+        """An in-memory copy of ``outdir/vampd.sqlite`` taken in one read transaction (SQLite
+        backup API), so a running daemon's later commits do not change what the reader sees."""
+        path = Path(outdir).resolve() / LEDGER_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no ledger here (has vampd run or watch reduced this night?)")
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        mem = sqlite3.connect(":memory:")
+        try:
+            src.backup(mem)
+        finally:
+            src.close()
+        mem.row_factory = sqlite3.Row
+        led = cls.__new__(cls)
+        led.outdir, led.path, led.readonly, led.conn = Path(outdir).resolve(), path, True, mem
+        return led
+
+    def begin_read(self) -> None:
+        """Start one read transaction (a consistent view while a daemon commits)."""
+        self.conn.execute("BEGIN")
+
+    def end_read(self) -> None:
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            pass
+
+    def all_files(self) -> list[sqlite3.Row]:
+        """Every ``files`` row, by observation time (rows without MJD last), then path."""
+        return self.conn.execute("SELECT * FROM files ORDER BY mjd IS NULL, mjd, path").fetchall()
+
+    def paths_in_states(self, states: Iterable[str], by_time: bool = False) -> list[str]:
+        """Paths of the files in any of ``states``, by path (or by MJD then path)."""
+        states = tuple(states)
+        order = "mjd, path" if by_time else "path"
+        q = f"SELECT path FROM files WHERE state IN ({','.join('?' * len(states))}) ORDER BY {order}"
+        return [r[0] for r in self.conn.execute(q, states)]
+
+    def done_products_complete(self) -> tuple[int, int]:
+        """``(done, missing)``: done files whose recorded products all exist on disk, and the
+        others (one query)."""
+        rows = self.conn.execute(
+            "SELECT f.path, p.path FROM files f LEFT JOIN products p ON p.file = f.path WHERE f.state='done'"
+        ).fetchall()
+        ok: dict[str, bool] = {}
+        for fpath, ppath in rows:
+            ok[fpath] = ok.get(fpath, True) and ppath is not None and os.path.exists(ppath)
+        n = sum(ok.values())
+        return n, len(ok) - n
+
+    def last_done(self) -> sqlite3.Row | None:
+        """The most recently finished file."""
+        return self.conn.execute(
+            "SELECT path, t_done, latency, target, filter, camera, flc, hwp, mjd, metrics FROM files"
+            " WHERE state='done' ORDER BY t_done DESC LIMIT 1"
+        ).fetchone()
+
+    def problem_files(self) -> list[sqlite3.Row]:
+        """Failed (will retry) and parked (given up) files, by path."""
+        return self.conn.execute(
+            "SELECT path, state, tries, error FROM files WHERE state IN ('failed','parked') ORDER BY path"
+        ).fetchall()
+
+    def done_latencies(self) -> list[float]:
+        """Latencies of the done files, sorted."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL ORDER BY latency")]
+
+    def set_rows(self, state: str | None = None) -> list[sqlite3.Row]:
+        """HWP sets (all, or those in ``state``) in creation order."""
+        q = "SELECT * FROM sets" + (" WHERE state=?" if state else "") + " ORDER BY created, id"
+        return self.conn.execute(q, (state,) if state else ()).fetchall()
+
+    def product_rows(self) -> list[sqlite3.Row]:
+        """``(file, kind, path)`` of every recorded product, sorted."""
+        return self.conn.execute("SELECT file, kind, path FROM products ORDER BY file, kind, path").fetchall()
+
+    def product_path(self, file: str, kind: str) -> str | None:
+        """Path of ``file``'s product of ``kind`` (the first, if several)."""
+        row = self.conn.execute("SELECT path FROM products WHERE file=? AND kind=? ORDER BY path LIMIT 1",
+                                (str(file), kind)).fetchone()
+        return row[0] if row else None
+
+    def done_cameras(self) -> list[int]:
+        """Cameras that have done files."""
+        return [int(r[0]) for r in self.conn.execute(
+            "SELECT DISTINCT camera FROM files WHERE state='done' AND camera IS NOT NULL ORDER BY camera")]
+
+    def camera_stream(self, camera: int) -> list[tuple[sqlite3.Row, dict[str, str]]]:
+        """Done files of ``camera`` by MJD with their products ``{kind: path}`` (one query)."""
+        out: dict[str, tuple[sqlite3.Row, dict[str, str]]] = {}
+        for r in self.conn.execute(
+            "SELECT f.path, f.target, f.filter, f.camera, f.mjd, f.t_done, p.kind, p.path AS product"
+            " FROM files f LEFT JOIN products p ON p.file = f.path"
+            " WHERE f.state='done' AND f.camera=? ORDER BY f.mjd, f.path, p.kind", (int(camera),)):
+            rec = out.setdefault(r["path"], (r, {}))
+            if r["kind"] is not None:
+                rec[1][r["kind"]] = r["product"]
+        return list(out.values())
+
+    def state_table(self) -> list[tuple[str, int]]:
+        """``(state, files)`` for every state present, in lifecycle order (report: Counts)."""
+        order = {s: i for i, s in enumerate(STATES)}
+        rows = self.conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall()
+        return sorted(((r[0], int(r[1])) for r in rows), key=lambda r: (order.get(r[0], len(order)), r[0]))
+
+    def target_table(self) -> list[dict]:
+        """One row per (target, filter, camera) with files done/parked/other, open-shutter time,
+        frames and MJD span (report: Targets), in one query.
+
+        A file parked before its header was read has no target, filter or camera: it is
+        attributed to the file that arrived nearest to it in time (``t_seen``) with a known
+        header, which is the sequence it belonged to.
+        """
+        q = """
+        WITH near AS (
+            SELECT x.path, k.target, k.filter, k.camera, ROW_NUMBER() OVER (
+                PARTITION BY x.path ORDER BY abs(COALESCE(k.t_seen, 0) - COALESCE(x.t_seen, 0)), k.path) AS rn
+            FROM files x JOIN files k ON k.target IS NOT NULL WHERE x.target IS NULL),
+        f AS (
+            SELECT x.*, COALESCE(x.target, n.target) AS t_, COALESCE(x.filter, n.filter) AS f_,
+                   COALESCE(x.camera, n.camera) AS c_
+            FROM files x LEFT JOIN near n ON n.path = x.path AND n.rn = 1)
+        SELECT COALESCE(t_, '(unknown)') AS target, COALESCE(f_, '(unknown)') AS filter, COALESCE(c_, 0) AS camera,
+               SUM(state='done') AS done, SUM(state='parked') AS parked,
+               SUM(state NOT IN ('done', 'parked', 'ignored')) AS unfinished,
+               SUM(CASE WHEN state='done' THEN COALESCE(nframes, 0) * COALESCE(exptime, 0.0) ELSE 0 END) AS shutter,
+               SUM(CASE WHEN state='done' THEN COALESCE(json_extract(metrics, '$.nframes'), nframes, 0) ELSE 0 END) AS nframes,
+               SUM(CASE WHEN state='done' THEN COALESCE(json_extract(metrics, '$.nkept'),
+                   json_extract(metrics, '$.nframes'), nframes, 0) ELSE 0 END) AS nkept,
+               MIN(mjd) AS mjd0, MAX(mjd) AS mjd1
+        FROM f GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        """
+        return [dict(r) for r in self.conn.execute(q)]
 
 
 def _named(path: str, message: str) -> str:

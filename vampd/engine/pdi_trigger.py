@@ -197,6 +197,10 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     pc = cfg.polarimetry
     if pc is None:
         return {}
+    if pc.method == "leastsq":  # no sets: every cube goes into the normal equations (issue 13)
+        from vampd.engine import leastsq_trigger
+
+        return {"leastsq": leastsq_trigger.sync(ledger, cfg, outdir, final=final)}
     mode = pc.method
     rows = {r["key"]: r for r in _set_rows(ledger)}
     locked = {}

@@ -56,6 +56,9 @@ def _worker_init(ppid: int, process: str | None = None) -> None:
     import signal
 
     _single_thread_env()
+    from vampd.logs import setup_worker_logging
+
+    setup_worker_logging(logging.WARNING)  # "LEVEL logger [worker pid]: message" lines
     # Ctrl-C and a terminal hang-up are for the parent, which decides when workers stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -64,7 +67,9 @@ def _worker_init(ppid: int, process: str | None = None) -> None:
         # warm start: pay the imports (numpy, astropy, scipy, the stages) now, not on the
         # night's first file; nothing file- or config-specific is computed here
         try:
-            _resolve(process)
+            warm = getattr(importlib.import_module(_resolve(process).__module__), "warm_up", None)
+            if callable(warm):  # e.g. pipeline.warm_up: IERS table and astropy config, once
+                warm()
         except Exception as exc:  # noqa: BLE001 -- the first real job reports it specifically
             log.warning("worker warm-up: cannot import %s: %s", process, exc)
 

@@ -134,9 +134,14 @@ class Runner:
         Runs in this (the ledger-owning) process. A trigger failure is logged and recorded as an
         event; it never undoes or blocks the file's own products.
         """
-        from vampd.engine import pdi_trigger, specphot_trigger
+        from vampd.engine import specphot_trigger
 
-        for name, hook in (("pdi", pdi_trigger.on_file_done), ("specphot", specphot_trigger.on_file_done)):
+        hooks = [("specphot", specphot_trigger.on_file_done)]
+        if self.cfg.polarimetry is not None or self.cfg.diff_images.make_diff:  # else no PDI work (nor imports)
+            from vampd.engine import pdi_trigger
+
+            hooks.insert(0, ("pdi", pdi_trigger.on_file_done))
+        for name, hook in hooks:
             try:
                 hook(self.ledger, self.cfg, self.outdir, path)
             except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
@@ -174,10 +179,12 @@ class Runner:
         sequence fingerprints), so on a clean ledger this only re-reads it.
         Returns ``{"pdi": summary, "specphot": [...]}``; failures are logged as events.
         """
-        from vampd.engine import pdi_trigger, specphot_trigger
+        from vampd.engine import specphot_trigger
 
         out: dict = {}
         if getattr(self.cfg, "polarimetry", None) is not None:
+            from vampd.engine import pdi_trigger
+
             try:
                 out["pdi"] = pdi_trigger.update_sets(self.ledger, self.cfg, self.outdir, final=False)
             except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
@@ -294,6 +301,9 @@ class Runner:
                     break
                 continue
             self.collect(timeout=poll)
+        from vampd.engine import leastsq_trigger
+
+        leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
         return {"given": len(paths), "processed": todo, "done": self.n_done, "failed": self.n_failed,
                 "seconds": time.time() - t0}
 

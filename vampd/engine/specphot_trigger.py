@@ -116,19 +116,8 @@ def split_sequences(keys: list, sequence_files: int | None = None, final: bool =
 
 
 def _stream(ledger, camera: int) -> list[Member]:
-    rows = ledger.conn.execute(
-        "SELECT path, target, filter, camera, mjd, t_done FROM files WHERE state='done' AND camera=?"
-        " ORDER BY mjd, path",
-        (int(camera),),
-    ).fetchall()
-    prods: dict[str, dict[str, str]] = {}
-    for r in ledger.conn.execute(
-        "SELECT p.file, p.kind, p.path FROM products p JOIN files f ON f.path = p.file"
-        " WHERE f.state='done' AND f.camera=?",
-        (int(camera),),
-    ):
-        prods.setdefault(r[0], {})[r[1]] = r[2]
-    return [Member(r[0], r[1], r[2], int(r[3]), r[4], r[5], prods.get(r[0], {})) for r in rows]
+    return [Member(r["path"], r["target"], r["filter"], int(r["camera"]), r["mjd"], r["t_done"], prods)
+            for r, prods in ledger.camera_stream(int(camera))]
 
 
 def _fingerprint(cfg, members: list[Member]) -> str:
@@ -161,15 +150,11 @@ def _fields(npz_fields: list[str], m: Member) -> list[str]:
     return [f for f in (m.filter or "").split(",") if f]
 
 
-def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Compute and write the calibration of one sequence; return (ledger row, products)."""
-    from vampd.config import resolve_data_dir
+def _sequence_metrics(members: list[Member]) -> tuple[list, list[str]]:
+    """The members' metrics and their (common) fields; a member without metrics, or with other
+    fields, is an error naming its file."""
     from vampd.stages.analyze import load_metrics
 
-    sp = cfg.specphot
-    data_dir = resolve_data_dir(cfg)
-    name = cfg.name or "vampd"
-    coronagraphic = bool(getattr(cfg, "coronagraphic", False))
     metrics, fields = [], None
     for m in members:
         mpath = m.products.get("metrics")
@@ -182,6 +167,18 @@ def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, 
         elif flds != fields:
             raise ValueError(f"{mpath}: fields {flds} differ from the sequence's {fields}")
         metrics.append(mt)
+    return metrics, fields
+
+
+def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, list[tuple[str, str, str]]]:
+    """Compute and write the calibration of one sequence; return (ledger row, products)."""
+    from vampd.config import resolve_data_dir
+
+    sp = cfg.specphot
+    data_dir = resolve_data_dir(cfg)
+    name = cfg.name or "vampd"
+    coronagraphic = bool(getattr(cfg, "coronagraphic", False))
+    metrics, fields = _sequence_metrics(members)
     need_flux = sp.source_kind != "zeropoints"
     seq_flux = instrumental_flux(metrics, sp.flux_metric) if need_flux else None
 
@@ -330,8 +327,7 @@ def on_finalize(ledger, cfg, outdir) -> list[dict]:
     if not specphot_enabled(cfg):
         return []
     out: list[dict[str, Any]] = []
-    cams = [r[0] for r in ledger.conn.execute("SELECT DISTINCT camera FROM files WHERE state='done' AND camera IS NOT NULL")]
-    for cam in sorted(cams):
+    for cam in ledger.done_cameras():
         out.extend(_process_camera(ledger, cfg, Path(outdir), int(cam), final=True, check_files=True))
     _refresh_pdi(cfg, outdir, out)
     return out

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -37,22 +36,12 @@ __all__ = ["cmd_finalize", "finalize", "ledger_snapshot", "flush"]
 log = logging.getLogger("vampd.finalize")
 
 
-def ledger_snapshot(outdir) -> sqlite3.Connection:
-    """An in-memory copy of ``outdir/vampd.sqlite`` taken in one read transaction (SQLite backup
-    API), so a running daemon's later commits do not change what finalize sees."""
-    from vampd.engine.ledger import LEDGER_NAME
+def ledger_snapshot(outdir):
+    """An in-memory copy of the night's ledger taken in one read transaction, so a running
+    daemon's later commits do not change what finalize sees (:meth:`Ledger.snapshot`)."""
+    from vampd.engine.ledger import Ledger
 
-    path = Path(outdir) / LEDGER_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no ledger here (has vampd run or watch reduced this night?)")
-    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
-    mem = sqlite3.connect(":memory:")
-    try:
-        src.backup(mem)
-    finally:
-        src.close()
-    mem.row_factory = sqlite3.Row
-    return mem
+    return Ledger.snapshot(outdir)
 
 
 def _daemon_pid(outdir) -> int | None:
@@ -85,9 +74,7 @@ def flush(cfg, config_path, outdir, jobs: int | None = None) -> dict:
         return out
     led = Ledger(outdir)
     try:
-        todo = [r[0] for r in led.conn.execute(
-            "SELECT path FROM files WHERE state IN ('pending', 'queued', 'running', 'failed') ORDER BY path"
-        )]
+        todo = led.paths_in_states(("pending", "queued", "running", "failed"))
     finally:
         led.close()
     if todo:
@@ -105,8 +92,7 @@ def flush(cfg, config_path, outdir, jobs: int | None = None) -> dict:
         out["pdi"] = pdi_trigger.on_finalize(led, cfg, outdir)
         out["specphot"] = specphot_trigger.on_finalize(led, cfg, outdir)
         if cfg.diff_images.make_diff:
-            done = [r[0] for r in led.conn.execute("SELECT path FROM files WHERE state='done' ORDER BY mjd, path")]
-            for p in done:
+            for p in led.paths_in_states(("done",), by_time=True):
                 out["diff"] += len(pdi_trigger.write_diff_images(led, cfg, outdir, p))
     finally:
         led.close()
@@ -116,51 +102,37 @@ def flush(cfg, config_path, outdir, jobs: int | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _rows(conn, sql: str, args=()) -> list[dict]:
-    return [dict(r) for r in conn.execute(sql, args).fetchall()]
-
-
-def read_night(conn) -> dict:
-    """Everything the products and the report need from a ledger snapshot, sorted."""
-    files = _rows(conn, "SELECT * FROM files ORDER BY mjd IS NULL, mjd, path")
+def read_night(led) -> dict:
+    """Everything the products and the report need from a ledger snapshot, sorted; the report's
+    tables come from their own queries (``state_table``, ``target_table``)."""
+    files = [dict(r) for r in led.all_files()]
     for f in files:
         try:
             f["metrics"] = json.loads(f["metrics"] or "{}")
         except ValueError:
             f["metrics"] = {}
-    products = _rows(conn, "SELECT file, kind, path FROM products ORDER BY file, kind, path")
-    sets = _rows(conn, "SELECT key, mode, state, reason, members FROM sets ORDER BY id")
+    sets = [dict(r) for r in led.set_rows()]
     for s in sets:
         s["members"] = json.loads(s["members"] or "[]")
-    try:
-        specphot = _rows(conn, "SELECT key, camera, target, filter, unit, source, state, members, factors, error"
-                               " FROM specphot ORDER BY key")
-    except sqlite3.OperationalError:
-        specphot = []
-    daemon = conn.execute("SELECT pid, started, stopped, config, config_hash FROM daemon WHERE id=1").fetchone()
-    return {"files": files, "products": products, "sets": sets, "specphot": specphot,
-            "daemon": dict(daemon) if daemon else None}
-
-
-def _set_mjd(s: dict) -> float:
-    m = [x.get("mjd") for x in s["members"] if isinstance(x, dict) and x.get("mjd") is not None]
-    return min(m) if m else float("inf")
+    daemon = led.daemon_info()
+    return {"files": files, "products": [dict(r) for r in led.product_rows()], "sets": sets,
+            "specphot": [dict(r) for r in led.specphot_rows()], "daemon": dict(daemon) if daemon else None,
+            "state_table": led.state_table(), "target_table": led.target_table()}
 
 
 def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None = None, do_flush: bool = True) -> dict:
     """Flush, write the final products and the report; returns a summary dict."""
-    from vampd.engine.specphot_trigger import specphot_enabled
     from vampd.finalize import products as P
     from vampd.finalize.report import write_report
 
     outdir = Path(outdir)
     name = cfg.name or "vampd"
     fl = flush(cfg, config_path, outdir, jobs) if do_flush else {"daemon": None, "processed": 0}
-    conn = ledger_snapshot(outdir)
+    snap = ledger_snapshot(outdir)
     try:
-        night = read_night(conn)
+        night = read_night(snap)
     finally:
-        conn.close()
+        snap.close()
     night["flush"] = {"daemon": fl.get("daemon"), "processed": fl.get("processed", 0)}
     written: dict[str, list[str]] = {}
 
@@ -191,34 +163,7 @@ def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None 
                 written.setdefault(k, []).append(str(p))
 
     # final PDI collapse per (target, fields)
-    pdi_info = []
-    if cfg.polarimetry is not None:
-        complete = {s["key"]: s for s in night["sets"] if s["state"] == "complete"}
-        paths = sorted((outdir / "pdi" / "stokes").glob(f"{name}_stokes_*.fits"))
-        sets = []
-        for p in paths:
-            s = P.load_set_file(p)
-            if s.key in complete or not night["sets"]:
-                sets.append(s)
-        groups: dict[tuple, list] = {}
-        for s in sets:
-            groups.setdefault((s.target, tuple(s.fields)), []).append(s)
-        for (target, fields), members in sorted(groups.items()):
-            label = None if len(groups) == 1 else P.group_label(target, fields)
-            files = sorted({m["path"] for s in members if s.key in complete for m in complete[s.key]["members"]
-                            if isinstance(m, dict) and "path" in m})
-            unit = None
-            if specphot_enabled(cfg):
-                from vampd.specphot import pdi_unit_factor
-
-                unit = pdi_unit_factor(outdir, target, ",".join(fields))
-            w = P.write_final_pdi(outdir, name, members, method, cfg.polarimetry.cyl_stokes,
-                                  nfiles=len(files) or None, provenance=provenance, label=label, unit_factors=unit)
-            for k, p in w.items():
-                written.setdefault(k, []).append(str(p))
-            pdi_info.append({"target": target, "fields": list(fields), "nsets": len(members), "nfiles": len(files),
-                             "paths": {k: str(v) for k, v in w.items()},
-                             "sets": [{"key": s.key, "path": s.path, "mjd": s.mjd, "header": s.header} for s in members]})
+    pdi_info = _final_pdi(cfg, outdir, name, night, method, provenance, written) if cfg.polarimetry else []
 
     # specphot summary per target
     sp_rows = specphot_summary(night["specphot"])
@@ -232,6 +177,50 @@ def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None 
 
     report = write_report(outdir, cfg, night, pdi_info, written, sp_rows, provenance, method, config_path)
     return {"written": written, "report": report, "flush": fl, "counts": counts, "sets": set_counts, "pdi": pdi_info}
+
+
+def _final_pdi(cfg, outdir: Path, name: str, night: dict, method: str, provenance: dict, written: dict) -> list[dict]:
+    """The final Stokes products per (target, fields) from the complete sets' files; returns the
+    report's description of each group and adds the written paths to ``written``."""
+    from vampd.engine.specphot_trigger import specphot_enabled
+    from vampd.finalize import products as P
+
+    if cfg.polarimetry.method == "leastsq":  # issue 13: one solved image per group, no sets
+        from vampd.engine.leastsq_products import final_info
+
+        pdi_info = final_info(outdir, cfg)
+        for g in pdi_info:
+            for k, p in g["paths"].items():
+                written.setdefault(k, []).append(str(p))
+        return pdi_info
+    pdi_info: list[dict] = []
+    complete = {s["key"]: s for s in night["sets"] if s["state"] == "complete"}
+    paths = sorted((outdir / "pdi" / "stokes").glob(f"{name}_stokes_*.fits"))
+    sets = []
+    for p in paths:
+        s = P.load_set_file(p)
+        if s.key in complete or not night["sets"]:
+            sets.append(s)
+    groups: dict[tuple, list] = {}
+    for s in sets:
+        groups.setdefault((s.target, tuple(s.fields)), []).append(s)
+    for (target, fields), members in sorted(groups.items()):
+        label = None if len(groups) == 1 else P.group_label(target, fields)
+        files = sorted({m["path"] for s in members if s.key in complete for m in complete[s.key]["members"]
+                        if isinstance(m, dict) and "path" in m})
+        unit = None
+        if specphot_enabled(cfg):
+            from vampd.specphot import pdi_unit_factor
+
+            unit = pdi_unit_factor(outdir, target, ",".join(fields))
+        w = P.write_final_pdi(outdir, name, members, method, cfg.polarimetry.cyl_stokes,
+                              nfiles=len(files) or None, provenance=provenance, label=label, unit_factors=unit)
+        for k, p in w.items():
+            written.setdefault(k, []).append(str(p))
+        pdi_info.append({"target": target, "fields": list(fields), "nsets": len(members), "nfiles": len(files),
+                         "paths": {k: str(v) for k, v in w.items()},
+                         "sets": [{"key": s.key, "path": s.path, "mjd": s.mjd, "header": s.header} for s in members]})
+    return pdi_info
 
 
 def specphot_summary(rows: list[dict]) -> list[dict]:

@@ -31,8 +31,10 @@ from astropy.io import fits
 
 from vampd import __version__
 from vampd.fitsio import atomic_write, write_fits_atomic
+from vampd.instrument.angles import refresh_angles
 from vampd.pdi.calibrated import write_calibrated
 from vampd.pdi.cards import set_card
+from vampd.pdi.running import set_exposure_cards
 from vampd.pdi.stokes import product_names, stokes_products
 from vampd.stages.combine import circular_mean, combine_headers
 
@@ -155,6 +157,14 @@ def collapse_fields(data8: np.ndarray, err8: np.ndarray, cyl_stokes: str = "azim
     return d[0], s[0]
 
 
+def _drop_per_set_values(h: fits.Header) -> fits.Header:
+    """Remove (in place) the per-set stellar polarisation/IP values: they vary, their mean is not a product value."""
+    for key in list(h.keys()):
+        if key.startswith("DPP PDI") and any(t in key for t in (" FLUX", "DOLP", "AOLP", "IP_P", "IP_ANG", "IP_POL")):
+            h.remove(key, ignore_missing=True, remove_all=True)
+    return h
+
+
 def _strip(h: fits.Header) -> fits.Header:
     h = h.copy()
     for key in _STRUCTURAL:
@@ -172,18 +182,21 @@ def final_header(
     cyl_stokes: str = "azimuthal",
 ) -> fits.Header:
     """Primary header of the final collapse (§9.8): combined set headers (§7.2), ``NCOADD`` =
-    number of unique files, ``TINT`` = Σ of the sets' TINT (per camera), WCS angle 0, plane
-    names, collapse method and provenance (``provenance``: keyword → (value, comment))."""
-    hdr = _strip(combine_headers([_strip(s.header) for s in sets]))
-    # per-set stellar polarisation/IP values vary: their mean is not a product value
-    for key in list(hdr.keys()):
-        if key.startswith("DPP PDI") and any(t in key for t in (" FLUX", "DOLP", "AOLP", "IP_P", "IP_ANG", "IP_POL")):
-            hdr.remove(key, ignore_missing=True, remove_all=True)
+    Σ of the sets' NCOADD (frames, per camera), ``TINT`` = Σ of their TINT (per camera), the
+    ``DPP COADD`` twins equal to them (:func:`~vampd.pdi.running.set_exposure_cards`), ``DPP PDI
+    NFILES`` = number of unique raw files, WCS angle 0, plane names, collapse method and
+    provenance (``provenance``: keyword → (value, comment)).
+
+    Unlike the reference, ``NCOADD`` is a frame count in every product (per file, per set and
+    final) and is not divided by the number of MBI fields: every field of a file comes from the
+    same frames.
+    """
+    hdr = _drop_per_set_values(_strip(combine_headers([_strip(s.header) for s in sets])))
     tint = sum(float(s.header.get("TINT", 0.0) or 0.0) for s in sets)
-    set_card(hdr, "TINT", tint, "[s] total integration of the sets (per camera)")
-    set_card(hdr, "NCOADD", int(nfiles), "unique files in the collapsed sets")
-    if "DEROTANG" in hdr:
-        set_card(hdr, "DEROTANG", circular_mean([float(s.header.get("DEROTANG", 0.0)) for s in sets]), "[deg] mean")
+    ncoadd = sum(float(s.header.get("NCOADD", 0) or 0) for s in sets)
+    set_exposure_cards(hdr, ncoadd, tint, "(per camera, all sets)")
+    set_card(hdr, "HIERARCH DPP PDI NFILES", int(nfiles), "unique raw files in the collapsed sets")
+    refresh_angles(hdr)  # PA and DEROTANG at the collapse's MJD (combine_headers does it too)
     names = product_names(cyl_stokes)
     set_card(hdr, "CTYPE3", "STOKES", "plane axis")
     set_card(hdr, "STOKES", ",".join(names), "Stokes product planes")
@@ -232,6 +245,36 @@ def write_final_pdi(
 
     Returns the written paths by kind.
     """
+    sets = _sorted_compatible(sets)
+    fields = sets[0].fields
+    nf = len(fields)
+    data4, err4, count = collapse_sets(np.stack([s.stokes for s in sets]), np.stack([s.err for s in sets]), method)
+    data8, err8 = stokes_products(data4, err4, cyl_stokes)  # (nf, 8, N, N)
+    if nfiles is None:
+        nfiles = sum(int(s.header.get("HIERARCH DPP PDI NMEMBERS", 0) or 0) for s in sets)
+    hdr = final_header(sets, method, nfiles, provenance, cyl_stokes)
+    fhdus = _final_field_hdus(sets[0], hdr, nfiles, cyl_stokes)
+    paths = _final_paths(outdir, name, label)
+    written, coll_hdr = _write_stokes_products(paths, data8, err8, hdr, fhdus, nf > 1, cyl_stokes)
+    if unit_factors is not None and unit_factors[1]:
+        # each field by its own factor; the MBI collapse is the mean of the calibrated fields
+        unit, factors = unit_factors
+        try:
+            written.update(
+                write_calibrated(
+                    paths["coll"], paths["cube"], data8, err8, coll_hdr, fhdus, fields, unit, factors, cyl_stokes
+                )
+            )
+        except ValueError as exc:
+            warnings.warn(f"{paths['coll'].name}: no calibrated copy: {exc}", stacklevel=2)
+    written["footprint"] = _write_footprint(paths["footprint"], count, len(sets), nf)
+    rows = [dict({k: v for k, v in header_row(s.header).items() if k not in _STRUCTURAL}, path=s.path) for s in sets]
+    written["table"] = write_table_csv(paths["table"], rows)
+    return written
+
+
+def _sorted_compatible(sets: Sequence[StokesSet]) -> list[StokesSet]:
+    """``sets`` in (MJD, key) order, after checking they share one Stokes shape and field list."""
     if not sets:
         raise ValueError("no complete HWP set to collapse")
     sets = sorted(sets, key=lambda s: (s.mjd, s.key))
@@ -243,35 +286,34 @@ def write_final_pdi(
                 f"{Path(s.path).name}: Stokes cube {s.stokes.shape} fields {s.fields}, "
                 f"{Path(sets[0].path).name} has {shape} {fields}; cannot collapse them together"
             )
-    stack = np.stack([s.stokes for s in sets])
-    estack = np.stack([s.err for s in sets])
-    data4, err4, count = collapse_sets(stack, estack, method)
-    data8, err8 = stokes_products(data4, err4, cyl_stokes)  # (nf, 8, N, N)
-    if nfiles is None:
-        nfiles = sum(int(s.header.get("HIERARCH DPP PDI NMEMBERS", 0) or 0) for s in sets)
-    hdr = final_header(sets, method, nfiles, provenance, cyl_stokes)
-    nf = len(fields)
-    if nf > 1:  # primary NCOADD/TINT per field (§9.8)
-        set_card(hdr, "NCOADD", hdr["NCOADD"] / nf, "unique files / nfields")
-        set_card(hdr, "TINT", hdr["TINT"] / nf, "[s] total integration / nfields")
+    return sets
+
+
+def _final_field_hdus(first: StokesSet, hdr: fits.Header, nfiles: int, cyl_stokes: str) -> list[fits.ImageHDU]:
+    """One header-only HDU per field (from the first set's), with the collapse's exposure cards."""
     fhdus = []
-    for f, fh in zip(fields, sets[0].field_headers):
-        h = _strip(fh)
-        for key in list(h.keys()):
-            if key.startswith("DPP PDI") and any(t in key for t in (" FLUX", "DOLP", "AOLP", "IP_P", "IP_ANG", "IP_POL")):
-                h.remove(key, ignore_missing=True, remove_all=True)
+    for f, fh in zip(first.fields, first.field_headers, strict=False):
+        h = _drop_per_set_values(_strip(fh))
         h["CTYPE3"] = "STOKES"
         h["STOKES"] = ",".join(product_names(cyl_stokes))
         h["FIELD"] = f
-        h["NCOADD"] = int(nfiles)
-        h["TINT"] = float(sum(float(s.header.get("TINT", 0.0) or 0.0) for s in sets))
+        set_exposure_cards(h, hdr["NCOADD"], hdr["TINT"], "(per camera, all sets)")
+        set_card(h, "HIERARCH DPP PDI NFILES", int(nfiles), "unique raw files in the collapsed sets")
         fhdus.append(fits.ImageHDU(header=h, name=f))
-    paths = _final_paths(outdir, name, label)
+    return fhdus
+
+
+def _write_stokes_products(
+    paths, data8, err8, hdr: fits.Header, fhdus, mbi: bool, cyl_stokes: str
+) -> tuple[dict[str, Path], fits.Header]:
+    """Write ``_stokes_cube`` (``mbi`` only) and ``_stokes_coll``; returns the paths and the collapse header."""
     written: dict[str, Path] = {}
-    if nf > 1:
+    if mbi:
         written["cube"] = write_fits_atomic(
             paths["cube"],
-            fits.HDUList([fits.PrimaryHDU(data8, header=hdr), fits.ImageHDU(err8, name="ERR"), *[h.copy() for h in fhdus]]),
+            fits.HDUList(
+                [fits.PrimaryHDU(data8, header=hdr), fits.ImageHDU(err8, name="ERR"), *[h.copy() for h in fhdus]]
+            ),
         )
         coll, ecoll = collapse_fields(data8, err8, cyl_stokes)
         chdr = hdr.copy()
@@ -282,22 +324,16 @@ def write_final_pdi(
     written["coll"] = write_fits_atomic(
         paths["coll"], fits.HDUList([fits.PrimaryHDU(coll, header=chdr), fits.ImageHDU(ecoll, name="ERR"), *fhdus])
     )
-    if unit_factors is not None and unit_factors[1]:
-        # each field by its own factor; the MBI collapse is the mean of the calibrated fields
-        unit, factors = unit_factors
-        try:
-            written.update(write_calibrated(paths["coll"], paths["cube"], data8, err8, chdr, fhdus, fields, unit,
-                                            factors, cyl_stokes))
-        except ValueError as exc:
-            warnings.warn(f"{paths['coll'].name}: no calibrated copy: {exc}", stacklevel=2)
-    fp = (count[:, 2] / len(sets)).astype(np.float32)
+    return written, chdr
+
+
+def _write_footprint(path, count: np.ndarray, nsets: int, nfields: int) -> Path:
+    """Fraction of sets with a finite Q per pixel: (N, N), or (nfields, N, N) for MBI."""
+    fp = (count[:, 2] / nsets).astype(np.float32)
     fhdr = fits.Header()
-    fhdr["HIERARCH DPP PDI NSETS"] = (len(sets), "sets in the final collapse")
+    fhdr["HIERARCH DPP PDI NSETS"] = (nsets, "sets in the final collapse")
     fhdr["COMMENT"] = "fraction of sets with a finite Q per pixel"
-    written["footprint"] = write_fits_atomic(paths["footprint"], fits.HDUList([fits.PrimaryHDU(fp[0] if nf == 1 else fp, header=fhdr)]))
-    rows = [dict({k: v for k, v in header_row(s.header).items() if k not in _STRUCTURAL}, path=s.path) for s in sets]
-    written["table"] = write_table_csv(paths["table"], rows)
-    return written
+    return write_fits_atomic(path, fits.HDUList([fits.PrimaryHDU(fp[0] if nfields == 1 else fp, header=fhdr)]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,132 +1,98 @@
-"""Everything that describes VAMPIRES itself: detectors, headers, angles, WCS, fields."""
+"""Everything that describes VAMPIRES itself: detectors, headers, angles, WCS, fields, optics.
 
-from vampd.instrument.angles import (
-    SUBARU,
-    SUBARU_LAT_DEG,
-    SUBARU_LON_DEG,
-    derotation_angle,
-    pa_offset,
-    parallactic_angle,
-    target_coord,
-    update_angles,
-    wrap,
-)
-from vampd.instrument.detectors import (
-    NBS_INSTALL_MJD,
-    Detector,
-    cmos_detector,
-    detector_from_header,
-    emccd_detector,
-    flipped_camera,
-    is_post_nbs,
-)
-from vampd.instrument.fields import (
-    calibrated_to_raw_yx,
-    default_field_centers,
-    field_names,
-    flip_cube,
-    is_flipped,
-    raw_to_calibrated_yx,
-)
-from vampd.instrument.headers import (
-    HeaderError,
-    camera_number,
-    fix_header,
-    header_mjd,
-    header_summary,
-    missing_keywords,
-    normalize_flc,
-    required_keywords,
-)
-from vampd.instrument.wcs import apply_wcs
+The package namespace is lazy (PEP 562): ``from vampd.instrument import update_angles`` imports
+only :mod:`vampd.instrument.angles`, so a process that needs the header helpers does not pay for
+astropy.coordinates or scipy. Fixed optical constants live in :mod:`vampd.instrument.constants`.
+"""
 
-__all__ = [
-    "NBS_INSTALL_MJD",
-    "SUBARU",
-    "SUBARU_LAT_DEG",
-    "SUBARU_LON_DEG",
-    "Detector",
-    "HeaderError",
-    "apply_wcs",
-    "calibrated_to_raw_yx",
-    "camera_number",
-    "cmos_detector",
-    "default_field_centers",
-    "derotation_angle",
-    "detector_from_header",
-    "emccd_detector",
-    "field_names",
-    "fix_header",
-    "flip_cube",
-    "flipped_camera",
-    "header_mjd",
-    "header_summary",
-    "is_flipped",
-    "is_post_nbs",
-    "missing_keywords",
-    "normalize_flc",
-    "pa_offset",
-    "parallactic_angle",
-    "raw_to_calibrated_yx",
-    "required_keywords",
-    "target_coord",
-    "update_angles",
-    "wrap",
-]
+from __future__ import annotations
 
-# Optics: filter curves, pupil and synthetic PSF, Mueller model.
-from vampd.instrument.filters import (  # noqa: E402
-    FilterError,
-    FilterInfo,
-    band_edges,
-    data_dir,
-    filter_info,
-    load_filter_curve,
-    resolve_data_dir,
-)
-from vampd.instrument.mueller import (  # noqa: E402
-    MuellerParams,
-    MuellerTableError,
-    diattenuating_retarder,
-    hwp_sync_angle,
-    instrument_mueller,
-    linear_retarder,
-    mm_table_key,
-    mueller_from_header,
-    rotator,
-    wollaston,
-)
-from vampd.instrument.pupil import (  # noqa: E402
-    airy_strehl_peak,
-    psf_model,
-    psf_wavelengths,
-    pupil_area_fraction,
-    pupil_mask,
-    synthetic_psf,
-)
+import importlib
 
-__all__ += [
-    "FilterError",
-    "FilterInfo",
-    "band_edges",
-    "data_dir",
-    "filter_info",
-    "load_filter_curve",
-    "resolve_data_dir",
-    "MuellerParams",
-    "MuellerTableError",
-    "diattenuating_retarder",
-    "hwp_sync_angle",
-    "instrument_mueller",
-    "linear_retarder",
-    "mm_table_key",
-    "mueller_from_header",
-    "rotator",
-    "wollaston",
-    "airy_strehl_peak",
-    "psf_model",
-    "psf_wavelengths",
-    "pupil_area_fraction",
-    "pupil_mask",
-    "synthetic_psf",
-]
+#: public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    # angles
+    "SUBARU": "angles",
+    "SUBARU_LAT_DEG": "angles",
+    "SUBARU_LON_DEG": "angles",
+    "derotation_angle": "angles",
+    "pa_offset": "angles",
+    "parallactic_angle": "angles",
+    "target_coord": "angles",
+    "update_angles": "angles",
+    "wrap": "angles",
+
+    # detectors
+    "Detector": "detectors",
+    "NBS_INSTALL_MJD": "detectors",
+    "cmos_detector": "detectors",
+    "detector_from_header": "detectors",
+    "emccd_detector": "detectors",
+    "flipped_camera": "detectors",
+    "is_post_nbs": "detectors",
+
+    # fields
+    "calibrated_to_raw_yx": "fields",
+    "default_field_centers": "fields",
+    "field_names": "fields",
+    "flip_cube": "fields",
+    "is_flipped": "fields",
+    "raw_to_calibrated_yx": "fields",
+
+    # headers
+    "HeaderError": "headers",
+    "camera_number": "headers",
+    "fix_header": "headers",
+    "header_mjd": "headers",
+    "header_summary": "headers",
+    "missing_keywords": "headers",
+    "normalize_flc": "headers",
+    "required_keywords": "headers",
+
+    # wcs
+    "apply_wcs": "wcs",
+
+    # filters
+    "FilterError": "filters",
+    "FilterInfo": "filters",
+    "band_edges": "filters",
+    "data_dir": "filters",
+    "filter_info": "filters",
+    "load_filter_curve": "filters",
+    "resolve_data_dir": "filters",
+
+    # mueller
+    "MuellerParams": "mueller",
+    "MuellerTableError": "mueller",
+    "diattenuating_retarder": "mueller",
+    "hwp_sync_angle": "mueller",
+    "instrument_mueller": "mueller",
+    "linear_retarder": "mueller",
+    "mm_table_key": "mueller",
+    "mueller_from_header": "mueller",
+    "rotator": "mueller",
+    "wollaston": "mueller",
+
+    # pupil
+    "airy_strehl_peak": "pupil",
+    "psf_model": "pupil",
+    "psf_wavelengths": "pupil",
+    "pupil_area_fraction": "pupil",
+    "pupil_mask": "pupil",
+    "synthetic_psf": "pupil",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vampd.instrument' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"vampd.instrument.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

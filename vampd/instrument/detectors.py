@@ -125,10 +125,15 @@ class Detector:
     def saturation_adu(self) -> float:
         """Raw level [adu] at or above which a pixel is saturated.
 
-        ``min(fullwell / gain, 65535)``: the reference's 65536 can never be reached by a
-        uint16 pixel, so clipped pixels (65535) went unmasked (domain doc §13 item 4).
+        ``min(bias + fullwell / gain, 65535)``: the full well holds the signal above the bias and
+        the 16-bit converter clips at 65535 (first, on the CMOS). The reference's
+        ``fullwell / gain`` = 65536 can never be reached by a uint16 pixel (§13 item 4). CMOS
+        files of June–July 2023 (full well halved) were written with a 2¹⁵ limit: their level
+        is ``fullwell / gain`` = 32768.
         """
-        return min(self.satlevel, _UINT16_MAX)
+        if self.kind == "cmos" and self.fullwell < min(7000.0, 2.0**16 * self.gain) - 1e-6:
+            return min(self.satlevel, _UINT16_MAX)
+        return min(self.bias + self.satlevel, _UINT16_MAX)
 
     @property
     def pixel_area(self) -> float:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vampd.instrument.constants import PUPIL_DIAMETER
+
 __all__ = [
     "DATA_DIR_ENV",
     "FILTER_TABLE_NAME",
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "VAMPD_DATA_DIR"
 FILTER_TABLE_NAME = "vampires_filters.csv"
-PUPIL_DIAMETER_M = 7.92
+PUPIL_DIAMETER_M = PUPIL_DIAMETER  # the one definition is instrument.constants
 
 # Nominal top-hats: (blue 50 % edge, red 50 % edge, peak throughput) in nm. Edges are the 50 % band
 # edges of the reference table rounded to 0.1 nm (the red edges stop at ~776 nm, where the table's
@@ -201,7 +203,7 @@ def load_filter_curve(
             )
         curve = nominal_filter_curve(name)  # raises FilterError for unknown names
         if not _warned_fallback:
-            log.warning(
+            log.info(  # not a problem worth a line per run and worker: `vampd check` reports it
                 "no data directory (set $%s): using nominal top-hat filter curves", DATA_DIR_ENV
             )
             _warned_fallback = True

@@ -235,35 +235,16 @@ def fix_header(header, path=None) -> fits.Header:
         missing or malformed (``U_CAMERA``, ``EXPTIME``/``U_AQTINT``, ``MJD``/times,
         ``U_EMGAIN``/``U_DETMOD``).
     """
-    from vampd.instrument.angles import pa_offset
     from vampd.instrument.detectors import detector_from_header
 
     h = header.copy() if isinstance(header, fits.Header) else fits.Header(dict(header))
     if "ACQNCYCS" in h:
-        raise HeaderError(
-            "ACQNCYCS", "present: pre-open-use VAMPIRES data are not supported", path
-        )
+        raise HeaderError("ACQNCYCS", "present: pre-open-use VAMPIRES data are not supported", path)
 
     h["U_CAMERA"] = camera_number(h, path)
     _fix_times(h, path)
-
-    # EMCCD translations (unconditional when the source key exists)
-    if "U_EMGAIN" in h:
-        h["DETGAIN"] = (_float(h, "U_EMGAIN", path), "detector EM gain")
-    if "U_HWPANG" in h:
-        h["RET-ANG1"] = (_float(h, "U_HWPANG", path), "[deg] HWP position angle")
-        h["RETPLAT1"] = ("HWP(NIR)", "first retarder")
-    if "U_FLCSTT" in h:
-        h["U_FLC"] = ("A" if _float(h, "U_FLCSTT", path) == 1 else "B", "FLC state")
-    h["U_FLC"] = normalize_flc(h.get("U_FLC"))
-    if "RET-ANG1" in h:
-        h["RET-ANG1"] = _float(h, "RET-ANG1", path)
-
-    if "EXPTIME" not in h:
-        if "U_AQTINT" not in h:
-            raise HeaderError("EXPTIME", "missing (and no U_AQTINT to derive it)", path)
-        h["EXPTIME"] = (_float(h, "U_AQTINT", path) / 1e6, "[s] exposure time per frame")
-    exptime = _float(h, "EXPTIME", path)
+    _translate_emccd(h, path)
+    exptime = _exposure_time(h, path)
 
     if "FILTER01" not in h and "U_FILTER" in h:
         h["FILTER01"] = (str(h["U_FILTER"]), "primary filter")
@@ -275,21 +256,62 @@ def fix_header(header, path=None) -> fits.Header:
     det = detector_from_header(h, path)
     if "DETECTOR" not in h:
         h["DETECTOR"] = (det.name, "detector")
-
-    nframes = _nframes(h)
-    if nframes is not None:
-        if "PRD-MIN1" not in h and "NAXIS1" in h and "NAXIS2" in h:
-            nx, ny = int(h["NAXIS1"]), int(h["NAXIS2"])
-            h["PRD-MIN1"] = (round((_EMCCD_FULL_SIZE - nx) / 2), "[px] crop origin x")
-            h["PRD-MIN2"] = (round((_EMCCD_FULL_SIZE - ny) / 2), "[px] crop origin y")
-            h["PRD-RNG1"] = (nx, "[px] crop size x")
-            h["PRD-RNG2"] = (ny, "[px] crop size y")
-        if "TINT" not in h:
-            h["TINT"] = (exptime * nframes, "[s] total integration time")
-        if "NDIT" not in h:
-            h["NDIT"] = (nframes, "number of frames")
+    _fill_frame_keys(h, exptime)
     if "BUNIT" not in h:
         h["BUNIT"] = ("ADU", "data unit")
+    _write_detector_constants(h, det, path)
+    return h
+
+
+def _translate_emccd(h: fits.Header, path) -> None:
+    """EMCCD archive keys to the normalised ones (unconditional when the source key exists).
+
+    Also normalises ``U_FLC`` to {"A", "B", "NA"} and ``RET-ANG1`` to float for every camera.
+    """
+    if "U_EMGAIN" in h:
+        h["DETGAIN"] = (_float(h, "U_EMGAIN", path), "detector EM gain")
+    if "U_HWPANG" in h:
+        h["RET-ANG1"] = (_float(h, "U_HWPANG", path), "[deg] HWP position angle")
+        h["RETPLAT1"] = ("HWP(NIR)", "first retarder")
+    if "U_FLCSTT" in h:
+        h["U_FLC"] = ("A" if _float(h, "U_FLCSTT", path) == 1 else "B", "FLC state")
+    h["U_FLC"] = normalize_flc(h.get("U_FLC"))
+    if "RET-ANG1" in h:
+        h["RET-ANG1"] = _float(h, "RET-ANG1", path)
+
+
+def _exposure_time(h: fits.Header, path) -> float:
+    """``EXPTIME`` [s], written from ``U_AQTINT`` [µs] when missing (EMCCD archive)."""
+    if "EXPTIME" not in h:
+        if "U_AQTINT" not in h:
+            raise HeaderError("EXPTIME", "missing (and no U_AQTINT to derive it)", path)
+        h["EXPTIME"] = (_float(h, "U_AQTINT", path) / 1e6, "[s] exposure time per frame")
+    return _float(h, "EXPTIME", path)
+
+
+def _fill_frame_keys(h: fits.Header, exptime: float) -> None:
+    """``PRD-*`` (crop centred on the 512² EMCCD frame), ``TINT``, ``NDIT`` when missing.
+
+    Only for headers with ``NAXIS`` (data headers).
+    """
+    nframes = _nframes(h)
+    if nframes is None:
+        return
+    if "PRD-MIN1" not in h and "NAXIS1" in h and "NAXIS2" in h:
+        nx, ny = int(h["NAXIS1"]), int(h["NAXIS2"])
+        h["PRD-MIN1"] = (round((_EMCCD_FULL_SIZE - nx) / 2), "[px] crop origin x")
+        h["PRD-MIN2"] = (round((_EMCCD_FULL_SIZE - ny) / 2), "[px] crop origin y")
+        h["PRD-RNG1"] = (nx, "[px] crop size x")
+        h["PRD-RNG2"] = (ny, "[px] crop size y")
+    if "TINT" not in h:
+        h["TINT"] = (exptime * nframes, "[s] total integration time")
+    if "NDIT" not in h:
+        h["NDIT"] = (nframes, "number of frames")
+
+
+def _write_detector_constants(h: fits.Header, det, path) -> None:
+    """The detector constants of §1.2, always (over)written from ``det``."""
+    from vampd.instrument.angles import pa_offset
 
     pap = _float(h, "D_IMRPAP", path) if "D_IMRPAP" in h else None
     h["BIAS"] = (det.bias, "[adu] detector bias")
@@ -304,7 +326,6 @@ def fix_header(header, path=None) -> fits.Header:
     h["INST-PA"] = (det.pupil_offset, "[deg] instrument angle offset")
     h["FULLWELL"] = (det.fullwell, "[e-] full well")
     h["INSTRUME"] = ("VAMPIRES", "instrument")
-    return h
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,15 +10,18 @@ where ``D`` (dichroic) exists in the CMOS model only and the FLC is the identity
 the beam (CMOS ``U_FLCST`` != "IN"). The simulator uses :func:`instrument_mueller` as its forward
 model and PDI inverts the same function, so all sign conventions live here.
 
-Deliberate deviations from the reference (§13 item 14):
+FLC fast-axis angles (§1.5): state A at 0° and state B at 45° on the EMCCD instrument, B at
+**43°** on the CMOS instrument — the measured switching angle of the CMOS-era FLC, used by the
+reference in its ideal model and assumed by its fitted CMOS calibrations. Both the ideal model and
+table rows follow this; a table may override the angles with optional ``flc_theta_a`` /
+``flc_theta_b`` columns (degrees).
+
+Differences from the reference (§13 item 14):
 
 * The model (EMCCD vs CMOS) is chosen by the detector (``U_EMGAIN`` present → EMCCD, §1.2), not
   by ``U_MBI``.
 * All retardances are in waves and converted with ``2π`` — including the dichroic's, which the
   reference converts as if degrees (suspected unit bug).
-* :meth:`MuellerParams.ideal` uses FLC state B at 45° for both detectors ("ideal" is ideal); the
-  reference's CMOS ideal model uses 43°. Fitted CMOS parameters from a table keep the reference's
-  FLC angles (0°, 43°), which the fit assumed.
 """
 
 from __future__ import annotations
@@ -41,12 +44,16 @@ __all__ = [
     "diattenuating_retarder",
     "wollaston",
     "hwp_sync_angle",
+    "FLC_THETA_B",
     "instrument_mueller",
     "mueller_from_header",
     "mm_table_key",
 ]
 
 MBI_FIELDS = ("F610", "F670", "F720", "F760")
+
+#: FLC state-B fast-axis angle [deg] per instrument (§1.5); state A is at 0°
+FLC_THETA_B = {"emccd": 45.0, "cmos": 43.0}
 
 
 class MuellerTableError(ValueError):
@@ -154,7 +161,7 @@ _ALIASES = {"m3_offset": "m3_theta", "hwp_offset": "hwp_delta", "imr_offset": "i
 class MuellerParams:
     """Parameters of the Mueller model (§9.5). Angles in degrees, retardances in waves.
 
-    Defaults are the ideal model (FLC B at 45°).
+    Defaults are the ideal EMCCD model (FLC B at 45°); :meth:`ideal` gives the CMOS one (43°).
     """
 
     m3_diat: float = 0.0
@@ -175,14 +182,12 @@ class MuellerParams:
 
     @classmethod
     def ideal(cls, detector_kind: str = "cmos") -> MuellerParams:
-        """Ideal components: half-wave HWP, IMR and FLC (A 0°, B 45°), no diattenuation.
+        """Ideal components: half-wave HWP, IMR and FLC, no diattenuation.
 
-        The same for both detectors: the reference's CMOS ideal model puts FLC B at 43°, a
-        deliberate deviation here (an ideal model should be ideal). Use
-        ``dataclasses.replace(p, flc_theta_b=43.0)`` to reproduce the reference.
+        FLC A at 0°; B at 45° for the EMCCD and at 43° for the CMOS instrument (§1.5: the
+        CMOS-era FLC switches by 43°, and the reference's ideal CMOS model uses that too).
         """
-        _check_kind(detector_kind)
-        return cls()
+        return cls(flc_theta_b=FLC_THETA_B[_check_kind(detector_kind)])
 
     @classmethod
     def from_table(
@@ -195,7 +200,9 @@ class MuellerParams:
         flc_theta, flc_phi, dichroic_diat, dichroic_theta, dichroic_phi`` (``m3_offset``,
         ``hwp_offset``, ``imr_offset`` are accepted as aliases; missing dichroic columns
         default to 0). EMCCD: ``flc_theta`` is an offset added to (0°, 45°) and ``flc_phi`` is
-        used; CMOS keeps the reference's FLC angles (0°, 43°) and ½ wave, as the reference does.
+        used; CMOS keeps the FLC angles (0°, 43°) and ½ wave, as the reference does. Optional
+        vampd columns ``flc_theta_a`` and ``flc_theta_b`` (absolute angles [deg], either
+        detector) override the FLC angles when the cell is not empty.
 
         Raises
         ------
@@ -234,9 +241,10 @@ class MuellerParams:
         flc_theta = values.pop("flc_theta")
         flc_phi = values.pop("flc_phi")
         if kind == "emccd":
-            values.update(flc_theta_a=flc_theta, flc_theta_b=45.0 + flc_theta, flc_phi=flc_phi)
+            values.update(flc_theta_a=flc_theta, flc_theta_b=FLC_THETA_B[kind] + flc_theta, flc_phi=flc_phi)
         else:
-            values.update(flc_theta_a=0.0, flc_theta_b=43.0, flc_phi=0.5)
+            values.update(flc_theta_a=0.0, flc_theta_b=FLC_THETA_B[kind], flc_phi=0.5)
+        values.update(_flc_overrides(path, key, header, row))
         return cls(**values)
 
     def replace(self, **changes) -> MuellerParams:
@@ -245,6 +253,23 @@ class MuellerParams:
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _flc_overrides(path, key, header: list[str], row: list[str]) -> dict[str, float]:
+    """Optional absolute FLC angles from ``flc_theta_a`` / ``flc_theta_b`` columns."""
+    out = {}
+    for name in ("flc_theta_a", "flc_theta_b"):
+        if name not in header[1:]:
+            continue
+        i = header.index(name)
+        cell = row[i].strip() if i < len(row) else ""
+        if not cell:
+            continue
+        try:
+            out[name] = float(cell)
+        except ValueError:
+            raise MuellerTableError(f"{path}: row {key!r} column {name} = {cell!r}, expected a number") from None
+    return out
 
 
 def _same_key(cell: str, key) -> bool:

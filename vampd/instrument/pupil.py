@@ -22,12 +22,29 @@ and the PSF is flipped along y as in the reference (§3.6).
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
+from vampd.instrument.constants import (
+    ACTUATOR_CENTERS,
+    ACTUATOR_DIAMETER,
+    ACTUATOR_SPIDER_START,
+    ACTUATOR_SPIDER_WIDTH,
+    MAS_TO_RAD,
+    OBSTRUCTION_DIAMETER,
+    PUPIL_DIAMETER,
+    SPIDER_ANGLE,
+    SPIDER_OFFSET,
+    SPIDER_WIDTH,
+)
 from vampd.instrument.filters import band_edges, load_filter_curve, resolve_data_dir
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PUPIL_DIAMETER",
@@ -38,21 +55,9 @@ __all__ = [
     "psf_model",
     "psf_wavelengths",
     "airy_strehl_peak",
+    "psf_cache_dir",
+    "cached_synthetic_psf",
 ]
-
-# Parametric SCExAO pupil (metres, degrees), §3.6.
-PUPIL_DIAMETER = 7.92
-OBSTRUCTION_DIAMETER = 2.403
-SPIDER_WIDTH = 0.1735
-SPIDER_OFFSET = 0.639  # x of the spider intersections
-SPIDER_ANGLE = 51.75
-ACTUATOR_DIAMETER = 0.632
-ACTUATOR_CENTERS = ((1.765, 1.431), (-0.498, -2.331))  # (x, y)
-ACTUATOR_SPIDER_WIDTH = 0.089
-ACTUATOR_SPIDER_START = (0.521, -1.045)  # (x, y)
-
-MAS_TO_RAD = math.pi / 180.0 / 3.6e6
-
 
 def _segments():
     """Spiders as (x0, y0, x1, y1, width) rectangles (no rounded ends, as hcipy's make_spider)."""
@@ -369,3 +374,74 @@ def airy_strehl_peak(psf: np.ndarray, flux: float | None = None) -> float:
     psf = np.asarray(psf, dtype=float)
     total = float(np.nansum(psf)) if flux is None else float(flux)
     return float(np.nanmax(psf)) / total
+
+
+# ----------------------------------------------------------------------------------------------
+# on-disk cache of synthetic PSFs (shared by worker processes and successive commands)
+
+
+def psf_cache_dir(fallback: str | os.PathLike | None = None) -> Path | None:
+    """Directory of the on-disk PSF cache (``<user cache>/psf``, :func:`vampd.cache.cache_dir`)."""
+    from vampd.cache import cache_dir
+
+    return cache_dir("psf", fallback)
+
+
+@functools.cache
+def _model_fingerprint() -> str:
+    """vampd version + hash of this module's source: a changed PSF model never reads stale files."""
+    from vampd import __version__
+
+    return __version__ + ":" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _psf_key(filter_name, pixel_scale_mas, pupil_offset_deg, npix, data_dir, nwave) -> str:
+    waves, weights = psf_wavelengths(filter_name, data_dir, nwave)  # the filter curve's effect, exactly
+    h = hashlib.sha256()
+    h.update(repr((_model_fingerprint(), str(filter_name), float(pixel_scale_mas), float(pupil_offset_deg),
+                   int(npix), int(nwave))).encode())
+    h.update(np.ascontiguousarray(waves, np.float64).tobytes())
+    h.update(np.ascontiguousarray(weights, np.float64).tobytes())
+    return h.hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=64)
+def cached_synthetic_psf(
+    filter_name: str,
+    pixel_scale_mas: float,
+    pupil_offset_deg: float,
+    npix: int,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    nwave: int = 7,
+) -> np.ndarray:
+    """:func:`synthetic_psf`, read from / written to an on-disk cache (read-only array).
+
+    The file name is keyed by the vampd version and PSF-model source, filter (its wavelengths and
+    weights), pixel scale, pupil offset and size. Writes are atomic (temporary file in the cache
+    directory, then rename), so worker processes and concurrent commands share the cache safely:
+    the first to finish publishes, the others read. An unreadable entry is recomputed.
+    """
+    path = None
+    if cache_dir is not None:
+        key = _psf_key(filter_name, pixel_scale_mas, pupil_offset_deg, npix, data_dir, nwave)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(filter_name))
+        path = Path(cache_dir) / f"psf_{safe}_{int(npix)}_{key}.npy"
+        try:
+            psf = np.load(path, allow_pickle=False)
+            if psf.shape == (npix, npix) and psf.dtype == np.float32 and np.isfinite(psf).all():
+                psf.flags.writeable = False
+                return psf
+            log.warning("PSF cache entry %s is malformed: recomputed", path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("PSF cache entry %s unreadable (%s): recomputed", path, exc)
+    psf = synthetic_psf(filter_name, pixel_scale_mas, pupil_offset_deg, npix, data_dir=data_dir, nwave=nwave)
+    psf.flags.writeable = False
+    if path is not None:
+        from vampd.cache import write_atomic
+
+        if not write_atomic(path, lambda fh: np.save(fh, psf, allow_pickle=False)):
+            log.warning("could not write PSF cache entry %s", path)
+    return psf

@@ -38,6 +38,7 @@ __all__ = [
     "take_snapshot",
     "camera_of",
     "night_label",
+    "obs_time",
     "status_with_alerts",
 ]
 
@@ -70,6 +71,7 @@ class FileRow:
     fwhm: float | None = None
     flux: float | None = None
     offset: float | None = None
+    nsat: int | None = None  # frames with a saturated PSF core
     latency: float | None = None
     t_seen: float | None = None
     t_complete: float | None = None
@@ -162,6 +164,7 @@ class Snapshot:
     trends: dict[int, list[FileRow]] = field(default_factory=dict)
     recent: list[FileRow] = field(default_factory=list)  # newest files of the current sequence (all states)
     set_counts: dict = field(default_factory=dict)
+    leastsq: list = field(default_factory=list)  # Ledger.lsq_status() (issue 13)
     open_sets: list[SetView] = field(default_factory=list)
     set_mode: str | None = None
     pdi: PdiSummary | None = None
@@ -197,6 +200,13 @@ def camera_of(row: FileRow | dict) -> int | None:
     return None
 
 
+def obs_time(row: FileRow) -> float | None:
+    """Unix time of the observation (MJD), else of the file's arrival (wall clock)."""
+    if row.mjd is not None:
+        return (row.mjd - 40587.0) * 86400.0
+    return row.t_arrival
+
+
 def night_label(mjd: float | None) -> str | None:
     """The HST date on which the night began (noon to noon HST) of an MJD (UT)."""
     if mjd is None or not math.isfinite(mjd):
@@ -226,7 +236,7 @@ def _file_row(r: sqlite3.Row) -> FileRow:
         nframes=r["nframes"] if r["nframes"] is not None else m.get("nframes"), obs_mod=r["obs_mod"],
         stage=r["stage"], tries=r["tries"] or 0, error=r["error"], nkept=m.get("nkept"),
         strehl=_num(m.get("strehl")), fwhm=_num(m.get("fwhm")), flux=_num(m.get("flux")),
-        offset=_num(m.get("offset")), latency=_num(r["latency"]), t_seen=r["t_seen"],
+        offset=_num(m.get("offset")), nsat=m.get("nsat"), latency=_num(r["latency"]), t_seen=r["t_seen"],
         t_complete=r["t_complete"], t_done=r["t_done"],
     )
 
@@ -363,7 +373,7 @@ def _sets_from_ledger(led: Ledger, files: dict[str, FileRow], tolerance: float) 
     from vampd.pdi.sets import all_slots, slot_label
 
     out = []
-    for r in led.conn.execute("SELECT * FROM sets WHERE state='open' ORDER BY created, key"):
+    for r in led.set_rows("open"):
         mode = r["mode"] or "triplediff"
         try:
             members = json.loads(r["members"] or "[]")
@@ -453,13 +463,10 @@ def take_snapshot(outdir: os.PathLike | str, now: float | None = None, config_pa
         snap.problem = str(exc)
         return snap
     try:
-        led.conn.execute("BEGIN")  # one read transaction: a consistent view while the daemon commits
+        led.begin_read()  # one read transaction: a consistent view while the daemon commits
         _read(led, snap, now, config_path, read_products)
     finally:
-        try:
-            led.conn.execute("COMMIT")
-        except sqlite3.Error:
-            pass
+        led.end_read()
         led.close()
     return snap
 
@@ -477,10 +484,14 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
         Path(snap.config_path).stem if snap.config_path else None)
     snap.queue = snap.counts["pending"] + snap.counts["queued"] + snap.counts["running"]
     snap.set_counts = led.set_counts()
+    snap.leastsq = led.lsq_status()
 
-    files = {r["path"]: _file_row(r) for r in led.conn.execute("SELECT * FROM files")}
+    files = {r["path"]: _file_row(r) for r in led.all_files()}
     rows = sorted(files.values(), key=lambda f: (f.t_arrival or 0.0, f.path))
-    snap.latest = rows[-_NLATEST:][::-1]
+    # the view lists files by observation time (newest first); a file without an MJD (parked
+    # before its header was read) goes where it arrived
+    by_obs = sorted(files.values(), key=lambda f: (obs_time(f) or 0.0, f.path))
+    snap.latest = by_obs[-_NLATEST:][::-1]
     snap.last_arrival = rows[-1].t_arrival if rows else None
     done = [f for f in rows if f.state == "done"]
     by_mjd = sorted(done, key=lambda f: (f.mjd if f.mjd is not None else -1.0, f.path))
@@ -504,8 +515,11 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
 
     # sets: the PDI trigger's rows when there are any, else assembled from the files
     pcfg = getattr(cfg, "polarimetry", None) if cfg is not None else None
-    tol = float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0) or float(
-        getattr(getattr(cfg, "alerts", None), "hwp_grid_tolerance", 0.5) or 0.5)
+    from vampd.config.models import PolarimetryConfig
+    from vampd.live.alerts import thresholds
+
+    tol = float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0) or thresholds(
+        getattr(cfg, "alerts", None) if cfg is not None else None).hwp_grid_tolerance
     if sum(snap.set_counts.values()):
         snap.open_sets = _sets_from_ledger(led, files, tol)
         snap.set_mode = snap.open_sets[0].mode if snap.open_sets else (pcfg.method if pcfg else None)
@@ -514,7 +528,7 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
         if pol:
             mode = pcfg.method if pcfg is not None else (
                 "triplediff" if any((f.flc or "").upper() in ("A", "B") for f in pol) else "doublediff")
-            timeout = float(getattr(pcfg, "set_timeout", 900.0) or 900.0)
+            timeout = float(getattr(pcfg, "set_timeout", None) or PolarimetryConfig.model_fields["set_timeout"].default)
             snap.set_mode = mode
             snap.open_sets = _sets_from_files(files, mode, tol, timeout)
 
@@ -526,10 +540,9 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
             if not trend:
                 continue
             newest = max(trend, key=lambda f: f.t_done or 0.0)
-            prod = led.conn.execute(
-                "SELECT path FROM products WHERE file=? AND kind='coadded'", (newest.path,)).fetchone()
+            prod = led.product_path(newest.path, "coadded")
             if prod is not None:
-                info = _cached(_HEADER_CACHE, prod["path"], _calib_header)
+                info = _cached(_HEADER_CACHE, prod, _calib_header)
                 if info is not None:
                     snap.calibration[cam] = dict(info, file=newest.name,
                                                  back_expected=bool(cal and cal.calib_directory and cal.back_subtract),

@@ -23,40 +23,30 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
 
     ``files.done`` counts files whose recorded per-file products all exist on disk; a
     ``done`` row with a missing product is counted as ``pending`` (the daemon will redo it).
-    ``failed`` counts failed (will retry) and parked (given up) files. ``ledger``: an open
+    ``parked`` counts files given up (the word the live view and finalize use); ``failed``
+    (kept for scripts) counts parked files plus those that failed and will be retried.
+    ``ledger``: an open
     (read-only) ledger to read through, e.g. inside the live view's single read transaction.
     """
     now = time.time() if now is None else now
     with nullcontext(ledger) if ledger is not None else Ledger(outdir, readonly=True) as led:
         counts = led.counts()
-        done = missing = 0
-        for row in led.conn.execute("SELECT path FROM files WHERE state='done'"):
-            prods = led.products(row["path"])
-            if prods and all(os.path.exists(p["path"]) for p in prods):
-                done += 1
-            else:
-                missing += 1
+        done, missing = led.done_products_complete()
         pending = counts["pending"] + counts["queued"] + counts["running"] + missing
         info = led.daemon_info()
-        last = led.conn.execute(
-            "SELECT path, t_done, latency, target, filter, camera, flc, hwp, mjd, metrics FROM files"
-            " WHERE state='done' ORDER BY t_done DESC LIMIT 1"
-        ).fetchone()
-        errors = [
-            {"path": r["path"], "state": r["state"], "tries": r["tries"], "error": r["error"]}
-            for r in led.conn.execute(
-                "SELECT path, state, tries, error FROM files WHERE state IN ('failed','parked') ORDER BY path"
-            )
-        ]
-        lat = [r[0] for r in led.conn.execute("SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL")]
+        last = led.last_done()
+        errors = [{"path": r["path"], "state": r["state"], "tries": r["tries"], "error": r["error"]}
+                  for r in led.problem_files()]
+        lat = led.done_latencies()
         sets = led.set_counts()
+        lsq = led.lsq_status()  # least-squares accumulators (issue 13); [] without
     lat.sort()
     out = {
         "outdir": str(os.path.abspath(outdir)),
         "files": {
             "total": sum(counts.values()),
             "done": done,
-            "failed": counts["failed"] + counts["parked"],
+            "failed": counts["failed"] + counts["parked"],  # kept for scripts: failed or parked
             "pending": pending,
             "running": counts["running"],
             "parked": counts["parked"],
@@ -78,6 +68,8 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         },
         "errors": errors,
     }
+    if lsq:
+        out["leastsq"] = lsq
     if last is not None:
         out["last_file"] = {
             "path": last["path"], "done": _iso(last["t_done"]), "latency": last["latency"],
@@ -85,6 +77,10 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
             "flc": last["flc"], "hwp": last["hwp"], "mjd": last["mjd"],
         }
     return out
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join(str(text or "").split())
 
 
 def format_status(st: dict) -> str:
@@ -99,16 +95,26 @@ def format_status(st: dict) -> str:
     lines = [
         f"ledger  {st['outdir']}",
         f"daemon  {dline}",
-        f"files   {f['total']} total: {f['done']} done, {f['failed']} failed, {f['pending']} pending",
+        f"files   {f['total']} total: {f['done']} done, {f['parked']} parked, {f['failed'] - f['parked']} to retry, "
+        f"{f['pending']} pending",
         f"sets    {s['complete']} complete, {s['broken']} broken, {s['open']} open",
     ]
+    for a in st.get("leastsq", []):
+        cov = " ".join(f"{h}:{n}" for h, n in a["coverage"].items())
+        snr = f"{a['snr']:.1f}" if a["snr"] is not None else "-"
+        lines.append(f"lsq     {a['target']} {a['filter']}: {a['ncubes']} cubes ({a['rejected']} rejected), "
+                     f"Q_phi S/N {snr}, HWP {cov}")
     if st["latency"]["median"] is not None:
         lines.append(f"latency median {st['latency']['median']:.2f} s, p95 {st['latency']['p95']:.2f} s")
     if st["last_file"]:
         lf = st["last_file"]
-        lines.append(f"last    {os.path.basename(lf['path'])} at {lf['done']} ({lf['target'] or '?'}, {lf['filter'] or '?'})")
+        lines.append(f"last    {os.path.basename(lf['path'])} done at {lf['done']} (wall clock; "
+                     f"{lf['target'] or '?'}, {lf['filter'] or '?'})")
     for e in st["errors"][:10]:
-        lines.append(f"error   {os.path.basename(e['path'])} [{e['state']}, {e['tries']} tries]: {e['error']}")
+        name = os.path.basename(e["path"])
+        err = _one_line(e["error"]).replace(e["path"], name)
+        err = err[len(name) + 2:] if err.startswith(f"{name}: ") else err
+        lines.append(f"{e['state']:<7} {name} (tries {e['tries']}): {err}")
     if len(st["errors"]) > 10:
         lines.append(f"        … and {len(st['errors']) - 10} more")
     return "\n".join(lines)

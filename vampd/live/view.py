@@ -1,9 +1,10 @@
 """The live view: a pure function from a :class:`~vampd.live.snapshot.Snapshot` to a rich renderable.
 
-Panels, most important first (narrow or short terminals drop from the end): header (night,
-target, config, daemon), alerts, latest files, the HWP-set board, trends, running PDI,
-parked/failed files. At ≥ 100 columns the set board sits next to the trends and PDI next to
-the parked files.
+The header (night, target, config, daemon, counts, sets) is packed into as many lines as it
+needs and is never cut. At ≥ 100 × 30: alerts, latest files (by observation time), the HWP-set
+board next to the trends, the running PDI next to the parked files (reasons in full). Smaller
+terminals get the compact layout: alerts, then one line each for the sets, the running PDI and
+every parked file, then the latest files (and the set board if there is room).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.layout import Layout
 from rich.panel import Panel
@@ -75,68 +77,107 @@ def _state(state: str) -> Text:
 
 
 # -- panels --------------------------------------------------------------------------------------------
-def _header(snap: Snapshot, width: int) -> RenderableType:
-    st = snap.status or {}
-    f = st.get("files", {})
+def _pack(groups: list[list[Text]], width: int) -> list[Text]:
+    """Lines of at most ``width`` cells: each group starts a new line, its segments are packed
+    ``a │ b`` and go to the next line rather than being cut (the header never says ``…``)."""
+    lines: list[Text] = []
+    for segs in groups:
+        cur = Text()
+        for seg in segs:
+            if cur.plain and cell_len(cur.plain) + 3 + cell_len(seg.plain) > width:
+                lines.append(cur)
+                cur = Text()
+            if cur.plain:
+                cur.append(" │ ", style="dim")
+            cur.append_text(seg)
+        if cur.plain:
+            lines.append(cur)
+    return lines
+
+
+def _seg(text: str, style: str = "") -> Text:
+    return Text(text, style=style)
+
+
+def _daemon_segments(snap: Snapshot, compact: bool) -> list[Text]:
     d = snap.daemon
-    line1 = Text()
-    line1.append("vampd live", style="bold")
-    line1.append(f"  night {snap.night or '?'} HST", style="")
-    line1.append(f"  target {snap.target or '?'}", style="bold")
-    line1.append(f"  config {snap.config_name or '?'}")
-    line1.append(f"  {_ut(snap.taken)} UT", style="dim")
-    line2 = Text()
-    if not snap.ledger_found:
-        line2.append(f"no ledger yet: {snap.problem}", style="bold red")
-        for line in (line1, line2):
-            line.no_wrap = True
-            line.overflow = "ellipsis"
-        return Group(line1, line2)
     if d.get("alive"):
-        line2.append("● daemon running", style="bold green")
-        line2.append(f" pid {d.get('pid')} up {_dur(snap.taken - (d.get('started') or snap.taken))}"
-                     f" (beat {_dur(snap.taken - (d.get('heartbeat') or snap.taken))} ago)")
-    elif d.get("pid") is None:
-        line2.append("■ DAEMON NOT RUNNING", style="bold red reverse")
-        line2.append(" — last recorded state (batch ledger: no daemon has run here)", style="red")
-    else:
-        how = "stopped" if d.get("stopped") else "gone"
-        last = d.get("stopped") or d.get("heartbeat")
-        line2.append("■ DAEMON NOT RUNNING", style="bold red reverse")
-        line2.append(f" — last recorded state (pid {d.get('pid')} {how} at {_ut(last)} UT, "
-                     f"{_dur(snap.taken - last) if last else '?'} ago)", style="red")
-    line3 = Text()
-    lat = st.get("latency", {})
-    if width < _WIDE:  # compact
-        line3.append(f"files {f.get('total', 0)}: ")
-        line3.append(f"{f.get('done', 0)} done", style="green")
-        line3.append(f" {snap.counts.get('running', 0)} run {f.get('pending', 0)} pend ")
-        line3.append(f"{snap.counts.get('failed', 0) + snap.counts.get('parked', 0)} bad",
-                     style="red" if snap.counts.get("failed") or snap.counts.get("parked") else "")
-        line3.append(f" │ {_g(snap.throughput, '.1f')}/min q{snap.queue} p50 {_g(lat.get('median'), '.1f')}s"
-                     f" p95 {_g(lat.get('p95'), '.1f')}s │ sets {snap.set_counts.get('complete', 0)} done")
-        for line in (line1, line2, line3):
-            line.no_wrap = True
-            line.overflow = "ellipsis"
-        return Group(line1, line2, line3)
-    line3.append(f"files {f.get('total', 0)}: ")
-    line3.append(f"{f.get('done', 0)} done", style="green")
-    line3.append(", ")
-    line3.append(f"{snap.counts.get('running', 0)} running", style="cyan")
-    line3.append(f", {f.get('pending', 0)} pending, ")
-    line3.append(f"{snap.counts.get('failed', 0)} failed", style="red" if snap.counts.get("failed") else "")
-    line3.append(", ")
-    line3.append(f"{snap.counts.get('parked', 0)} parked", style="magenta" if snap.counts.get("parked") else "")
-    line3.append(f" │ {_g(snap.throughput, '.1f')} files/min  queue {snap.queue}"
-                 f"  latency p50 {_g(lat.get('median'), '.1f')} s p95 {_g(lat.get('p95'), '.1f')} s")
+        up = _dur(snap.taken - (d.get("started") or snap.taken))
+        beat = _dur(snap.taken - (d.get("heartbeat") or snap.taken))
+        return [_seg("● daemon running", "bold green"),
+                _seg(f"pid {d.get('pid')} up {up}, beat {beat} ago" if compact else
+                     f"pid {d.get('pid')} up {up}, last beat {beat} ago")]
+    if d.get("pid") is None:
+        return [_seg("■ DAEMON NOT RUNNING", "bold red reverse"),
+                _seg("batch ledger" if compact else "last recorded state (batch ledger: no daemon has run here)", "red")]
+    how = "stopped" if d.get("stopped") else "gone"
+    last = d.get("stopped") or d.get("heartbeat")
+    ago = _dur(snap.taken - last) if last else "?"
+    return [_seg("■ DAEMON NOT RUNNING", "bold red reverse"),
+            _seg(f"pid {d.get('pid')} {how} {ago} ago" if compact else
+                 f"last recorded state: pid {d.get('pid')} {how} at {_ut(last)} UT (wall clock), {ago} ago", "red")]
+
+
+def _count_segments(snap: Snapshot, compact: bool) -> list[Text]:
+    f = (snap.status or {}).get("files", {})
+    c = snap.counts
+    lat = (snap.status or {}).get("latency", {})
+    files = Text(f"files {f.get('total', 0)}: ")
+    files.append(f"{f.get('done', 0)} done", style="green")
+    files.append(f", {c.get('running', 0)} run, {f.get('pending', 0)} pend, " if compact else
+                 f", {c.get('running', 0)} running, {f.get('pending', 0)} pending, ")
+    files.append(f"{c.get('parked', 0)} parked", style="magenta" if c.get("parked") else "")
+    if c.get("failed"):
+        files.append(f", {c['failed']} to retry", style="red")
     sc = snap.set_counts
-    line3.append(f" │ sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken")
+    if snap.leastsq:  # least squares: cubes, Q_phi S/N and coverage per HWP angle of the latest group
+        a = max(snap.leastsq, key=lambda x: x.get("updated") or 0.0)
+        sets = _seg(f"lsq {a['ncubes']} cubes S/N {_g(a['snr'], '.1f')} HWP "
+                    + " ".join(f"{h}:{n}" for h, n in a["coverage"].items()), "bold")
+    else:
+        sets = _seg(f"sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken",
+                    "bold")
+    p50, p95 = _g(lat.get("median"), ".1f"), _g(lat.get("p95"), ".1f")
+    if compact:
+        return [files, sets, _seg(f"{_g(snap.throughput, '.1f')}/min q{snap.queue} p50 {p50} s p95 {p95} s")]
+    segs = [files, sets, _seg(f"{_g(snap.throughput, '.1f')} files/min, queue {snap.queue}"),
+            _seg(f"latency p50 {p50} s, p95 {p95} s")]
     if snap.disk_free_gb is not None:
-        line3.append(f" │ disk {snap.disk_free_gb:.0f} GB free")
-    for line in (line1, line2, line3):
-        line.no_wrap = True
-        line.overflow = "ellipsis"
-    return Group(line1, line2, line3)
+        segs.append(_seg(f"disk {snap.disk_free_gb:.0f} GB free"))
+    return segs
+
+
+def header_lines(snap: Snapshot, width: int) -> list[Text]:
+    """The header's lines for an inner width of ``width`` cells (wrapped, never cut)."""
+    compact = width < _WIDE - 4
+    if compact:
+        first = [_seg("vampd live", "bold"), _seg(f"{snap.target or '?'}", "bold"), _seg(f"night {snap.night or '?'}"),
+                 _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim")]
+    else:
+        first = [_seg("vampd live", "bold"), _seg(f"night {snap.night or '?'} HST"),
+                 _seg(f"target {snap.target or '?'}", "bold"), _seg(f"config {snap.config_name or '–'}"),
+                 _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim")]
+    if not snap.ledger_found:
+        return _pack([first, [_seg(f"no ledger yet: {snap.problem}", "bold red")]], width)
+    return _pack([first, _daemon_segments(snap, compact), _count_segments(snap, compact)], width)
+
+
+def _wrapped_height(lines: list[Text], width: int) -> int:
+    """Rows the lines take at ``width`` (rich wraps words; a segment longer than a line wraps too)."""
+    from rich.console import Console
+
+    con = Console(width=max(width, 1), file=open(os.devnull, "w"), legacy_windows=False)
+    try:
+        return sum(len(t.wrap(con, max(width, 1))) for t in lines)
+    finally:
+        con.file.close()
+
+
+def _header(snap: Snapshot, width: int) -> tuple[RenderableType, int]:
+    """The header group and its height in rows (borders included)."""
+    inner = width - 4  # heavy border and padding
+    lines = header_lines(snap, inner)
+    return Group(*lines), _wrapped_height(lines, inner) + 2
 
 
 def _alerts_panel(alerts: list[Alert], nlines: int) -> Panel:
@@ -161,21 +202,23 @@ def _alerts_panel(alerts: list[Alert], nlines: int) -> Panel:
 
 
 _FILE_COLUMNS = [  # (name, width priority: lower is kept longer)
-    ("time", 0), ("file", 1), ("cam", 0), ("FLC", 2), ("HWP", 2), ("filter", 7), ("kept", 5),
-    ("Strehl", 3), ("FWHM", 6), ("flux", 4), ("offset", 8), ("latency", 6), ("state", 0),
+    ("obs UT", 0), ("file", 1), ("cam", 0), ("FLC", 2), ("HWP", 2), ("filter", 7), ("kept", 5),
+    ("Strehl", 3), ("FWHM", 6), ("flux", 4), ("offset", 8), ("sat", 9), ("latency", 6), ("state", 0),
 ]
-_COL_WIDTH = {"time": 8, "file": 17, "cam": 3, "FLC": 3, "HWP": 5, "filter": 6, "kept": 5, "Strehl": 6,
-              "FWHM": 5, "flux": 6, "offset": 6, "latency": 7, "state": 7}
+_COL_WIDTH = {"obs UT": 9, "file": 17, "cam": 3, "FLC": 3, "HWP": 5, "filter": 6, "kept": 5, "Strehl": 6,
+              "FWHM": 5, "flux": 6, "offset": 6, "sat": 3, "latency": 7, "state": 7}
 
 
 def _file_cells(f: FileRow) -> dict:
     cam = camera_of(f)
     return {
-        "time": _mjd_ut(f.mjd) or _ut(f.t_arrival), "file": f.name, "cam": str(cam) if cam else "?",
+        # observation time; a file without one shows its arrival on the wall clock, marked "~"
+        "obs UT": _mjd_ut(f.mjd) or ("~" + _ut(f.t_arrival) if f.t_arrival else "–"), "file": f.name, "cam": str(cam) if cam else "?",
         "FLC": f.flc or "–", "HWP": _g(f.hwp, "g"), "filter": f.filter or "–",
         "kept": f"{f.nkept}/{f.nframes}" if f.nkept is not None else (str(f.nframes) if f.nframes else "–"),
         "Strehl": _g(f.strehl, ".2f"), "FWHM": _g(f.fwhm, ".2f"), "flux": _flux(f.flux),
         "offset": _g(f.offset, ".2f"), "latency": _g(f.latency, ".1f"), "state": f.state,
+        "sat": "–" if f.nsat is None else Text(str(f.nsat), style="bold red" if f.nsat else ""),
     }
 
 
@@ -189,14 +232,16 @@ def _latest_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
             cols.remove(c)
     t = Table(box=None, padding=(0, 1), show_edge=False, pad_edge=False, header_style="bold underline")
     for c in cols:
-        t.add_column(c, justify="right" if c in ("HWP", "kept", "Strehl", "FWHM", "flux", "offset", "latency") else "left",
+        t.add_column(c, justify="right" if c in ("HWP", "kept", "Strehl", "FWHM", "flux", "offset", "sat", "latency") else "left",
                      no_wrap=True, overflow="ellipsis", width=_COL_WIDTH[c])
     for f in snap.latest[: max(nrows, 0)]:
         cells = _file_cells(f)
         t.add_row(*[_state(cells[c]) if c == "state" else cells[c] for c in cols],
                   style="" if f.state == "done" else STATE_STYLES.get(f.state, ""))
     n = len(snap.latest)
-    title = f"latest files ({min(n, nrows)} of {snap.status.get('files', {}).get('total', n)})"
+    title = f"latest files by observation time ({min(n, nrows)} of {snap.status.get('files', {}).get('total', n)})"
+    if any(f.mjd is None for f in snap.latest[: max(nrows, 0)]):
+        title += ", ~ = arrival (wall clock)"
     return Panel(t, title=title, title_align="left", box=box.ROUNDED, padding=(0, 0))
 
 
@@ -224,8 +269,12 @@ def _set_table(s: SetView, now: float) -> Table:
 
 def _sets_panel(snap: Snapshot, width: int) -> Panel:
     if not snap.open_sets:
-        if snap.set_mode is None:
-            body: RenderableType = Text("no polarimetric data (no HWP sets)", style="dim")
+        sc = snap.set_counts
+        if sum(sc.values()):
+            body: RenderableType = Text(f"no open set ({sc.get('complete', 0)} complete, "
+                                        f"{sc.get('broken', 0)} broken)", style="dim")
+        elif snap.set_mode is None:
+            body = Text("no polarimetric data (no HWP sets)", style="dim")
         else:
             body = Text("no open set (waiting for the next HWP cycle)", style="dim")
         return Panel(body, title="HWP sets", title_align="left", box=box.ROUNDED)
@@ -249,12 +298,13 @@ def _trends_panel(snap: Snapshot, width: int) -> Panel:
     if not snap.trends:
         return Panel(Text("no finished files yet", style="dim"), title="trends", title_align="left", box=box.ROUNDED)
     cams = sorted(snap.trends)
-    spark_w = max(6, (width - 6 - 8 - len(cams) * 10) // max(len(cams), 1))
+    # label 6 + per camera: sparkline + last value 6, each column with 1 cell of padding per side
+    spark_w = max(4, (width - 4 - 8 - len(cams) * 8) // max(len(cams), 1) - 3)
     t = Table(box=None, show_header=True, padding=(0, 1), show_edge=False)
-    t.add_column("", no_wrap=True)
+    t.add_column("", no_wrap=True, min_width=6)
     for cam in cams:
-        t.add_column(f"cam{cam}", no_wrap=True, overflow="crop")
-        t.add_column("last", justify="right", no_wrap=True)
+        t.add_column(f"cam{cam}", no_wrap=True, overflow="crop", width=spark_w)
+        t.add_column("last", justify="right", no_wrap=True, min_width=6)
     for attr, label, fmt in (("strehl", "Strehl", ".2f"), ("fwhm", "FWHM", ".2f"), ("flux", "flux", None),
                              ("offset", "offset", ".2f")):
         row: list = [label]
@@ -285,12 +335,12 @@ def _pdi_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
     shown = p.sets[-max(nrows, 1):]
     rows = [[str(s.index if s.index is not None else "?"), s.field or "",
              f"{pct(s.dolp)}±{_g(None if s.dolp_err is None else 100 * s.dolp_err, '.2f')}",
-             f"{_g(s.aolp, '.1f')}±{_g(s.aolp_err, '.1f')}",
+             f"{_g(s.aolp, '.1f')}±{'>90' if (s.aolp_err or 0) > 90 else _g(s.aolp_err, '.1f')}",
              f"{pct(s.ip_pq)}/{pct(s.ip_pu)}", f"{pct(s.mm_ip_pq)}/{pct(s.mm_ip_pu)}"] for s in shown]
     names = ["set", "field", "DoLP %", "AoLP °", "IP q/u %", "model q/u %"]
     need = [max([len(n)] + [len(r[j]) for r in rows]) + 2 for j, n in enumerate(names)]  # + cell padding
     ncol = len(names)
-    while ncol > 4 and sum(need[:ncol]) > width - 4:  # panel border and margins
+    while ncol > 4 and sum(need[:ncol]) + 1 > width - 4:  # panel border and margins
         ncol -= 1
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
     for c in names[:ncol]:
@@ -300,31 +350,118 @@ def _pdi_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
     return Panel(Group(head, t) if p.sets else head, title="running PDI", title_align="left", box=box.ROUNDED)
 
 
+def problem_reason(f: FileRow) -> str:
+    """A parked/failed file's error on one line, without its own path or name in front."""
+    err = " ".join((f.error or "no reason recorded").replace(f.path, f.name).split())
+    for prefix in (f"{f.name}: ", f"{f.name} "):
+        if err.startswith(prefix):
+            err = err[len(prefix):]
+    return err
+
+
+def _problem_lines(problems: list[FileRow], width: int) -> list[Text]:
+    """One entry per parked/failed file: ``name  state  reason``, the reason wrapped under it
+    (never cut)."""
+    import textwrap
+
+    lines = []
+    for f in problems:
+        state = f"{f.state}×{f.tries}" if f.state == "failed" else f.state
+        head = Text()
+        head.append(f.name, style="bold")
+        head.append(f"  {state}  ", style=STATE_STYLES.get(f.state, ""))
+        reason = problem_reason(f)
+        first_w = max(width - cell_len(head.plain), 10)
+        parts = textwrap.wrap(reason, first_w) or [""]
+        head.append(parts[0])
+        lines.append(head)
+        rest = " ".join(parts[1:])
+        for chunk in textwrap.wrap(rest, max(width - 2, 10)):
+            lines.append(Text("  " + chunk))
+    return lines
+
+
 def _problems_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
+    """Parked and failed files with their reasons in full; ``nrows`` rows inside the borders
+    (whole entries only: the title says how many are not shown)."""
     if not snap.problems:
-        return Panel(Text("no parked or failed files", style="green"), title="parked files", title_align="left",
+        return Panel(Text("no parked files", style="green"), title="parked files", title_align="left",
                      box=box.ROUNDED)
-    t = Table(box=None, show_header=False, padding=(0, 1), expand=True, show_edge=False)
-    t.add_column("file", no_wrap=True)
-    t.add_column("state", no_wrap=True)
-    t.add_column("error", no_wrap=True, overflow="ellipsis", ratio=1)
-    for f in snap.problems[: max(nrows, 1)]:
-        err = (f.error or "").replace(f.path, f.name).replace("\n", " ")
-        t.add_row(f.name, _state(f"{f.state}×{f.tries}" if f.state == "failed" else f.state), err)
-    more = len(snap.problems) - max(nrows, 1)
-    title = f"parked/failed files ({len(snap.problems)}{', ' + str(more) + ' not shown' if more > 0 else ''})"
-    return Panel(t, title=title, title_align="left", border_style="magenta", box=box.ROUNDED)
+    inner = width - 4
+    shown: list[Text] = []
+    nfiles = 0
+    for f in snap.problems:
+        one = _problem_lines([f], inner)
+        if len(shown) + len(one) > max(nrows, 1) and nfiles:
+            break
+        shown += one
+        nfiles += 1
+    more = len(snap.problems) - nfiles
+    title = f"parked files ({len(snap.problems)}{', ' + str(more) + ' not shown' if more > 0 else ''})"
+    return Panel(Group(*shown), title=title, title_align="left", border_style="magenta", box=box.ROUNDED)
+
+
+def _problems_height(snap: Snapshot, width: int, max_rows: int) -> int:
+    """Rows the parked-files panel needs at ``width`` (borders included), at most ``max_rows``."""
+    if not snap.problems:
+        return 3
+    return min(len(_problem_lines(snap.problems, width - 4)), max_rows - 2) + 2
+
+
+# -- compact (80×24): one line each for sets, running PDI and every parked file -----------------------------
+def _compact_lines(snap: Snapshot, width: int, max_parked: int) -> list[Text]:
+    sc = snap.set_counts
+    sets = Text()
+    sets.append(f"sets {sc.get('complete', 0)} complete", style="bold")
+    sets.append(f", {sc.get('open', 0)} open, {sc.get('broken', 0)} broken")
+    if snap.open_sets:
+        o = snap.open_sets[-1]
+        sets.append(f"; filling {o.target or '?'} {len(o.members)}/{len(o.members) + len(o.missing)}",
+                    style="yellow" if o.missing else "green")
+        if o.missing:
+            sets.append(f", missing: {', '.join(o.missing)}", style="yellow")
+    p = snap.pdi
+    pdi = Text()
+    pdi.append("running PDI: ", style="bold")
+    if p is None or (not p.sets and not p.nsets):
+        pdi.append("no PDI yet", style="dim")
+    else:
+        pdi.append(f"sets done {p.nsets}")
+        if p.qphi_snr is not None:
+            pdi.append(f" · Qphi S/N {p.qphi_snr:.1f}", style="bold green" if p.qphi_snr > 5 else "yellow")
+        if p.sets:
+            s = p.sets[-1]
+            dolp = _g(None if s.dolp is None else 100 * s.dolp, "+.2f")
+            pdi.append(f" · DoLP {dolp} % AoLP {_g(s.aolp, '.0f')}° (set {s.index})")
+    out = [sets, pdi]
+    for f in snap.problems[:max_parked]:
+        t = Text()
+        t.append(f"{f.state} ", style=STATE_STYLES.get(f.state, ""))
+        t.append(f.name, style="bold")
+        t.append(f": {problem_reason(f)}")
+        out.append(t)
+    if len(snap.problems) > max_parked:
+        out.append(Text(f"… and {len(snap.problems) - max_parked} more parked file(s)", style="dim"))
+    for t in out:
+        t.no_wrap = True
+        t.overflow = "ellipsis"
+    return out
 
 
 # -- layout ----------------------------------------------------------------------------------------------
 def render(snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Alert] | None = None) -> Layout:
     """The whole screen for ``snap`` at ``width`` × ``height`` characters.
 
+    At ≥ 100 × 30 the full layout (latest files, set board next to trends, running PDI next to
+    the parked files); smaller terminals get the compact layout, where the set count, the running
+    PDI and every parked file (with its reason) keep one line each above the latest files. The
+    header wraps instead of being cut.
+
     Parameters
     ----------
     snap : Snapshot
     width, height : int
-        Terminal size; panels are dropped (least important first) when it is small.
+        Terminal size.
     alerts : list of Alert, optional
         Default: :func:`~vampd.live.alerts.compute_alerts` with default thresholds.
 
@@ -336,68 +473,67 @@ def render(snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Aler
     width, height = max(int(width), 40), max(int(height), 10)
     if alerts is None:
         alerts = compute_alerts(snap, None, snap.taken)
-    wide = width >= _WIDE
-    head_h = 5
-    rows: list[tuple[str, Layout]] = [("header", Layout(Panel(_header(snap, width), box=box.HEAVY,
-                                                                   padding=(0, 1)), size=head_h))]
+    head, head_h = _header(snap, width)
+    head_h = min(head_h, max(height - 6, 3))
+    rows: list[tuple[str, Layout]] = [("header", Layout(Panel(head, box=box.HEAVY, padding=(0, 1)), size=head_h))]
     left = height - head_h
-    a_lines = min(max(len(alerts), 1), 6 if height >= 30 else 3)
+    a_lines = min(max(len(alerts), 1), 6 if height >= 30 else 2)
     a_h = a_lines + 2 + (1 if len(alerts) > a_lines else 0)
     a_h = min(a_h, max(3, left - 6))
     rows.append(("alerts", Layout(_alerts_panel(alerts, a_h - 2), size=a_h)))
     left -= a_h
     if not snap.ledger_found:
         return _stack(rows, Layout(Panel(Text("waiting for the daemon to create the ledger…", style="dim"))))
+    if width >= _WIDE and height >= 30:
+        return _stack(rows + _wide_rows(snap, width, left))
+    return _stack(rows + _compact_rows(snap, width, left))
 
-    latest_min = min(7 if height >= 30 else 5, left)
+
+def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]]:
+    """Small terminals: the one-line summaries (sets, running PDI, parked files), the latest
+    files, then the set board if there is room."""
+    latest_min = 6 if left >= 14 else 4  # borders, column header, three files (one on tiny screens)
+    room = max(left - latest_min - 2 - 2, 1)  # summary panel borders, the sets and PDI lines
+    n = len(snap.problems)
+    max_parked = n if n <= room else max(room - 1, 1)  # keep a line for "… and N more"
+    lines = _compact_lines(snap, width - 4, max_parked)
+    sum_h = min(len(lines) + 2, max(left - latest_min, 3))
+    out = [("summary", Layout(Panel(Group(*lines[: sum_h - 2]), box=box.ROUNDED, padding=(0, 1)), size=sum_h))]
+    left -= sum_h
+    sets_h = len(HWP_GRID) + 5 + (1 if len(snap.open_sets) > 1 else 0) if snap.open_sets else 0
+    extra = []
+    if sets_h and left - sets_h >= 7:
+        extra.append(("sets", Layout(_sets_panel(snap, width), size=sets_h)))
+        left -= sets_h
+    out.append(("latest", Layout(_latest_panel(snap, width, max(left - 3, 0)), size=left)))
+    return out + extra
+
+
+def _wide_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]]:
+    latest_min = 7
     avail = left - latest_min
-    open_h = 0
-    if snap.open_sets:
-        open_h = len(HWP_GRID) + 1 + 1 + 2 + (1 if len(snap.open_sets) > 1 else 0)
-    sets_h = open_h or 3
-    trend_h = 5 + 2 if snap.trends else 3
+    open_h = len(HWP_GRID) + 5 + (1 if len(snap.open_sets) > 1 else 0) if snap.open_sets else 0
+    mid_h = max(open_h or 3, 7 if snap.trends else 3)
     pdi_rows = len(snap.pdi.sets) if snap.pdi and snap.pdi.sets else 0
     pdi_h = (1 + 2 + min(pdi_rows, 4) + 2) if pdi_rows else 3
-    prob_rows = min(len(snap.problems), 5)
-    prob_h = (prob_rows + 2) if prob_rows else 3
+    left_w = width * 3 // 5
     extra: list[tuple[str, Layout]] = []
-    if wide:
-        mid_h = max(sets_h, trend_h)
-        if avail >= mid_h:
-            mid = Layout(size=mid_h)
-            mid.split_row(Layout(_sets_panel(snap, width // 2), ratio=11), Layout(_trends_panel(snap, width // 2), ratio=9))
-            extra.append(("middle", mid))
-            avail -= mid_h
-        elif avail >= sets_h:
-            extra.append(("sets", Layout(_sets_panel(snap, width), size=sets_h)))
-            avail -= sets_h
-        bot_h = max(pdi_h, prob_h)
-        if avail >= bot_h:
-            bot = Layout(size=bot_h)
-            # the set table needs more room than the parked-files list (3:2)
-            bot.split_row(Layout(_pdi_panel(snap, width * 3 // 5, bot_h - 5), ratio=3),
-                          Layout(_problems_panel(snap, width - width * 3 // 5, bot_h - 2), ratio=2))
-            extra.append(("bottom", bot))
-            avail -= bot_h
-        elif avail >= prob_h and snap.problems:
-            extra.append(("problems", Layout(_problems_panel(snap, width, prob_h - 2), size=prob_h)))
-            avail -= prob_h
-    else:
-        for name, h, make in (("sets", sets_h, lambda h: _sets_panel(snap, width)),
-                              ("trends", trend_h, lambda h: _trends_panel(snap, width)),
-                              ("problems", prob_h, lambda h: _problems_panel(snap, width, h - 2)),
-                              ("pdi", pdi_h, lambda h: _pdi_panel(snap, width, h - 5))):
-            if name == "problems" and not snap.problems or name == "pdi" and not pdi_rows:
-                continue  # nothing to say: leave the room to the files
-            if avail >= h:
-                extra.append((name, Layout(make(h), size=h)))
-                avail -= h
+    bot_h = max(pdi_h, _problems_height(snap, width - left_w, max(avail - mid_h, 3)))
+    if avail >= mid_h + bot_h or avail >= mid_h:
+        mid = Layout(size=mid_h)
+        mid.split_row(Layout(_sets_panel(snap, width // 2), ratio=11), Layout(_trends_panel(snap, width * 9 // 20), ratio=9))
+        extra.append(("middle", mid))
+        avail -= mid_h
+    bot_h = max(pdi_h, _problems_height(snap, width - left_w, max(avail, 3)))
+    if avail >= bot_h:
+        bot = Layout(size=bot_h)
+        # the set table needs more room than the parked-files list (3:2)
+        bot.split_row(Layout(_pdi_panel(snap, left_w, bot_h - 5), size=left_w),
+                      Layout(_problems_panel(snap, width - left_w, bot_h - 2), ratio=1))
+        extra.append(("bottom", bot))
+        avail -= bot_h
     latest_h = latest_min + avail
-    nfile_rows = max(latest_h - 3, 0)
-    latest = Layout(_latest_panel(snap, width, nfile_rows), size=latest_h)
-    rows.append(("latest", latest))
-    rows.extend(extra)
-    return _stack(rows)
+    return [("latest", Layout(_latest_panel(snap, width, max(latest_h - 3, 0)), size=latest_h))] + extra
 
 
 def _stack(rows: list[tuple[str, Layout]], last: Layout | None = None) -> Layout:

@@ -137,7 +137,7 @@ def _unit_header(h: fits.Header, unit: str, fields: Sequence[str], factors: Sequ
     h = h.copy()
     set_card(h, "BUNIT", unit, "specphot unit; AOLP in rad")
     set_card(h, "HIERARCH DPP FLUX UNIT", unit, "specphot unit")
-    for f, v in zip(fields, factors):
+    for f, v in zip(fields, factors, strict=True):
         if field is None or f == field:
             set_card(h, f"HIERARCH DPP FLUX FACTOR {f}", float(v), f"e-/s -> {unit}")
     return h
@@ -187,7 +187,7 @@ def write_calibrated(
     for k, v in (extra or {}).items():
         set_card(hdr, k, *(v if isinstance(v, tuple) else (v,)))
     fh = [fits.ImageHDU(header=_unit_header(h.header, unit, fields, fac, field=f), name=h.name)
-          for f, h in zip(fields, field_hdus)]
+          for f, h in zip(fields, field_hdus, strict=True)]
     out: dict[str, Path] = {}
     if len(fields) > 1 and path_cube is not None:
         chdr = hdr.copy()

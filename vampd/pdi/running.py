@@ -160,6 +160,24 @@ def _strip(h: fits.Header) -> fits.Header:
     return h
 
 
+def set_exposure_cards(hdr: fits.Header, ncoadd: float, tint: float, what: str = "") -> fits.Header:
+    """Write ``NCOADD``/``TINT`` and their ``DPP COADD`` twins with the same values (in place).
+
+    One meaning in every product: ``NCOADD`` = frames coadded and ``TINT`` = their exposure
+    [s] (EXPTIME × NCOADD), per camera in PDI products (the two cameras observe the same
+    photons at the same time, so each frame pair counts once), summed over files and sets.
+    The raw-file count of a collapse is ``DPP PDI NFILES``.
+    """
+    n = int(round(float(ncoadd)))
+    t = float(tint)
+    suffix = f" {what}" if what else ""
+    set_card(hdr, "NCOADD", n, f"frames coadded{suffix}")
+    set_card(hdr, "TINT", t, f"[s] EXPTIME x NCOADD{suffix}")
+    set_card(hdr, "HIERARCH DPP COADD NCOADD", n, f"frames coadded{suffix}")
+    set_card(hdr, "HIERARCH DPP COADD TINT", t, f"[s] EXPTIME x NCOADD{suffix}")
+    return hdr
+
+
 def write_running_products(
     outdir,
     name: str,
@@ -183,13 +201,17 @@ def write_running_products(
     set_card(hdr, "BUNIT", "e-/s", "per camera; I_Q = mean beam; AOLP in rad")
     set_card(hdr, "HIERARCH DPP PDI NSETS", acc.nsets, "sets in the running collapse")
     set_card(hdr, "HIERARCH DPP PDI COLLAPSE", weighting, "running collapse over sets (final: median)")
-    hdr["TINT"] = (acc.tint, "[s] total integration (per camera)")
+    exptime = float(hdr.get("EXPTIME", 0.0) or 0.0)
+    ncoadd = acc.tint / exptime if exptime > 0 else float(hdr.get("NCOADD", 0) or 0)
+    set_exposure_cards(hdr, ncoadd, acc.tint, "(per camera, all sets)")
     fhs = []
     for f, fh in zip(fields, field_headers):
         h = _strip(fh)
         h["CTYPE3"] = "STOKES"
         h["STOKES"] = ",".join(names)
         h["FIELD"] = f
+        if "NCOADD" in h or "TINT" in h:
+            set_exposure_cards(h, hdr["NCOADD"], hdr["TINT"], "(per camera, all sets)")
         fhs.append(fits.ImageHDU(header=h, name=f))
     written = {}
     nf = data.shape[0]

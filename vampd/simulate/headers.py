@@ -62,8 +62,10 @@ def altaz(ra_deg: float, dec_deg: float, mjd) -> tuple[np.ndarray, np.ndarray]:
 
     Azimuth is astropy's (East of North). No refraction.
     """
+    from vampd._offline import configure_offline
     from vampd.instrument.angles import SUBARU
 
+    configure_offline()  # no IERS download (applied once per process)
     t = Time(np.atleast_1d(np.asarray(mjd, dtype=float)), format="mjd", scale="utc", location=SUBARU)
     c = SkyCoord(ra_deg, dec_deg, unit=u.deg, frame="fk5", equinox="J2000")
     aa = c.transform_to(AltAz(obstime=t, location=SUBARU))

@@ -397,6 +397,14 @@ def _mueller_params(cfg: SimConfig):
 # geometry
 
 
+def _fk5_to_icrs(ra_deg: float, dec_deg: float) -> tuple[float, float]:
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    c = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame="fk5", equinox="J2000").icrs
+    return float(c.ra.deg), float(c.dec.deg)
+
+
 def _geometry(cfg: SimConfig, files: list[dict], dets) -> None:
     """Add header geometry (rounded as written) and PA/DEROTANG to each file dict."""
     from vampd.instrument.angles import pa_offset, parallactic_angle, wrap
@@ -410,13 +418,14 @@ def _geometry(cfg: SimConfig, files: list[dict], dets) -> None:
     for target, idx in by_target.items():
         ra, dec = files[idx[0]]["ra_deg"], files[idx[0]]["dec_deg"]
         ra_h, dec_h = parse_radec(format_ra(ra), format_dec(dec))  # what the pipeline reads
+        ra_i, dec_i = _fk5_to_icrs(ra_h, dec_h)  # the headers say FK5; the PA takes ICRS
         m = mids[idx]
         if not cfg.rotation:
             m = np.full_like(m, m[0])
         alt, az = altaz(ra_h, dec_h, m)
-        pa = np.atleast_1d(parallactic_angle(ra_h, dec_h, m))
+        pa = np.atleast_1d(parallactic_angle(ra_i, dec_i, m))
         allframes = np.concatenate([files[i]["frame_mjd"] for i in idx]) + 0.5 * cfg.exptime / _DAY
-        pa_frames = np.atleast_1d(parallactic_angle(ra_h, dec_h, allframes)) if cfg.rotation else None
+        pa_frames = np.atleast_1d(parallactic_angle(ra_i, dec_i, allframes)) if cfg.rotation else None
         pos = 0
         for j, i in enumerate(idx):
             f = files[i]

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from vampd.instrument.constants import PUPIL_DIAMETER
+
 __all__ = [
     "Scene",
     "sky_offsets",
@@ -29,7 +31,7 @@ __all__ = [
     "TELESCOPE_DIAMETER_M",
 ]
 
-TELESCOPE_DIAMETER_M = 7.92
+TELESCOPE_DIAMETER_M = PUPIL_DIAMETER  # defined once in vampd.instrument.constants
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 

@@ -210,8 +210,6 @@ def conversion_factor(
     -------
     SpecphotResult
     """
-    from vampd.specphot.zeropoints import zeropoint
-
     if unit not in UNITS:
         raise SpecphotError(f"specphot.unit = {unit!r}: expected one of {', '.join(UNITS)}")
     filt = filter_name or field_name
@@ -231,44 +229,69 @@ def conversion_factor(
         res.star_flux = res.inst_flux / res.contrast
 
     if kind == "zeropoints":
-        if unit == "contrast":
-            raise SpecphotError('specphot.unit = "contrast" cannot be made from specphot.source = "zeropoints"')
-        zp = zeropoint(filt, data_dir)
-        res.airmass = _header_float(header, "AIRMASS", "the zero-point extinction") if unit != "e-/s" else header.get("AIRMASS")
-        res.zp_table = zp.table
-        if res.airmass is not None:
-            res.c_fd = zp.c_fd(float(res.airmass))
+        _calibrate_on_zeropoints(res, header, data_dir)
     else:
-        if sptype is None and kind == "pickles":
-            raise SpecphotError('specphot.source = "pickles" needs specphot.sptype')
-        if mag is None or mag_band is None:
-            raise SpecphotError(f"specphot.source = {source!r} needs specphot.mag and specphot.mag_band")
-        if res.star_flux is None:
-            raise SpecphotError(
-                f"field {field_name}: no positive instrumental flux (median of the flux metric over the "
-                "sequence's PSFs and frames); cannot calibrate on the star"
-            )
-        from vampd.specphot.synth import synthetic_photometry
+        _calibrate_on_spectrum(res, source, sptype, mag, mag_band, data_dir)
+    res.factor = _unit_factor(res)
+    return res
 
-        sp = synthetic_photometry(filt, "pickles" if kind == "pickles" else source, sptype, mag, mag_band, data_dir)
-        res.mag, res.ref_flux_jy = sp.mag, sp.flux_jy
-        res.refmag, res.refband, res.sptype = sp.refmag, sp.refband, sptype
-        res.c_fd = sp.flux_jy / res.star_flux
-        res.zp = sp.mag + 2.5 * math.log10(res.star_flux)
-        res.zp_jy = res.c_fd * 10 ** (0.4 * res.zp)
-        res.throughput = res.star_flux / sp.photon_rate
 
-    if unit == "Jy":
-        res.factor = float(res.c_fd)
-    elif unit == "Jy/arcsec^2":
+def _calibrate_on_zeropoints(res: SpecphotResult, header: Mapping, data_dir) -> None:
+    """``c_fd`` [Jy/(e-/s)] from the filter's zero point at the header's airmass (§8.2), into ``res``."""
+    from vampd.specphot.zeropoints import zeropoint
+
+    if res.unit == "contrast":
+        raise SpecphotError('specphot.unit = "contrast" cannot be made from specphot.source = "zeropoints"')
+    zp = zeropoint(res.filter, data_dir)
+    if res.unit != "e-/s":
+        res.airmass = _header_float(header, "AIRMASS", "the zero-point extinction")
+    else:
+        res.airmass = header.get("AIRMASS")
+    res.zp_table = zp.table
+    if res.airmass is not None:
+        res.c_fd = zp.c_fd(float(res.airmass))
+
+
+def _calibrate_on_spectrum(res: SpecphotResult, source, sptype, mag, mag_band, data_dir) -> None:
+    """``c_fd``, zero point and throughput from the star's synthetic photometry (§8.3), into ``res``.
+
+    The spectrum is a Pickles type (``res.source == "pickles"``) or the file ``source``,
+    normalised to ``mag`` in ``mag_band``; the star's flux is ``res.star_flux``.
+    """
+    if sptype is None and res.source == "pickles":
+        raise SpecphotError('specphot.source = "pickles" needs specphot.sptype')
+    if mag is None or mag_band is None:
+        raise SpecphotError(f"specphot.source = {source!r} needs specphot.mag and specphot.mag_band")
+    if res.star_flux is None:
+        raise SpecphotError(
+            f"field {res.field}: no positive instrumental flux (median of the flux metric over the "
+            "sequence's PSFs and frames); cannot calibrate on the star"
+        )
+    from vampd.specphot.synth import synthetic_photometry
+
+    spectrum = "pickles" if res.source == "pickles" else source
+    sp = synthetic_photometry(res.filter, spectrum, sptype, mag, mag_band, data_dir)
+    res.mag, res.ref_flux_jy = sp.mag, sp.flux_jy
+    res.refmag, res.refband, res.sptype = sp.refmag, sp.refband, sptype
+    res.c_fd = sp.flux_jy / res.star_flux
+    res.zp = sp.mag + 2.5 * math.log10(res.star_flux)
+    res.zp_jy = res.c_fd * 10 ** (0.4 * res.zp)
+    res.throughput = res.star_flux / sp.photon_rate
+
+
+def _unit_factor(res: SpecphotResult) -> float:
+    """The factor from e-/s to ``res.unit`` (1 for e-/s)."""
+    if res.unit == "Jy":
+        return float(res.c_fd)
+    if res.unit == "Jy/arcsec^2":
         if res.pxarea is None:
             raise SpecphotError("header keyword PXAREA missing: needed for Jy/arcsec^2")
-        res.factor = float(res.c_fd) / res.pxarea
-    elif unit == "contrast":
+        return float(res.c_fd) / res.pxarea
+    if res.unit == "contrast":
         if res.star_flux is None:
-            raise SpecphotError(f"field {field_name}: no positive instrumental flux; cannot compute a contrast")
-        res.factor = 1.0 / res.star_flux
-    return res
+            raise SpecphotError(f"field {res.field}: no positive instrumental flux; cannot compute a contrast")
+        return 1.0 / res.star_flux
+    return res.factor
 
 
 def _g4(x: float) -> float:

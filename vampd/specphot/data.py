@@ -1,7 +1,9 @@
 """Locate and load the spectrophotometric data files of the data directory (never the network).
 
 The data directory is named by ``data_dir`` in the configuration, else by the environment variable
-``VAMPD_DATA_DIR``. It holds instrument and catalogue data that vampd does not embed:
+``VAMPD_DATA_DIR``; the Pickles atlas and Vega are also found in the synphot data tree under
+``$PYSYN_CDBS`` (``grid/pickles/dat_uvk/``, ``calspec/``), as synphot users keep them. It holds
+instrument and catalogue data that vampd does not embed:
 
 ==================================  ===========================================================
 ``vampires_filters.csv``            VAMPIRES total-throughput curves (read through
@@ -24,6 +26,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,8 @@ __all__ = [
     "BAND_FILES",
     "ZeroPointRow",
     "data_path",
+    "locate",
+    "CDBS_ENV",
     "data_dir_of",
     "load_zeropoint_table",
     "pickles_file",
@@ -51,6 +56,9 @@ ZEROPOINT_TABLE_NAME = "vampires_zeropoints.csv"
 PICKLES_DIR = "pickles_uvk"
 PICKLES_INDEX = f"{PICKLES_DIR}/pickles_uk.fits"
 VEGA_FILE = "alpha_lyr_stis_011.fits"
+#: the synphot data tree (``$PYSYN_CDBS``): where it keeps the files vampd can take from it
+CDBS_ENV = "PYSYN_CDBS"
+_CDBS_TREE = {PICKLES_DIR: "grid/pickles/dat_uvk", VEGA_FILE: "calspec"}
 #: reference band (``specphot.mag_band``) → passband file in the data directory.
 #: "r" and "i" are Johnson R and I (as in the reference pipeline), not Sloan.
 BAND_FILES = {
@@ -86,9 +94,11 @@ class DataFileError(FileNotFoundError):
             where = f"the data directory {directory} does not exist"
         else:
             where = f"{directory / name} not found"
+        cdbs = any(name == k or name.startswith(k + "/") for k in _CDBS_TREE)
+        also = f" (or {CDBS_ENV} to a synphot data tree holding it)" if cdbs else ""
         msg = (
             f"spectrophotometry needs the data file {name!r}{what}, but {where}. Set `data_dir` in the "
-            f"configuration or the environment variable {DATA_DIR_ENV} to a directory holding it "
+            f"configuration or the environment variable {DATA_DIR_ENV} to a directory holding it{also} "
             f"(instrument and catalogue data: vampires_filters.csv, vampires_zeropoints.csv, "
             f"pickles_uvk/, johnson_v.txt, {VEGA_FILE}); vampd never downloads it."
         )
@@ -109,15 +119,42 @@ def data_dir_of(source=None) -> Path | None:
     return resolve_data_dir(source)
 
 
-def data_path(name: str, data_dir=None, purpose: str = "") -> Path:
-    """Absolute path of ``name`` inside the data directory, or raise :class:`DataFileError`."""
+def _cdbs_path(name: str) -> Path | None:
+    """``name`` in the synphot data tree ``$PYSYN_CDBS`` (Pickles and Vega only), if there."""
+    root = os.environ.get(CDBS_ENV, "").strip()
+    if not root:
+        return None
+    for prefix, sub in _CDBS_TREE.items():
+        if name == prefix or name.startswith(prefix + "/"):
+            rest = name[len(prefix):].lstrip("/") or name
+            path = Path(root).expanduser() / sub / rest
+            if name == VEGA_FILE and not path.is_file():  # another CALSPEC version of Vega
+                found = sorted(path.parent.glob("alpha_lyr_stis_*.fits"))
+                path = found[-1] if found else path
+            return path if path.is_file() else None
+    return None
+
+
+def locate(name: str, data_dir=None) -> tuple[Path | None, str]:
+    """Where ``name`` is found: ``(path, source)`` with source ``"data_dir"`` (the configured
+    or ``$VAMPD_DATA_DIR`` directory) or ``"$PYSYN_CDBS"``; ``(None, "")`` if nowhere."""
     directory = data_dir_of(data_dir)
-    if directory is None:
-        raise DataFileError(name, None, purpose)
-    path = directory / name
-    if not path.is_file():
-        raise DataFileError(name, directory, purpose)
-    return path.resolve()
+    if directory is not None and (directory / name).is_file():
+        return (directory / name).absolute(), "data_dir"
+    cdbs = _cdbs_path(name)
+    if cdbs is not None:
+        return cdbs.absolute(), f"${CDBS_ENV}"
+    return None, ""
+
+
+def data_path(name: str, data_dir=None, purpose: str = "") -> Path:
+    """Absolute path of ``name``: the data directory (``data_dir``, else ``$VAMPD_DATA_DIR``),
+    then, for the Pickles atlas and Vega, the synphot tree under ``$PYSYN_CDBS``; else raise
+    :class:`DataFileError`."""
+    path, _source = locate(name, data_dir)
+    if path is None:
+        raise DataFileError(name, data_dir_of(data_dir), purpose)
+    return path
 
 
 @dataclass(frozen=True)

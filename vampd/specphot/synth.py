@@ -42,6 +42,9 @@ def _dir_key(data_dir) -> str | None:
 
 @functools.lru_cache(maxsize=4)
 def _vega(path: str):
+    from vampd._offline import configure_offline
+
+    configure_offline()  # synphot never downloads (applied once per process)
     from synphot import SourceSpectrum
     from synphot import config as syn_config
 

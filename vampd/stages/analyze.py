@@ -18,8 +18,13 @@ Deliberate differences from the reference pipeline (domain doc §13):
   pattern in a 21 px window it reads within ~3 % of the true FWHM), so the live view has a FWHM
   without the Moffat fit;
 * edge windows (clipped by the frame) still get a DFT centroid: the template is cropped the same way;
-* Strehl estimates are rejected (NaN) outside [0, 1.1] rather than [0, 1] (see :func:`strehl_ratio`);
+* Strehl estimates are rejected (NaN) outside [0, 1.1] rather than [0, 1] (see
+  :func:`vampd.stages.strehl.strehl_ratio`);
   with an annulus, the Strehl peak and flux are both background-subtracted;
+* a saturated core (NaN from calibration) is filled with the window's brightest valid value
+  before any centroid is measured (:func:`fill_saturated`): a clipped PSF is still symmetric
+  about its centre, so the centre of mass and the DFT centroid stay unbiased, whereas a hole
+  (or zeros) in the core scatters them by pixels. ``nsat`` counts those pixels per frame;
 * the pixel response is deconvolved with the continuous ``sinc`` (the reference divides by a
   4-sample discrete box; both go through image and template alike).
 """
@@ -36,13 +41,19 @@ import numpy as np
 
 from vampd.fitsio import save_npz_atomic
 from vampd.imaging import window_slices
+from vampd.stages.aperture import aperture_photometry, circular_overlap
 from vampd.stages.dft import dft_shift, upsampled_peak
+from vampd.stages.moffat import fit_moffat, moffat_fwhm
+from vampd.stages.strehl import normalized_peak, strehl_ratio, template_norm_peak
 
+# aperture photometry, Strehl and the Moffat fit live in their own modules; their public names
+# stay importable from here for the callers of this stage
 __all__ = [
     "ALL_METRICS",
     "analyze_cube",
     "aperture_photometry",
     "centre_of_mass",
+    "fill_saturated",
     "circular_overlap",
     "fit_moffat",
     "load_metrics",
@@ -57,167 +68,8 @@ ALL_METRICS = (
     "max", "sum", "mean", "med", "var", "nvar",
     "comx", "comy", "peakx", "peaky", "dftx", "dfty", "fwhm",
     "photr", "photf", "phote", "strehl",
-    "modelx", "modely", "modelfwhm", "modelamp",
+    "modelx", "modely", "modelfwhm", "modelamp", "nsat",
 )  # fmt: skip
-
-#: Side of the sub-image used for the Strehl peak (as in the reference).
-STREHL_BOX = 20
-#: Largest Strehl estimate still reported (noise pushes perfect frames slightly above 1).
-STREHL_MAX = 1.1
-
-
-# ----------------------------------------------------------------------------------------------
-# exact circular aperture overlap, batched
-# ----------------------------------------------------------------------------------------------
-def _prim(t: np.ndarray, r: float) -> np.ndarray:
-    """``P(t) = (t sqrt(r^2 - t^2) + r^2 asin(t / r)) / 2``, the area under the circle from 0 to t."""
-    return 0.5 * (t * np.sqrt(np.maximum(r * r - t * t, 0.0)) + r * r * np.arcsin(np.clip(t / r, -1.0, 1.0)))
-
-
-def _quadrant_area(x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Signed area of the disk of radius r (centre 0) inside the rectangle [0, x] x [0, y].
-
-    ``x`` has shape (n, 1, w) and ``y`` (n, h, 1). The function is odd in x and in y, so the area
-    of the disk inside any axis-aligned rectangle [x0, x1] x [y0, y1] is
-    ``F(x1, y1) - F(x0, y1) - F(x1, y0) + F(x0, y0)``. For ``0 <= x, y <= r``:
-    ``F = y min(x, xc) + max(P(x) - P(xc), 0)`` with ``xc = sqrt(r^2 - y^2)`` and ``P`` the area
-    under the circle (:func:`_prim`, increasing on [0, r]). Everything that depends on one axis
-    only is computed on the 1-D edge vectors.
-    """
-    ax = np.minimum(np.abs(x), r)
-    ay = np.minimum(np.abs(y), r)
-    xc = np.sqrt(r * r - ay * ay)
-    area = ay * np.minimum(ax, xc) + np.maximum(_prim(ax, r) - _prim(xc, r), 0.0)
-    return (np.sign(x) * np.sign(y)) * area
-
-
-def circular_overlap(
-    cy: np.ndarray, cx: np.ndarray, r: float, y0: np.ndarray, x0: np.ndarray, size: int | tuple[int, int]
-) -> np.ndarray:
-    """Exact fractional overlap of a circle with the pixels of per-frame square boxes.
-
-    Parameters
-    ----------
-    cy, cx : ndarray, shape (n,)
-        Circle centres (frame pixel coordinates).
-    r : float
-        Radius in pixels.
-    y0, x0 : ndarray of int, shape (n,)
-        Index of the first row/column of each box.
-    size : int or (h, w)
-        Box side(s).
-
-    Returns
-    -------
-    ndarray, shape (n, h, w)
-        Area of each pixel (unit square centred on its index) inside the circle, as photutils'
-        ``method="exact"``.
-    """
-    h, w = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    if r <= 0:
-        return np.zeros((len(cy), h, w))
-    ey = (y0 - cy)[:, None] + (np.arange(h + 1) - 0.5)[None, :]  # (n, h+1)
-    ex = (x0 - cx)[:, None] + (np.arange(w + 1) - 0.5)[None, :]
-    F = _quadrant_area(ex[:, None, :], ey[:, :, None], float(r))  # (n, h+1, w+1)
-    w = F[:, 1:, 1:] - F[:, :-1, 1:] - F[:, 1:, :-1] + F[:, :-1, :-1]
-    return np.clip(w, 0.0, 1.0)
-
-
-def _gather_boxes(cube: np.ndarray, y0: np.ndarray, x0: np.ndarray, size: int):
-    """Per-frame boxes ``cube[t, y0[t]:y0[t]+size, x0[t]:x0[t]+size]`` (NaN outside the frame)."""
-    n, ny, nx = cube.shape
-    ylo, yhi, xlo, xhi = y0.min(), y0.max() + size, x0.min(), x0.max() + size
-    if ylo >= 0 and xlo >= 0 and yhi <= ny and xhi <= nx and (yhi - ylo) * (xhi - xlo) <= 4 * size * size:
-        # usual case: the boxes cluster inside the frame -> one slab, strided per-frame views
-        slab = cube[:, ylo:yhi, xlo:xhi]
-        views = np.lib.stride_tricks.sliding_window_view(slab, (size, size), axis=(1, 2))
-        return views[np.arange(n), y0 - ylo, x0 - xlo].astype(np.float64)
-    iy = y0[:, None] + np.arange(size)[None, :]
-    ix = x0[:, None] + np.arange(size)[None, :]
-    vy = (iy >= 0) & (iy < ny)
-    vx = (ix >= 0) & (ix < nx)
-    t = np.arange(n)[:, None, None]
-    box = cube[t, np.clip(iy, 0, ny - 1)[:, :, None], np.clip(ix, 0, nx - 1)[:, None, :]]
-    box = box.astype(np.float64)
-    box[~(vy[:, :, None] & vx[:, None, :])] = np.nan
-    return box
-
-
-def aperture_photometry(
-    data: np.ndarray,
-    cy: np.ndarray,
-    cx: np.ndarray,
-    radius: float,
-    err: np.ndarray | None = None,
-    annulus: Sequence[float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Circular aperture sums at one position per frame, exact pixel overlap, batched over frames.
-
-    NaN pixels (and pixels outside the frame) contribute nothing (photutils/SEP masking). Without
-    an annulus the result equals photutils ``aperture_photometry(..., method="exact")`` with the
-    NaNs masked; the error is ``sqrt(sum(w * err**2))`` as there.
-
-    Parameters
-    ----------
-    data : ndarray, shape (n, ny, nx)
-        Cube.
-    cy, cx : ndarray, shape (n,)
-        Aperture centre per frame (frame coordinates).
-    radius : float
-        Aperture radius in pixels.
-    err : ndarray, shape (n, ny, nx), optional
-        Per-pixel 1-sigma error.
-    annulus : (r_in, r_out), optional
-        Local background: the overlap-weighted mean of the annulus is subtracted, times the
-        (unmasked) aperture area; its uncertainty is propagated.
-
-    Returns
-    -------
-    flux, flux_err, background : ndarray, shape (n,)
-        ``background`` is the annulus mean per pixel (0 without an annulus).
-    """
-    data = np.asarray(data)
-    n = data.shape[0]
-    cy = np.broadcast_to(np.asarray(cy, dtype=np.float64), (n,))
-    cx = np.broadcast_to(np.asarray(cx, dtype=np.float64), (n,))
-    rmax = max(float(radius), float(annulus[1]) if annulus else 0.0)
-    half = int(math.ceil(rmax)) + 1
-    size = 2 * half + 1
-    ok = np.isfinite(cy) & np.isfinite(cx)
-    icy = np.where(ok, np.round(np.nan_to_num(cy)), 0).astype(np.int64)
-    icx = np.where(ok, np.round(np.nan_to_num(cx)), 0).astype(np.int64)
-    y0, x0 = icy - half, icx - half
-    box = _gather_boxes(data, y0, x0, size)
-    valid = np.isfinite(box)
-    box = np.where(valid, box, 0.0)
-    if err is not None:
-        var = _gather_boxes(np.asarray(err), y0, x0, size) ** 2
-        var = np.where(valid & np.isfinite(var), var, 0.0)
-    else:
-        var = np.zeros_like(box)
-    # the aperture only needs the central part of the box (which may be sized for the annulus)
-    ha = min(int(math.ceil(radius)) + 1, half)
-    inner = slice(half - ha, half + ha + 1)
-    w = circular_overlap(cy, cx, radius, y0 + half - ha, x0 + half - ha, 2 * ha + 1) * valid[:, inner, inner]
-    flux = np.einsum("nij,nij->n", w, box[:, inner, inner])
-    fvar = np.einsum("nij,nij->n", w, var[:, inner, inner])
-    bkg = np.zeros(n)
-    if annulus:
-        r_in, r_out = float(annulus[0]), float(annulus[1])
-        wa = circular_overlap(cy, cx, r_out, y0, x0, size)
-        hi = min(int(math.ceil(r_in)) + 1, half)
-        sub_in = slice(half - hi, half + hi + 1)
-        wa[:, sub_in, sub_in] -= circular_overlap(cy, cx, r_in, y0 + half - hi, x0 + half - hi, 2 * hi + 1)
-        wa = np.clip(wa, 0.0, None) * valid
-        asum = wa.sum(axis=(1, 2))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bkg = np.einsum("nij,nij->n", wa, box) / asum
-            bvar = np.einsum("nij,nij->n", wa, var) / asum**2
-        area = w.sum(axis=(1, 2))
-        flux = flux - bkg * area
-        fvar = fvar + area**2 * bvar
-    flux = np.where(ok, flux, np.nan)
-    return flux, np.where(ok, np.sqrt(fvar), np.nan), np.where(ok, bkg, np.nan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,192 +118,41 @@ def centre_of_mass(windows: np.ndarray, niter: int = 3) -> tuple[np.ndarray, np.
     return np.where(ok, cy, np.nan), np.where(ok, cx, np.nan)
 
 
-# ----------------------------------------------------------------------------------------------
-# Strehl
-# ----------------------------------------------------------------------------------------------
-def normalized_peak(
-    data: np.ndarray,
-    cy: np.ndarray,
-    cx: np.ndarray,
-    radius: float,
-    flux: np.ndarray | None = None,
-    background: np.ndarray | float = 0.0,
-    box: int = STREHL_BOX,
-    factor: int = 4,
-) -> np.ndarray:
-    """Pixel-deconvolved, Fourier-interpolated peak divided by the aperture flux (§3.2, Strehl).
+def fill_saturated(windows: np.ndarray, frac: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Fill saturated (NaN) cores of windows with each window's brightest valid value.
 
-    A ``box``-px sub-image with origin ``floor(c) - box/2`` (as the reference) is cut per frame,
-    background-subtracted, interpolated on a ``1/factor`` px grid around ``c`` after dividing its
-    spectrum by the pixel transfer function, and its maximum is divided by ``flux`` (the aperture
-    sum of ``radius`` px at ``c``; computed if not given).
-    """
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    n = data.shape[0]
-    cy = np.broadcast_to(np.asarray(cy, dtype=np.float64), (n,))
-    cx = np.broadcast_to(np.asarray(cx, dtype=np.float64), (n,))
-    ok = np.isfinite(cy) & np.isfinite(cx)
-    fy = np.floor(np.where(ok, cy, 0)).astype(np.int64)
-    fx = np.floor(np.where(ok, cx, 0)).astype(np.int64)
-    half = box // 2
-    y0, x0 = fy - half, fx - half
-    sub = _gather_boxes(data, y0, x0, box) - np.asarray(background, dtype=np.float64).reshape(-1, 1, 1)
-    centers = np.stack([cy - y0, cx - x0], axis=1)
-    peak = upsampled_peak(sub, factor=factor, centers=np.where(ok[:, None], centers, half), search=1.0)
-    if flux is None:
-        flux = aperture_photometry(data, cy, cx, radius)[0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = peak / flux
-    return np.where(ok, out, np.nan)
+    A NaN pixel belongs to a saturated core when it touches (8-connected, directly or through
+    other such NaN pixels) a valid pixel at ≥ ``frac`` of the window maximum: the pixels just
+    below the clip surround every clipped region. Isolated NaN pixels in the faint halo
+    (dead pixels, bad flat) are left NaN, so they can never become a bright spot.
 
-
-def strehl_ratio(norm_peak: np.ndarray, psf_norm_peak: float, upper: float = STREHL_MAX) -> np.ndarray:
-    """``S = P_img / P_psf``; values outside ``[0, upper]`` (failed estimates) become NaN.
-
-    The reference rejects S > 1. With noise, a near-diffraction-limited frame legitimately
-    measures slightly above 1, and rejecting it would make frame selection on Strehl drop the
-    best frames, so values up to ``upper`` (default :data:`STREHL_MAX` = 1.1) are kept as measured.
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.asarray(norm_peak, dtype=np.float64) / psf_norm_peak
-    return np.where((s >= 0) & (s <= upper), s, np.nan)
-
-
-_PSF_NORM_CACHE: dict[tuple, float] = {}
-
-
-def _psf_norm_peak(psf: np.ndarray, radius: float) -> float:
-    """Normalised peak of the template at its frame centre (cached: the template rarely changes)."""
-    psf = np.ascontiguousarray(psf, dtype=np.float64)
-    key = (psf.shape, hash(psf.tobytes()), float(radius))
-    if key not in _PSF_NORM_CACHE:
-        if len(_PSF_NORM_CACHE) > 64:
-            _PSF_NORM_CACHE.clear()
-        cy, cx = (psf.shape[0] - 1) / 2, (psf.shape[1] - 1) / 2
-        _PSF_NORM_CACHE[key] = float(normalized_peak(psf[None], np.array([cy]), np.array([cx]), radius)[0])
-    return _PSF_NORM_CACHE[key]
-
-
-# ----------------------------------------------------------------------------------------------
-# Moffat model (§3.2), fitted on the window
-# ----------------------------------------------------------------------------------------------
-def moffat_fwhm(gamma, alpha):
-    """FWHM of a Moffat profile: ``2 gamma sqrt(2^(1/alpha) - 1)``."""
-    return 2 * np.asarray(gamma) * np.sqrt(2 ** (1 / np.asarray(alpha)) - 1)
-
-
-def _moffat(p, yy, xx):
-    amp, y0, x0, gx, gy, theta, alpha, bkg = p
-    c, s = math.cos(theta), math.sin(theta)
-    a = c * c / gx**2 + s * s / gy**2
-    b = s * s / gx**2 + c * c / gy**2
-    cc = 2 * s * c * (1 / gx**2 - 1 / gy**2)
-    dx, dy = xx - x0, yy - y0
-    return amp / (1 + a * dx * dx + b * dy * dy + cc * dx * dy) ** alpha + bkg
-
-
-def _moffat_jac(p, yy, xx):
-    """Analytic Jacobian of :func:`_moffat` (columns in parameter order), shape (npix, 8)."""
-    amp, y0, x0, gx, gy, theta, alpha, _ = p
-    c, s = math.cos(theta), math.sin(theta)
-    ix2, iy2 = 1 / gx**2, 1 / gy**2
-    a = c * c * ix2 + s * s * iy2
-    b = s * s * ix2 + c * c * iy2
-    cc = 2 * s * c * (ix2 - iy2)
-    dx, dy = xx - x0, yy - y0
-    dx2, dy2, dxy = dx * dx, dy * dy, dx * dy
-    u = 1 + a * dx2 + b * dy2 + cc * dxy
-    ua = u**-alpha
-    dfdu = -alpha * amp * ua / u
-    jac = np.empty((dx.size, 8))
-    jac[:, 0] = ua
-    jac[:, 1] = dfdu * -(2 * b * dy + cc * dx)
-    jac[:, 2] = dfdu * -(2 * a * dx + cc * dy)
-    sc = s * c
-    jac[:, 3] = dfdu * (-2 / gx**3) * (c * c * dx2 + s * s * dy2 + 2 * sc * dxy)
-    jac[:, 4] = dfdu * (-2 / gy**3) * (s * s * dx2 + c * c * dy2 - 2 * sc * dxy)
-    k = ix2 - iy2
-    jac[:, 5] = dfdu * (-2 * sc * k * dx2 + 2 * sc * k * dy2 + 2 * (c * c - s * s) * k * dxy)
-    jac[:, 6] = -amp * ua * np.log(u)
-    jac[:, 7] = 1.0
-    return jac
-
-
-def fit_moffat(
-    windows: np.ndarray,
-    errors: np.ndarray | None = None,
-    start_yx: np.ndarray | None = None,
-    start_fwhm: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Elliptical Moffat fit (§3.2) on each window (one least-squares fit per frame).
-
-    Parameters: amplitude ∈ [0, 2 (max - median)], centre within the window, ``gamma_x, gamma_y`` ∈
-    [0.5, w/2], ``theta`` ∈ [-pi/4, pi/4], ``alpha`` ∈ [0.5, 10] (the reference stops at 3, too
-    low for a diffraction-limited core), and a free constant background. Bounded trust-region
-    least squares with an analytic Jacobian (~3 ms per 21² window). Residuals are weighted by
-    ``1/err`` (if given); non-finite pixels are ignored. Starting point: the given centre (e.g. the
-    centre of mass) and FWHM estimate, alpha = 2, amplitude = max - median, background = median.
+    Parameters
+    ----------
+    windows : ndarray, shape (n, h, w)
+    frac : float
+        Brightness (fraction of the window maximum) of the valid neighbours that mark a core.
 
     Returns
     -------
-    dict with ``y, x, fwhm, amp, alpha`` arrays of shape (n,) in window coordinates (NaN if the fit
-    failed).
+    filled : ndarray (n, h, w) float64
+        A copy with the cores filled (the input when nothing is NaN).
+    nsat : ndarray (n,) int
+        Filled pixels per window.
     """
-    from scipy.optimize import least_squares
+    from scipy import ndimage
 
-    windows = np.asarray(windows, dtype=np.float64)
-    n, h, w = windows.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    out = {k: np.full(n, np.nan) for k in ("y", "x", "fwhm", "amp", "alpha")}
-    gmax = max(h, w) / 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(windows.reshape(n, -1), axis=1)
-        vmax = np.nanmax(windows.reshape(n, -1), axis=1)
-    for t in range(n):
-        img = windows[t]
-        good = np.isfinite(img)
-        if errors is not None:
-            sig = np.abs(np.asarray(errors[t], dtype=np.float64))
-            good &= np.isfinite(sig) & (sig > 0)
-        if good.sum() < 10 or not np.isfinite(vmax[t]):
-            continue
-        if start_yx is not None and np.all(np.isfinite(start_yx[t])):
-            y0, x0 = np.clip(start_yx[t][0], 0, h - 1), np.clip(start_yx[t][1], 0, w - 1)
-        else:
-            y0, x0 = np.unravel_index(np.nanargmax(np.where(good, img, -np.inf)), img.shape)
-        alpha0 = 2.0
-        fw = start_fwhm[t] if start_fwhm is not None and np.isfinite(start_fwhm[t]) else 3.0
-        g0 = float(np.clip(fw / (2 * np.sqrt(2 ** (1 / alpha0) - 1)), 1.0, gmax))
-        amp0 = max(vmax[t] - med[t], 1e-12)
-        p0 = [amp0, y0, x0, g0, g0, 0.0, alpha0, med[t]]
-        span = max(abs(vmax[t]), abs(med[t]), 1e-12)
-        lo = [0, 0, 0, 0.5, 0.5, -np.pi / 4, 0.5, -span]
-        hi = [2 * amp0 + 1e-12, h - 1, w - 1, gmax, gmax, np.pi / 4, 10.0, span]
-        p0 = np.clip(p0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
-        yv, xv, dv = yy[good], xx[good], img[good]
-        wv = 1 / sig[good] if errors is not None else np.ones_like(dv)
-
-        def resid(p, yv=yv, xv=xv, dv=dv, wv=wv):
-            return (_moffat(p, yv, xv) - dv) * wv
-
-        def jac(p, yv=yv, xv=xv, wv=wv):
-            return _moffat_jac(p, yv, xv) * wv[:, None]
-
-        try:
-            res = least_squares(resid, p0, jac=jac, bounds=(lo, hi), x_scale="jac", max_nfev=100)
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        amp, yc, xc, gx, gy, _, alpha, _ = res.x
-        if res.status < 0:
-            continue
-        out["y"][t], out["x"][t] = yc, xc
-        out["fwhm"][t] = moffat_fwhm(math.sqrt(gx * gy), alpha)
-        out["amp"][t] = amp
-        out["alpha"][t] = alpha
-    return out
+    w = np.asarray(windows, dtype=np.float64)
+    nan = ~np.isfinite(w)
+    if not nan.any():
+        return w, np.zeros(w.shape[0], dtype=np.int64)
+    vmax = _quiet_nan(np.nanmax, w.reshape(w.shape[0], -1), axis=1)
+    with np.errstate(invalid="ignore"):
+        bright = ~nan & (w >= (frac * vmax)[:, None, None]) & (vmax > 0)[:, None, None]
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = True  # 8-connected within a frame, never across frames
+    seed = nan & ndimage.binary_dilation(bright, structure=plane)
+    core = ndimage.binary_propagation(seed, structure=plane, mask=nan)
+    return np.where(core, vmax[:, None, None], w), core.sum(axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,6 +183,65 @@ def _quiet_nan(func, *args, **kwargs):
         return func(*args, **kwargs)
 
 
+def _window_stats(flat: np.ndarray, finite: np.ndarray) -> dict[str, np.ndarray]:
+    """``max sum mean med var nvar`` of flattened windows ``(n, h*w)``, NaN-aware."""
+    out = {"max": _quiet_nan(np.nanmax, flat, axis=1), "sum": np.nansum(flat, axis=1)}
+    out["mean"] = _quiet_nan(np.nanmean, flat, axis=1)
+    # np.nanmedian on small arrays goes through masked arrays (a full sort): avoid it without NaNs
+    out["med"] = np.median(flat, axis=1) if finite.all() else _quiet_nan(np.nanmedian, flat, axis=1)
+    out["var"] = _quiet_nan(np.nanvar, flat, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["nvar"] = out["var"] / out["mean"]
+    return out
+
+
+def _prefer(cy: np.ndarray, cx: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, x)`` where both are finite, else the previous estimate ``(cy, cx)``."""
+    ok = np.isfinite(y) & np.isfinite(x)
+    return np.where(ok, y, cy), np.where(ok, x, cx)
+
+
+def _moffat_metrics(win, err, sy: slice, sx: slice, start_win, fwhm) -> dict[str, np.ndarray]:
+    """``modely modelx modelfwhm modelamp`` of the Moffat fit on the window (frame coordinates)."""
+    ewin = None if err is None else np.asarray(err[:, sy, sx], dtype=np.float64)
+    fit = fit_moffat(win, ewin, start_yx=start_win, start_fwhm=fwhm)
+    return {
+        "modely": fit["y"] + sy.start,
+        "modelx": fit["x"] + sx.start,
+        "modelfwhm": fit["fwhm"],
+        "modelamp": fit["amp"],
+    }
+
+
+def _dft_metrics(sub, psf, size: int, sy: slice, sx: slice, origin: tuple[int, int]) -> dict[str, np.ndarray]:
+    """``dfty dftx``: DFT cross-correlation of the background-subtracted window with the template."""
+    oy, ox = origin
+    dy, dx = dft_shift(sub, _template_for_window(psf, size, sy, sx, oy, ox))
+    # the (cropped) template is centred at nominal-window position (size-1)/2, i.e. at frame
+    # position origin + (size-1)/2, whether or not the window was clipped by the frame edge
+    return {"dfty": oy + (size - 1) / 2 + dy, "dftx": ox + (size - 1) / 2 + dx}
+
+
+def _photometry_metrics(data, err, cy, cx, cfg: Any, psf, psf_norm_peak) -> dict[str, np.ndarray]:
+    """``photr photf phote`` and ``strehl`` (as configured) at the best centre of each frame."""
+    radius = float(getattr(cfg, "phot_aper_rad", 8.0))
+    ann = getattr(cfg, "phot_ann_rad", False)
+    ann = tuple(ann) if ann not in (False, None) else None
+    want_phot = bool(getattr(cfg, "photometry", True))
+    want_strehl = bool(getattr(cfg, "strehl", False)) and psf is not None and psf_norm_peak is not None
+    out: dict[str, np.ndarray] = {}
+    if want_phot or want_strehl:
+        flux, ferr, bkg = aperture_photometry(data, cy, cx, radius, err=err, annulus=ann)
+        if want_phot:
+            out["photr"] = np.full(data.shape[0], radius)
+            out["photf"] = flux
+            out["phote"] = ferr
+        if want_strehl:
+            npk = normalized_peak(data, cy, cx, radius, flux=flux, background=np.nan_to_num(bkg))
+            out["strehl"] = strehl_ratio(npk, psf_norm_peak)
+    return out
+
+
 def _analyze_window(
     data: np.ndarray,
     err: np.ndarray | None,
@@ -490,85 +250,47 @@ def _analyze_window(
     psf: np.ndarray | None,
     psf_norm_peak: float | None,
 ) -> dict[str, np.ndarray]:
+    """Every metric of one window (one PSF of one field), batched over the frames of ``data``."""
     n = data.shape[0]
     size = int(getattr(cfg, "window_size", 21))
     sy, sx = window_slices(center, size, data.shape)
-    oy, ox = math.ceil(center[0] - size / 2), math.ceil(center[1] - size / 2)  # nominal origin
+    origin = (math.ceil(center[0] - size / 2), math.ceil(center[1] - size / 2))  # nominal, unclipped
     if sy.stop <= sy.start or sx.stop <= sx.start:
         raise ValueError(f"analysis: window centre {tuple(center)} lies outside the frame {data.shape[-2:]}")
-    win = np.asarray(data[:, sy, sx], dtype=np.float64)
+    win, nsat = fill_saturated(data[:, sy, sx])
     h, w = win.shape[1:]
     flat = win.reshape(n, -1)
-    out: dict[str, np.ndarray] = {}
-
-    out["max"] = _quiet_nan(np.nanmax, flat, axis=1)
-    out["sum"] = np.nansum(flat, axis=1)
-    out["mean"] = _quiet_nan(np.nanmean, flat, axis=1)
     finite = np.isfinite(flat)
-    # np.nanmedian on small arrays goes through masked arrays (a full sort): avoid it without NaNs
-    med = np.median(flat, axis=1) if finite.all() else _quiet_nan(np.nanmedian, flat, axis=1)
-    out["med"] = med
-    out["var"] = _quiet_nan(np.nanvar, flat, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["nvar"] = out["var"] / out["mean"]
+    out = {"nsat": nsat.astype(np.float64), **_window_stats(flat, finite)}
 
     # peak pixel (NaN-safe, all-NaN frames -> NaN)
     anyf = finite.any(axis=1)
-    idx = np.where(finite, flat, -np.inf).argmax(axis=1)
-    py, px = np.unravel_index(idx, (h, w))
+    py, px = np.unravel_index(np.where(finite, flat, -np.inf).argmax(axis=1), (h, w))
     out["peaky"] = np.where(anyf, py + sy.start, np.nan)
     out["peakx"] = np.where(anyf, px + sx.start, np.nan)
 
     # background-subtracted window (median), NaN -> 0: centre of mass and FWHM
-    sub = np.where(finite, flat - np.nan_to_num(med)[:, None], 0.0).reshape(n, h, w)
+    sub = np.where(finite, flat - np.nan_to_num(out["med"])[:, None], 0.0).reshape(n, h, w)
     tot = sub.sum(axis=(1, 2))
     comy, comx = centre_of_mass(sub)
     good_com = np.isfinite(comy) & np.isfinite(comx)
     out["comy"] = comy + sy.start
     out["comx"] = comx + sx.start
-
-    # centre estimate: COM < Moffat < DFT (§3.2)
-    cy, cx = out["comy"].copy(), out["comx"].copy()
     start_win = np.stack([np.where(good_com, comy, py), np.where(good_com, comx, px)], axis=1)
     peak_val = upsampled_peak(sub, factor=4, centers=start_win, deconvolve_pixel=False, search=1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         fwhm = np.sqrt(4 * math.log(2) * tot / (math.pi * peak_val))
     out["fwhm"] = np.where((tot > 0) & (peak_val > 0), fwhm, np.nan)
 
+    # centre estimate: COM < Moffat < DFT (§3.2)
+    cy, cx = out["comy"].copy(), out["comx"].copy()
     if getattr(cfg, "fit_psf_model", False):
-        ewin = None if err is None else np.asarray(err[:, sy, sx], dtype=np.float64)
-        fit = fit_moffat(win, ewin, start_yx=start_win, start_fwhm=out["fwhm"])
-        out["modely"] = fit["y"] + sy.start
-        out["modelx"] = fit["x"] + sx.start
-        out["modelfwhm"] = fit["fwhm"]
-        out["modelamp"] = fit["amp"]
-        ok = np.isfinite(out["modely"]) & np.isfinite(out["modelx"])
-        cy, cx = np.where(ok, out["modely"], cy), np.where(ok, out["modelx"], cx)
-
+        out.update(_moffat_metrics(win, err, sy, sx, start_win, out["fwhm"]))
+        cy, cx = _prefer(cy, cx, out["modely"], out["modelx"])
     if psf is not None:
-        tmpl = _template_for_window(psf, size, sy, sx, oy, ox)
-        dy, dx = dft_shift(sub, tmpl)
-        # the (cropped) template is centred at nominal-window position (size-1)/2, i.e. at frame
-        # position origin + (size-1)/2, whether or not the window was clipped by the frame edge
-        out["dfty"] = oy + (size - 1) / 2 + dy
-        out["dftx"] = ox + (size - 1) / 2 + dx
-        ok = np.isfinite(out["dfty"]) & np.isfinite(out["dftx"])
-        cy, cx = np.where(ok, out["dfty"], cy), np.where(ok, out["dftx"], cx)
-
-    radius = float(getattr(cfg, "phot_aper_rad", 8.0))
-    ann = getattr(cfg, "phot_ann_rad", False)
-    ann = tuple(ann) if ann not in (False, None) else None
-    want_phot = bool(getattr(cfg, "photometry", True))
-    want_strehl = bool(getattr(cfg, "strehl", False)) and psf is not None and psf_norm_peak is not None
-    if want_phot or want_strehl:
-        flux, ferr, bkg = aperture_photometry(data, cy, cx, radius, err=err, annulus=ann)
-        if want_phot:
-            out["photr"] = np.full(n, radius)
-            out["photf"] = flux
-            out["phote"] = ferr
-        if want_strehl:
-            npk = normalized_peak(data, cy, cx, radius, flux=flux, background=np.nan_to_num(bkg))
-            out["strehl"] = strehl_ratio(npk, psf_norm_peak)
+        out.update(_dft_metrics(sub, psf, size, sy, sx, origin))
+        cy, cx = _prefer(cy, cx, out["dfty"], out["dftx"])
+    out.update(_photometry_metrics(data, err, cy, cx, cfg, psf, psf_norm_peak))
     return out
 
 
@@ -615,7 +337,8 @@ def analyze_cube(
     -------
     dict[str, ndarray]
         Each value has shape ``(nfields, npsfs, nframes)`` (float64). Always: ``max sum mean med
-        var nvar comx comy peakx peaky fwhm``; with a template: ``dftx dfty``; with photometry:
+        var nvar comx comy peakx peaky fwhm nsat`` (``nsat``: saturated pixels filled in the
+        window, :func:`fill_saturated`); with a template: ``dftx dfty``; with photometry:
         ``photr photf phote``; with Strehl: ``strehl``; with the Moffat fit: ``modelx modely
         modelfwhm modelamp``. Frame coordinates, 0-based pixels.
     """
@@ -645,7 +368,7 @@ def analyze_cube(
         if template is not None:
             template = np.asarray(template, dtype=np.float64)
             if getattr(cfg, "strehl", False):
-                pnp = _psf_norm_peak(template, radius)
+                pnp = template_norm_peak(template, radius)
         row = []
         for center in centers[field]:
             row.append(_analyze_window(data, err, (float(center[0]), float(center[1])), cfg, template, pnp))

@@ -14,6 +14,7 @@ vampd decisions on top of the reference (§13 item 16):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -263,11 +264,9 @@ class CalibLibrary:
 # ---------------------------------------------------------------------------------------
 # loading
 
-_MASTER_CACHE: dict[tuple[str, int], CalibFrame] = {}
-_MASTER_CACHE_MAX = 32
-
-
-def _read_master(path: Path) -> CalibFrame:
+@functools.lru_cache(maxsize=32)
+def _read_master(path: Path, mtime_ns: int = 0) -> CalibFrame:
+    """One master, cached by (path, modification time): a rewritten master is read again."""
     from vampd.fitsio import data_hdu_index
 
     try:
@@ -293,14 +292,7 @@ def load_master(entry: CalibEntry | os.PathLike | str) -> CalibFrame:
     Cached by (path, modification time): masters are small and reused for every file.
     """
     path = entry.path if isinstance(entry, CalibEntry) else Path(entry)
-    key = (str(path), path.stat().st_mtime_ns)
-    frame = _MASTER_CACHE.get(key)
-    if frame is None:
-        frame = _read_master(path)
-        if len(_MASTER_CACHE) >= _MASTER_CACHE_MAX:
-            _MASTER_CACHE.pop(next(iter(_MASTER_CACHE)))
-        _MASTER_CACHE[key] = frame
-    return frame
+    return _read_master(path, path.stat().st_mtime_ns)
 
 
 # ---------------------------------------------------------------------------------------

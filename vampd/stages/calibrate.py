@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from vampd.instrument.detectors import FULLWELL_HALVED_MJD
 from vampd.instrument.fields import is_flipped
 from vampd.stages.badpix import bad_pixel_mask, isolated_invalid, repair_bad_pixels
 
@@ -134,12 +135,21 @@ def _key(header: fits.Header, key: str, path=None) -> float:
 
 
 def saturation_level(header: fits.Header, path=None) -> float:
-    """Raw level [adu] at or above which a pixel is saturated: ``min(FULLWELL / GAIN, 65535)``.
+    """Raw level [adu] at or above which a pixel is saturated: ``min(BIAS + FULLWELL / GAIN, 65535)``.
 
-    Capped at 65535 so that clipped uint16 pixels are masked (§13 item 4); same rule as
-    ``Detector.saturation_adu``.
+    The full well holds the signal above the bias, so a pixel is full at ``BIAS + FULLWELL /
+    GAIN`` raw adu; the 16-bit converter clips at 65535 first on the CMOS (7000 e- at
+    0.103 e-/adu is above its range), so every clipped pixel is caught. The reference's
+    ``FULLWELL / GAIN`` = 65536 adu can never be reached (§13 item 4). In the June–July 2023
+    window (``FULLWELL`` halved) the files were written with a 2¹⁵ limit: the level is then
+    ``FULLWELL / GAIN`` = 32768 adu, the written limit.
     """
-    return min(_key(header, "FULLWELL", path) / _key(header, "GAIN", path), _UINT16_MAX)
+    fullwell_adu = _key(header, "FULLWELL", path) / _key(header, "GAIN", path)
+    mjd = header.get("MJD")
+    lo, hi = FULLWELL_HALVED_MJD
+    if isinstance(mjd, (int, float)) and lo < float(mjd) < hi and "U_EMGAIN" not in header:
+        return min(fullwell_adu, _UINT16_MAX)
+    return min(_key(header, "BIAS", path) + fullwell_adu, _UINT16_MAX)
 
 
 def read_noise_adu(header: fits.Header, path=None) -> float:
@@ -236,6 +246,191 @@ def _check_master(frame: CalibFrame, shape: tuple[int, int], what: str, path) ->
         raise CalibrationError(what, f"master shape {frame.data.shape} does not match the frame shape {shape}", where)
 
 
+# ---------------------------------------------------------------------------------------
+# calibrate_cube, step by step: per-pixel constants first, then one fused pass per block
+
+
+@dataclass
+class _PixelModel:
+    """Per-pixel constants of the calibration: 2-D float32 arrays, or float32 scalars when uniform.
+
+    ``Df = (raw - back) * gain_map`` [e-/s] does background (or bias) subtraction, flat and
+    ×EFFGAIN/EXPTIME in one product; ``err**2 = h (c1 + c2 h) + var_c`` with ``h = |Df| + Df``
+    (``c2`` is None without a flat: ``c1 h + var_c``). ``badpix``: static bad pixels to repair.
+    """
+
+    back: np.ndarray
+    gain_map: np.ndarray | np.float32
+    c1: np.ndarray | np.float32
+    c2: np.ndarray | None
+    var_c: np.ndarray
+    badpix: np.ndarray | None = None
+
+    def flipped(self) -> _PixelModel:
+        """The same constants in flipped (output) orientation; 2-D arrays become contiguous copies."""
+        consts = (_flip_rows(a) for a in (self.back, self.gain_map, self.c1, self.c2, self.var_c))
+        return _PixelModel(*consts, badpix=None if self.badpix is None else self.badpix[::-1])
+
+
+def _flip_rows(a):
+    return np.ascontiguousarray(a[::-1]) if isinstance(a, np.ndarray) and a.ndim == 2 else a
+
+
+def _rows(a, rs: slice):
+    """Rows ``rs`` of a 2-D constant (scalars pass through)."""
+    return a[rs] if isinstance(a, np.ndarray) and a.ndim == 2 else a
+
+
+def _as_cube(raw, path) -> np.ndarray:
+    raw = np.asarray(raw)
+    if raw.ndim == 2:
+        raw = raw[None]
+    if raw.ndim != 3:
+        raise CalibrationError("NAXIS", f"expected a (nframes, ny, nx) cube, got shape {raw.shape}", path)
+    return raw
+
+
+def _header_constants(header: fits.Header, path) -> tuple[float, float, float, bool]:
+    """``(scale, poisson, satlevel, flip)`` of a normalised header, every required key checked.
+
+    ``scale = EFFGAIN / EXPTIME`` converts adu per frame to e-/s; ``poisson = ENF**2 / EFFGAIN``
+    is the Poisson variance [adu²] per adu of signal.
+    """
+    for key in REQUIRED_KEYS:
+        _key(header, key, path)
+    effgain = _key(header, "EFFGAIN", path)
+    exptime = _key(header, "EXPTIME", path)
+    if exptime <= 0:
+        raise CalibrationError("EXPTIME", f"value {exptime!r}, expected > 0 s", path)
+    enf = _key(header, "ENF", path)
+    return effgain / exptime, enf * enf / effgain, saturation_level(header, path), _flipped(header, path)
+
+
+def _background_terms(header: fits.Header, background: CalibFrame | None, shape, path):
+    """Background [adu] to subtract and its variance [adu²]: the master's, else ``BIAS`` and the read noise."""
+    if background is not None:
+        _check_master(background, shape, "BACKFILE", path)
+        return background.data, np.square(background.err)
+    return np.float32(_key(header, "BIAS", path)), np.float32(read_noise_adu(header, path) ** 2)
+
+
+def _flat_terms(flat: CalibFrame, scale: float, poisson: float, var_b, shape, path):
+    """``gain_map = scale / F`` (NaN where the flat is unusable) and the error constants ``c1, c2, var_c``."""
+    _check_master(flat, shape, "FLATFILE", path)
+    f = flat.data
+    with np.errstate(invalid="ignore", divide="ignore"):
+        good = np.isfinite(f) & (f >= FLAT_MIN)
+        gain_map = np.where(good, scale / f, np.nan).astype(np.float32)  # A = s / F
+        rel_f2 = np.where(good, np.square(flat.err / f), np.nan).astype(np.float32)  # (sigma_F/F)^2
+    c1 = (0.5 * poisson) * gain_map  # variance per unit of (|Df| + Df)
+    c2 = (0.25 * rel_f2).astype(np.float32)
+    var_c = (var_b * np.square(gain_map)).astype(np.float32)
+    return gain_map, c1, c2, var_c
+
+
+def _pixel_model(header, scale: float, poisson: float, background, flat, shape, path) -> _PixelModel:
+    """Fold background (or bias), flat, error model and unit conversion into per-pixel constants."""
+    back, var_b = _background_terms(header, background, shape, path)
+    if flat is not None:
+        gain_map, c1, c2, var_c = _flat_terms(flat, scale, poisson, var_b, shape, path)
+    else:
+        gain_map = np.float32(scale)
+        c1 = np.float32(0.5 * poisson * scale)
+        c2 = None
+        var_c = (var_b * np.float32(scale * scale)).astype(np.float32)
+    return _PixelModel(np.asarray(back, np.float32), gain_map, c1, c2, np.asarray(var_c, np.float32))
+
+
+def _repair_mask(background, flat, badpix, shape, path) -> np.ndarray | None:
+    """Static bad pixels to repair: ``badpix`` if given, else the masters' (:func:`static_bad_pixels`)."""
+    mask = static_bad_pixels(background, flat) if badpix is None else np.asarray(badpix, bool)
+    if mask is not None and mask.shape != shape:
+        raise CalibrationError("BADPIX", f"mask shape {mask.shape} does not match the frame shape {shape}", path)
+    return mask
+
+
+def _output_buffers(raw: np.ndarray, out, path) -> tuple[np.ndarray, np.ndarray]:
+    if out is None:
+        return np.empty(raw.shape, np.float32), np.empty(raw.shape, np.float32)
+    data, err = out
+    for name, a in (("data", data), ("err", err)):
+        if a.shape != raw.shape or a.dtype != np.float32:
+            raise CalibrationError("out", f"{name} buffer {a.shape} {a.dtype}, expected {raw.shape} float32", path)
+    return data, err
+
+
+def _block_steps(ny: int, nx: int) -> tuple[int, int]:
+    """Frames and rows per block: about ``_BLOCK_PIXELS``, so three float32 blocks stay in L2."""
+    npix = ny * nx
+    if npix >= _BLOCK_PIXELS:
+        return 1, max(1, _BLOCK_PIXELS // nx)
+    return max(1, _BLOCK_PIXELS // npix), ny
+
+
+def _calibrate_block(r: np.ndarray, d: np.ndarray, e: np.ndarray, m: _PixelModel, rs: slice, tmp) -> None:
+    """Raw block ``r`` → ``d`` [e-/s] and its error ``e``, in place (``rs``: output rows of the constants).
+
+    A plain casting copy then float32 arithmetic is ~2x faster than mixed-dtype ufuncs;
+    ``tmp`` is float32 scratch space at least the block's size (None without a flat).
+    """
+    np.copyto(d, r, casting="unsafe")
+    np.subtract(d, _rows(m.back, rs), out=d)  # D [adu]
+    np.multiply(d, _rows(m.gain_map, rs), out=d)  # Df [e-/s], NaN on bad flat
+    np.abs(d, out=e)
+    np.add(e, d, out=e)  # h = |Df| + Df = 2 max(Df, 0)
+    if m.c2 is not None:
+        t = tmp[: e.shape[0], : e.shape[1]]
+        np.multiply(e, m.c2[rs], out=t)
+        np.add(t, _rows(m.c1, rs), out=t)
+        np.multiply(e, t, out=e)  # h (c1 + c2 h)
+    else:
+        np.multiply(e, _rows(m.c1, rs), out=e)
+    np.add(e, _rows(m.var_c, rs), out=e)
+    np.sqrt(e, out=e)
+
+
+def _flag_saturated(r_raw, r, d, e, satlevel: float, is_int: bool, nsat: np.ndarray | None) -> None:
+    """NaN in ``d`` and ``e`` where the raw block is ``>= satlevel``; add the counts per frame to ``nsat``.
+
+    ``r_raw`` holds the same pixels as ``r`` (contiguous, for a cheap max first: the full
+    mask is only built when something saturates).
+    """
+    if is_int:
+        hit = r_raw.max() >= satlevel
+    else:
+        with np.errstate(invalid="ignore"):
+            hit = bool(np.any(r_raw >= satlevel))
+    if hit:
+        sat = r >= satlevel
+        if nsat is not None:
+            nsat += sat.sum(axis=(1, 2))
+        np.copyto(d, np.float32(np.nan), where=sat)
+        np.copyto(e, np.float32(np.nan), where=sat)
+
+
+def _calibrate_blocks(raw, data, err, model: _PixelModel, satlevel: float, flip: bool, nsat) -> None:
+    """Fill ``data``/``err`` block by block: frames, or row bands of big frames, sized to stay in L2.
+
+    With ``flip`` the constants are already flipped and each output row band reads its raw
+    rows in reverse, so the flip costs no extra pass.
+    """
+    nframes, ny, nx = raw.shape
+    fstep, rstep = _block_steps(ny, nx)
+    tmp = np.empty((fstep, rstep, nx), np.float32) if model.c2 is not None else None
+    is_int = np.issubdtype(raw.dtype, np.integer)
+    for f0 in range(0, nframes, fstep):
+        fs = slice(f0, min(f0 + fstep, nframes))
+        for r0 in range(0, ny, rstep):
+            r1 = min(r0 + rstep, ny)
+            rs = slice(r0, r1)
+            # the same raw pixels, contiguous (for the saturation test) and as output rows
+            r_raw = raw[fs, ny - r1 : ny - r0] if flip else raw[fs, rs]
+            r = r_raw[:, ::-1] if flip else r_raw
+            d, e = data[fs, rs], err[fs, rs]
+            _calibrate_block(r, d, e, model, rs, tmp)
+            _flag_saturated(r_raw, r, d, e, satlevel, is_int, None if nsat is None else nsat[fs])
+
+
 def calibrate_cube(
     raw: np.ndarray,
     header: fits.Header,
@@ -246,6 +441,7 @@ def calibrate_cube(
     badpix: np.ndarray | None = None,
     path=None,
     with_header: bool = True,
+    nsat: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, fits.Header]:
     """Calibrate a raw cube (or a chunk of its frames) to e-/s with an error cube (§2.1).
 
@@ -274,12 +470,14 @@ def calibrate_cube(
     with_header : bool
         False: skip building the output header (returned as None), e.g. for the second and
         later chunks of a file, whose header is the same.
+    nsat : ndarray of int (nframes,), optional
+        Filled with the number of saturated pixels of each frame (:func:`saturation_level`).
 
     Returns
     -------
     data, err : ndarray float32 (nframes, ny, nx)
         Calibrated frames and 1-sigma errors [e-/s], flipped along y for the flipped camera
-        (§1.4). Saturated raw pixels (``>= min(FULLWELL / GAIN, 65535)``) are NaN in both.
+        (§1.4). Saturated raw pixels (``>=`` :func:`saturation_level`) are NaN in both.
     header : astropy.io.fits.Header
         :func:`calibration_header` of ``header`` (the same for every chunk of a file).
 
@@ -290,131 +488,19 @@ def calibrate_cube(
     2-D constants). The flat's error term is dropped for negative background-subtracted
     pixels, where it is below ``(sigma_F / F)**2`` of the read-noise variance.
     """
-    raw = np.asarray(raw)
-    if raw.ndim == 2:
-        raw = raw[None]
-    if raw.ndim != 3:
-        raise CalibrationError("NAXIS", f"expected a (nframes, ny, nx) cube, got shape {raw.shape}", path)
-    nframes, ny, nx = raw.shape
-    for key in REQUIRED_KEYS:
-        _key(header, key, path)
-    effgain = _key(header, "EFFGAIN", path)
-    exptime = _key(header, "EXPTIME", path)
-    if exptime <= 0:
-        raise CalibrationError("EXPTIME", f"value {exptime!r}, expected > 0 s", path)
-    enf = _key(header, "ENF", path)
-    satlevel = saturation_level(header, path)
-    flip = _flipped(header, path)
-
-    # --- per-pixel constants (2-D, raw orientation), folded so each block needs few passes
-    scale = effgain / exptime  # adu per frame -> e-/s
-    k = enf * enf / effgain  # Poisson variance [adu^2] per adu of signal
-    if background is not None:
-        _check_master(background, (ny, nx), "BACKFILE", path)
-        back = background.data
-        var_b = np.square(background.err)
-    else:
-        back = np.float32(_key(header, "BIAS", path))
-        var_b = np.float32(read_noise_adu(header, path) ** 2)
-    if flat is not None:
-        _check_master(flat, (ny, nx), "FLATFILE", path)
-        f = flat.data
-        with np.errstate(invalid="ignore", divide="ignore"):
-            good = np.isfinite(f) & (f >= FLAT_MIN)
-            gain_map = np.where(good, scale / f, np.nan).astype(np.float32)  # A = s / F
-            rel_f2 = np.where(good, np.square(flat.err / f), np.nan).astype(np.float32)  # (sigma_F/F)^2
-        c1 = (0.5 * k) * gain_map  # variance per unit of (|Df| + Df)
-        c2 = (0.25 * rel_f2).astype(np.float32)
-        var_c = (var_b * np.square(gain_map)).astype(np.float32)
-    else:
-        gain_map = np.float32(scale)
-        c1 = np.float32(0.5 * k * scale)
-        c2 = None
-        var_c = (var_b * np.float32(scale * scale)).astype(np.float32)
-    back = np.asarray(back, np.float32)
-    var_c = np.asarray(var_c, np.float32)
-    mask = None
+    raw = _as_cube(raw, path)
+    shape = raw.shape[1:]
+    scale, poisson, satlevel, flip = _header_constants(header, path)
+    model = _pixel_model(header, scale, poisson, background, flat, shape, path)
     if fix_bad_pixels:
-        mask = static_bad_pixels(background, flat) if badpix is None else np.asarray(badpix, bool)
-        if mask is not None and mask.shape != (ny, nx):
-            raise CalibrationError("BADPIX", f"mask shape {mask.shape} does not match the frame shape {(ny, nx)}", path)
-
-    # --- fold the flip into the inputs: work directly in output orientation. The 2-D
-    # constants are flipped once (contiguous copies); raw rows are read in reverse.
-    if flip:
-
-        def fl(a):
-            return np.ascontiguousarray(a[::-1]) if isinstance(a, np.ndarray) and a.ndim == 2 else a
-
-        back, gain_map, c1, c2, var_c = fl(back), fl(gain_map), fl(c1), fl(c2), fl(var_c)
-        if mask is not None:
-            mask = mask[::-1]
-
-    if out is None:
-        data = np.empty((nframes, ny, nx), np.float32)
-        err = np.empty((nframes, ny, nx), np.float32)
-    else:
-        data, err = out
-        for name, a in (("data", data), ("err", err)):
-            if a.shape != raw.shape or a.dtype != np.float32:
-                raise CalibrationError("out", f"{name} buffer {a.shape} {a.dtype}, expected {raw.shape} float32", path)
-
-    # --- block loop over frames (or row bands of big frames) sized to stay in L2. A plain
-    # casting copy then float32 arithmetic is ~2x faster than mixed-dtype ufuncs.
-    npix = ny * nx
-    if npix >= _BLOCK_PIXELS:
-        fstep, rstep = 1, max(1, _BLOCK_PIXELS // nx)
-    else:
-        fstep, rstep = max(1, _BLOCK_PIXELS // npix), ny
-    tmp_full = np.empty((fstep, rstep, nx), np.float32) if c2 is not None else None
-    is_int = np.issubdtype(raw.dtype, np.integer)
-    # scalars as 0-d float32 so that no operation upcasts to float64
-    back_is_scalar = back.ndim == 0
-
-    def rows(a, rs):
-        return a[rs] if isinstance(a, np.ndarray) and a.ndim == 2 else a
-
-    for f0 in range(0, nframes, fstep):
-        fs = slice(f0, min(f0 + fstep, nframes))
-        for r0 in range(0, ny, rstep):
-            r1 = min(r0 + rstep, ny)
-            rs = slice(r0, r1)
-            # the same raw pixels, contiguous (for the saturation test) and as output rows
-            r_raw = raw[fs, ny - r1 : ny - r0] if flip else raw[fs, rs]
-            r = r_raw[:, ::-1] if flip else r_raw
-            d = data[fs, rs]
-            e = err[fs, rs]
-            np.copyto(d, r, casting="unsafe")
-            if back_is_scalar:
-                np.subtract(d, back, out=d)
-            else:
-                np.subtract(d, back[rs], out=d)  # D [adu]
-            np.multiply(d, rows(gain_map, rs), out=d)  # Df [e-/s], NaN on bad flat
-            np.abs(d, out=e)
-            np.add(e, d, out=e)  # h = |Df| + Df = 2 max(Df, 0)
-            if c2 is not None:
-                t = tmp_full[: e.shape[0], : e.shape[1]]
-                np.multiply(e, c2[rs], out=t)
-                np.add(t, rows(c1, rs), out=t)
-                np.multiply(e, t, out=e)  # h (c1 + c2 h)
-            else:
-                np.multiply(e, rows(c1, rs), out=e)
-            np.add(e, rows(var_c, rs), out=e)
-            np.sqrt(e, out=e)
-            # saturation: a cheap max first, the full mask only when something saturates
-            if is_int:
-                hit = r_raw.max() >= satlevel
-            else:
-                with np.errstate(invalid="ignore"):
-                    hit = bool(np.any(r_raw >= satlevel))
-            if hit:
-                sat = r >= satlevel
-                np.copyto(d, np.float32(np.nan), where=sat)
-                np.copyto(e, np.float32(np.nan), where=sat)
-
-    nbad = 0
-    if mask is not None:
-        nbad = repair_bad_pixels(data, mask, err)
+        model.badpix = _repair_mask(background, flat, badpix, shape, path)
+    if flip:  # work directly in output orientation (§1.4)
+        model = model.flipped()
+    if nsat is not None:
+        nsat[:] = 0
+    data, err = _output_buffers(raw, out, path)
+    _calibrate_blocks(raw, data, err, model, satlevel, flip, nsat)
+    nbad = 0 if model.badpix is None else repair_bad_pixels(data, model.badpix, err)
     if not with_header:
         return data, err, None
     hdr = calibration_header(header, background, flat, fix_bad_pixels=fix_bad_pixels, nbad=nbad, path=path)

@@ -195,13 +195,19 @@ def _filtered(region: np.ndarray, psf: np.ndarray | None, sigma: float = 1.5, bi
     img = np.asarray(region, dtype=np.float64)
     bad = ~np.isfinite(img)
     if bad.any():
-        img = np.where(bad, np.nanmedian(img) if (~bad).any() else 0.0, img)
+        # NaN pixels are saturated (calibration masks them) or invalid: fill them with the
+        # brightest value, so a saturated core stays the brightest spot instead of a hole;
+        # isolated filled pixels are removed by the clip and the median below
+        img = np.where(bad, np.nanmax(img) if (~bad).any() else 0.0, img)
     # clip every pixel to its brightest neighbour: isolated hot pixels and single-pixel cosmic
     # rays (often brighter than the star's smoothed peak in uncorrected data) become harmless,
     # while a PSF core (several pixels wide) keeps most of its peak
     ring = np.ones((3, 3), dtype=bool)
     ring[1, 1] = False
     img = np.minimum(img, ndimage.maximum_filter(img, footprint=ring, mode="nearest"))
+    # a 3x3 median removes what the clip leaves: pairs and small clusters of hot, dead or
+    # filled pixels (a PSF core, several pixels wide, keeps its peak)
+    img = ndimage.median_filter(img, size=3, mode="nearest")
     if psf is not None:
         k = np.nan_to_num(np.asarray(psf, dtype=np.float64))
         peak, total = k.max(), k.sum()

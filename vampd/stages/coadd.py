@@ -24,6 +24,7 @@ import numpy as np
 from astropy.io import fits
 
 from vampd.imaging import frame_center, shift_window
+from vampd.stages.analyze import fill_saturated
 
 __all__ = [
     "COADD_METHODS",
@@ -196,8 +197,10 @@ class Coadder:
     >>> image, err, ncoadd = c.result()                 # doctest: +SKIP
     """
 
-    def __init__(self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20, capacity: int | None = None):
+    def __init__(self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20, capacity: int | None = None,
+                 alloc=None):
         self.method = _check_method(method)
+        self.alloc = alloc or np.empty  # (shape, dtype) -> array for the frame store (reused memory)
         self.tmpdir = tmpdir
         self.block_bytes = int(block_bytes)
         self.capacity = None if capacity is None else int(capacity)
@@ -227,7 +230,7 @@ class Coadder:
                 # frame stride = an odd number of cache lines: the median's blocked transpose
                 # reads ~40 frames at once, which alias in cache at power-of-two strides (4x slower)
                 npix = int(np.prod(self.shape))
-                rows = np.empty((self.capacity, npix + (16 - npix) % 32), np.float32)
+                rows = self.alloc((self.capacity, npix + (16 - npix) % 32), np.float32)
                 self._buffer = rows[:, :npix].reshape((self.capacity,) + self.shape)
         elif tuple(shape) != self.shape:
             raise ValueError(f"Coadder.add: chunk frame shape {tuple(shape)} differs from {self.shape}")
@@ -492,11 +495,13 @@ def measure_center(image2d, centers, method: str, window_size: int, psf=None) ->
     ``method``: ``com`` (NaN-masked centre of mass), ``peak`` (argmax pixel), ``dft``
     (cross-correlation with ``psf`` of shape (window_size, window_size) via
     :func:`vampd.stages.dft.dft_centroid`; without a template it falls back to ``com``),
-    ``model`` (Moffat fit in the window, §13.6 fixed).
+    ``model`` (Moffat fit in the window, §13.6 fixed). A saturated core (NaN) is first filled
+    with the window's brightest value (:func:`vampd.stages.analyze.fill_saturated`).
     """
     centers = np.atleast_2d(np.asarray(centers, dtype=np.float64))
     size = int(window_size)
     wins, origins = _windows(np.asarray(image2d, dtype=np.float64), centers, size)
+    wins = fill_saturated(wins)[0]  # a saturated (NaN) core measured as a clipped, symmetric PSF
     if method == "dft" and psf is not None:
         from vampd.stages.dft import dft_centroid
 

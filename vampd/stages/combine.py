@@ -204,10 +204,25 @@ def combine_headers(headers) -> fits.Header:
       mean RA/Dec and the circular mean of the PC rotation angles (averaging PC elements would
       shrink the matrix for a rotating sequence, §13.21).
     """
+    from vampd.instrument.angles import refresh_angles
+
     headers = [h for h in headers]
     if not headers:
         raise ValueError("combine_headers: no headers given")
     headers.sort(key=lambda h: float(h.get("MJD", np.inf)) if _is_number(h.get("MJD")) else np.inf)
+    out = _merge_cards(headers)
+    _combine_angles(out, headers)
+    _combine_times(out, headers)
+    refresh_angles(out)  # PA/DEROTANG at the combination's own MJD, not a mean of angles
+    return _combine_wcs(out, headers)
+
+
+def _numeric_values(headers, key: str) -> list[float]:
+    return [float(h[key]) for h in headers if key in h and _is_number(h[key])]
+
+
+def _merge_cards(headers) -> fits.Header:
+    """The generic rules of :func:`combine_headers`: copy, sum, mean or drop each key (first-seen order)."""
     n = len(headers)
     out = fits.Header()
     seen = []
@@ -242,10 +257,11 @@ def combine_headers(headers) -> fits.Header:
                 val = float(np.nanmean(arr))
             out[name] = (val, comment)
         # non-numeric varying keys are dropped
-    # angles
-    def _vals(key):
-        return [float(h[key]) for h in headers if key in h and _is_number(h[key])]
+    return out
 
+
+def _combine_angles(out: fits.Header, headers) -> None:
+    """``PA-STR/PA-END/PA-ROT``, circular means of ``PA``, ``DEROTANG``, ``RA``/``DEC`` (MJD-sorted headers)."""
     if any("PA-STR" in h for h in headers):
         pa_str = next(float(h["PA-STR"]) for h in headers if "PA-STR" in h)
         pa_end = next(float(h["PA-END"]) for h in reversed(headers) if "PA-END" in h)
@@ -253,10 +269,10 @@ def combine_headers(headers) -> fits.Header:
         out["PA-END"] = (pa_end, "[deg] parallactic angle at end")
         # wrap the difference (not each end): a run crossing ±180 rotates by a few degrees, not ~360
         out["PA-ROT"] = (float(wrap(pa_end - pa_str)), "[deg] parallactic angle rotation")
-    if _vals("PA"):
-        out["PA"] = (circular_mean(_vals("PA")), "[deg] parallactic angle (circular mean)")
-    if _vals("DEROTANG"):
-        out["DEROTANG"] = (circular_mean(_vals("DEROTANG")), "[deg] derotation angle for North up")
+    if _numeric_values(headers, "PA"):
+        out["PA"] = (circular_mean(_numeric_values(headers, "PA")), "[deg] parallactic angle (circular mean)")
+    if _numeric_values(headers, "DEROTANG"):
+        out["DEROTANG"] = (circular_mean(_numeric_values(headers, "DEROTANG")), "[deg] derotation angle for North up")
     if all("RA" in h and "DEC" in h for h in headers):
         ra = circular_mean([_ra_deg(h["RA"]) for h in headers]) % 360
         dec = circular_mean([_dec_deg(h["DEC"]) for h in headers])
@@ -265,31 +281,38 @@ def combine_headers(headers) -> fits.Header:
             Angle(dec, u.deg).to_string(unit=u.deg, sep=":", precision=2, alwayssign=True, pad=True),
             "DEC (circular mean)",
         )
-    # times
-    starts, ends = _vals("MJD-STR"), _vals("MJD-END")
+
+
+def _combine_times(out: fits.Header, headers) -> None:
+    """Times from the first start and last end; without them, common values or the mean MJD."""
+    starts, ends = _numeric_values(headers, "MJD-STR"), _numeric_values(headers, "MJD-END")
     if starts and ends:
         _set_times(out, min(starts), max(ends))
-    else:
-        for key in ("MJD", "DATE-OBS", "UT", "HST"):
-            vals = [h[key] for h in headers if key in h]
-            if vals and all(v == vals[0] for v in vals):
-                out[key] = vals[0]
-        if _vals("MJD") and "MJD" not in out:
-            out["MJD"] = (float(np.mean(_vals("MJD"))), "[d] mean MJD")
-    # WCS
-    has_wcs = [h for h in headers if "CTYPE1" in h and "PC1_1" in h and "PC2_1" in h]
-    if has_wcs:
-        from vampd.instrument.wcs import apply_wcs
+        return
+    for key in ("MJD", "DATE-OBS", "UT", "HST"):
+        vals = [h[key] for h in headers if key in h]
+        if vals and all(v == vals[0] for v in vals):
+            out[key] = vals[0]
+    if _numeric_values(headers, "MJD") and "MJD" not in out:
+        out["MJD"] = (float(np.mean(_numeric_values(headers, "MJD"))), "[d] mean MJD")
 
-        angle = circular_mean([math.degrees(math.atan2(float(h["PC2_1"]), float(h["PC1_1"]))) for h in has_wcs])
-        ref = has_wcs[0]
-        shape = (int(ref.get("NAXIS2", 0)), int(ref.get("NAXIS1", 0))) if "NAXIS1" in ref else None
-        try:
-            if "PXSCALE" not in out and "PXSCALE" in ref:
-                out["PXSCALE"] = ref["PXSCALE"]
-            out = apply_wcs(out, angle, shape=shape)
-        except ValueError:  # missing RA/DEC/PXSCALE/NAXIS: keep no WCS rather than a wrong one
-            pass
+
+def _combine_wcs(out: fits.Header, headers) -> fits.Header:
+    """``out`` with a WCS from its RA/Dec and the circular mean PC rotation, if the inputs have one."""
+    has_wcs = [h for h in headers if "CTYPE1" in h and "PC1_1" in h and "PC2_1" in h]
+    if not has_wcs:
+        return out
+    from vampd.instrument.wcs import apply_wcs
+
+    angle = circular_mean([math.degrees(math.atan2(float(h["PC2_1"]), float(h["PC1_1"]))) for h in has_wcs])
+    ref = has_wcs[0]
+    shape = (int(ref.get("NAXIS2", 0)), int(ref.get("NAXIS1", 0))) if "NAXIS1" in ref else None
+    try:
+        if "PXSCALE" not in out and "PXSCALE" in ref:
+            out["PXSCALE"] = ref["PXSCALE"]
+        out = apply_wcs(out, angle, shape=shape)
+    except ValueError:  # missing RA/DEC/PXSCALE/NAXIS: keep no WCS rather than a wrong one
+        pass
     return out
 
 

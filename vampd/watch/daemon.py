@@ -137,7 +137,7 @@ class Daemon:
     def status_line(self) -> str:
         c = self.ledger.counts()
         pending = c["pending"] + c["queued"] + c["running"]
-        return (f"{c['done']} done, {c['failed'] + c['parked']} failed, {pending} pending, "
+        return (f"{c['done']} done, {c['parked']} parked, {c['failed']} to retry, {pending} pending, "
                 f"{len(self.tracker)} arriving, {len(self.pool.jobs)} running")
 
     def healthy(self) -> bool:
@@ -178,6 +178,9 @@ class Daemon:
                 found = self.rescan() + runner.recheck_products()
                 if found:
                     log.info("rescan: %d file(s) not in the ledger", found)
+                from vampd.engine import leastsq_trigger
+
+                leastsq_trigger.tick(ledger, runner.cfg, self.outdir)  # products lagging by time (issue 13)
                 next_reconcile = now + s["reconcile_interval"]
             for v in self.tracker.check(now):
                 if v.state == "complete":
