@@ -340,7 +340,7 @@ def pdi_night(tmp_path_factory):
     assert len(files) == 31
     # a file cut short: parked before its header is read
     bad = raw / "VMPA00019999.fits"
-    bad.write_bytes(open(files[0], "rb").read()[:5000])
+    bad.write_bytes(Path(files[0]).read_bytes()[:5000])
     assert main(["run", str(root / "lp.toml"), *files, str(bad), "-o", str(out), "-j", "2"]) == 1
     return {"root": root, "out": out, "gone": gone, "cfg": root / "lp.toml", "bad": bad}
 
