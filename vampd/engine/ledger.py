@@ -476,6 +476,102 @@ class Ledger:
     def daemon_info(self) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM daemon WHERE id=1").fetchone()
 
+    # --- HWP sets and blocks ---------------------------------------------------------------
+    _BLOCKS_SQL = (
+        "CREATE TABLE IF NOT EXISTS blocks (key TEXT PRIMARY KEY, camera INTEGER, flc TEXT, hwp REAL,"
+        " target TEXT, filter TEXT, run INTEGER, state TEXT NOT NULL, reason TEXT, members TEXT,"
+        " product TEXT, nframes INTEGER, mjd REAL, t_complete REAL, error TEXT, updated REAL)"
+    )
+
+    def _blocks_table(self) -> bool:
+        """The ``blocks`` table exists (created on first write; absent in older ledgers)."""
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='blocks'").fetchone() is not None
+
+    def pdi_files(self) -> list[dict]:
+        """Set/block candidates: done files with their coadded product and parked files, with
+        what the ledger recorded (no header is read). Members of complete sets are included;
+        the caller excludes them."""
+        rows = self.conn.execute(
+            "SELECT f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd, f.nframes,"
+            " f.t_complete, f.error, p.path AS product FROM files f"
+            " LEFT JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
+            " WHERE f.state IN ('done', 'parked')"
+        ).fetchall()
+        return [dict(r) for r in rows if r["state"] == "parked" or r["product"] is not None]
+
+    def done_near(self, mjd: float, half_window_days: float) -> list[dict]:
+        """Done files with a coadded product within ``half_window_days`` of ``mjd`` (diff images)."""
+        rows = self.conn.execute(
+            "SELECT f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd, f.nframes, f.exptime,"
+            " p.path AS product FROM files f JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
+            " WHERE f.state = 'done' AND f.mjd BETWEEN ? AND ?",
+            (float(mjd) - half_window_days, float(mjd) + half_window_days),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def unfinished_horizon(self) -> float:
+        """Arrival time of the earliest file still to be reduced (inf if none): set and block
+        decisions wait for every file that arrived before the facts they rest on."""
+        row = self.conn.execute(
+            "SELECT MIN(COALESCE(t_complete, t_seen, 0)) FROM files WHERE state IN ('pending','queued','running','failed')"
+        ).fetchone()
+        return float("inf") if row is None or row[0] is None else float(row[0])
+
+    def set_rows(self) -> list[sqlite3.Row]:
+        """HWP set rows, oldest first."""
+        return self.conn.execute("SELECT * FROM sets ORDER BY id").fetchall()
+
+    def delete_sets(self, keys: Iterable[str]) -> None:
+        """Remove set rows (open/broken rows a rebuild no longer produces)."""
+        keys = list(keys)
+        if keys:
+            with self.transaction():
+                self.conn.executemany("DELETE FROM sets WHERE key=?", [(k,) for k in keys])
+
+    def block_rows(self, state: str | None = None) -> list[sqlite3.Row]:
+        """HWP block rows (all, or those in ``state``), in time order."""
+        if not self._blocks_table():
+            return []
+        q = "SELECT * FROM blocks" + (" WHERE state=?" if state else "") + " ORDER BY mjd, key"
+        return self.conn.execute(q, (state,) if state else ()).fetchall()
+
+    def upsert_block(self, key: str, row: dict) -> None:
+        """Create or update an HWP block (``row``: columns of ``blocks``; absent ones kept)."""
+        cols = [c for c in ("camera", "flc", "hwp", "target", "filter", "run", "state", "reason", "members",
+                            "product", "nframes", "mjd", "t_complete", "error") if c in row]
+        vals = [json.dumps(row[c]) if isinstance(row[c], (list, dict)) else _plain(row[c]) for c in cols]
+        with self.transaction():
+            self.conn.execute(self._BLOCKS_SQL)
+            self.conn.execute(
+                f"INSERT INTO blocks (key, {', '.join(cols)}, updated) VALUES (?{',?' * len(cols)},?)"
+                f" ON CONFLICT(key) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in cols)}, updated=excluded.updated",
+                (key, *vals, time.time()),
+            )
+
+    def delete_blocks(self, keys: Iterable[str]) -> None:
+        """Remove open block rows that a rebuild no longer produces."""
+        keys = list(keys)
+        if keys and self._blocks_table():
+            with self.transaction():
+                self.conn.executemany("DELETE FROM blocks WHERE key=? AND state='open'", [(k,) for k in keys])
+
+    def next_block_run(self, camera: int, flc: str) -> int:
+        """Run index (§7.1 group key) of the next closed block of a (camera, FLC) stream."""
+        if not self._blocks_table():
+            return 0
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM blocks WHERE camera=? AND flc=? AND run IS NOT NULL", (int(camera), str(flc))
+        ).fetchone()
+        return int(row[0])
+
+    def block_counts(self) -> dict[str, int]:
+        """Number of HWP blocks in each state (open, ready, running, done, failed)."""
+        out = dict.fromkeys(("open", "ready", "running", "done", "failed"), 0)
+        if self._blocks_table():
+            for state, n in self.conn.execute("SELECT state, COUNT(*) FROM blocks GROUP BY state"):
+                out[state] = n
+        return out
+
     # -- summaries ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """Number of files in each state (every state present, zeros included)."""

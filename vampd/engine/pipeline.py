@@ -134,9 +134,14 @@ def expected_products(cfg) -> list[str]:
         kinds.append("calibrated")
     if cfg.frame_select.frame_select and cfg.frame_select.save_intermediate:
         kinds.append("selected")
-    if cfg.align.save_intermediate and cfg.coadd.coadd:
+    if (cfg.align.save_intermediate or _pdi_blocks(cfg)) and cfg.coadd.coadd:
         kinds.append("aligned")
     return kinds
+
+
+def _pdi_blocks(cfg) -> bool:
+    """``combine.method = "pdi"``: the aligned frames are kept for the HWP-block coadd."""
+    return getattr(cfg.combine, "method", "cube") == "pdi" and getattr(cfg, "polarimetry", None) is not None
 
 
 def prepare_header(path: str | Path, cfg) -> fits.Header:
@@ -355,7 +360,8 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         all_centers = np.broadcast_to(fixed[None], (nframes, len(fields), 2))
     t_align = t_coadd = 0.0
     coadder = None
-    need_aligned = not cfg.coadd.coadd or cfg.align.save_intermediate or (fs.frame_select and fs.save_intermediate)
+    need_aligned = (not cfg.coadd.coadd or cfg.align.save_intermediate or (fs.frame_select and fs.save_intermediate)
+                    or _pdi_blocks(cfg))
     # fast path (coadd only): align just the region that can hold data straight into the
     # coadder's store, and sum nearest-pixel variances instead of aligning the error cube
     fast = cfg.coadd.coadd and not need_aligned and cfg.coadd.method != "varmean"
@@ -438,7 +444,7 @@ def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False)
         e4 = np.concatenate([a[1] for a in aligned_frames])
         if reproj is not None:
             d4, e4 = reproject_cam2(d4, e4, reproj[0], reproj[1])
-        kind = "aligned" if (cfg.align.save_intermediate or not cfg.coadd.coadd) else None
+        kind = "aligned" if (cfg.align.save_intermediate or not cfg.coadd.coadd or _pdi_blocks(cfg)) else None
         if kind:
             _write_product(paths["aligned"], d4, e4, out_header, fields)
             products.append(("aligned", str(paths["aligned"])))

@@ -217,6 +217,8 @@ def assemble_sets(
     timeout: float | None = 900.0,
     final: bool = False,
     locked: Mapping[str, Iterable[str]] | None = None,
+    cube_of: Mapping[str, tuple[int, int]] | None = None,
+    horizon: float = math.inf,
 ) -> SetAssembly:
     """Group member records into HWP sets (see the module docstring for the rules).
 
@@ -236,6 +238,12 @@ def assemble_sets(
         End of night: every incomplete set is broken.
     locked : mapping key → member paths, optional
         Sets already made permanent (complete, or found invalid); their members are excluded.
+    cube_of : mapping path → (k, n), optional
+        Several cubes per HWP block (``combine.method = "cube"``): the k-th cube of each block
+        of n (:func:`vampd.pdi.blocks.cube_index`) goes to the k-th set of the cycle.
+    horizon : float
+        Arrival time (``t_complete``) of the earliest file still being reduced: a set whose
+        latest member arrived at or after it stays open (a file not yet known may belong to it).
 
     Returns
     -------
@@ -270,17 +278,22 @@ def assemble_sets(
         if not math.isfinite(mjd):
             out.rejected.append((path, f"MJD = {m.get('mjd')!r} is not a number"))
             continue
-        groups.setdefault((str(m.get("target") or ""), str(m.get("filter") or "")), []).append(m)
+        k = (cube_of or {}).get(path, (0, 1))[0]
+        groups.setdefault((str(m.get("target") or ""), str(m.get("filter") or ""), k), []).append(m)
     if not groups:
         return out
     newest = max(float(m["mjd"]) for g in groups.values() for m in g)
     # the latest member time of each group, to tell "another target followed"
-    group_last = {g: max(float(m["mjd"]) for m in ms) for g, ms in groups.items()}
+    group_last: dict[tuple, float] = {}
+    for (tgt, flt, _k), ms in groups.items():
+        group_last[(tgt, flt)] = max(group_last.get((tgt, flt), -math.inf), max(float(m["mjd"]) for m in ms))
 
-    for (target, filt), ms in sorted(groups.items()):
+    for (target, filt, kcube), ms in sorted(groups.items()):
         ms = sorted(ms, key=_sort_key)
         current: dict = {}
         dups: list[str] = []
+        waiting = False
+        nbroken = len(out.broken)
         for m in ms:
             slot = slot_of(m, mode, tolerance)
             if isinstance(slot, str):
@@ -329,13 +342,22 @@ def assemble_sets(
             current[slot] = m
             if len(current) == nslots:
                 bad = [r for r in current.values() if str(r.get("state", "done")) != "done"]
+                if not bad and max(float(r.get("t_complete") or 0.0) for r in current.values()) >= horizon:
+                    waiting = True  # complete, but a file that arrived earlier is still being reduced
+                    break
                 if bad:
                     names = ", ".join(output_stem(r["path"]) for r in bad)
                     out.broken.append(_finish(mode, target, filt, current, "broken", f"member failed: {names}", dups))
                 else:
                     out.complete.append(_finish(mode, target, filt, current, "complete", None, dups))
                 current, dups = {}, []
-        if current:
+        if kcube > 0:  # a slot of cube k is empty: its HWP block had fewer cubes than the others
+            for b in out.broken[nbroken:]:
+                if b.missing:
+                    b.reason = f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)} (cube without partners); {b.reason}"
+        if waiting:
+            out.open.append(_finish(mode, target, filt, current, "open", "waiting for earlier files", dups))
+        elif current:
             last = max(float(r["mjd"]) for r in current.values())
             later_other = any(t > last for g, t in group_last.items() if g != (target, filt))
             if final:
@@ -349,7 +371,10 @@ def assemble_sets(
             if reason is None:
                 out.open.append(_finish(mode, target, filt, current, "open", None, dups))
             else:
-                out.broken.append(_finish(mode, target, filt, current, "broken", reason, dups))
+                b = _finish(mode, target, filt, current, "broken", reason, dups)
+                if kcube > 0 and b.missing:
+                    b.reason = f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)} (cube without partners); {reason}"
+                out.broken.append(b)
     for lst in (out.complete, out.open, out.broken):
         lst.sort(key=lambda s: (s.mjd_range[0], s.key))
     return out
