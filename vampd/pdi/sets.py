@@ -190,6 +190,20 @@ def _sort_key(m: Mapping):
     return (float(m["mjd"]), int(m.get("camera") or 0), str(m.get("flc") or ""), str(m["path"]))
 
 
+def _new_cycle(current: dict, hwp: float) -> tuple[dict, dict]:
+    """Split ``current`` when a member at ``hwp`` starts a new cycle: ``(kept, dropped)``.
+
+    Kept are the members after the earlier block at ``hwp`` whose angle comes before ``hwp`` in
+    the instrument's sequence (0, 45, 22.5, 67.5): the new cycle began with them (e.g. a set
+    that started mid-cycle). Everything else belongs to the unfinished cycle and is dropped
+    together, so one missing file breaks one set, not a cascade of slides.
+    """
+    order = {h: i for i, h in enumerate(HWP_ANGLES)}
+    cut = max(_sort_key(r) for s, r in current.items() if s[0] == hwp)
+    kept = {s: r for s, r in current.items() if _sort_key(r) > cut and order[s[0]] < order[hwp]}
+    return kept, {s: r for s, r in current.items() if s not in kept}
+
+
 def _make_key(mode: str, target: str, filt: str, first: Mapping) -> str:
     return f"{mode}:{target}:{filt}:{output_stem(first['path'])}"
 
@@ -305,40 +319,23 @@ def assemble_sets(
                 out.rejected.append((str(m["path"]), f"duplicate of {twin} (already in a complete set)"))
                 continue
             prev = current.get(slot)
-            if prev is not None:
-                if abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
-                    dups.append(str(m["path"]))
-                    continue
-                # the HWP sequence moved on for this slot: slide past the earlier occupant
-                cut = _sort_key(prev)
-                dropped = {s: r for s, r in current.items() if _sort_key(r) <= cut}
-                current = {s: r for s, r in current.items() if _sort_key(r) > cut}
+            if prev is not None and abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
+                dups.append(str(m["path"]))
+                continue
+            last_slot = max(current, key=lambda s: _sort_key(current[s])) if current else None
+            if prev is not None or (
+                last_slot is not None and last_slot[0] != slot[0] and any(s[0] == slot[0] for s in current)
+            ):
+                # the HWP moved on: this angle again (a slot repeated in time order, or the angle
+                # came back after another one) starts a new cycle; the set breaks once
+                kept, dropped = _new_cycle(current, slot[0])
+                why = (f"{slot_label(slot)} again in {output_stem(m['path'])}" if prev is not None
+                       else f"HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP {last_slot[0]:g}")
                 out.broken.append(
-                    _finish(
-                        mode, target, filt, dropped, "broken",
-                        f"hwp moved on: {slot_label(slot)} repeated by {output_stem(m['path'])} before the set completed",
-                        dups,
-                    )
+                    _finish(mode, target, filt, dropped, "broken",
+                            f"hwp moved on: {why} (next cycle) before the set completed", dups)
                 )
-                dups = []
-            if current:
-                # the HWP came back to an angle of an earlier block of this set: a new cycle began
-                # (without this, late-arriving members of one cycle let a set complete with
-                # members of the next, and the streaming trigger locks that mixed set)
-                last_slot = max(current, key=lambda s: _sort_key(current[s]))
-                if last_slot[0] != slot[0] and any(s[0] == slot[0] for s in current):
-                    cut = max(_sort_key(r) for s, r in current.items() if s[0] == slot[0])
-                    dropped = {s: r for s, r in current.items() if _sort_key(r) <= cut}
-                    current = {s: r for s, r in current.items() if _sort_key(r) > cut}
-                    out.broken.append(
-                        _finish(
-                            mode, target, filt, dropped, "broken",
-                            f"hwp moved on: HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP "
-                            f"{last_slot[0]:g} before the set completed",
-                            dups,
-                        )
-                    )
-                    dups = []
+                current, dups = kept, []
             current[slot] = m
             if len(current) == nslots:
                 bad = [r for r in current.values() if str(r.get("state", "done")) != "done"]
