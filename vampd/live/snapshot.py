@@ -162,6 +162,7 @@ class Snapshot:
     trends: dict[int, list[FileRow]] = field(default_factory=dict)
     recent: list[FileRow] = field(default_factory=list)  # newest files of the current sequence (all states)
     set_counts: dict = field(default_factory=dict)
+    block_counts: dict = field(default_factory=dict)
     open_sets: list[SetView] = field(default_factory=list)
     set_mode: str | None = None
     pdi: PdiSummary | None = None
@@ -477,6 +478,7 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
         Path(snap.config_path).stem if snap.config_path else None)
     snap.queue = snap.counts["pending"] + snap.counts["queued"] + snap.counts["running"]
     snap.set_counts = led.set_counts()
+    snap.block_counts = led.block_counts()
 
     files = {r["path"]: _file_row(r) for r in led.conn.execute("SELECT * FROM files")}
     rows = sorted(files.values(), key=lambda f: (f.t_arrival or 0.0, f.path))

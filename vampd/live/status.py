@@ -50,6 +50,7 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         ]
         lat = [r[0] for r in led.conn.execute("SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL")]
         sets = led.set_counts()
+        blocks = led.block_counts()  # HWP blocks (combine.method = "pdi")
     lat.sort()
     out = {
         "outdir": str(os.path.abspath(outdir)),
@@ -63,6 +64,7 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
             "ignored": counts["ignored"],
         },
         "sets": {"complete": sets["complete"], "broken": sets["broken"], "open": sets["open"]},
+        "blocks": blocks,
         "daemon": {
             "alive": daemon_alive(info, now=now),
             "pid": info["pid"] if info else None,

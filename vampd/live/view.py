@@ -131,6 +131,10 @@ def _header(snap: Snapshot, width: int) -> RenderableType:
                  f"  latency p50 {_g(lat.get('median'), '.1f')} s p95 {_g(lat.get('p95'), '.1f')} s")
     sc = snap.set_counts
     line3.append(f" │ sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken")
+    bc = getattr(snap, "block_counts", {}) or {}
+    if sum(bc.values()):
+        line3.append(f" │ HWP blocks {bc.get('done', 0)} done, {bc.get('open', 0)} open,"
+                     f" {bc.get('ready', 0) + bc.get('running', 0)} coadding, {bc.get('failed', 0)} failed")
     if snap.disk_free_gb is not None:
         line3.append(f" │ disk {snap.disk_free_gb:.0f} GB free")
     for line in (line1, line2, line3):

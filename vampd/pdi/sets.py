@@ -165,11 +165,15 @@ class HWPSet:
 
     def member_list(self) -> list[dict]:
         """JSON-friendly list for the ledger: one dict per slot (slot label, path, state)."""
-        return [
-            {"slot": slot_label(s), "path": self.members[s]["path"], "state": self.members[s].get("state", "done")}
-            for s in all_slots(self.mode)
-            if s in self.members
-        ]
+        out = []
+        for s in all_slots(self.mode):
+            if s in self.members:
+                m = self.members[s]
+                row = {"slot": slot_label(s), "path": m["path"], "state": m.get("state", "done")}
+                if m.get("ncubes"):  # an HWP block (combine.method = "pdi"): its number of cubes
+                    row["cubes"] = int(m["ncubes"])
+                out.append(row)
+        return out
 
 
 @dataclass
