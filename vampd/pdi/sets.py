@@ -172,6 +172,7 @@ class HWPSet:
                 row = {"slot": slot_label(s), "path": m["path"], "state": m.get("state", "done")}
                 if m.get("ncubes"):  # an HWP block (combine.method = "pdi"): its number of cubes
                     row["cubes"] = int(m["ncubes"])
+                    row["mjd"] = float(m["mjd"])
                 out.append(row)
         return out
 
