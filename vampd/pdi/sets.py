@@ -16,23 +16,28 @@ Rules (documented deviations from the reference's exact-equality, consecutive-wi
   soon as every slot is filled.
 * A member whose slot is already filled by a record of the same time (|ΔMJD| < 1e-7 d) and the
   same slot is a duplicate file: it is skipped and listed.
-* A member whose slot is already filled by an earlier exposure means the HWP sequence moved on:
-  the set slides — its members up to and including the earlier occupant of that slot are dropped
-  (recorded as a broken group, reason ``hwp moved on``) and the new member takes the slot. This is
-  the reference's "consecutive window" generalised: after a missing file or an extra file the
-  following sets are recovered instead of lost.
-* Likewise the members of one HWP angle form one block in time: a member whose HWP angle already
-  has an earlier block in the set, while the set's latest member has another angle, starts a new
-  cycle, and the set slides past that earlier block. So a set never mixes two cycles, even when
-  members arrive out of order and a complete set is locked at once by the streaming trigger.
+* Several cubes per HWP position: the caller passes ``cube_of`` (:func:`vampd.pdi.blocks.cube_index`,
+  decided from the time order of each camera/FLC stream) and the k-th cube of every slot is assembled
+  with the other k-th cubes: the k-th set of the cycle. With ``combine.method = "pdi"`` the members
+  are the HWP-block products instead (one per slot and cycle).
+* A member whose slot is already filled by an earlier exposure, or whose HWP angle comes back after
+  another angle, means the HWP moved on: a new cycle starts and the unfinished set is broken **once**
+  (``hwp moved on``): members after the earlier block of that angle whose angle precedes it in the
+  sequence 0, 45, 22.5, 67.5 are kept (a set that began mid-cycle), all others are dropped together.
+  So one missing or bad file breaks one set (earlier versions slid the set member by member and
+  left a cascade of fragments), and a set never mixes two cycles.
+* ``horizon``: a complete set is only reported complete once every file that arrived before its
+  latest member is known (else ``open``, "waiting for earlier files"): what a batch or a busy
+  daemon has not reduced yet may belong to it.
 * The open set at the end of a group is broken when the night is over (``end of night``), when
   later data of another target/filter exist (``target changed``), or when the newest member of the
   night is more than ``timeout`` seconds after its last member (``timeout``); otherwise it stays
   open. Broken and open groups are recomputed at every rebuild; only complete sets (and sets that
   processing found invalid) are permanent: pass their keys and members as ``locked`` and their
   members are left out of the assembly.
-* A member in state ``parked`` (processing gave up on it) occupies its slot but makes the set
-  unusable: the set is broken (``member failed``) once all its other slots are filled.
+* A member in state ``parked`` whose slot the ledger knows occupies it but makes the set unusable
+  (``member failed``). Parked files without a recorded slot are not members at all (the PDI trigger
+  names them in the reason of the set they would have filled).
 
 Keys are ``{mode}:{target}:{filter}:{stem of the first member in time}``, stable under rebuilds.
 """
@@ -269,16 +274,58 @@ def assemble_sets(
     SetAssembly
     """
     _check_mode(mode)
-    nslots = len(all_slots(mode))
-    excluded = {str(p) for paths in (locked or {}).values() for p in paths}
     out = SetAssembly()
-    groups: dict[tuple[str, str], list[Mapping]] = {}
+    groups, locked_at = _group_members(members, mode, tolerance, locked, cube_of, out)
+    if not groups:
+        return out
+    newest = max(float(m["mjd"]) for g in groups.values() for m in g)
+    # the latest member time of each target/filter, to tell "another target followed"
+    group_last: dict[tuple, float] = {}
+    for (tgt, flt, _k), ms in groups.items():
+        group_last[(tgt, flt)] = max(group_last.get((tgt, flt), -math.inf), max(float(m["mjd"]) for m in ms))
+    for (target, filt, kcube), ms in sorted(groups.items()):
+        g = _Group(mode, target, filt, kcube, tolerance, horizon)
+        nbroken = len(out.broken)
+        _walk_group(g, sorted(ms, key=_sort_key), locked_at, out)
+        if g.waiting:
+            out.open.append(_finish(mode, target, filt, g.current, "open", "waiting for earlier files", g.dups))
+        elif g.current:
+            last = max(float(r["mjd"]) for r in g.current.values())
+            if final:
+                reason = "end of night"
+            elif any(t > last for k, t in group_last.items() if k != (target, filt)):
+                reason = "target changed"
+            elif timeout is not None and (newest - last) * _DAY > timeout:
+                reason = f"timeout: no member for {(newest - last) * _DAY:.0f} s (> {timeout:g} s)"
+            else:
+                reason = None
+            if reason is None:
+                out.open.append(_finish(mode, target, filt, g.current, "open", None, g.dups))
+            else:
+                out.broken.append(_finish(mode, target, filt, g.current, "broken", reason, g.dups))
+        if kcube > 0:  # a slot of cube k is empty: its HWP block had fewer cubes than the others
+            for b in out.broken[nbroken:]:
+                if b.missing:
+                    b.reason = (f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)}"
+                                f" (cube without partners); {b.reason}")
+    for lst in (out.complete, out.open, out.broken):
+        lst.sort(key=lambda s: (s.mjd_range[0], s.key))
+    return out
+
+
+def _group_members(members, mode, tolerance, locked, cube_of, out: SetAssembly) -> tuple[dict, dict]:
+    """``(groups, locked_at)``: the free members by (target, filter, cube index k), and the
+    locked members' (MJD, stem) by (target, filter, slot) to recognise their duplicates."""
+    excluded = {str(p) for paths in (locked or {}).values() for p in paths}
+    groups: dict[tuple, list[Mapping]] = {}
     seen_paths = set()
-    locked_at: dict[tuple, list] = {}  # (target, filter, slot) → [(mjd, stem)] of locked members
+    locked_at: dict[tuple, list] = {}
     for m in members:
         path = str(m["path"])
-        if path in excluded and path not in seen_paths:
-            seen_paths.add(path)
+        if path in seen_paths:
+            continue
+        seen_paths.add(path)
+        if path in excluded:
             slot = slot_of(m, mode, tolerance)
             try:
                 if not isinstance(slot, str):
@@ -287,9 +334,6 @@ def assemble_sets(
             except (TypeError, ValueError):
                 pass
             continue
-        if path in excluded or path in seen_paths:
-            continue
-        seen_paths.add(path)
         try:
             mjd = float(m.get("mjd"))
         except (TypeError, ValueError):
@@ -299,84 +343,61 @@ def assemble_sets(
             continue
         k = (cube_of or {}).get(path, (0, 1))[0]
         groups.setdefault((str(m.get("target") or ""), str(m.get("filter") or ""), k), []).append(m)
-    if not groups:
-        return out
-    newest = max(float(m["mjd"]) for g in groups.values() for m in g)
-    # the latest member time of each group, to tell "another target followed"
-    group_last: dict[tuple, float] = {}
-    for (tgt, flt, _k), ms in groups.items():
-        group_last[(tgt, flt)] = max(group_last.get((tgt, flt), -math.inf), max(float(m["mjd"]) for m in ms))
+    return groups, locked_at
 
-    for (target, filt, kcube), ms in sorted(groups.items()):
-        ms = sorted(ms, key=_sort_key)
-        current: dict = {}
-        dups: list[str] = []
-        waiting = False
-        nbroken = len(out.broken)
-        for m in ms:
-            slot = slot_of(m, mode, tolerance)
-            if isinstance(slot, str):
-                out.rejected.append((str(m["path"]), slot))
-                continue
-            twin = next((stem for t, stem in locked_at.get((target, filt, slot), ())
-                         if abs(t - float(m["mjd"])) < _DUP_MJD), None)
-            if twin is not None:  # a duplicate of a member of a set already made permanent
-                out.rejected.append((str(m["path"]), f"duplicate of {twin} (already in a complete set)"))
-                continue
-            prev = current.get(slot)
-            if prev is not None and abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
-                dups.append(str(m["path"]))
-                continue
-            last_slot = max(current, key=lambda s: _sort_key(current[s])) if current else None
-            if prev is not None or (
-                last_slot is not None and last_slot[0] != slot[0] and any(s[0] == slot[0] for s in current)
-            ):
-                # the HWP moved on: this angle again (a slot repeated in time order, or the angle
-                # came back after another one) starts a new cycle; the set breaks once
-                kept, dropped = _new_cycle(current, slot[0])
-                why = (f"{slot_label(slot)} again in {output_stem(m['path'])}" if prev is not None
-                       else f"HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP {last_slot[0]:g}")
-                out.broken.append(
-                    _finish(mode, target, filt, dropped, "broken",
-                            f"hwp moved on: {why} (next cycle) before the set completed", dups)
-                )
-                current, dups = kept, []
-            current[slot] = m
-            if len(current) == nslots:
-                bad = [r for r in current.values() if str(r.get("state", "done")) != "done"]
-                if not bad and max(float(r.get("t_complete") or 0.0) for r in current.values()) >= horizon:
-                    waiting = True  # complete, but a file that arrived earlier is still being reduced
-                    break
-                if bad:
-                    names = ", ".join(output_stem(r["path"]) for r in bad)
-                    out.broken.append(_finish(mode, target, filt, current, "broken", f"member failed: {names}", dups))
-                else:
-                    out.complete.append(_finish(mode, target, filt, current, "complete", None, dups))
-                current, dups = {}, []
-        if kcube > 0:  # a slot of cube k is empty: its HWP block had fewer cubes than the others
-            for b in out.broken[nbroken:]:
-                if b.missing:
-                    b.reason = f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)} (cube without partners); {b.reason}"
-        if waiting:
-            out.open.append(_finish(mode, target, filt, current, "open", "waiting for earlier files", dups))
-        elif current:
-            last = max(float(r["mjd"]) for r in current.values())
-            later_other = any(t > last for g, t in group_last.items() if g != (target, filt))
-            if final:
-                reason = "end of night"
-            elif later_other:
-                reason = "target changed"
-            elif timeout is not None and (newest - last) * _DAY > timeout:
-                reason = f"timeout: no member for {(newest - last) * _DAY:.0f} s (> {timeout:g} s)"
+
+@dataclass
+class _Group:
+    """Walking state of one (target, filter, k) group."""
+
+    mode: str
+    target: str
+    filt: str
+    kcube: int
+    tolerance: float
+    horizon: float
+    current: dict = field(default_factory=dict)
+    dups: list = field(default_factory=list)
+    waiting: bool = False
+
+
+def _walk_group(g: _Group, ms: list, locked_at: dict, out: SetAssembly) -> None:
+    """Fill sets from the time-ordered members ``ms`` (module docstring rules)."""
+    nslots = len(all_slots(g.mode))
+    for m in ms:
+        slot = slot_of(m, g.mode, g.tolerance)
+        if isinstance(slot, str):
+            out.rejected.append((str(m["path"]), slot))
+            continue
+        twin = next((stem for t, stem in locked_at.get((g.target, g.filt, slot), ())
+                     if abs(t - float(m["mjd"])) < _DUP_MJD), None)
+        if twin is not None:  # a duplicate of a member of a set already made permanent
+            out.rejected.append((str(m["path"]), f"duplicate of {twin} (already in a complete set)"))
+            continue
+        cur = g.current
+        prev = cur.get(slot)
+        if prev is not None and abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
+            g.dups.append(str(m["path"]))
+            continue
+        last_slot = max(cur, key=lambda s: _sort_key(cur[s])) if cur else None
+        if prev is not None or (last_slot is not None and last_slot[0] != slot[0] and any(s[0] == slot[0] for s in cur)):
+            # the HWP moved on: this angle again (a slot repeated in time order, or the angle came
+            # back after another one) starts a new cycle; the unfinished set breaks once
+            kept, dropped = _new_cycle(cur, slot[0])
+            why = (f"{slot_label(slot)} again in {output_stem(m['path'])}" if prev is not None
+                   else f"HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP {last_slot[0]:g}")
+            out.broken.append(_finish(g.mode, g.target, g.filt, dropped, "broken",
+                                      f"hwp moved on: {why} (next cycle) before the set completed", g.dups))
+            g.current, g.dups = kept, []
+        g.current[slot] = m
+        if len(g.current) == nslots:
+            bad = [r for r in g.current.values() if str(r.get("state", "done")) != "done"]
+            if not bad and max(float(r.get("t_complete") or 0.0) for r in g.current.values()) >= g.horizon:
+                g.waiting = True  # complete, but a file that arrived earlier is still being reduced
+                return
+            if bad:
+                names = ", ".join(output_stem(r["path"]) for r in bad)
+                out.broken.append(_finish(g.mode, g.target, g.filt, g.current, "broken", f"member failed: {names}", g.dups))
             else:
-                reason = None
-            if reason is None:
-                out.open.append(_finish(mode, target, filt, current, "open", None, dups))
-            else:
-                b = _finish(mode, target, filt, current, "broken", reason, dups)
-                if kcube > 0 and b.missing:
-                    b.reason = f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)} (cube without partners); {reason}"
-                out.broken.append(b)
-    for lst in (out.complete, out.open, out.broken):
-        lst.sort(key=lambda s: (s.mjd_range[0], s.key))
-    return out
+                out.complete.append(_finish(g.mode, g.target, g.filt, g.current, "complete", None, g.dups))
+            g.current, g.dups = {}, []
