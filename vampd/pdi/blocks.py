@@ -153,10 +153,11 @@ def split_blocks(
             blocks.append(Block(cam, flc, hwp, tgt, filt))
         blocks[-1].members.append(m)
     newest = recs[-1]
+    later = _later_other(recs)
     out = []
     for blocks in streams.values():
         for i, b in enumerate(blocks):
-            b.reason = _close_reason(b, blocks[i + 1] if i + 1 < len(blocks) else None, recs, newest,
+            b.reason = _close_reason(b, blocks[i + 1] if i + 1 < len(blocks) else None, recs, later, newest,
                                      timeout, final, horizon)
             b.closed = b.reason is not None
             out.append(b)
@@ -164,11 +165,33 @@ def split_blocks(
     return out
 
 
+def _after(recs: list, mjd: float) -> int:
+    """Index of the first record later than ``mjd`` (``recs`` sorted by MJD)."""
+    lo, hi = 0, len(recs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if float(recs[mid]["mjd"]) <= mjd:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def _arrived(m: Mapping, horizon: float) -> bool:
     return float(m.get("t_complete") or 0.0) < horizon
 
 
-def _close_reason(b: Block, nxt: Block | None, recs, newest, timeout, final, horizon) -> str | None:
+def _later_other(recs: list) -> list[int]:
+    """``nxt[i]``: index of the first record after ``i`` of another target/filter (len if none):
+    one backward pass, so "target changed" costs O(1) per block."""
+    nxt = [len(recs)] * len(recs)
+    for i in range(len(recs) - 2, -1, -1):
+        same = (recs[i + 1].get("target"), recs[i + 1].get("filter")) == (recs[i].get("target"), recs[i].get("filter"))
+        nxt[i] = nxt[i + 1] if same else i + 1
+    return nxt
+
+
+def _close_reason(b: Block, nxt: Block | None, recs, later_idx, newest, timeout, final, horizon) -> str | None:
     if nxt is not None and _arrived(nxt.members[0], horizon):
         first = nxt.members[0]
         if (nxt.target, nxt.filter) != (b.target, b.filter):
@@ -177,11 +200,14 @@ def _close_reason(b: Block, nxt: Block | None, recs, newest, timeout, final, hor
     if final:
         return "end of night"
     last = float(b.members[-1]["mjd"])
-    later = next(
-        (m for m in recs if float(m["mjd"]) > last and (str(m.get("target") or ""), str(m.get("filter") or ""))
-         != (b.target, b.filter) and _arrived(m, horizon)),
-        None,
-    )
+    i = _after(recs, last)
+    later = None
+    while i < len(recs):
+        m = recs[i]
+        if (str(m.get("target") or ""), str(m.get("filter") or "")) != (b.target, b.filter) and _arrived(m, horizon):
+            later = m
+            break
+        i = later_idx[i] if (str(m.get("target") or ""), str(m.get("filter") or "")) == (b.target, b.filter) else i + 1
     if later is not None:
         return f"target changed: {output_stem(later['path'])} observes {later.get('target') or '?'}"
     gap = (float(newest["mjd"]) - last) * _DAY
