@@ -162,10 +162,17 @@ def _locked(rows: dict) -> dict:
     }
 
 
-def _candidates(ledger, cfg, outdir, final: bool) -> tuple[list[dict], dict | None, list[dict]]:
+_WINDOW_DAYS = 0.05  # locked members older than the free ones by more than this cannot matter
+
+
+def _candidates(ledger, cfg, outdir, final: bool, locked: dict) -> tuple[list[dict], dict | None, list[dict]]:
     """``(members, cube_of, unplaced)``: the set members (blocks with ``combine.method =
     "pdi"``, else cubes with their index in their HWP block), and the parked files that have
-    no slot (their header could not be read): they are in no set, only named in reasons."""
+    no slot (their header could not be read): they are in no set, only named in reasons.
+
+    Members of locked sets are kept only near the free ones (duplicates, block neighbours), so
+    the work per file does not grow with the night.
+    """
     from vampd.engine.blocks import block_members, blocks_enabled, update_blocks
     from vampd.pdi.blocks import cube_index
 
@@ -173,9 +180,19 @@ def _candidates(ledger, cfg, outdir, final: bool) -> tuple[list[dict], dict | No
     unplaced = [f for f in files if f["state"] == "parked" and (f["hwp"] is None or f["mjd"] is None)]
     if blocks_enabled(cfg):
         update_blocks(ledger, cfg, outdir, final=final)
-        return block_members(ledger), None, unplaced
-    members = [f for f in files if f not in unplaced]
+        return _near_free(block_members(ledger), locked), None, unplaced
+    members = _near_free([f for f in files if f["state"] == "done" or (f["hwp"] is not None and f["mjd"] is not None)],
+                         locked)
     return members, cube_index([m for m in members if m["state"] == "done"], cfg.polarimetry.hwp_tolerance), unplaced
+
+
+def _near_free(members: list[dict], locked: dict) -> list[dict]:
+    taken = {p for paths in locked.values() for p in paths}
+    free = [m for m in members if m["path"] not in taken and m.get("mjd") is not None]
+    if not free:
+        return [m for m in members if m["path"] not in taken]
+    t0 = min(float(m["mjd"]) for m in free) - _WINDOW_DAYS
+    return [m for m in members if m["path"] not in taken or (m.get("mjd") is not None and float(m["mjd"]) >= t0)]
 
 
 def _blame(asm, unplaced: list[dict]) -> None:
@@ -223,13 +240,21 @@ def _process_complete(ledger, cfg, outdir, asm, acc, summary) -> None:
         summary["processed"].append(info)
 
 
+def _product_of(ledger, by_path: dict, path: str) -> str | None:
+    """The reduced product of a set member (a cube's coadd, or an HWP block's own product)."""
+    if path in by_path and by_path[path].get("product"):
+        return by_path[path]["product"]
+    prod = next((r["path"] for r in ledger.products(path) if r["kind"] == "coadded"), None)
+    return prod or (path if Path(path).parent.name == "coadded" and Path(path).exists() else None)
+
+
 def _resume_recorded(ledger, cfg, outdir, rows, by_path, acc, summary) -> None:
     """Sets recorded complete whose Stokes file never made it into the accumulator (crash)."""
     mode = cfg.polarimetry.method
     for k, r in rows.items():
         if r["state"] == "complete" and k not in acc:
             paths = [m["path"] for m in json.loads(r["members"] or "[]")]
-            prods = [by_path[p]["product"] for p in paths if p in by_path and by_path[p].get("product")]
+            prods = [p2 for p2 in (_product_of(ledger, by_path, p) for p in paths) if p2]
             if len(prods) == len(all_slots(mode)):
                 try:
                     summary["processed"].append(_process_set(ledger, cfg, outdir, k, prods, acc))
@@ -248,7 +273,7 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     mode = pc.method
     rows = {r["key"]: r for r in ledger.set_rows()}
     locked = _locked(rows)
-    members, cube_of, unplaced = _candidates(ledger, cfg, outdir, final)
+    members, cube_of, unplaced = _candidates(ledger, cfg, outdir, final, locked)
     by_path = {m["path"]: m for m in members}
     asm = assemble_sets(members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked, cube_of,
                         ledger.unfinished_horizon())
