@@ -40,7 +40,7 @@ def env() -> dict:
     return e
 
 
-def write_config(path: Path, combine: str, **pol) -> Path:
+def write_config(path: Path, combine: str, complete_timeout: float | None = None, **pol) -> Path:
     from vampd.config.io import save_config
     from vampd.config.presets import preset_config
 
@@ -51,6 +51,8 @@ def write_config(path: Path, combine: str, **pol) -> Path:
     cfg.combine.method = combine
     cfg.polarimetry.use_ideal_mm = True
     cfg.diff_images.make_diff = False
+    if complete_timeout is not None:
+        cfg.watch.complete_timeout = complete_timeout
     for k, v in pol.items():
         setattr(cfg.polarimetry, k, v)
     save_config(cfg, path)
@@ -296,12 +298,13 @@ def test_faults_break_only_their_sets(tmp_path):
     files = [str(tmp_path / "sim" / f["path"]) for f in truth["files"]]
     bad = {Path(f["path"]).name: f["fault"] for f in truth["faults"]}
     assert {i // 16 for i, f in enumerate(truth["files"]) if Path(f["path"]).name in bad} == {1, 3}
-    cfg = write_config(tmp_path / "c.toml", "cube")
+    cfg = write_config(tmp_path / "c.toml", "cube", complete_timeout=5.0)
     out = tmp_path / "out"
     d = start_daemon(cfg, tmp_path / "raw", out)
     try:
-        feed(files, tmp_path / "raw")
-        assert wait_for(out, lambda o: files_done(o) >= 60 and sum(r["state"] == "complete" for r in sets(o)) >= 2)
+        assert wait_for(out, lambda o: True, timeout=120)  # the daemon is up: the files stream in
+        feed(files, tmp_path / "raw", pause=0.2)
+        assert wait_for(out, lambda o: files_done(o) == 60 and Ledger(o, readonly=True).counts()["parked"] == 4)
     finally:
         stop(d)
     vampd("finalize", cfg, "-o", out)

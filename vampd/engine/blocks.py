@@ -75,7 +75,8 @@ def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
     closed, current = [], set()
     for b in blocks:
         row = {"camera": b.camera, "flc": b.flc, "hwp": b.hwp, "target": b.target, "filter": b.filter,
-               "members": b.paths, "nframes": _nframes(b), "mjd": b.mjd, "t_complete": b.t_complete}
+               "members": b.paths, "nframes": _nframes(b), "mjd": b.mjd, "t_complete": b.t_complete,
+               "mtime_ns": max(int(m.get("mtime_ns") or 0) for m in b.members) or None}
         if b.closed:
             run = ledger.next_block_run(b.camera, b.flc)
             product = Path(outdir) / "coadded" / block_name(_name(cfg), run, b.camera, b.flc)
@@ -205,7 +206,7 @@ def block_members(ledger) -> list[dict]:
             continue
         out.append({"path": r["product"], "product": r["product"], "camera": r["camera"], "flc": r["flc"],
                     "hwp": r["hwp"], "mjd": r["mjd"], "target": r["target"], "filter": r["filter"],
-                    "t_complete": r["t_complete"], "ncubes": len(json.loads(r["members"] or "[]")),
+                    "t_complete": r["t_complete"], "mtime_ns": r["mtime_ns"], "ncubes": len(json.loads(r["members"] or "[]")),
                     "state": "done" if r["state"] == "done" else "parked", "block": r["key"]})
     return out
 

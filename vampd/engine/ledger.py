@@ -480,7 +480,7 @@ class Ledger:
     _BLOCKS_SQL = (
         "CREATE TABLE IF NOT EXISTS blocks (key TEXT PRIMARY KEY, camera INTEGER, flc TEXT, hwp REAL,"
         " target TEXT, filter TEXT, run INTEGER, state TEXT NOT NULL, reason TEXT, members TEXT,"
-        " product TEXT, nframes INTEGER, mjd REAL, t_complete REAL, error TEXT, updated REAL)"
+        " product TEXT, nframes INTEGER, mjd REAL, t_complete REAL, mtime_ns INTEGER, error TEXT, updated REAL)"
     )
 
     def _blocks_table(self) -> bool:
@@ -493,7 +493,7 @@ class Ledger:
         the caller excludes them."""
         rows = self.conn.execute(
             "SELECT f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd, f.nframes,"
-            " f.t_complete, f.error, p.path AS product FROM files f"
+            " f.t_complete, f.mtime_ns, f.error, p.path AS product FROM files f"
             " LEFT JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
             " WHERE f.state IN ('done', 'parked')"
         ).fetchall()
@@ -538,7 +538,7 @@ class Ledger:
     def upsert_block(self, key: str, row: dict) -> None:
         """Create or update an HWP block (``row``: columns of ``blocks``; absent ones kept)."""
         cols = [c for c in ("camera", "flc", "hwp", "target", "filter", "run", "state", "reason", "members",
-                            "product", "nframes", "mjd", "t_complete", "error") if c in row]
+                            "product", "nframes", "mjd", "t_complete", "mtime_ns", "error") if c in row]
         vals = [json.dumps(row[c]) if isinstance(row[c], (list, dict)) else _plain(row[c]) for c in cols]
         with self.transaction():
             self.conn.execute(self._BLOCKS_SQL)

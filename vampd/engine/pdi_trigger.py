@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -195,20 +196,31 @@ def _near_free(members: list[dict], locked: dict) -> list[dict]:
     return [m for m in members if m["path"] not in taken or (m.get("mjd") is not None and float(m["mjd"]) >= t0)]
 
 
+def _written(rec: dict) -> float:
+    """When a file was written: its mtime (recorded, else ``lstat``, which never blocks or reads),
+    else its arrival time. Files are written in time order, even when they arrive together."""
+    if rec.get("mtime_ns"):
+        return float(rec["mtime_ns"]) / 1e9
+    try:
+        return os.lstat(rec["path"]).st_mtime
+    except (OSError, TypeError, ValueError):
+        return float(rec.get("t_complete") or 0.0)
+
+
 def _blame(asm, unplaced: list[dict]) -> None:
-    """Name the bad files in the reasons of the incomplete sets whose arrival span holds them
+    """Name the bad files in the reasons of the incomplete sets whose writing span holds them
     (or the nearest one): a bad file breaks at most the set whose slot it would have filled."""
     sets = [s for s in asm.open + asm.broken if s.members]
     if not sets or not unplaced:
         return
     spans = []
     for s in sets:
-        t = [float(m.get("t_complete") or 0.0) for m in s.members.values()]
+        t = [_written(m) for m in s.members.values()]
         spans.append((min(t), max(t), s))
-    for f in sorted(unplaced, key=lambda r: (r.get("t_complete") or 0.0, r["path"])):
-        t = float(f.get("t_complete") or 0.0)
-        lo, hi, s = min(spans, key=lambda sp: (0.0 if sp[0] <= t <= sp[1] else min(abs(t - sp[0]), abs(t - sp[1])),
-                                              sp[0]))
+    for f in sorted(unplaced, key=lambda r: (_written(r), r["path"])):
+        t = _written(f)
+        _lo, _hi, s = min(spans, key=lambda sp: (0.0 if sp[0] <= t <= sp[1] else min(abs(t - sp[0]), abs(t - sp[1])),
+                                                 sp[0]))
         err = str(f.get("error") or "unreadable").split(": ", 1)[-1][:120]
         note = f"bad file {Path(f['path']).name} ({err})"
         s.reason = f"{s.reason}; {note}" if s.reason else note
