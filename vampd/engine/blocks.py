@@ -43,6 +43,7 @@ log = logging.getLogger("vampd.pdi")
 BLOCK_PREFIX = "block:"
 _JOB = "vampd.engine.blocks:coadd_block_job"
 _CHUNK_BYTES = 64 << 20
+_WINDOW_DAYS = 0.01  # taken rows older than the oldest free one by more than this cannot matter
 
 
 def blocks_enabled(cfg) -> bool:
@@ -67,11 +68,9 @@ def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
 
     Returns ``{"closed": [keys], "open": n}``.
     """
-    rows = ledger.block_rows()
-    taken = {p for r in rows if r["state"] != "open" for p in json.loads(r["members"] or "[]")}
-    cands = [f for f in ledger.pdi_files() if f["state"] == "done" and f["path"] not in taken]
+    old = {r["key"]: r for r in ledger.block_rows("open")}
+    cands = [f for f in ledger.pdi_files(_WINDOW_DAYS) if f["state"] == "done" and f["taken"] is None]
     blocks = split_blocks(cands, _tol(cfg), cfg.polarimetry.set_timeout, final, ledger.unfinished_horizon())
-    old = {r["key"]: r for r in rows}
     closed, current = [], set()
     for b in blocks:
         row = {"camera": b.camera, "flc": b.flc, "hwp": b.hwp, "target": b.target, "filter": b.filter,
@@ -82,6 +81,7 @@ def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
             product = Path(outdir) / "coadded" / block_name(_name(cfg), run, b.camera, b.flc)
             row.update(state="ready", run=run, reason=b.reason, product=str(product))
             closed.append(b.key)
+            ledger.take(BLOCK_PREFIX + b.key, b.paths)  # closed blocks are permanent
             ledger.event("info", f"HWP block {b.label()} closed with {len(b.members)} cube(s): {b.reason}")
         else:
             current.add(b.key)
@@ -90,7 +90,7 @@ def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
             if r is not None and r["state"] == "open" and json.loads(r["members"] or "[]") == b.paths:
                 continue
         ledger.upsert_block(b.key, row)
-    ledger.delete_blocks([k for k, r in old.items() if r["state"] == "open" and k not in current and k not in closed])
+    ledger.delete_blocks([k for k in old if k not in current and k not in closed])
     return {"closed": closed, "open": len(current)}
 
 
@@ -128,9 +128,7 @@ def pump_blocks(runner) -> int:
     if not blocks_enabled(runner.cfg):
         return 0
     n = 0
-    for row in runner.ledger.block_rows():
-        if row["state"] not in ("ready", "running"):
-            continue
+    for row in runner.ledger.block_rows(("ready", "running")):
         try:
             spec = _spec(runner.ledger, row, runner.outdir)
         except (OSError, FileNotFoundError) as exc:
@@ -178,15 +176,13 @@ def end_of_batch(runner) -> bool:
     if not blocks_enabled(runner.cfg):
         return False
     update_blocks(runner.ledger, runner.cfg, runner.outdir, final=True)
-    return any(r["state"] in ("ready", "running") for r in runner.ledger.block_rows())
+    return bool(runner.ledger.block_rows(("ready", "running")))
 
 
 def run_ready_inline(ledger, cfg, outdir) -> int:
     """Coadd the ready blocks in this process (``vampd finalize`` with no daemon and no pool)."""
     n = 0
-    for row in ledger.block_rows():
-        if row["state"] not in ("ready", "running"):
-            continue
+    for row in ledger.block_rows(("ready", "running")):
         try:
             res = coadd_block(json.loads(_spec(ledger, row, outdir).read_text()), cfg)
         except (OSError, ValueError) as exc:
@@ -201,13 +197,11 @@ def block_members(ledger) -> list[dict]:
     """Set-member records of the blocks: done blocks (their product) and failed blocks (they
     break their set, named)."""
     out = []
-    for r in ledger.block_rows():
-        if r["state"] not in ("done", "failed"):
-            continue
+    for r in ledger.block_members_rows(_WINDOW_DAYS):
         out.append({"path": r["product"], "product": r["product"], "camera": r["camera"], "flc": r["flc"],
                     "hwp": r["hwp"], "mjd": r["mjd"], "target": r["target"], "filter": r["filter"],
                     "t_complete": r["t_complete"], "mtime_ns": r["mtime_ns"], "ncubes": len(json.loads(r["members"] or "[]")),
-                    "state": "done" if r["state"] == "done" else "parked", "block": r["key"]})
+                    "state": "done" if r["state"] == "done" else "parked", "block": r["key"], "taken": r["taken"]})
     return out
 
 

@@ -487,16 +487,45 @@ class Ledger:
         """The ``blocks`` table exists (created on first write; absent in older ledgers)."""
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='blocks'").fetchone() is not None
 
-    def pdi_files(self) -> list[dict]:
-        """Set/block candidates: done files with their coadded product and parked files, with
-        what the ledger recorded (no header is read). Members of complete sets are included;
-        the caller excludes them."""
-        rows = self.conn.execute(
+    _TAKEN_SQL = "CREATE TABLE IF NOT EXISTS pdi_taken (path TEXT PRIMARY KEY, owner TEXT NOT NULL)"
+
+    def _taken_table(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='pdi_taken'").fetchone() is not None
+
+    def take(self, owner: str, paths: Iterable[str]) -> None:
+        """Record that ``paths`` belong to a permanent set or closed HWP block (``owner``), so the
+        per-file trigger reads only the free rows and their neighbours."""
+        rows = [(str(p), owner) for p in paths]
+        with self.transaction():
+            self.conn.execute(self._TAKEN_SQL)
+            self.conn.executemany("INSERT OR REPLACE INTO pdi_taken VALUES (?,?)", rows)
+
+    def taken_count(self) -> int:
+        if not self._taken_table():
+            return 0
+        return int(self.conn.execute("SELECT COUNT(*) FROM pdi_taken").fetchone()[0])
+
+    def pdi_files(self, window_days: float | None = None) -> list[dict]:
+        """Set/block candidates from what the ledger recorded (no header is read): done files with
+        their coadded product, and parked files. Each row has ``taken`` (owner or None). With
+        ``window_days``, taken rows older than the oldest free done file by more than that are
+        left out: the trigger's work then depends on the open part of the night only."""
+        if not self._taken_table():
+            with self.transaction():
+                self.conn.execute(self._TAKEN_SQL)
+        q = (
             "SELECT f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd, f.nframes,"
-            " f.t_complete, f.mtime_ns, f.error, p.path AS product FROM files f"
+            " f.t_complete, f.mtime_ns, f.error, p.path AS product, t.owner AS taken FROM files f"
             " LEFT JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
+            " LEFT JOIN pdi_taken t ON t.path = f.path"
             " WHERE f.state IN ('done', 'parked')"
-        ).fetchall()
+        )
+        args: tuple = ()
+        if window_days is not None:
+            q += (" AND (t.owner IS NULL OR f.mjd >= (SELECT MIN(g.mjd) FROM files g LEFT JOIN pdi_taken u"
+                  " ON u.path = g.path WHERE g.state = 'done' AND u.owner IS NULL) - ?)")
+            args = (float(window_days),)
+        rows = self.conn.execute(q, args).fetchall()
         return [dict(r) for r in rows if r["state"] == "parked" or r["product"] is not None]
 
     def done_near(self, mjd: float, half_window_days: float) -> list[dict]:
@@ -528,12 +557,27 @@ class Ledger:
             with self.transaction():
                 self.conn.executemany("DELETE FROM sets WHERE key=?", [(k,) for k in keys])
 
-    def block_rows(self, state: str | None = None) -> list[sqlite3.Row]:
-        """HWP block rows (all, or those in ``state``), in time order."""
+    def block_rows(self, state: str | tuple | None = None) -> list[sqlite3.Row]:
+        """HWP block rows (all, or those in ``state``: one or a tuple of states), in time order."""
         if not self._blocks_table():
             return []
-        q = "SELECT * FROM blocks" + (" WHERE state=?" if state else "") + " ORDER BY mjd, key"
-        return self.conn.execute(q, (state,) if state else ()).fetchall()
+        states = (state,) if isinstance(state, str) else tuple(state or ())
+        q = "SELECT * FROM blocks" + (f" WHERE state IN ({','.join('?' * len(states))})" if states else "")
+        return self.conn.execute(q + " ORDER BY mjd, key", states).fetchall()
+
+    def block_members_rows(self, window_days: float) -> list[sqlite3.Row]:
+        """Done/failed blocks whose product is free, or within ``window_days`` of the oldest free one."""
+        if not self._blocks_table():
+            return []
+        if not self._taken_table():
+            with self.transaction():
+                self.conn.execute(self._TAKEN_SQL)
+        return self.conn.execute(
+            "SELECT b.*, t.owner AS taken FROM blocks b LEFT JOIN pdi_taken t ON t.path = b.product WHERE b.state IN ('done','failed')"
+            " AND (t.owner IS NULL OR b.mjd >= (SELECT MIN(c.mjd) FROM blocks c LEFT JOIN pdi_taken u"
+            " ON u.path = c.product WHERE c.state IN ('done','failed') AND u.owner IS NULL) - ?) ORDER BY b.mjd, b.key",
+            (float(window_days),),
+        ).fetchall()
 
     def upsert_block(self, key: str, row: dict) -> None:
         """Create or update an HWP block (``row``: columns of ``blocks``; absent ones kept)."""

@@ -154,46 +154,47 @@ def _process_set(ledger, cfg, outdir, key: str, products: list[str], acc: Runnin
     return {"key": key, "index": index, "path": str(spath), "star": result.star, "seconds": time.perf_counter() - t0}
 
 
-def _locked(rows: dict) -> dict:
-    """Permanent sets (complete, or found invalid): key → member paths."""
-    return {
-        k: [m["path"] for m in json.loads(r["members"] or "[]")]
-        for k, r in rows.items()
-        if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID))
-    }
+def _locked_keys(rows: dict) -> set:
+    """Permanent sets: complete, or found invalid."""
+    return {k for k, r in rows.items()
+            if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID))}
 
 
-_WINDOW_DAYS = 0.05  # locked members older than the free ones by more than this cannot matter
+def _backfill_taken(ledger, rows: dict, locked: set) -> None:
+    """Ledgers written before the ``pdi_taken`` table: record the permanent sets' members once."""
+    if locked and ledger.taken_count() == 0:
+        for k in locked:
+            ledger.take(k, [m["path"] for m in json.loads(rows[k]["members"] or "[]")])
 
 
-def _candidates(ledger, cfg, outdir, final: bool, locked: dict) -> tuple[list[dict], dict | None, list[dict]]:
-    """``(members, cube_of, unplaced)``: the set members (blocks with ``combine.method =
-    "pdi"``, else cubes with their index in their HWP block), and the parked files that have
-    no slot (their header could not be read): they are in no set, only named in reasons.
+_WINDOW_DAYS = 0.01  # taken members older than the oldest free one by more than this cannot matter
 
-    Members of locked sets are kept only near the free ones (duplicates, block neighbours), so
-    the work per file does not grow with the night.
+
+def _candidates(ledger, cfg, outdir, final: bool) -> tuple[list[dict], dict, dict | None, list[dict]]:
+    """``(members, locked, cube_of, unplaced)``: the set members (HWP blocks with
+    ``combine.method = "pdi"``, else cubes with their index in their HWP block), the permanent
+    sets' members among them (key → paths; kept near the free ones to recognise duplicates),
+    and the parked files without a recorded slot (their header could not be read): they are in
+    no set, only named in reasons. Only the open part of the night is read (``pdi_taken``).
     """
     from vampd.engine.blocks import block_members, blocks_enabled, update_blocks
     from vampd.pdi.blocks import cube_index
 
-    files = ledger.pdi_files()
+    files = ledger.pdi_files(_WINDOW_DAYS)
     unplaced = [f for f in files if f["state"] == "parked" and (f["hwp"] is None or f["mjd"] is None)]
     if blocks_enabled(cfg):
         update_blocks(ledger, cfg, outdir, final=final)
-        return _near_free(block_members(ledger), locked), None, unplaced
-    members = _near_free([f for f in files if f["state"] == "done" or (f["hwp"] is not None and f["mjd"] is not None)],
-                         locked)
-    return members, cube_index([m for m in members if m["state"] == "done"], cfg.polarimetry.hwp_tolerance), unplaced
-
-
-def _near_free(members: list[dict], locked: dict) -> list[dict]:
-    taken = {p for paths in locked.values() for p in paths}
-    free = [m for m in members if m["path"] not in taken and m.get("mjd") is not None]
-    if not free:
-        return [m for m in members if m["path"] not in taken]
-    t0 = min(float(m["mjd"]) for m in free) - _WINDOW_DAYS
-    return [m for m in members if m["path"] not in taken or (m.get("mjd") is not None and float(m["mjd"]) >= t0)]
+        members = block_members(ledger)
+        cube_of = None
+    else:
+        members = [f for f in files if f["state"] == "done" or (f["hwp"] is not None and f["mjd"] is not None)]
+        members = [m for m in members if not str(m.get("taken") or "").startswith("block:")]
+        cube_of = cube_index([m for m in members if m["state"] == "done"], cfg.polarimetry.hwp_tolerance)
+    locked: dict[str, list] = {}
+    for m in members:
+        if m.get("taken") and not str(m["taken"]).startswith("block:"):
+            locked.setdefault(m["taken"], []).append(m["path"])
+    return members, locked, cube_of, unplaced
 
 
 def _written(rec: dict) -> float:
@@ -244,11 +245,13 @@ def _process_complete(ledger, cfg, outdir, asm, acc, summary) -> None:
             info = _process_set(ledger, cfg, outdir, s.key, prods, acc)
         except SetInvalid as exc:
             ledger.upsert_set(s.key, mode, "broken", s.member_list(), _INVALID + str(exc))
+            ledger.take(s.key, [m["path"] for m in s.member_list()])
             summary["invalid"].append({"key": s.key, "reason": str(exc)})
             ledger.event("warning", f"HWP set {s.key} broken: {exc}")
             continue
         reason = "; ".join(r for r in (_reason(s), _uneven(s)) if r) or None
         ledger.upsert_set(s.key, mode, "complete", s.member_list(), reason)
+        ledger.take(s.key, [m["path"] for m in s.member_list()])
         summary["processed"].append(info)
 
 
@@ -263,8 +266,9 @@ def _product_of(ledger, by_path: dict, path: str) -> str | None:
 def _resume_recorded(ledger, cfg, outdir, rows, by_path, acc, summary) -> None:
     """Sets recorded complete whose Stokes file never made it into the accumulator (crash)."""
     mode = cfg.polarimetry.method
+    done = set(acc.keys)
     for k, r in rows.items():
-        if r["state"] == "complete" and k not in acc:
+        if r["state"] == "complete" and k not in done:
             paths = [m["path"] for m in json.loads(r["members"] or "[]")]
             prods = [p2 for p2 in (_product_of(ledger, by_path, p) for p in paths) if p2]
             if len(prods) == len(all_slots(mode)):
@@ -284,8 +288,9 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
         return {}
     mode = pc.method
     rows = {r["key"]: r for r in ledger.set_rows()}
-    locked = _locked(rows)
-    members, cube_of, unplaced = _candidates(ledger, cfg, outdir, final, locked)
+    permanent = _locked_keys(rows)
+    _backfill_taken(ledger, rows, permanent)
+    members, locked, cube_of, unplaced = _candidates(ledger, cfg, outdir, final)
     by_path = {m["path"]: m for m in members}
     asm = assemble_sets(members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked, cube_of,
                         ledger.unfinished_horizon())
@@ -301,10 +306,10 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
         reason = _reason(s)
         if r is not None and r["state"] == s.state and r["reason"] == reason and r["members"] == json.dumps(s.member_list()):
             continue
-        if s.key in locked:
+        if s.key in permanent:
             continue
         ledger.upsert_set(s.key, mode, s.state, s.member_list(), reason)
-    ledger.delete_sets(k for k, r in rows.items() if k not in current and k not in locked and r["state"] in ("open", "broken"))
+    ledger.delete_sets(k for k, r in rows.items() if k not in current and k not in permanent and r["state"] in ("open", "broken"))
     summary.update(complete=len(asm.complete), open=len(asm.open), broken=len(asm.broken), rejected=asm.rejected)
     cal = refresh_calibrated(cfg, outdir)
     if cal:
