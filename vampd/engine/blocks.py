@@ -200,7 +200,8 @@ def block_members(ledger) -> list[dict]:
     for r in ledger.block_members_rows(_WINDOW_DAYS):
         out.append({"path": r["product"], "product": r["product"], "camera": r["camera"], "flc": r["flc"],
                     "hwp": r["hwp"], "mjd": r["mjd"], "target": r["target"], "filter": r["filter"],
-                    "t_complete": r["t_complete"], "mtime_ns": r["mtime_ns"], "ncubes": len(json.loads(r["members"] or "[]")),
+                    "t_complete": r["t_complete"], "mtime_ns": r["mtime_ns"],
+                    "ncubes": len(json.loads(r["members"] or "[]")),
                     "state": "done" if r["state"] == "done" else "parked", "block": r["key"], "taken": r["taken"]})
     return out
 

@@ -309,7 +309,8 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
         if s.key in permanent:
             continue
         ledger.upsert_set(s.key, mode, s.state, s.member_list(), reason)
-    ledger.delete_sets(k for k, r in rows.items() if k not in current and k not in permanent and r["state"] in ("open", "broken"))
+    ledger.delete_sets(k for k, r in rows.items()
+                       if k not in current and k not in permanent and r["state"] in ("open", "broken"))
     summary.update(complete=len(asm.complete), open=len(asm.open), broken=len(asm.broken), rejected=asm.rejected)
     cal = refresh_calibrated(cfg, outdir)
     if cal:

@@ -380,7 +380,8 @@ def _walk_group(g: _Group, ms: list, locked_at: dict, out: SetAssembly) -> None:
             g.dups.append(str(m["path"]))
             continue
         last_slot = max(cur, key=lambda s: _sort_key(cur[s])) if cur else None
-        if prev is not None or (last_slot is not None and last_slot[0] != slot[0] and any(s[0] == slot[0] for s in cur)):
+        came_back = last_slot is not None and last_slot[0] != slot[0] and any(s[0] == slot[0] for s in cur)
+        if prev is not None or came_back:
             # the HWP moved on: this angle again (a slot repeated in time order, or the angle came
             # back after another one) starts a new cycle; the unfinished set breaks once
             kept, dropped = _new_cycle(cur, slot[0])
@@ -397,7 +398,8 @@ def _walk_group(g: _Group, ms: list, locked_at: dict, out: SetAssembly) -> None:
                 return
             if bad:
                 names = ", ".join(output_stem(r["path"]) for r in bad)
-                out.broken.append(_finish(g.mode, g.target, g.filt, g.current, "broken", f"member failed: {names}", g.dups))
+                out.broken.append(_finish(g.mode, g.target, g.filt, g.current, "broken", f"member failed: {names}",
+                                          g.dups))
             else:
                 out.complete.append(_finish(g.mode, g.target, g.filt, g.current, "complete", None, g.dups))
             g.current, g.dups = {}, []
