@@ -25,7 +25,8 @@ Rules (documented deviations from the reference's exact-equality, consecutive-wi
   (``hwp moved on``): members after the earlier block of that angle whose angle precedes it in the
   sequence 0, 45, 22.5, 67.5 are kept (a set that began mid-cycle), all others are dropped together.
   So one missing or bad file breaks one set (earlier versions slid the set member by member and
-  left a cascade of fragments), and a set never mixes two cycles.
+  left a cascade of fragments). Data that start mid-cycle form the reference's consecutive window
+  (the first members in time that fill every slot).
 * ``horizon``: a complete set is only reported complete once every file that arrived before its
   latest member is known (else ``open``, "waiting for earlier files"): what a batch or a busy
   daemon has not reduced yet may belong to it.
