@@ -398,3 +398,38 @@ def test_kill9_mid_block_same_block_products(night, tmp_path):
         finally:
             a.close()
             c.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 18: the PDI trigger never reads a parked file
+
+
+def test_trigger_never_reads_parked_inputs(tmp_path):
+    """A parked FIFO and a parked symlink to /dev/zero named *.fits: the trigger only uses what the
+    ledger recorded (reading either would block or never end)."""
+    from vampd.config.presets import preset_config
+    from vampd.engine import pdi_trigger
+
+    fifo = tmp_path / "a.fits"
+    os.mkfifo(fifo)
+    zero = tmp_path / "z.fits"
+    zero.symlink_to("/dev/zero")
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "t"
+    out = tmp_path / "out"
+    led = Ledger(out)
+    for p in (fifo, zero):
+        led.record_failure(str(p), f"{p}: not a regular file", max_tries=1, permanent=True)
+    def hung(*_):
+        raise TimeoutError("the PDI trigger blocked on a parked input")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)  # opening the FIFO would block: the alarm interrupts it and fails the test
+    try:
+        res = pdi_trigger.on_file_done(led, cfg, out, str(fifo))
+        res.update(pdi_trigger.on_file_done(led, cfg, out, str(zero)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert res["sets"]["complete"] == 0 and res["sets"]["open"] == 0
+    assert led.set_rows() == []  # a file without a recorded slot opens no set
