@@ -81,15 +81,15 @@ def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
             product = Path(outdir) / "coadded" / block_name(_name(cfg), run, b.camera, b.flc)
             row.update(state="ready", run=run, reason=b.reason, product=str(product))
             closed.append(b.key)
-            ledger.take(BLOCK_PREFIX + b.key, b.paths)  # closed blocks are permanent
+            # closed blocks are permanent: row and membership in one transaction
+            ledger.upsert_block(b.key, row, take=b.paths)
             ledger.event("info", f"HWP block {b.label()} closed with {len(b.members)} cube(s): {b.reason}")
-        else:
-            current.add(b.key)
-            row.update(state="open", reason=None)
-            r = old.get(b.key)
-            if r is not None and r["state"] == "open" and json.loads(r["members"] or "[]") == b.paths:
-                continue
-        ledger.upsert_block(b.key, row)
+            continue
+        current.add(b.key)
+        row.update(state="open", reason=None)
+        r = old.get(b.key)
+        if r is None or json.loads(r["members"] or "[]") != b.paths:
+            ledger.upsert_block(b.key, row)
     ledger.delete_blocks([k for k in old if k not in current and k not in closed])
     return {"closed": closed, "open": len(current)}
 
@@ -108,15 +108,18 @@ def _products_of(ledger, paths: list[str], kind: str) -> list[str]:
     return out
 
 
+def _spec_path(outdir, key: str) -> Path:
+    return Path(outdir) / ".blocks" / (key.replace(":", "_").replace("/", "_") + ".json")
+
+
 def _spec(ledger, row, outdir) -> Path:
     """Write the job description of a block (members' products, output path) for a worker."""
     paths = json.loads(row["members"] or "[]")
     spec = {"key": row["key"], "product": row["product"], "run": row["run"], "camera": row["camera"],
             "flc": row["flc"], "aligned": _products_of(ledger, paths, "aligned"),
             "coadded": _products_of(ledger, paths, "coadded"), "members": paths}
-    d = Path(outdir) / ".blocks"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / (row["key"].replace(":", "_").replace("/", "_") + ".json")
+    path = _spec_path(outdir, row["key"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(spec, indent=1))
     os.replace(tmp, path)
@@ -129,19 +132,19 @@ def pump_blocks(runner) -> int:
         return 0
     n = 0
     for row in runner.ledger.block_rows(("ready", "running")):
-        try:
-            spec = _spec(runner.ledger, row, runner.outdir)
-        except (OSError, FileNotFoundError) as exc:
-            _failed(runner.ledger, row["key"], str(exc))
-            continue
-        job = BLOCK_PREFIX + str(spec)
+        job = BLOCK_PREFIX + str(_spec_path(runner.outdir, row["key"]))
         if job in runner.pool.jobs:
             continue
         if len(runner.pool.jobs) >= runner.pool.workers:
             break
-        nbytes = sum(os.path.getsize(p) for p in json.loads(spec.read_text())["aligned"] if os.path.exists(p))
+        try:
+            spec = _spec(runner.ledger, row, runner.outdir)
+        except OSError as exc:  # a member's aligned product is missing
+            _failed(runner.ledger, row["key"], str(exc))
+            continue
         runner.ledger.upsert_block(row["key"], {"state": "running"})
-        runner.pool.submit(job, nbytes, runner.cfg, runner.outdir, process=_JOB)
+        # memory: the frames stream through the coadder in chunks (disk-backed store)
+        runner.pool.submit(BLOCK_PREFIX + str(spec), 4 * _CHUNK_BYTES, runner.cfg, runner.outdir, process=_JOB)
         n += 1
     return n
 

@@ -579,8 +579,9 @@ class Ledger:
             (float(window_days),),
         ).fetchall()
 
-    def upsert_block(self, key: str, row: dict) -> None:
-        """Create or update an HWP block (``row``: columns of ``blocks``; absent ones kept)."""
+    def upsert_block(self, key: str, row: dict, take: Iterable[str] | None = None) -> None:
+        """Create or update an HWP block (``row``: columns of ``blocks``; absent ones kept); with
+        ``take``, record those member paths as taken by the block in the same transaction."""
         cols = [c for c in ("camera", "flc", "hwp", "target", "filter", "run", "state", "reason", "members",
                             "product", "nframes", "mjd", "t_complete", "mtime_ns", "error") if c in row]
         vals = [json.dumps(row[c]) if isinstance(row[c], (list, dict)) else _plain(row[c]) for c in cols]
@@ -591,6 +592,10 @@ class Ledger:
                 f" ON CONFLICT(key) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in cols)}, updated=excluded.updated",
                 (key, *vals, time.time()),
             )
+            if take is not None:
+                self.conn.execute(self._TAKEN_SQL)
+                self.conn.executemany("INSERT OR REPLACE INTO pdi_taken VALUES (?,?)",
+                                      [(str(p), "block:" + key) for p in take])
 
     def delete_blocks(self, keys: Iterable[str]) -> None:
         """Remove open block rows that a rebuild no longer produces."""
