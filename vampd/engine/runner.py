@@ -311,7 +311,7 @@ class Runner:
             if not self.pool.jobs:
                 if self.ledger.next_pending(1):
                     continue
-                if self._end_of_batch():
+                if self._end_of_batch() and self.pump():  # block coadds submitted: wait for them
                     continue
                 break
             self.collect(timeout=poll)
