@@ -129,3 +129,42 @@ def test_locked_members_excluded_and_doublediff():
 def test_bad_mode():
     with pytest.raises(ValueError, match="polarimetry.method"):
         assemble_sets([], mode="leastsq")
+
+
+def test_missing_member_breaks_exactly_one_set_with_all_others():
+    """A missing file in the middle of cycle 1 breaks that cycle's set once (15 members), not a
+    cascade of slides; cycles 0 and 2 complete."""
+    recs = night(3)
+    lost = recs[16 + 9]
+    a = assemble_sets([r for r in recs if r is not lost])
+    assert len(a.complete) == 2 and len(a.broken) == 1
+    assert len(a.broken[0].members) == 15 and a.broken[0].missing == [slot_label((22.5, "A", 2))]
+    assert a.broken[0].reason.startswith("hwp moved on: HWP 0 FLC A cam1 again in")
+
+
+def test_data_starting_mid_cycle_form_the_reference_window():
+    """Data start at HWP 45: like the reference's consecutive window, the first 16 members in
+    time (45/22.5/67.5 of cycle 0 and HWP 0 of cycle 1) form a set; the rest of cycle 1 stays open."""
+    recs = night(2)[4:]
+    a = assemble_sets(recs)
+    assert len(a.complete) == 1 and not a.broken
+    assert sorted(a.complete[0].paths) == sorted(r["path"] for r in recs[:16])
+    assert len(a.open) == 1 and sorted(a.open[0].paths) == sorted(r["path"] for r in recs[16:])
+
+
+def test_kth_cube_sets_and_horizon():
+    """Two cubes per slot: cube k of every slot forms set k; a set waits for earlier arrivals."""
+    from vampd.pdi.blocks import cube_index
+
+    recs = []
+    for r in night(1):
+        for k in range(2):
+            recs.append(dict(r, path=r["path"].replace(".fits", f"_{k}.fits"), mjd=r["mjd"] + k * 1e-5,
+                             t_complete=1.0))
+    random.Random(4).shuffle(recs)
+    ci = cube_index(recs)
+    a = assemble_sets(recs, cube_of=ci)
+    assert len(a.complete) == 2 and not a.broken
+    assert {tuple(sorted({p[-7:-5] for p in s.paths})) for s in a.complete} == {("_0",), ("_1",)}
+    w = assemble_sets(recs, cube_of=ci, horizon=0.5)
+    assert not w.complete and {s.reason for s in w.open} == {"waiting for earlier files"}

@@ -330,8 +330,9 @@ def _parse_sexagesimal(text: str, lo: float, hi: float, unit: str, example: str)
 
 
 class CombineConfig(_Model):
-    """How raw files are grouped before reduction. vampd streams per file and forms HWP sets from the
-    per-file products, so "cube" is the natural choice; "pdi" is accepted for reference configs."""
+    """How raw files are grouped. Every cube is reduced on arrival; with "pdi" the cubes of one HWP
+    block (one camera and FLC state at one HWP angle, §7.1) are also coadded together and the
+    block product is the HWP-set member; with "cube" the k-th cube of each block forms the k-th set."""
 
     _section: ClassVar[str] = "combine"
 
@@ -344,13 +345,7 @@ class CombineConfig(_Model):
     @model_validator(mode="after")
     def _warn_streaming(self) -> CombineConfig:
         # accepted so that reference configs load unchanged, but say plainly that they do nothing
-        if self.method == "pdi":
-            warnings.warn(
-                'combine.method = "pdi" has no effect in vampd: each file is reduced as it arrives and '
-                "HWP sets are formed from the per-file products ([polarimetry])",
-                ConfigWarning,
-                stacklevel=2,
-            )
+        # "pdi" is streamed: cubes of one HWP block are coadded together (vampd.engine.blocks)
         if self.save_intermediate:
             warnings.warn(
                 "combine.save_intermediate has no effect in vampd: files are not concatenated",

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from vampd.engine.products import centroid_file, provenance, reprojection, write_product
+from vampd.engine.products import centroid_file, pdi_blocks, provenance, reprojection, write_product
 from vampd.fitsio import InputError, read_frames
 from vampd.instrument.wcs import apply_wcs
 from vampd.stages.align import (
@@ -121,7 +121,8 @@ class FileContext:
         """Aligned frames are written (no coadd, or an aligned/selected intermediate)."""
         c = self.cfg
         fs = c.frame_select
-        return not c.coadd.coadd or c.align.save_intermediate or (fs.frame_select and fs.save_intermediate)
+        return (not c.coadd.coadd or c.align.save_intermediate or (fs.frame_select and fs.save_intermediate)
+                or pdi_blocks(c))
 
 
 class _Scratch(threading.local):
@@ -458,7 +459,7 @@ class WriteAligned(Stage):
         if ctx.reproj is not None:
             d4, e4 = reproject_cam2(d4, e4, ctx.reproj[0], ctx.reproj[1])
         kinds = []
-        if cfg.align.save_intermediate or not cfg.coadd.coadd:
+        if cfg.align.save_intermediate or not cfg.coadd.coadd or pdi_blocks(cfg):
             kinds.append("aligned")
         if fs.frame_select and fs.save_intermediate:
             kinds.append("selected")

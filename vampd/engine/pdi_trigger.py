@@ -22,19 +22,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 from astropy.io import fits
 
-from vampd.fitsio import read_header
-from vampd.instrument.headers import header_summary
 from vampd.pdi.diffimages import diff_paths, match_double, match_single, write_double_diff, write_single_diff
 from vampd.pdi.mmfiles import file_mueller, mm_path, write_mm_file
 from vampd.pdi.process import SetInvalid, load_member, make_set_stokes, write_set_file
 from vampd.pdi.calibrated import update_calibrated_running
 from vampd.pdi.running import RunningStokes, append_table_row, running_paths, write_running_products
-from vampd.pdi.sets import HWPSet, all_slots, assemble_sets
+from vampd.pdi.sets import HWPSet, all_slots, assemble_sets, slot_label
 
 __all__ = ["on_file_done", "on_finalize", "update_sets", "set_members", "stokes_path", "refresh_calibrated"]
 
@@ -51,47 +50,12 @@ def stokes_path(outdir, cfg, index: int) -> Path:
     return Path(outdir) / "pdi" / "stokes" / f"{_name(cfg)}_stokes_{index:03d}.fits"
 
 
-def _coadded(ledger) -> dict[str, str]:
-    return {
-        r["file"]: r["path"]
-        for r in ledger.conn.execute("SELECT file, path FROM products WHERE kind='coadded'").fetchall()
-    }
-
-
-def _set_rows(ledger) -> list:
-    """Set rows, oldest first (read straight from the ledger's ``sets`` table)."""
-    return ledger.conn.execute("SELECT * FROM sets ORDER BY id").fetchall()
-
-
-def _delete_sets(ledger, keys) -> None:
-    """Remove open/broken set rows that the rebuild no longer produces."""
-    keys = list(keys)
-    if keys:
-        with ledger.transaction():
-            ledger.conn.executemany("DELETE FROM sets WHERE key=?", [(k,) for k in keys])
-
-
 def set_members(ledger) -> list[dict]:
-    """Member records for :func:`assemble_sets` from the ledger: done files with a coadded
-    product, and parked files (their raw header gives the slot, when readable)."""
-    prods = _coadded(ledger)
-    out = []
-    for r in ledger.conn.execute(
-        "SELECT path, state, target, filter, camera, flc, hwp, mjd, nframes FROM files WHERE state IN ('done', 'parked')"
-    ).fetchall():
-        rec = dict(r)
-        if rec["state"] == "done":
-            if rec["path"] not in prods:
-                continue
-            rec["product"] = prods[rec["path"]]
-        elif rec["hwp"] is None or rec["mjd"] is None:
-            try:
-                summary = header_summary(read_header(rec["path"]))
-            except Exception:  # noqa: BLE001 -- an unreadable parked file simply has no slot
-                continue
-            rec.update({k: summary.get(k) for k in ("target", "filter", "camera", "flc", "hwp", "mjd")})
-        out.append(rec)
-    return out
+    """Member records for :func:`assemble_sets` from what the ledger recorded (no header of an
+    input file is ever read here, issue 18): done files with a coadded product, and parked
+    files whose slot the ledger knows. Parked files without a recorded slot are not members.
+    """
+    return [f for f in ledger.pdi_files() if f["state"] == "done" or (f["hwp"] is not None and f["mjd"] is not None)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,6 +74,7 @@ def write_file_mm(cfg, outdir, product: str) -> Path | None:
 
 
 def _span_record(rec: dict) -> dict | None:
+    # only the few products near the new file are read (linear nights, issue 18)
     try:
         h = fits.getheader(rec["product"])
         rec = dict(rec)
@@ -123,14 +88,14 @@ def _span_record(rec: dict) -> dict | None:
 def write_diff_images(ledger, cfg, outdir, path: str) -> list[Path]:
     """Single (and, with ``save_double``, double) difference images involving ``path``."""
     tol = cfg.polarimetry.hwp_tolerance if cfg.polarimetry is not None else 0.1
-    members = [m for m in set_members(ledger) if m["state"] == "done"]
-    this = next((m for m in members if m["path"] == str(path)), None)
-    if this is None or this["mjd"] is None:
+    row = ledger.get(str(path))
+    if row is None or row["state"] != "done" or row["mjd"] is None:
         return []
+    # exposure spans overlap only within about a cube's length (FLC files interleave: x2)
+    span = 2.0 * float(row["nframes"] or 1) * float(row["exptime"] or 1.0) / 86400.0
     near = [
-        m for m in members
-        if m["mjd"] is not None and abs(float(m["mjd"]) - float(this["mjd"])) < 0.02
-        and m["target"] == this["target"] and m["filter"] == this["filter"]
+        m for m in ledger.done_near(float(row["mjd"]), min(0.02, 2.0 * span + 5.0 / 86400.0))
+        if m["target"] == row["target"] and m["filter"] == row["filter"]
     ]
     recs = [r for r in (_span_record(m) for m in near) if r is not None]
     pairs = match_single(recs, tol)
@@ -189,6 +154,130 @@ def _process_set(ledger, cfg, outdir, key: str, products: list[str], acc: Runnin
     return {"key": key, "index": index, "path": str(spath), "star": result.star, "seconds": time.perf_counter() - t0}
 
 
+def _locked_keys(rows: dict) -> set:
+    """Permanent sets: complete, or found invalid."""
+    return {k for k, r in rows.items()
+            if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID))}
+
+
+def _backfill_taken(ledger, rows: dict, locked: set) -> None:
+    """Ledgers written before the ``pdi_taken`` table: record the permanent sets' members once."""
+    if locked and ledger.taken_count() == 0:
+        for k in locked:
+            ledger.take(k, [m["path"] for m in json.loads(rows[k]["members"] or "[]")])
+
+
+_WINDOW_DAYS = 0.01  # taken members older than the oldest free one by more than this cannot matter
+
+
+def _candidates(ledger, cfg, outdir, final: bool) -> tuple[list[dict], dict, dict | None, list[dict]]:
+    """``(members, locked, cube_of, unplaced)``: the set members (HWP blocks with
+    ``combine.method = "pdi"``, else cubes with their index in their HWP block), the permanent
+    sets' members among them (key → paths; kept near the free ones to recognise duplicates),
+    and the parked files without a recorded slot (their header could not be read): they are in
+    no set, only named in reasons. Only the open part of the night is read (``pdi_taken``).
+    """
+    from vampd.engine.blocks import block_members, blocks_enabled, update_blocks
+    from vampd.pdi.blocks import cube_index
+
+    files = ledger.pdi_files(_WINDOW_DAYS)
+    unplaced = [f for f in files if f["state"] == "parked" and (f["hwp"] is None or f["mjd"] is None)]
+    if blocks_enabled(cfg):
+        update_blocks(ledger, cfg, outdir, final=final)
+        members = block_members(ledger)
+        cube_of = None
+    else:
+        members = [f for f in files if f["state"] == "done" or (f["hwp"] is not None and f["mjd"] is not None)]
+        members = [m for m in members if not str(m.get("taken") or "").startswith("block:")]
+        cube_of = cube_index([m for m in members if m["state"] == "done"], cfg.polarimetry.hwp_tolerance)
+    locked: dict[str, list] = {}
+    for m in members:
+        if m.get("taken") and not str(m["taken"]).startswith("block:"):
+            locked.setdefault(m["taken"], []).append(m["path"])
+    return members, locked, cube_of, unplaced
+
+
+def _written(rec: dict) -> float:
+    """When a file was written: its mtime (recorded, else ``lstat``, which never blocks or reads),
+    else its arrival time. Files are written in time order, even when they arrive together."""
+    if rec.get("mtime_ns"):
+        return float(rec["mtime_ns"]) / 1e9
+    try:
+        return os.lstat(rec["path"]).st_mtime
+    except (OSError, TypeError, ValueError):
+        return float(rec.get("t_complete") or 0.0)
+
+
+def _blame(asm, unplaced: list[dict]) -> None:
+    """Name the bad files in the reasons of the incomplete sets whose writing span holds them
+    (or the nearest one): a bad file breaks at most the set whose slot it would have filled."""
+    sets = [s for s in asm.open + asm.broken if s.members]
+    if not sets or not unplaced:
+        return
+    spans = []
+    for s in sets:
+        t = [_written(m) for m in s.members.values()]
+        spans.append((min(t), max(t), s))
+    for f in sorted(unplaced, key=lambda r: (_written(r), r["path"])):
+        t = _written(f)
+        _lo, _hi, s = min(spans, key=lambda sp: (0.0 if sp[0] <= t <= sp[1] else min(abs(t - sp[0]), abs(t - sp[1])),
+                                                 sp[0]))
+        err = str(f.get("error") or "unreadable").split(": ", 1)[-1][:120]
+        note = f"bad file {Path(f['path']).name} ({err})"
+        s.reason = f"{s.reason}; {note}" if s.reason else note
+
+
+def _uneven(s: HWPSet) -> str | None:
+    """For block members: "uneven HWP blocks: ..." when their numbers of cubes differ."""
+    n = {slot: int(m.get("ncubes") or 0) for slot, m in s.members.items() if m.get("ncubes")}
+    if not n or len(set(n.values())) <= 1:
+        return None
+    common = max(set(n.values()), key=lambda v: (list(n.values()).count(v), v))
+    odd = ", ".join(f"{slot_label(k)} has {v} cube(s)" for k, v in n.items() if v != common)
+    return f"uneven HWP blocks: {odd}, the others {common}"
+
+
+def _process_complete(ledger, cfg, outdir, asm, acc, summary) -> None:
+    mode = cfg.polarimetry.method
+    for s in asm.complete:
+        prods = [s.members[slot]["product"] for slot in all_slots(mode)]
+        try:
+            info = _process_set(ledger, cfg, outdir, s.key, prods, acc)
+        except SetInvalid as exc:
+            ledger.upsert_set(s.key, mode, "broken", s.member_list(), _INVALID + str(exc))
+            ledger.take(s.key, [m["path"] for m in s.member_list()])
+            summary["invalid"].append({"key": s.key, "reason": str(exc)})
+            ledger.event("warning", f"HWP set {s.key} broken: {exc}")
+            continue
+        reason = "; ".join(r for r in (_reason(s), _uneven(s)) if r) or None
+        ledger.upsert_set(s.key, mode, "complete", s.member_list(), reason)
+        ledger.take(s.key, [m["path"] for m in s.member_list()])
+        summary["processed"].append(info)
+
+
+def _product_of(ledger, by_path: dict, path: str) -> str | None:
+    """The reduced product of a set member (a cube's coadd, or an HWP block's own product)."""
+    if path in by_path and by_path[path].get("product"):
+        return by_path[path]["product"]
+    prod = next((r["path"] for r in ledger.products(path) if r["kind"] == "coadded"), None)
+    return prod or (path if Path(path).parent.name == "coadded" and Path(path).exists() else None)
+
+
+def _resume_recorded(ledger, cfg, outdir, rows, by_path, acc, summary) -> None:
+    """Sets recorded complete whose Stokes file never made it into the accumulator (crash)."""
+    mode = cfg.polarimetry.method
+    done = set(acc.keys)
+    for k, r in rows.items():
+        if r["state"] == "complete" and k not in done:
+            paths = [m["path"] for m in json.loads(r["members"] or "[]")]
+            prods = [p2 for p2 in (_product_of(ledger, by_path, p) for p in paths) if p2]
+            if len(prods) == len(all_slots(mode)):
+                try:
+                    summary["processed"].append(_process_set(ledger, cfg, outdir, k, prods, acc))
+                except (SetInvalid, OSError) as exc:
+                    log.error("set %s: %s", k, exc)
+
+
 def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     """Rebuild the set assignment from the ledger and act on it (see the module docstring).
 
@@ -202,53 +291,30 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
 
         return {"leastsq": leastsq_trigger.sync(ledger, cfg, outdir, final=final)}
     mode = pc.method
-    rows = {r["key"]: r for r in _set_rows(ledger)}
-    locked = {}
-    for k, r in rows.items():
-        if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID)):
-            locked[k] = [m["path"] for m in json.loads(r["members"] or "[]")]
-    members = set_members(ledger)
+    rows = {r["key"]: r for r in ledger.set_rows()}
+    permanent = _locked_keys(rows)
+    _backfill_taken(ledger, rows, permanent)
+    members, locked, cube_of, unplaced = _candidates(ledger, cfg, outdir, final)
     by_path = {m["path"]: m for m in members}
-    asm = assemble_sets(members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked)
+    asm = assemble_sets(members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked, cube_of,
+                        ledger.unfinished_horizon())
+    _blame(asm, unplaced)
     acc = RunningStokes.load(running_paths(outdir, _name(cfg))["accumulator"])
     summary = {"processed": [], "invalid": []}
-
-    # sets recorded complete whose Stokes file never made it into the accumulator (crash)
-    for k, r in rows.items():
-        if r["state"] == "complete" and k not in acc:
-            paths = [m["path"] for m in json.loads(r["members"] or "[]")]
-            prods = [by_path[p]["product"] for p in paths if p in by_path and "product" in by_path[p]]
-            if len(prods) == len(all_slots(mode)):
-                try:
-                    summary["processed"].append(_process_set(ledger, cfg, outdir, k, prods, acc))
-                except (SetInvalid, OSError) as exc:
-                    log.error("set %s: %s", k, exc)
-
-    current = set()
-    for s in asm.complete:
-        current.add(s.key)
-        prods = [s.members[slot]["product"] for slot in all_slots(mode)]
-        try:
-            info = _process_set(ledger, cfg, outdir, s.key, prods, acc)
-        except SetInvalid as exc:
-            ledger.upsert_set(s.key, mode, "broken", s.member_list(), _INVALID + str(exc))
-            summary["invalid"].append({"key": s.key, "reason": str(exc)})
-            ledger.event("warning", f"HWP set {s.key} broken: {exc}")
-            continue
-        members_json = s.member_list()
-        ledger.upsert_set(s.key, mode, "complete", members_json, _reason(s))
-        summary["processed"].append(info)
+    _resume_recorded(ledger, cfg, outdir, rows, by_path, acc, summary)
+    _process_complete(ledger, cfg, outdir, asm, acc, summary)
+    current = {s.key for s in asm.complete}
     for s in asm.open + asm.broken:
         current.add(s.key)
         r = rows.get(s.key)
         reason = _reason(s)
         if r is not None and r["state"] == s.state and r["reason"] == reason and r["members"] == json.dumps(s.member_list()):
             continue
-        if s.key in locked:
+        if s.key in permanent:
             continue
         ledger.upsert_set(s.key, mode, s.state, s.member_list(), reason)
-    stale = [k for k, r in rows.items() if k not in current and k not in locked and r["state"] in ("open", "broken")]
-    _delete_sets(ledger, stale)
+    ledger.delete_sets(k for k, r in rows.items()
+                       if k not in current and k not in permanent and r["state"] in ("open", "broken"))
     summary.update(complete=len(asm.complete), open=len(asm.open), broken=len(asm.broken), rejected=asm.rejected)
     cal = refresh_calibrated(cfg, outdir)
     if cal:
@@ -287,11 +353,11 @@ def on_file_done(ledger, cfg, outdir, path: str) -> dict:
     returned dict; they never undo the file's own products.
     """
     out: dict = {}
-    prod = _coadded(ledger).get(str(path))
+    prod = next((r["path"] for r in ledger.products(str(path)) if r["kind"] == "coadded"), None)
     if prod is None:
-        # a parked file (unreadable, truncated) still occupies its slot: its set may now be
-        # complete-but-unusable, so rebuild (otherwise the set stays "open" if it came last)
-        row = ledger.conn.execute("SELECT state FROM files WHERE path=?", (str(path),)).fetchone()
+        # a parked file: it may complete-but-break or end a set, so rebuild (what the ledger
+        # recorded only: its header is never read here)
+        row = ledger.get(str(path))
         if cfg.polarimetry is not None and row is not None and row["state"] == "parked":
             out["sets"] = update_sets(ledger, cfg, outdir, final=False)
         return out
@@ -316,4 +382,11 @@ def on_finalize(ledger, cfg, outdir) -> dict:
     """End of night: process what completed and close every incomplete set as broken."""
     if cfg.polarimetry is None:
         return {}
-    return {"sets": update_sets(ledger, cfg, outdir, final=True)}
+    from vampd.engine.blocks import blocks_enabled, run_ready_inline, update_blocks
+
+    out = {}
+    if blocks_enabled(cfg):  # close the last blocks and coadd them here (no pool at finalize)
+        update_blocks(ledger, cfg, outdir, final=True)
+        out["blocks"] = run_ready_inline(ledger, cfg, outdir)
+    out["sets"] = update_sets(ledger, cfg, outdir, final=True)
+    return out

@@ -185,10 +185,12 @@ class WorkerPool:
             return False
         return not self.jobs or self.running_bytes + nbytes <= self.memory_limit
 
-    def submit(self, path: str, nbytes: int, cfg: Any, outdir: os.PathLike | str, force: bool = False) -> None:
+    def submit(self, path: str, nbytes: int, cfg: Any, outdir: os.PathLike | str, force: bool = False,
+               process: str | None = None) -> None:
+        """Run ``process`` (default: the pool's) on ``path`` in a worker (``path`` keys the job)."""
         if self._executor is None:
             self.start()
-        fut = self._executor.submit(run_job, self.process, path, cfg, str(outdir), force)
+        fut = self._executor.submit(run_job, process or self.process, path, cfg, str(outdir), force)
         self.jobs[path] = _Job(path, int(nbytes), fut, time.time())
 
     def healthy(self) -> bool:

@@ -35,9 +35,14 @@ def expected_products(cfg) -> list[str]:
         kinds.append("calibrated")
     if cfg.frame_select.frame_select and cfg.frame_select.save_intermediate:
         kinds.append("selected")
-    if cfg.align.save_intermediate and cfg.coadd.coadd:
+    if (cfg.align.save_intermediate or pdi_blocks(cfg)) and cfg.coadd.coadd:
         kinds.append("aligned")
     return kinds
+
+
+def pdi_blocks(cfg) -> bool:
+    """``combine.method = "pdi"``: each cube's aligned frames are kept for its HWP-block coadd."""
+    return cfg.combine.method == "pdi" and cfg.polarimetry is not None
 
 
 def centroid_file(cfg, outdir: Path, cam: int) -> Path:

@@ -236,7 +236,18 @@ class Runner:
             force = self.force or path in self.forced or (row["config_hash"] or self.config_hash) != self.config_hash
             self.pool.submit(path, nbytes, self.cfg, self.outdir, force=force)
             n += 1
-        return n
+        return n + self._pump_blocks()
+
+    def _pump_blocks(self) -> int:
+        """Closed HWP blocks (``combine.method = "pdi"``) are coadded as pool jobs too."""
+        from vampd.engine.blocks import pump_blocks
+
+        try:
+            return pump_blocks(self)
+        except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
+            log.exception("HWP block scheduling failed")
+            self.ledger.event("error", f"HWP block scheduling failed: {exc}")
+            return 0
 
     def collect(self, timeout: float = 0.0) -> int:
         """Record finished jobs; returns how many were recorded."""
@@ -246,6 +257,11 @@ class Runner:
         return len(results)
 
     def record(self, r: JobResult) -> None:
+        from vampd.engine.blocks import BLOCK_PREFIX, record_block
+
+        if r.path.startswith(BLOCK_PREFIX):  # an HWP block coadd, not an input file
+            record_block(self, r)
+            return
         name = os.path.basename(r.path)
         if r.ok:
             try:
@@ -284,6 +300,9 @@ class Runner:
         t0 = time.time()
         self.resume_triggers()  # a previous run killed between a record and its set
         decisions: dict[str, str] = {}
+        # one arrival time for the whole batch: HWP blocks and sets wait for all of it, so the
+        # same files in any order give the same sets and products (issue 11 item 4)
+        t_batch = time.time()
         for p in paths:
             p = os.path.abspath(p)
             ok, reason = fits_structure_complete(p)
@@ -291,21 +310,34 @@ class Runner:
                 self.reject(p, reason)
                 decisions[p] = "rejected"
                 continue
-            decisions[p] = self.offer(p)
+            decisions[p] = self.offer(p, t_complete=t_batch)
         todo = sum(d not in ("done", "parked", "ignored", "gone", "rejected") for d in decisions.values())
         log.info("run: %d file(s) given, %d to process", len(paths), todo)
         while True:
             self.pump()
             if not self.pool.jobs:
-                if not self.ledger.next_pending(1):
-                    break
-                continue
+                if self.ledger.next_pending(1):
+                    continue
+                if self._end_of_batch() and self.pump():  # block coadds submitted: wait for them
+                    continue
+                break
             self.collect(timeout=poll)
         from vampd.engine import leastsq_trigger
 
         leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
         return {"given": len(paths), "processed": todo, "done": self.n_done, "failed": self.n_failed,
                 "seconds": time.time() - t0}
+
+    def _end_of_batch(self) -> bool:
+        """End of ``vampd run``: close the open HWP blocks; True if block coadds are left to run."""
+        from vampd.engine.blocks import end_of_batch
+
+        try:
+            return end_of_batch(self)
+        except Exception as exc:  # noqa: BLE001 -- reported, the run still ends
+            log.exception("closing the HWP blocks failed")
+            self.ledger.event("error", f"closing the HWP blocks failed: {exc}")
+            return False
 
     def drain(self, timeout: float) -> list[str]:
         """Stop: wait up to ``timeout`` s for running jobs, record them, release the rest."""

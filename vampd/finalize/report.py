@@ -57,7 +57,8 @@ def _set_records(night: dict) -> list[dict]:
     mjd = {f["path"]: f.get("mjd") for f in night["files"]}
     out = []
     for s in night["sets"]:
-        ts = [mjd.get(m.get("path")) for m in s["members"] if isinstance(m, dict)]
+        # HWP-block members (combine = "pdi") are products, not input files: their row has the MJD
+        ts = [mjd.get(m.get("path"), m.get("mjd")) for m in s["members"] if isinstance(m, dict)]
         ts = [t for t in ts if t is not None]
         out.append(dict(s, t0=min(ts) if ts else None, t1=max(ts) if ts else None))
     return sorted(out, key=lambda s: (s["t0"] if s["t0"] is not None else math.inf, s["key"]))

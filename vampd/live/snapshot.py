@@ -165,6 +165,7 @@ class Snapshot:
     recent: list[FileRow] = field(default_factory=list)  # newest files of the current sequence (all states)
     set_counts: dict = field(default_factory=dict)
     leastsq: list = field(default_factory=list)  # Ledger.lsq_status() (issue 13)
+    block_counts: dict = field(default_factory=dict)
     open_sets: list[SetView] = field(default_factory=list)
     set_mode: str | None = None
     pdi: PdiSummary | None = None
@@ -485,6 +486,7 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
     snap.queue = snap.counts["pending"] + snap.counts["queued"] + snap.counts["running"]
     snap.set_counts = led.set_counts()
     snap.leastsq = led.lsq_status()
+    snap.block_counts = led.block_counts()
 
     files = {r["path"]: _file_row(r) for r in led.all_files()}
     rows = sorted(files.values(), key=lambda f: (f.t_arrival or 0.0, f.path))

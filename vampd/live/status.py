@@ -40,6 +40,7 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         lat = led.done_latencies()
         sets = led.set_counts()
         lsq = led.lsq_status()  # least-squares accumulators (issue 13); [] without
+        blocks = led.block_counts()  # HWP blocks (combine.method = "pdi")
     lat.sort()
     out = {
         "outdir": str(os.path.abspath(outdir)),
@@ -53,6 +54,7 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
             "ignored": counts["ignored"],
         },
         "sets": {"complete": sets["complete"], "broken": sets["broken"], "open": sets["open"]},
+        "blocks": blocks,
         "daemon": {
             "alive": daemon_alive(info, now=now),
             "pid": info["pid"] if info else None,

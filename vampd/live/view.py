@@ -137,6 +137,11 @@ def _count_segments(snap: Snapshot, compact: bool) -> list[Text]:
     else:
         sets = _seg(f"sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken",
                     "bold")
+    bc = snap.block_counts or {}
+    if sum(bc.values()):  # combine.method = "pdi": HWP blocks
+        sets.append(f" │ blocks {bc.get('done', 0)} done, {bc.get('open', 0)} open" if compact else
+                    f" │ HWP blocks {bc.get('done', 0)} done, {bc.get('open', 0)} open,"
+                    f" {bc.get('ready', 0) + bc.get('running', 0)} coadding, {bc.get('failed', 0)} failed")
     p50, p95 = _g(lat.get("median"), ".1f"), _g(lat.get("p95"), ".1f")
     if compact:
         return [files, sets, _seg(f"{_g(snap.throughput, '.1f')}/min q{snap.queue} p50 {p50} s p95 {p95} s")]

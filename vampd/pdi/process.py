@@ -152,12 +152,29 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
     if w0.shape[1] != len(members):
         raise SetInvalid(f"{mode} needs {w0.shape[1]} members, got {len(members)}")
     fields = members[0].fields
-    nf = len(fields)
     imgs, vars_ = _derotated(members, bool(pcfg.derotate))
+    hdr = combine_headers([m.header for m in members])
+    weights, mm_rows, model_desc = _correction_weights(members, pcfg, w0, hdr)
+    stokes = _apply_data(weights, imgs)
+    ip_vals = _ip_correct(stokes, weights, imgs.shape[-2:], pcfg, fields, hdr) if pcfg.ip_correct else {}
+    err = np.sqrt(_apply_data(weights * weights, vars_))
+    hdr = _set_header(hdr, pcfg, mode, model_desc)
+    star: dict[str, dict] = {}
+    field_headers = []
+    for j, f in enumerate(fields):
+        fh = hdr.copy()
+        fh["FIELD"] = (f, "MBI field / filter")
+        _field_cards((hdr, fh), f, mm_rows.get(f), ip_vals.get(f), pcfg)
+        if not coronagraphic:
+            star[f] = _star_cards((hdr, fh), f, stokes[j], err[j], analysis)
+        field_headers.append(fh)
+    return SetResult(stokes, err, hdr, field_headers, list(fields), mm_rows, star)
 
-    headers = [m.header for m in members]
-    hdr = combine_headers(headers)
-    weights = np.repeat(w0[None], nf, axis=0)
+
+def _correction_weights(members: list[Member], pcfg, w0: np.ndarray, hdr) -> tuple[np.ndarray, dict, str]:
+    """Per-field weights (nf, 4, n): the differences, Mueller-corrected (§9.4) or rotated."""
+    fields = members[0].fields
+    weights = np.repeat(w0[None], len(fields), axis=0)
     mm_rows: dict[str, dict] = {}
     model_desc = ""
     if pcfg.mm_correct:
@@ -175,28 +192,31 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
             mm_rows[f] = info
     elif pcfg.derotate and not pcfg.hwp_adi_sync:
         theta = 0.5 * float(hdr.get("PA", 0.0)) + float(hdr.get("ALTITUDE", 0.0))
-        for j in range(nf):
+        for j in range(len(fields)):
             weights[j] = rotate_qu_weights(w0, theta)
+    return weights, mm_rows, model_desc
 
-    stokes = _apply_data(weights, imgs)
+
+def _ip_correct(stokes, weights, shape, pcfg, fields, hdr) -> dict[str, dict]:
+    """Measure and remove the residual IP (§9.6) in place (``stokes`` and ``weights``)."""
     ip_vals: dict[str, dict] = {}
-    if pcfg.ip_correct:
-        ny, nx = imgs.shape[-2:]
-        region = region_weights((ny, nx), pcfg.ip_method, pcfg.ip_radius, pcfg.ip_radius2)
-        for j, f in enumerate(fields):
-            pq, pu = measure_ip(stokes[j], region)
-            if not (math.isfinite(pq) and math.isfinite(pu)):
-                # no finite pixels in the IP region: say so rather than report a measured zero
-                log.warning("field %s: IP not measurable in the %s region; not corrected", f, pcfg.ip_method)
-                set_card(hdr, f"HIERARCH DPP PDI IP_NONE {f}", True, "IP region had no finite pixels")
-                pq = pu = 0.0
-            weights[j] = ip_correct_weights(weights[j], pq, pu)
-            stokes[j, 2] -= np.float32(pq) * stokes[j, 0]
-            stokes[j, 3] -= np.float32(pu) * stokes[j, 1]
-            ip_vals[f] = ip_header_values(pq, pu)
-    err = np.sqrt(_apply_data(weights * weights, vars_))
+    region = region_weights(tuple(shape), pcfg.ip_method, pcfg.ip_radius, pcfg.ip_radius2)
+    for j, f in enumerate(fields):
+        pq, pu = measure_ip(stokes[j], region)
+        if not (math.isfinite(pq) and math.isfinite(pu)):
+            # no finite pixels in the IP region: say so rather than report a measured zero
+            log.warning("field %s: IP not measurable in the %s region; not corrected", f, pcfg.ip_method)
+            set_card(hdr, f"HIERARCH DPP PDI IP_NONE {f}", True, "IP region had no finite pixels")
+            pq = pu = 0.0
+        weights[j] = ip_correct_weights(weights[j], pq, pu)
+        stokes[j, 2] -= np.float32(pq) * stokes[j, 0]
+        stokes[j, 3] -= np.float32(pu) * stokes[j, 1]
+        ip_vals[f] = ip_header_values(pq, pu)
+    return ip_vals
 
-    # --- headers ------------------------------------------------------------------------------
+
+def _set_header(hdr, pcfg, mode: str, model_desc: str) -> fits.Header:
+    """The set's primary header: halved exposure counts, no per-member keys, PDI cards."""
     for key in ("TINT", "NCOADD", "HIERARCH DPP COADD NCOADD", "HIERARCH DPP COADD TINT"):
         k = key.replace("HIERARCH ", "")
         if k in hdr:
@@ -215,40 +235,38 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
     set_card(hdr, "HIERARCH DPP PDI HWPSYNC", bool(pcfg.hwp_adi_sync), "HWP pupil-tracking")
     set_card(hdr, "HIERARCH DPP PDI IPCORR", bool(pcfg.ip_correct), "residual IP removed")
     set_card(hdr, "HIERARCH DPP PDI ERRPROP", "exact-linear", "sqrt(sum w2 var), var rotated linearly")
-    star: dict[str, dict] = {}
-    field_headers = []
-    for j, f in enumerate(fields):
-        fh = hdr.copy()
-        fh["FIELD"] = (f, "MBI field / filter")
-        if f in mm_rows:
-            info = mm_rows[f]
-            for h in (hdr, fh):
-                set_card(h, f"HIERARCH DPP PDI MM IP_PQ {f}", info["ip_pq"], "model IP (Q)")
-                set_card(h, f"HIERARCH DPP PDI MM IP_PU {f}", info["ip_pu"], "model IP (U)")
-                set_card(h, f"HIERARCH DPP PDI MM POLEFF {f}", info["poleff"], "polarimetric efficiency")
-        if f in ip_vals:
-            v = ip_vals[f]
-            for h in (hdr, fh):
-                set_card(h, f"HIERARCH DPP PDI IP_PQ {f}", v["pq"], "residual IP (Q/I)")
-                set_card(h, f"HIERARCH DPP PDI IP_PU {f}", v["pu"], "residual IP (U/I)")
-                set_card(h, f"HIERARCH DPP PDI IP_POL {f}", v["pol"], "residual IP degree")
-                set_card(h, f"HIERARCH DPP PDI IP_ANG {f}", v["ang"], "[deg] residual IP angle")
-                set_card(h, f"HIERARCH DPP PDI IP_METH {f}", pcfg.ip_method, "IP region")
-        if not coronagraphic:
-            aper = float(getattr(analysis, "phot_aper_rad", 8.0) or 8.0) if analysis is not None else 8.0
-            ann = getattr(analysis, "phot_ann_rad", None) if analysis is not None else None
-            sp = star_polarization(stokes[j], err[j], aper, ann)
-            star[f] = sp
-            for h in (hdr, fh):
-                for name in ("IQ", "IU", "Q", "U"):
-                    set_card(h, f"HIERARCH DPP PDI {name} FLUX {f}", sp[name], "[e-/s] aperture flux")
-                    set_card(h, f"HIERARCH DPP PDI {name} FLUX_ERR {f}", sp[name + "_ERR"], "[e-/s] aperture flux error")
-                set_card(h, f"HIERARCH DPP PDI DOLP {f}", _finite(sp["DOLP"]), "star degree of linear polarisation")
-                set_card(h, f"HIERARCH DPP PDI DOLP_ERR {f}", _finite(sp["DOLP_ERR"]), "error of DOLP")
-                set_card(h, f"HIERARCH DPP PDI AOLP {f}", _finite(sp["AOLP"]), "[deg] star AoLP = 1/2 atan2(U, Q)")
-                set_card(h, f"HIERARCH DPP PDI AOLP_ERR {f}", _finite(sp["AOLP_ERR"]), "[deg] error of AOLP")
-        field_headers.append(fh)
-    return SetResult(stokes, err, hdr, field_headers, list(fields), mm_rows, star)
+    return hdr
+
+
+def _field_cards(headers, f: str, mm_info: dict | None, ip: dict | None, pcfg) -> None:
+    """Model IP / efficiency (§9.4) and residual IP (§9.6) cards of field ``f``."""
+    for h in headers:
+        if mm_info is not None:
+            set_card(h, f"HIERARCH DPP PDI MM IP_PQ {f}", mm_info["ip_pq"], "model IP (Q)")
+            set_card(h, f"HIERARCH DPP PDI MM IP_PU {f}", mm_info["ip_pu"], "model IP (U)")
+            set_card(h, f"HIERARCH DPP PDI MM POLEFF {f}", mm_info["poleff"], "polarimetric efficiency")
+        if ip is not None:
+            set_card(h, f"HIERARCH DPP PDI IP_PQ {f}", ip["pq"], "residual IP (Q/I)")
+            set_card(h, f"HIERARCH DPP PDI IP_PU {f}", ip["pu"], "residual IP (U/I)")
+            set_card(h, f"HIERARCH DPP PDI IP_POL {f}", ip["pol"], "residual IP degree")
+            set_card(h, f"HIERARCH DPP PDI IP_ANG {f}", ip["ang"], "[deg] residual IP angle")
+            set_card(h, f"HIERARCH DPP PDI IP_METH {f}", pcfg.ip_method, "IP region")
+
+
+def _star_cards(headers, f: str, stokes_f: np.ndarray, err_f: np.ndarray, analysis) -> dict:
+    """The star's aperture polarisation of field ``f``, written to ``headers``; returned."""
+    aper = float(getattr(analysis, "phot_aper_rad", 8.0) or 8.0) if analysis is not None else 8.0
+    ann = getattr(analysis, "phot_ann_rad", None) if analysis is not None else None
+    sp = star_polarization(stokes_f, err_f, aper, ann)
+    for h in headers:
+        for name in ("IQ", "IU", "Q", "U"):
+            set_card(h, f"HIERARCH DPP PDI {name} FLUX {f}", sp[name], "[e-/s] aperture flux")
+            set_card(h, f"HIERARCH DPP PDI {name} FLUX_ERR {f}", sp[name + "_ERR"], "[e-/s] aperture flux error")
+        set_card(h, f"HIERARCH DPP PDI DOLP {f}", _finite(sp["DOLP"]), "star degree of linear polarisation")
+        set_card(h, f"HIERARCH DPP PDI DOLP_ERR {f}", _finite(sp["DOLP_ERR"]), "error of DOLP")
+        set_card(h, f"HIERARCH DPP PDI AOLP {f}", _finite(sp["AOLP"]), "[deg] star AoLP = 1/2 atan2(U, Q)")
+        set_card(h, f"HIERARCH DPP PDI AOLP_ERR {f}", _finite(sp["AOLP_ERR"]), "[deg] error of AOLP")
+    return sp
 
 
 def _finite(v: float) -> float:

@@ -16,23 +16,29 @@ Rules (documented deviations from the reference's exact-equality, consecutive-wi
   soon as every slot is filled.
 * A member whose slot is already filled by a record of the same time (|ΔMJD| < 1e-7 d) and the
   same slot is a duplicate file: it is skipped and listed.
-* A member whose slot is already filled by an earlier exposure means the HWP sequence moved on:
-  the set slides — its members up to and including the earlier occupant of that slot are dropped
-  (recorded as a broken group, reason ``hwp moved on``) and the new member takes the slot. This is
-  the reference's "consecutive window" generalised: after a missing file or an extra file the
-  following sets are recovered instead of lost.
-* Likewise the members of one HWP angle form one block in time: a member whose HWP angle already
-  has an earlier block in the set, while the set's latest member has another angle, starts a new
-  cycle, and the set slides past that earlier block. So a set never mixes two cycles, even when
-  members arrive out of order and a complete set is locked at once by the streaming trigger.
+* Several cubes per HWP position: the caller passes ``cube_of`` (:func:`vampd.pdi.blocks.cube_index`,
+  decided from the time order of each camera/FLC stream) and the k-th cube of every slot is assembled
+  with the other k-th cubes: the k-th set of the cycle. With ``combine.method = "pdi"`` the members
+  are the HWP-block products instead (one per slot and cycle).
+* A member whose slot is already filled by an earlier exposure, or whose HWP angle comes back after
+  another angle, means the HWP moved on: a new cycle starts and the unfinished set is broken **once**
+  (``hwp moved on``): members after the earlier block of that angle whose angle precedes it in the
+  sequence 0, 45, 22.5, 67.5 are kept (a set that began mid-cycle), all others are dropped together.
+  So one missing or bad file breaks one set (earlier versions slid the set member by member and
+  left a cascade of fragments). Data that start mid-cycle form the reference's consecutive window
+  (the first members in time that fill every slot).
+* ``horizon``: a complete set is only reported complete once every file that arrived before its
+  latest member is known (else ``open``, "waiting for earlier files"): what a batch or a busy
+  daemon has not reduced yet may belong to it.
 * The open set at the end of a group is broken when the night is over (``end of night``), when
   later data of another target/filter exist (``target changed``), or when the newest member of the
   night is more than ``timeout`` seconds after its last member (``timeout``); otherwise it stays
   open. Broken and open groups are recomputed at every rebuild; only complete sets (and sets that
   processing found invalid) are permanent: pass their keys and members as ``locked`` and their
   members are left out of the assembly.
-* A member in state ``parked`` (processing gave up on it) occupies its slot but makes the set
-  unusable: the set is broken (``member failed``) once all its other slots are filled.
+* A member in state ``parked`` whose slot the ledger knows occupies it but makes the set unusable
+  (``member failed``). Parked files without a recorded slot are not members at all (the PDI trigger
+  names them in the reason of the set they would have filled).
 
 Keys are ``{mode}:{target}:{filter}:{stem of the first member in time}``, stable under rebuilds.
 """
@@ -165,11 +171,16 @@ class HWPSet:
 
     def member_list(self) -> list[dict]:
         """JSON-friendly list for the ledger: one dict per slot (slot label, path, state)."""
-        return [
-            {"slot": slot_label(s), "path": self.members[s]["path"], "state": self.members[s].get("state", "done")}
-            for s in all_slots(self.mode)
-            if s in self.members
-        ]
+        out = []
+        for s in all_slots(self.mode):
+            if s in self.members:
+                m = self.members[s]
+                row = {"slot": slot_label(s), "path": m["path"], "state": m.get("state", "done")}
+                if m.get("ncubes"):  # an HWP block (combine.method = "pdi"): its number of cubes
+                    row["cubes"] = int(m["ncubes"])
+                    row["mjd"] = float(m["mjd"])
+                out.append(row)
+        return out
 
 
 @dataclass
@@ -188,6 +199,20 @@ class SetAssembly:
 
 def _sort_key(m: Mapping):
     return (float(m["mjd"]), int(m.get("camera") or 0), str(m.get("flc") or ""), str(m["path"]))
+
+
+def _new_cycle(current: dict, hwp: float) -> tuple[dict, dict]:
+    """Split ``current`` when a member at ``hwp`` starts a new cycle: ``(kept, dropped)``.
+
+    Kept are the members after the earlier block at ``hwp`` whose angle comes before ``hwp`` in
+    the instrument's sequence (0, 45, 22.5, 67.5): the new cycle began with them (e.g. a set
+    that started mid-cycle). Everything else belongs to the unfinished cycle and is dropped
+    together, so one missing file breaks one set, not a cascade of slides.
+    """
+    order = {h: i for i, h in enumerate(HWP_ANGLES)}
+    cut = max(_sort_key(r) for s, r in current.items() if s[0] == hwp)
+    kept = {s: r for s, r in current.items() if _sort_key(r) > cut and order[s[0]] < order[hwp]}
+    return kept, {s: r for s, r in current.items() if s not in kept}
 
 
 def _make_key(mode: str, target: str, filt: str, first: Mapping) -> str:
@@ -217,6 +242,8 @@ def assemble_sets(
     timeout: float | None = 900.0,
     final: bool = False,
     locked: Mapping[str, Iterable[str]] | None = None,
+    cube_of: Mapping[str, tuple[int, int]] | None = None,
+    horizon: float = math.inf,
 ) -> SetAssembly:
     """Group member records into HWP sets (see the module docstring for the rules).
 
@@ -236,22 +263,70 @@ def assemble_sets(
         End of night: every incomplete set is broken.
     locked : mapping key → member paths, optional
         Sets already made permanent (complete, or found invalid); their members are excluded.
+    cube_of : mapping path → (k, n), optional
+        Several cubes per HWP block (``combine.method = "cube"``): the k-th cube of each block
+        of n (:func:`vampd.pdi.blocks.cube_index`) goes to the k-th set of the cycle.
+    horizon : float
+        Arrival time (``t_complete``) of the earliest file still being reduced: a set whose
+        latest member arrived at or after it stays open (a file not yet known may belong to it).
 
     Returns
     -------
     SetAssembly
     """
     _check_mode(mode)
-    nslots = len(all_slots(mode))
-    excluded = {str(p) for paths in (locked or {}).values() for p in paths}
     out = SetAssembly()
-    groups: dict[tuple[str, str], list[Mapping]] = {}
+    groups, locked_at = _group_members(members, mode, tolerance, locked, cube_of, out)
+    if not groups:
+        return out
+    newest = max(float(m["mjd"]) for g in groups.values() for m in g)
+    # the latest member time of each target/filter, to tell "another target followed"
+    group_last: dict[tuple, float] = {}
+    for (tgt, flt, _k), ms in groups.items():
+        group_last[(tgt, flt)] = max(group_last.get((tgt, flt), -math.inf), max(float(m["mjd"]) for m in ms))
+    for (target, filt, kcube), ms in sorted(groups.items()):
+        g = _Group(mode, target, filt, kcube, tolerance, horizon)
+        nbroken = len(out.broken)
+        _walk_group(g, sorted(ms, key=_sort_key), locked_at, out)
+        if g.waiting:
+            out.open.append(_finish(mode, target, filt, g.current, "open", "waiting for earlier files", g.dups))
+        elif g.current:
+            last = max(float(r["mjd"]) for r in g.current.values())
+            if final:
+                reason = "end of night"
+            elif any(t > last for k, t in group_last.items() if k != (target, filt)):
+                reason = "target changed"
+            elif timeout is not None and (newest - last) * _DAY > timeout:
+                reason = f"timeout: no member for {(newest - last) * _DAY:.0f} s (> {timeout:g} s)"
+            else:
+                reason = None
+            if reason is None:
+                out.open.append(_finish(mode, target, filt, g.current, "open", None, g.dups))
+            else:
+                out.broken.append(_finish(mode, target, filt, g.current, "broken", reason, g.dups))
+        if kcube > 0:  # a slot of cube k is empty: its HWP block had fewer cubes than the others
+            for b in out.broken[nbroken:]:
+                if b.missing:
+                    b.reason = (f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)}"
+                                f" (cube without partners); {b.reason}")
+    for lst in (out.complete, out.open, out.broken):
+        lst.sort(key=lambda s: (s.mjd_range[0], s.key))
+    return out
+
+
+def _group_members(members, mode, tolerance, locked, cube_of, out: SetAssembly) -> tuple[dict, dict]:
+    """``(groups, locked_at)``: the free members by (target, filter, cube index k), and the
+    locked members' (MJD, stem) by (target, filter, slot) to recognise their duplicates."""
+    excluded = {str(p) for paths in (locked or {}).values() for p in paths}
+    groups: dict[tuple, list[Mapping]] = {}
     seen_paths = set()
-    locked_at: dict[tuple, list] = {}  # (target, filter, slot) → [(mjd, stem)] of locked members
+    locked_at: dict[tuple, list] = {}
     for m in members:
         path = str(m["path"])
-        if path in excluded and path not in seen_paths:
-            seen_paths.add(path)
+        if path in seen_paths:
+            continue
+        seen_paths.add(path)
+        if path in excluded:
             slot = slot_of(m, mode, tolerance)
             try:
                 if not isinstance(slot, str):
@@ -260,9 +335,6 @@ def assemble_sets(
             except (TypeError, ValueError):
                 pass
             continue
-        if path in excluded or path in seen_paths:
-            continue
-        seen_paths.add(path)
         try:
             mjd = float(m.get("mjd"))
         except (TypeError, ValueError):
@@ -270,86 +342,65 @@ def assemble_sets(
         if not math.isfinite(mjd):
             out.rejected.append((path, f"MJD = {m.get('mjd')!r} is not a number"))
             continue
-        groups.setdefault((str(m.get("target") or ""), str(m.get("filter") or "")), []).append(m)
-    if not groups:
-        return out
-    newest = max(float(m["mjd"]) for g in groups.values() for m in g)
-    # the latest member time of each group, to tell "another target followed"
-    group_last = {g: max(float(m["mjd"]) for m in ms) for g, ms in groups.items()}
+        k = (cube_of or {}).get(path, (0, 1))[0]
+        groups.setdefault((str(m.get("target") or ""), str(m.get("filter") or ""), k), []).append(m)
+    return groups, locked_at
 
-    for (target, filt), ms in sorted(groups.items()):
-        ms = sorted(ms, key=_sort_key)
-        current: dict = {}
-        dups: list[str] = []
-        for m in ms:
-            slot = slot_of(m, mode, tolerance)
-            if isinstance(slot, str):
-                out.rejected.append((str(m["path"]), slot))
-                continue
-            twin = next((stem for t, stem in locked_at.get((target, filt, slot), ())
-                         if abs(t - float(m["mjd"])) < _DUP_MJD), None)
-            if twin is not None:  # a duplicate of a member of a set already made permanent
-                out.rejected.append((str(m["path"]), f"duplicate of {twin} (already in a complete set)"))
-                continue
-            prev = current.get(slot)
-            if prev is not None:
-                if abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
-                    dups.append(str(m["path"]))
-                    continue
-                # the HWP sequence moved on for this slot: slide past the earlier occupant
-                cut = _sort_key(prev)
-                dropped = {s: r for s, r in current.items() if _sort_key(r) <= cut}
-                current = {s: r for s, r in current.items() if _sort_key(r) > cut}
-                out.broken.append(
-                    _finish(
-                        mode, target, filt, dropped, "broken",
-                        f"hwp moved on: {slot_label(slot)} repeated by {output_stem(m['path'])} before the set completed",
-                        dups,
-                    )
-                )
-                dups = []
-            if current:
-                # the HWP came back to an angle of an earlier block of this set: a new cycle began
-                # (without this, late-arriving members of one cycle let a set complete with
-                # members of the next, and the streaming trigger locks that mixed set)
-                last_slot = max(current, key=lambda s: _sort_key(current[s]))
-                if last_slot[0] != slot[0] and any(s[0] == slot[0] for s in current):
-                    cut = max(_sort_key(r) for s, r in current.items() if s[0] == slot[0])
-                    dropped = {s: r for s, r in current.items() if _sort_key(r) <= cut}
-                    current = {s: r for s, r in current.items() if _sort_key(r) > cut}
-                    out.broken.append(
-                        _finish(
-                            mode, target, filt, dropped, "broken",
-                            f"hwp moved on: HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP "
-                            f"{last_slot[0]:g} before the set completed",
-                            dups,
-                        )
-                    )
-                    dups = []
-            current[slot] = m
-            if len(current) == nslots:
-                bad = [r for r in current.values() if str(r.get("state", "done")) != "done"]
-                if bad:
-                    names = ", ".join(output_stem(r["path"]) for r in bad)
-                    out.broken.append(_finish(mode, target, filt, current, "broken", f"member failed: {names}", dups))
-                else:
-                    out.complete.append(_finish(mode, target, filt, current, "complete", None, dups))
-                current, dups = {}, []
-        if current:
-            last = max(float(r["mjd"]) for r in current.values())
-            later_other = any(t > last for g, t in group_last.items() if g != (target, filt))
-            if final:
-                reason = "end of night"
-            elif later_other:
-                reason = "target changed"
-            elif timeout is not None and (newest - last) * _DAY > timeout:
-                reason = f"timeout: no member for {(newest - last) * _DAY:.0f} s (> {timeout:g} s)"
+
+@dataclass
+class _Group:
+    """Walking state of one (target, filter, k) group."""
+
+    mode: str
+    target: str
+    filt: str
+    kcube: int
+    tolerance: float
+    horizon: float
+    current: dict = field(default_factory=dict)
+    dups: list = field(default_factory=list)
+    waiting: bool = False
+
+
+def _walk_group(g: _Group, ms: list, locked_at: dict, out: SetAssembly) -> None:
+    """Fill sets from the time-ordered members ``ms`` (module docstring rules)."""
+    nslots = len(all_slots(g.mode))
+    for m in ms:
+        slot = slot_of(m, g.mode, g.tolerance)
+        if isinstance(slot, str):
+            out.rejected.append((str(m["path"]), slot))
+            continue
+        twin = next((stem for t, stem in locked_at.get((g.target, g.filt, slot), ())
+                     if abs(t - float(m["mjd"])) < _DUP_MJD), None)
+        if twin is not None:  # a duplicate of a member of a set already made permanent
+            out.rejected.append((str(m["path"]), f"duplicate of {twin} (already in a complete set)"))
+            continue
+        cur = g.current
+        prev = cur.get(slot)
+        if prev is not None and abs(float(prev["mjd"]) - float(m["mjd"])) < _DUP_MJD:
+            g.dups.append(str(m["path"]))
+            continue
+        last_slot = max(cur, key=lambda s: _sort_key(cur[s])) if cur else None
+        came_back = last_slot is not None and last_slot[0] != slot[0] and any(s[0] == slot[0] for s in cur)
+        if prev is not None or came_back:
+            # the HWP moved on: this angle again (a slot repeated in time order, or the angle came
+            # back after another one) starts a new cycle; the unfinished set breaks once
+            kept, dropped = _new_cycle(cur, slot[0])
+            why = (f"{slot_label(slot)} again in {output_stem(m['path'])}" if prev is not None
+                   else f"HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP {last_slot[0]:g}")
+            out.broken.append(_finish(g.mode, g.target, g.filt, dropped, "broken",
+                                      f"hwp moved on: {why} (next cycle) before the set completed", g.dups))
+            g.current, g.dups = kept, []
+        g.current[slot] = m
+        if len(g.current) == nslots:
+            bad = [r for r in g.current.values() if str(r.get("state", "done")) != "done"]
+            if not bad and max(float(r.get("t_complete") or 0.0) for r in g.current.values()) >= g.horizon:
+                g.waiting = True  # complete, but a file that arrived earlier is still being reduced
+                return
+            if bad:
+                names = ", ".join(output_stem(r["path"]) for r in bad)
+                out.broken.append(_finish(g.mode, g.target, g.filt, g.current, "broken", f"member failed: {names}",
+                                          g.dups))
             else:
-                reason = None
-            if reason is None:
-                out.open.append(_finish(mode, target, filt, current, "open", None, dups))
-            else:
-                out.broken.append(_finish(mode, target, filt, current, "broken", reason, dups))
-    for lst in (out.complete, out.open, out.broken):
-        lst.sort(key=lambda s: (s.mjd_range[0], s.key))
-    return out
+                out.complete.append(_finish(g.mode, g.target, g.filt, g.current, "complete", None, g.dups))
+            g.current, g.dups = {}, []

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames-chunk", type=int, default=32, help="frames generated and written per chunk")
     p.add_argument("--stream", action="store_true", help="write files at a cadence, like the instrument's logger")
     p.add_argument("--cadence", type=float, default=1.0, help="seconds between files with --stream (default 1)")
+    p.add_argument("--cubes-per-hwp", type=int, default=1,
+                   help="consecutive cubes per camera and FLC state at each HWP position (default 1)")
     p.add_argument("--faults", default="", help="comma-separated: truncated,corrupt,nonfits,missing_keyword,zero_byte")
     p.add_argument("--data-dir", default=None, help="data directory with filter curves (default: $VAMPD_DATA_DIR)")
 
@@ -63,6 +65,7 @@ def config_from_args(args: argparse.Namespace):
         calib=not args.no_calib,
         frames_chunk=args.frames_chunk,
         max_files=args.max_files,
+        cubes_per_hwp=args.cubes_per_hwp,
         faults=tuple(f.strip() for f in args.faults.split(",") if f.strip()),
         data_dir=args.data_dir,
     )

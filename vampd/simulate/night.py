@@ -104,9 +104,11 @@ class SimConfig:
     ``bias_pattern_adu`` column-bias pattern rms. Calibration files: ``calib``,
     ``calib_nframes``, ``flat_level_e``.
 
+    Sequence: ``cubes_per_hwp`` consecutive cubes per camera and FLC state at each HWP position.
+
     Writing: ``max_files`` (write only the first N science files of the plan),
-    ``frames_chunk`` frames per chunk, ``faults`` (see
-    :mod:`vampd.simulate.stream`), ``data_dir`` (filter curves; top-hat without).
+    ``frames_chunk`` frames per chunk, ``faults`` (see :mod:`vampd.simulate.stream`),
+    ``fault_files`` (optional science-file indices of the faults, in order), ``data_dir`` (filter curves; top-hat without).
     """
 
     seed: int = 0
@@ -152,6 +154,8 @@ class SimConfig:
     aper_radius: float = 8.0
     imrpap: float | None = None
     max_files: int | None = None
+    cubes_per_hwp: int = 1
+    fault_files: tuple[int, ...] = ()
 
     def replace(self, **changes) -> SimConfig:
         """Copy with some fields changed (``scene`` may be a dict of Scene fields)."""
@@ -228,29 +232,33 @@ def plan_files(cfg: SimConfig) -> tuple[list[dict], list[dict]]:
         for cycle in range(cfg.ncycles):
             for hwp in HWP_ORDER:
                 b = len(blocks)
-                blocks.append({"index": b, "target": target, "cycle": cycle, "hwp": hwp, "t0": t, "nframes": n * step})
-                for j, flc in enumerate(flcs):
-                    k = j + step * np.arange(n)
-                    for cam in (1, 2):
-                        files.append(
-                            {
-                                "target": target,
-                                "ra_deg": ra,
-                                "dec_deg": dec,
-                                "cycle": cycle,
-                                "hwp": hwp,
-                                "flc": flc,
-                                "camera": cam,
-                                "frameid": frameid,
-                                "block": b,
-                                "block_frames": k,
-                                "frame_mjd": t + k * dt,
-                                "mjd_str": t + k[0] * dt,
-                                "mjd_end": t + (k[-1] + 1) * dt,
-                            }
-                        )
-                    frameid += 1
-                t += n * step * dt + cfg.hwp_overhead_s / _DAY
+                ncubes = max(1, int(cfg.cubes_per_hwp))
+                blocks.append({"index": b, "target": target, "cycle": cycle, "hwp": hwp, "t0": t,
+                               "nframes": n * step * ncubes})
+                for c in range(ncubes):
+                    for j, flc in enumerate(flcs):
+                        k = c * n * step + j + step * np.arange(n)
+                        for cam in (1, 2):
+                            files.append(
+                                {
+                                    "target": target,
+                                    "ra_deg": ra,
+                                    "dec_deg": dec,
+                                    "cycle": cycle,
+                                    "hwp": hwp,
+                                    "cube": c,
+                                    "flc": flc,
+                                    "camera": cam,
+                                    "frameid": frameid,
+                                    "block": b,
+                                    "block_frames": k,
+                                    "frame_mjd": t + k * dt,
+                                    "mjd_str": t + k[0] * dt,
+                                    "mjd_end": t + (k[-1] + 1) * dt,
+                                }
+                            )
+                        frameid += 1
+                t += n * step * ncubes * dt + cfg.hwp_overhead_s / _DAY
     return files, blocks
 
 
@@ -528,7 +536,7 @@ def _jsonable(obj):
 def _file_truth(f: dict, outdir: Path, cfg: SimConfig, star_fields: dict, blocks) -> dict:
     b = blocks[f["block"]]
     k = f["block_frames"]
-    keep = ("name", "path", "target", "cycle", "hwp", "flc", "camera", "frameid", "mjd_str", "mjd_end", "mjd",
+    keep = ("name", "path", "target", "cycle", "cube", "hwp", "flc", "camera", "frameid", "mjd_str", "mjd_end", "mjd",
             "pa", "paoffset", "derotang", "altitude", "azimuth", "imrang", "imrpap", "fault", "fault_description",
             "mueller", "spots_cal_yx", "spots_raw_yx")
     t = {key: f.get(key) for key in keep}
@@ -588,7 +596,12 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
     field_models = _field_models(cfg, dets, layout)
     det_models, det_truth = _detector_models(cfg, dets, illum)
     params = _mueller_params(cfg)
-    fault_at = fault_targets(len(files), faults)
+    if cfg.fault_files:
+        if len(cfg.fault_files) != len(faults):
+            raise ValueError(f"fault_files has {len(cfg.fault_files)} indices for {len(faults)} faults")
+        fault_at = {int(i): f for i, f in zip(cfg.fault_files, faults, strict=True)}
+    else:
+        fault_at = fault_targets(len(files), faults)
     flipped = flipped_camera(cfg.night_mjd)
     shape = cfg.frame_shape
     ny = shape[0]
