@@ -217,6 +217,8 @@ def layouts_from_reader(read: Reader, size: int, upto: int) -> list[HDULayout]:
         first = read(pos, CARD)
         want = b"SIMPLE  =" if index == 0 else b"XTENSION="
         if len(first) < 9:
+            if size == 0:
+                raise IncompleteFits("zero-byte file")
             if index == 0 and not want.startswith(first[: len(want)]):
                 raise NotFitsError("not a FITS file (no SIMPLE card)")
             raise IncompleteFits(f"HDU {index} header missing ({size} bytes on disk)")
