@@ -29,7 +29,14 @@ from astropy.io import fits
 
 from vampd.fitsio import read_header
 from vampd.instrument.headers import header_summary
-from vampd.pdi.diffimages import diff_paths, match_double, match_single, write_double_diff, write_single_diff
+from vampd.pdi.diffimages import (
+    diff_paths,
+    match_double,
+    match_single,
+    near_records,
+    write_double_diff,
+    write_single_diff,
+)
 from vampd.pdi.mmfiles import file_mueller, mm_path, write_mm_file
 from vampd.pdi.process import SetInvalid, load_member, make_set_stokes, write_set_file
 from vampd.pdi.calibrated import update_calibrated_running
@@ -109,30 +116,10 @@ def write_file_mm(cfg, outdir, product: str) -> Path | None:
     return write_mm_file(mm_path(outdir, product), mm, header, fields, desc)
 
 
-def _span_record(rec: dict) -> dict | None:
-    try:
-        h = fits.getheader(rec["product"])
-        rec = dict(rec)
-        rec["mjd_str"] = float(h["MJD-STR"])
-        rec["mjd_end"] = float(h["MJD-END"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-    return rec
-
-
 def write_diff_images(ledger, cfg, outdir, path: str) -> list[Path]:
     """Single (and, with ``save_double``, double) difference images involving ``path``."""
     tol = cfg.polarimetry.hwp_tolerance if cfg.polarimetry is not None else 0.1
-    members = [m for m in set_members(ledger) if m["state"] == "done"]
-    this = next((m for m in members if m["path"] == str(path)), None)
-    if this is None or this["mjd"] is None:
-        return []
-    near = [
-        m for m in members
-        if m["mjd"] is not None and abs(float(m["mjd"]) - float(this["mjd"])) < 0.02
-        and m["target"] == this["target"] and m["filter"] == this["filter"]
-    ]
-    recs = [r for r in (_span_record(m) for m in near) if r is not None]
+    recs = near_records(ledger, path)  # linear nights: indexed query, spans cached (harden)
     pairs = match_single(recs, tol)
     name = _name(cfg)
     written = []
