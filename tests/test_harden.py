@@ -100,7 +100,7 @@ def test_odd_paths_in_a_watched_pdi_night(night):
     a complete file that keeps growing: the daemon stays up and beats, the HWP set completes,
     each odd path has at most one ledger row and at most max_tries error lines."""
     cfg = write_config(night.tmp / "pdi.toml", preset="pdi-triplediff", sections=PDI, max_tries=2,
-                       complete_timeout=4.0)
+                       complete_timeout=60.0)
     raw = night.raw
     proc = start(cfg, raw, night.out, drop_dac=True)
     grow = raw / "grow.fits"
@@ -120,9 +120,18 @@ def test_odd_paths_in_a_watched_pdi_night(night):
         (raw / "junk.fits").write_bytes(b"\x00junk" * 40)
         (raw / "gone.fits").write_bytes(b"SIMPLE  =")
         (raw / "gone.fits").unlink()
-        full = fits_with_endtime()
-        cut.write_bytes(full[: len(full) - 2880 - 80])  # ENDTIME present, END card missing
-        grow.write_bytes(full)
+        # cut and grow: real raw files of another target (their own open set)
+        extra = simulate(night.tmp / "x", size=32, targets=("MWC480",))
+        with fits.open(extra[0]) as hdul:
+            hdul[0].header["ENDTIME"] = ("10:00:00.000", "a keyword that starts with END")
+            buf = io.BytesIO()
+            hdul.writeto(buf)
+        full = buf.getvalue()
+        end_card = next(i for i in range(0, len(full), 80) if full[i:i + 8] == b"END     ")
+        shutil.copy(extra[0].with_suffix(".txt"), raw / "cut.txt")
+        shutil.copy(extra[1].with_suffix(".txt"), raw / "grow.txt")
+        cut.write_bytes(full[:end_card])  # ENDTIME there, the END card not yet
+        grow.write_bytes(extra[1].read_bytes())
         Streamer(night.tmp, cadence=0.05, size=64).join()
         beats = []
         for i in range(12):  # the growing file: appended after it is complete

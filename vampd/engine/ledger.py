@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import stat as _stat
 import time
@@ -186,6 +187,18 @@ def ledger_key(path: os.PathLike | str) -> str:
     except UnicodeEncodeError:
         return os.fsencode(path).decode("utf-8", "backslashreplace")
     return path
+
+
+def path_of_key(key: str) -> str:
+    """The file-system path of a ``files.path`` key (inverse of :func:`ledger_key`)."""
+    if "\\x" not in key:
+        return key
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), key.encode("utf-8"))
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(raw)  # it was an escaped name
+    return key  # a real backslash in a valid name
 
 
 def printable(text: str) -> str:
@@ -522,7 +535,7 @@ class Ledger:
     def parked_gone(self) -> list[str]:
         """Parked/failed rows whose file no longer exists (for clean-up)."""
         rows = self.conn.execute("SELECT path FROM files WHERE state IN ('parked', 'failed')").fetchall()
-        return [r[0] for r in rows if not os.path.lexists(r[0])]
+        return [r[0] for r in rows if not os.path.lexists(path_of_key(r[0]))]
 
     def forget(self, paths: Iterable[str]) -> int:
         """Delete the rows of files that are gone and were never done (no products)."""
