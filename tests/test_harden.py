@@ -339,3 +339,29 @@ def test_missing_input_is_an_alert_and_retry_unparks(night):
         row = led.get(str(night.raw / "x.fits"))
         assert (row["state"], row["tries"]) == ("pending", 0)
         assert json.dumps(led.counts())
+
+
+# -- memory admission -----------------------------------------------------------------------------
+def test_memory_admission_from_the_decompressed_size_and_over_limit_parked(tmp_path):
+    from vampd.config.presets import preset_config
+    from vampd.engine.ledger import Ledger
+    from vampd.engine.pool import WorkerPool
+    from vampd.engine.runner import Runner
+
+    data = (np.arange(8 * 64 * 64) % 3000).astype(np.int16).reshape(8, 64, 64)
+    fz = tmp_path / "VMPA00000001.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data)]).writeto(fz)
+    assert fz.stat().st_size < 8 * 64 * 64 * 4 / 2  # compressed: the file size says little
+    cfg = preset_config("quicklook", "m")
+    led = Ledger(tmp_path / "out")
+    pool = WorkerPool(workers=1, memory_limit=10 * 8 * 64 * 64 * 4)  # room for 10 cubes
+    runner = Runner(cfg, tmp_path / "out", led, pool)
+    runner.offer(fz)
+    row = led.get(str(fz))
+    factor = runner.settings["memory_factor"]
+    assert runner._nbytes(row) == int(8 * 64 * 64 * 4 * factor)  # float32 cube x memory_factor
+    pool.memory_limit = int(8 * 64 * 64 * 4 * factor) - 1  # one byte short: parked, never run
+    assert runner.pump() == 0 and not pool.jobs
+    row = led.get(str(fz))
+    assert row["state"] == "parked" and "over the memory limit" in row["error"] and row["error_kind"] == "memory"
+    led.close()
