@@ -167,7 +167,7 @@ def mount_tmpfs(out: Path, mb: int) -> bool:
 
 def fill(out: Path) -> Path:
     filler = out / "filler"
-    with open(filler, "wb") as fh:
+    with open(filler, "wb", buffering=0) as fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)

@@ -202,7 +202,7 @@ def test_full_disk_pauses_intake_and_loses_nothing(night):
             streamer = Streamer(night.tmp, cadence=0.3, size=32)
             wait_for(lambda: counts(out)["done"] >= 3, timeout=120)
             filler = out / "filler"
-            with open(filler, "wb") as fh:  # fill the disk
+            with open(filler, "wb", buffering=0) as fh:  # fill the disk (unbuffered: no flush at close)
                 try:
                     while True:
                         fh.write(b"\0" * 65536)
