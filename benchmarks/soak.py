@@ -176,6 +176,20 @@ def fill(out: Path) -> Path:
     return filler
 
 
+def wait_all_done(d: Daemon, out: Path, n: int, timeout: float, events: list, t0: float) -> None:
+    """Until every good file is done (restarting a daemon that died: a finding, reported)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = ledger(out, "SELECT COUNT(*) FROM files WHERE state='done' AND path LIKE '%/VMPA%'")
+        if done and done[0][0] == n:
+            break
+        if d.proc.poll() is not None:
+            events.append((time.time() - t0, f"daemon exited rc={d.proc.returncode}; restarted"))
+            d.start()
+        time.sleep(1.0)
+    time.sleep(2 * 5.0)  # two reconciliations: repeated judgements would show now
+
+
 def run(args) -> int:
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vampd-soak-"))
@@ -243,16 +257,7 @@ def run(args) -> int:
         filler.unlink()
         events.append((time.time() - t0, "disk space back"))
     t_written = time.time() - t0
-    deadline = time.time() + args.timeout
-    while time.time() < deadline:
-        done = ledger(out, "SELECT COUNT(*) FROM files WHERE state='done' AND path LIKE '%/VMPA%'")
-        if done and done[0][0] == n:
-            break
-        if d.proc.poll() is not None:  # died: that is a finding, restart and go on
-            events.append((time.time() - t0, f"daemon exited rc={d.proc.returncode}; restarted"))
-            d.start()
-        time.sleep(1.0)
-    time.sleep(2 * 5.0)  # two reconciliations: repeated judgements would show now
+    wait_all_done(d, out, n, args.timeout, events, t0)
     t_all = time.time() - t0
     d.signal(signal.SIGTERM)
     rc_final = d.wait(60)

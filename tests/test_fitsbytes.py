@@ -14,7 +14,6 @@ from astropy.io import fits
 
 from vampd.errors import PermanentError, TransientError, classify
 from vampd.fitsbytes import (
-    BLOCK,
     IncompleteFits,
     NotFitsError,
     UnreadableError,

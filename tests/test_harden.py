@@ -365,3 +365,46 @@ def test_memory_admission_from_the_decompressed_size_and_over_limit_parked(tmp_p
     row = led.get(str(fz))
     assert row["state"] == "parked" and "over the memory limit" in row["error"] and row["error_kind"] == "memory"
     led.close()
+
+
+# -- worker death is charged only to the file that ran alone --------------------------------------
+def fake_process(path, cfg, outdir, force):
+    """A stand-in for the per-file chain: the file named *poison* kills its worker."""
+    if "poison" in os.path.basename(path):
+        os._exit(9)
+    time.sleep(0.5)
+    prod = Path(outdir) / (Path(path).stem + ".metrics")
+    prod.write_text("ok")
+    return SimpleNamespace(products=[("metrics", str(prod))], summary={}, metrics={})
+
+
+@pytest.mark.slow
+def test_worker_death_charges_only_the_file_that_ran_alone(tmp_path):
+    from vampd.config.presets import preset_config
+    from vampd.engine.ledger import Ledger
+    from vampd.engine.pool import WorkerPool
+    from vampd.engine.runner import Runner
+
+    files = [tmp_path / "a_good.fits", tmp_path / "b_poison.fits"]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 100)
+    led = Ledger(tmp_path / "out")
+    pool = WorkerPool(workers=2, memory_limit=1 << 30, process="test_harden:fake_process")
+    runner = Runner(preset_config("quicklook", "w"), tmp_path / "out", led, pool)
+    pool.start(warm=False)
+    try:
+        for f in files:
+            runner.offer(f, nbytes=1)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            runner.pump()
+            runner.collect(timeout=0.2)
+            if led.get(str(files[1]))["state"] == "failed" and led.get(str(files[0]))["state"] == "done":
+                break
+        good, bad = led.get(str(files[0])), led.get(str(files[1]))
+        assert (good["state"], good["tries"]) == ("done", 0)
+        assert (bad["state"], bad["tries"]) == ("failed", 1) and "worker process died" in bad["error"]
+        assert pool.crashes >= 1
+    finally:
+        pool.shutdown(0)
+        led.close()

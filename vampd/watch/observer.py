@@ -30,7 +30,15 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 
 from vampd.errors import VampdError
-from vampd.fitsbytes import IncompleteFits, NotFitsError, data_layout, decompressed_bytes, kind_of, open_regular
+from vampd.fitsbytes import (
+    IncompleteFits,
+    NotFitsError,
+    VanishedError,
+    data_layout,
+    decompressed_bytes,
+    kind_of,
+    open_regular,
+)
 from vampd.fitsio import output_stem
 
 __all__ = [
@@ -216,6 +224,8 @@ class CompletenessTracker:
             ok, reason = True, "complete"
         except IncompleteFits as exc:
             ok, reason = False, str(exc).removeprefix(path + ": ")
+        except VanishedError:
+            return Completeness(path, "gone", "file vanished before it was complete")
         except VampdError as exc:  # not FITS, unreadable, vanished: final for this version
             msg = str(exc).removeprefix(path + ": ")
             if not settled and isinstance(exc, NotFitsError) and sig[0] < 80:
