@@ -463,7 +463,9 @@ def test_pdi_set_of_a_file_recorded_before_a_kill_is_processed_at_restart(night)
         proc = start_daemon(cfg, night.tmp / "raw", night.out)
         try:
             wait_for(lambda: daemon_running(night.out, proc), timeout=90, every=0.1)
-            assert set_done(night.out) and proc.poll() is None
+            # the start-up pass runs in the trigger thread: READY and the loop do not wait for it
+            wait_for(lambda: set_done(night.out), timeout=120, every=0.2)
+            assert proc.poll() is None
         finally:
             assert stop(proc) == 0
         (row,) = set_rows(night.out)

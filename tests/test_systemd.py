@@ -115,3 +115,19 @@ def test_systemd_analyze_security_exposure(tmp_path, unit, instance):
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout + p.stderr)
     assert m, p.stdout + p.stderr
     assert float(m.group(1)) <= 2.5
+
+
+def test_sd_notify_never_blocks_on_a_full_receiver(tmp_path):
+    """A notify socket nobody reads: the sends fail fast instead of stalling the daemon's loop."""
+    import socket
+    import time
+
+    from vampd.watch.notify import notify
+
+    path = str(tmp_path / "full.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        t0 = time.monotonic()
+        sent = [notify("STATUS=" + "x" * 1000, env={"NOTIFY_SOCKET": path}) for _ in range(2000)]
+        assert time.monotonic() - t0 < 30  # blocking sends would hang here forever
+        assert sent[0] and not sent[-1]  # the queue filled up, later sends were dropped
