@@ -318,19 +318,25 @@ def test_sighup_reload_and_sd_notify(night):
     sock.bind(sock_path)
     sock.settimeout(0.5)
     msgs: list[str] = []
+    reading = threading.Event()
+
+    def reader():  # like systemd: the notify socket is always drained (sends never block the daemon)
+        while not reading.is_set():
+            try:
+                msgs.extend(sock.recv(4096).decode().split("\n"))
+            except (TimeoutError, OSError):
+                pass
+
+    threading.Thread(target=reader, daemon=True).start()
 
     def got(prefix):
-        try:
-            msgs.extend(sock.recv(4096).decode().split("\n"))
-        except TimeoutError:
-            pass
-        return any(m.startswith(prefix) for m in msgs)
+        return any(m.startswith(prefix) for m in list(msgs))
 
     proc = start_daemon(night.cfg, night.tmp / "raw", night.out, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="2000000")
     try:
-        wait_for(lambda: got("READY=1"), timeout=30, every=0)
+        wait_for(lambda: got("READY=1"), timeout=30)
         wait_for(lambda: status(night.out, must=False)["files"]["done"] == 16, timeout=120)
-        wait_for(lambda: got("WATCHDOG=1"), timeout=10, every=0)
+        wait_for(lambda: got("WATCHDOG=1"), timeout=10)
         assert any(m.startswith("STATUS=") and "done" in m for m in msgs)
         before = {p["path"]: p["mtime_ns"] for p in ledger_products(night.out)}
         text = night.cfg.read_text()
@@ -346,9 +352,10 @@ def test_sighup_reload_and_sd_notify(night):
         after = {p["path"]: p["mtime_ns"] for p in ledger_products(night.out)}
         assert all(after[p] > before[p] for p in before)
         assert stop(proc) == 0
-        wait_for(lambda: got("STOPPING=1"), timeout=5, every=0)
+        wait_for(lambda: got("STOPPING=1"), timeout=5)
     finally:
         stop(proc)
+        reading.set()
         sock.close()
 
 
