@@ -289,7 +289,8 @@ def report(args, work, out, good, bad, events, d, t_written, t_all, rc_final, ru
     per_kind: dict[str, list[tuple[int, int]]] = {}
     for name, kind in bad.items():
         nrows = sum(1 for p in rows if os.path.basename(p) == name)
-        nlines = sum(1 for ln in log if name in ln and ("ERROR" in ln or "WARNING" in ln))
+        # the alert summaries ("alert parked: N file(s) parked: a, b ...") are not per-file lines
+        nlines = sum(1 for ln in log if name in ln and ("ERROR" in ln or "WARNING" in ln) and "vampd.alerts" not in ln)
         per_kind.setdefault(kind, []).append((nrows, nlines))
     print("  bad paths: kind: rows per path (max), error/warning log lines per path (max)")
     for kind, v in sorted(per_kind.items()):

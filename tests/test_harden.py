@@ -408,3 +408,29 @@ def test_worker_death_charges_only_the_file_that_ran_alone(tmp_path):
     finally:
         pool.shutdown(0)
         led.close()
+
+
+def test_growing_file_settles_on_its_fits_structure(tmp_path):
+    """Bytes appended after a whole FITS structure do not keep the file 'settling' forever."""
+    raw = fits_with_endtime()
+    p = tmp_path / "grow.fits"
+    p.write_bytes(raw)
+    tr = CompletenessTracker(settle_time=1.0, complete_timeout=10.0)
+    tr.add(str(p), now=0.0)
+    assert tr.check(now=0.0) == []
+    for t in (0.5, 1.0, 1.5):  # appended at every look
+        with open(p, "ab") as fh:
+            fh.write(b"\0" * 100)
+        out = tr.check(now=t)
+    assert [(v.state, v.nbytes) for v in out] == [("complete", 2 * 16 * 16 * 4)]
+
+
+def test_config_change_does_not_requeue_rejected_paths(tmp_path):
+    from vampd.engine.ledger import Ledger
+
+    led = Ledger(tmp_path / "out")
+    led.record_failure(str(tmp_path / "fifo.fits"), "not a regular file (FIFO)", 1, permanent=True,
+                       kind="rejected", identity=(0, 1, 2))
+    assert led.requeue_config("new-hash") == 0
+    assert led.get(str(tmp_path / "fifo.fits"))["state"] == "parked"
+    led.close()

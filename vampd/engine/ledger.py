@@ -289,7 +289,12 @@ class Ledger:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:  # a full disk fails the COMMIT: leave no transaction open
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -609,7 +614,8 @@ class Ledger:
         with self.transaction():
             return self.conn.execute(
                 "UPDATE files SET state='pending', tries=0, error=NULL"
-                " WHERE state IN ('done','failed','parked') AND size IS NOT NULL AND config_hash IS NOT ?",
+                " WHERE state IN ('done','failed','parked') AND size IS NOT NULL AND config_hash IS NOT ?"
+                " AND COALESCE(error_kind, '') != 'rejected'",  # rejected paths were never processed
                 (config_hash,),
             ).rowcount
 

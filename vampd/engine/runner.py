@@ -101,10 +101,19 @@ class Runner:
         self.held: list[JobResult] = []
         #: set/sequence work runs here when set (the daemon's :class:`TriggerThread`), else inline
         self.trigger_thread = None
-        n = ledger.reset_interrupted()  # left queued/running by a crash or kill
+        self._startup_done = False
+        self.cfg, self.settings, self.config_hash = cfg, watch_settings(cfg), config_hash_of(cfg)
+        try:
+            self._startup_writes()
+        except sqlite3.OperationalError as exc:  # a full disk: start paused, redo them on resume
+            self.block_output(f"{ledger.path}: ledger not writable ({exc})")
+
+    def _startup_writes(self) -> None:
+        n = self.ledger.reset_interrupted()  # left queued/running by a crash or kill
         if n:
             log.info("resuming %d interrupted file(s)", n)
-        self.set_config(cfg)
+        self.set_config(self.cfg)
+        self._startup_done = True
 
     def set_config(self, cfg: Any) -> int:
         """Use ``cfg`` from now on; files processed with another config hash are requeued."""
@@ -318,6 +327,8 @@ class Runner:
                 os.fsync(fh.fileno())
             probe.unlink()
             self.ledger.retry_due(0.0)  # a tiny write transaction: the ledger takes writes too
+            if not self._startup_done:
+                self._startup_writes()
         except (OSError, sqlite3.OperationalError):
             try:
                 probe.unlink(missing_ok=True)

@@ -206,6 +206,27 @@ class CompletenessTracker:
         if problem is not None:
             return Completeness(path, "error", problem)
         side = sidecar_path(path)
+        nbytes, nframes, lay = 0, 1, None
+        try:
+            lay = data_layout(path)
+            shape = lay.image_shape
+            nframes = shape[0] if len(shape) >= 3 else 1
+            nbytes = decompressed_bytes(lay)
+            ok, reason = True, "complete"
+            if sig[0] > lay.padded_end:  # bytes appended after a whole FITS structure are not
+                sig = (lay.padded_end, sig[2])  # content: settle on the structure alone
+        except IncompleteFits as exc:
+            ok, reason = False, str(exc).removeprefix(path + ": ")
+            not_fits = False
+        except VanishedError:
+            return Completeness(path, "gone", "file vanished before it was complete")
+        except NotFitsError as exc:  # final once settled (the first card may still be on its way)
+            ok, reason = False, str(exc).removeprefix(path + ": ")
+            not_fits = True
+        except VampdError as exc:  # unreadable: final for this version
+            return Completeness(path, "error", str(exc).removeprefix(path + ": "))
+        else:
+            not_fits = False
         if self.expect_sidecar:
             try:
                 sst = os.stat(side)
@@ -215,25 +236,8 @@ class CompletenessTracker:
         if sig != e.sig:
             e.sig, e.changed = sig, now
         settled = now - e.changed >= self.settle_time
-        nbytes, nframes = 0, 1
-        try:
-            lay = data_layout(path)
-            shape = lay.image_shape
-            nframes = shape[0] if len(shape) >= 3 else 1
-            nbytes = decompressed_bytes(lay)
-            ok, reason = True, "complete"
-        except IncompleteFits as exc:
-            ok, reason = False, str(exc).removeprefix(path + ": ")
-        except VanishedError:
-            return Completeness(path, "gone", "file vanished before it was complete")
-        except VampdError as exc:  # not FITS, unreadable, vanished: final for this version
-            msg = str(exc).removeprefix(path + ": ")
-            if not settled and isinstance(exc, NotFitsError) and sig[0] < 80:
-                ok, reason = False, msg  # the first card may still be on its way
-            elif settled or not isinstance(exc, NotFitsError):
-                return Completeness(path, "error", msg)
-            else:
-                ok, reason = False, msg
+        if not_fits and settled:
+            return Completeness(path, "error", reason)
         if ok:
             if self.expect_sidecar:
                 nlines = sidecar_lines(path)
