@@ -24,6 +24,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ class Runner:
         self.forced: set[str] = set()
         self.n_done = 0
         self.n_failed = 0
-        self.latencies: list[float] = []
+        self.latencies: deque[float] = deque(maxlen=10000)  # recent ones (bounded: all night)
         #: files in flight when a worker died: each next runs alone
         self.suspects: set[str] = set()
         #: the output side refused a write (message) → intake paused until it takes one again

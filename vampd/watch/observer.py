@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import stat
+from collections import deque
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -342,7 +343,7 @@ class Watcher:
         self.poll_interval = poll_interval
         self.queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._rescan = threading.Event()
-        self.rescan_reasons: list[str] = []
+        self.rescan_reasons: deque[str] = deque(maxlen=100)  # recent ones (bounded: all night)
         self.overflows = 0
         self.restarts = 0
         self.observer = None
