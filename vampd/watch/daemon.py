@@ -226,6 +226,10 @@ class Daemon:
         self.pool.start()
         watcher.start()
         self._guard("input check", self.check_inputs)
+        # files parked after transient errors get one more chance per start (the cause may be gone)
+        k = self._guard("retry", ledger.retry_parked, None, ["transient"])
+        if k:
+            log.info("start-up: %d file(s) parked after transient errors are retried", k)
         n = self._guard("rescan", self.rescan) or 0  # catch up with what is already there
         self._guard("product check", runner.recheck_products)  # products lost with a power cut are redone
         # sets/sequences whose last file was recorded just before a kill (idempotent, in the thread)
