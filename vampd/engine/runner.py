@@ -235,8 +235,9 @@ class Runner:
         for row in self.ledger.next_pending(free, exclude=self.pool.jobs):
             path = row["path"]
             if not os.path.exists(path):
+                # no identity kept: the file coming back (same content or not) is judged anew
                 self.ledger.record_failure(path, f"{printable(path)}: file vanished before processing", 1,
-                                           permanent=True, kind="rejected")
+                                           permanent=True, kind="rejected", identity=(None, None, None))
                 continue
             nbytes = self._nbytes(row)
             if nbytes > limit:
