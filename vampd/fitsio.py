@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,7 +253,9 @@ def read_header(path: os.PathLike | str) -> fits.Header:
     except (UnreadableError, VanishedError) as exc:
         raise InputError(path, str(exc).removeprefix(os.fsdecode(path) + ": ")) from None
     try:
-        return fits.getheader(path, data_hdu_index(path))
+        with warnings.catch_warnings():  # a short data part is the completeness check's business
+            warnings.filterwarnings("ignore", message="File may have been truncated")
+            return fits.getheader(path, data_hdu_index(path))
     except (OSError, IndexError, KeyError, TypeError, ValueError, fits.VerifyError) as exc:
         raise InputError(path, f"not a readable FITS file ({exc})") from exc
 
