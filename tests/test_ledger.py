@@ -232,3 +232,24 @@ def test_pool_memory_admission():
     assert pool.running_bytes == 90 and pool.admissible(10) and not pool.admissible(11)
     pool.jobs["c"] = _Job("c", 0, Future(), 0.0)
     assert not pool.admissible(0)  # all workers busy
+
+
+def test_bytes_appended_after_the_fits_structure_are_not_content(tmp_path):
+    import io
+
+    import numpy as np
+    from astropy.io import fits
+
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.ones((2, 8, 8), np.float32)).writeto(buf)
+    f = tmp_path / "a.fits"
+    f.write_bytes(buf.getvalue())
+    before = file_identity(f)
+    with open(f, "ab") as fh:
+        fh.write(b"\0" * 100)
+    after = file_identity(f)
+    assert after.chash == before.chash and after.size == before.size + 100
+    with open(f, "r+b") as fh:  # a changed data byte is new content
+        fh.seek(2880 + 5)
+        fh.write(b"\x7f")
+    assert file_identity(f).chash != before.chash

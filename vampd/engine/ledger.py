@@ -128,13 +128,13 @@ def content_hash(path: os.PathLike | str, size: int | None = None) -> str:
     if size is None:
         size = path.stat().st_size
     h = hashlib.sha1(str(size).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(_MIB))
+    with open(path, "rb") as fh:  # only the first ``size`` bytes: what follows is not content
+        h.update(fh.read(min(size, _MIB)))
         if size > 2 * _MIB:
             fh.seek(size - _MIB)
             h.update(fh.read(_MIB))
         elif size > _MIB:
-            h.update(fh.read())
+            h.update(fh.read(size - _MIB))
     return h.hexdigest()
 
 
