@@ -245,7 +245,7 @@ class Daemon:
         wd = watchdog_interval()
         notify("READY=1", f"STATUS=started; {self._guard('status', self.status_line)}")
         s = runner.settings
-        next_beat = next_probe = 0.0
+        next_beat = next_probe = paused_since = 0.0
         last_ping = 0.0
         next_reconcile = time.time() + s["reconcile_interval"]
         from vampd.live.alerts import AlertMonitor  # alerts reach the journal as log records
@@ -264,7 +264,10 @@ class Daemon:
                 next_reconcile = now + s["reconcile_interval"]
             if runner.output_blocked and now >= next_probe:
                 next_probe = now + 5.0
-                self._guard("output probe", runner.probe_output)
+                paused_since = paused_since or now
+                if self._guard("output probe", runner.probe_output):
+                    self.tracker.postpone(now - paused_since)  # the pause is nobody's timeout
+                    paused_since = 0.0
             if not runner.output_blocked:
                 self._guard("intake", self._intake, now)
             self._guard("collect", runner.collect, 0)

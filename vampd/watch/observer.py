@@ -179,6 +179,11 @@ class CompletenessTracker:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def postpone(self, seconds: float) -> None:
+        """Time spent paused (intake stopped) does not count towards ``complete_timeout``."""
+        for e in self.entries.values():
+            e.first_seen += seconds
+
     def __contains__(self, path: str) -> bool:
         return path in self.entries
 
