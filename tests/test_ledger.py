@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import sqlite3
 import subprocess
 import sys
@@ -105,9 +106,15 @@ def test_retries_then_parked(tmp_path):
     led = Ledger(tmp_path / "out")
     led.register(f, "h")
     led.register(g, "h")
+    t0 = time.time()
     assert led.record_failure(f, "boom 1", max_tries=3) == "failed"
-    assert led.register(f, "h") == "retry"
+    # backoff: a repeated offer does not retry at once; retry_due does when the wait is over
+    assert led.register(f, "h") == "failed"
+    assert t0 + 4.5 <= led.next_retry() <= time.time() + 5.5
+    assert led.retry_due(t0 + 1) == 0
+    assert led.retry_due(time.time() + 6) == 1 and led.get(f)["state"] == "pending"
     assert led.record_failure(f, "boom 2", max_tries=3) == "failed"
+    assert led.next_retry() >= time.time() + 19  # 5 s · 4
     assert led.record_failure(f, "boom 3", max_tries=3) == "parked"
     row = led.get(f)
     assert (row["state"], row["tries"], row["error"]) == ("parked", 3, "boom 3")
@@ -119,6 +126,22 @@ def test_retries_then_parked(tmp_path):
     _write(tmp_path / "b.fits", b"zz")
     assert led.register(g, "h") == "changed"
     assert led.get(g)["tries"] == 0 and led.get(g)["error"] is None
+    # vampd retry: parked → pending, tries reset; a success resets the count too
+    assert led.retry_parked() == 1
+    assert (led.get(f)["state"], led.get(f)["tries"]) == ("pending", 0)
+    assert led.record_failure(f, "boom 4", max_tries=3) == "failed"
+    led.record_done(f, [])
+    assert led.get(f)["tries"] == 0
+
+
+def test_rejected_identity_and_odd_names(tmp_path):
+    led = Ledger(tmp_path / "out")
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.fits")
+    key = led.record_failure(bad, "not UTF-8", 1, permanent=True, kind="rejected", identity=(10, 20, 30))
+    assert key == "parked"
+    row = led.get(bad)  # the key escapes the invalid byte; lookups by the raw name find it
+    assert row["path"].endswith("caf\\xe9.fits") and (row["size"], row["mtime_ns"], row["ino"]) == (10, 20, 30)
+    assert led.known_stats()[row["path"]] == (10, 20, "parked", 30)
 
 
 def test_reset_interrupted_and_requeue_config(tmp_path):
@@ -209,3 +232,24 @@ def test_pool_memory_admission():
     assert pool.running_bytes == 90 and pool.admissible(10) and not pool.admissible(11)
     pool.jobs["c"] = _Job("c", 0, Future(), 0.0)
     assert not pool.admissible(0)  # all workers busy
+
+
+def test_bytes_appended_after_the_fits_structure_are_not_content(tmp_path):
+    import io
+
+    import numpy as np
+    from astropy.io import fits
+
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.ones((2, 8, 8), np.float32)).writeto(buf)
+    f = tmp_path / "a.fits"
+    f.write_bytes(buf.getvalue())
+    before = file_identity(f)
+    with open(f, "ab") as fh:
+        fh.write(b"\0" * 100)
+    after = file_identity(f)
+    assert after.chash == before.chash and after.size == before.size + 100
+    with open(f, "r+b") as fh:  # a changed data byte is new content
+        fh.seek(2880 + 5)
+        fh.write(b"\x7f")
+    assert file_identity(f).chash != before.chash

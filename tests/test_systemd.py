@@ -82,3 +82,52 @@ def test_sd_notify_protocol(tmp_path):
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None  # not for us
     assert watchdog_interval({}) is None
+
+
+HARDENING = {
+    "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+    "PrivateDevices": "yes", "RestrictAddressFamilies": "AF_UNIX", "UMask": "0022",
+}
+
+
+@pytest.mark.parametrize("unit", ["vampd.service", "vampd@.service"])
+def test_units_are_hardened(unit):
+    svc = _service(unit)["Service"]
+    assert svc["User"] == "vampd" and svc["User"] != "root"
+    for key, value in HARDENING.items():
+        assert svc[key] == value, key
+    assert svc["ReadWritePaths"] and svc["ReadOnlyPaths"] and svc["MemoryMax"]
+    text = (UNITS / unit).read_text()
+    assert "SystemCallFilter=@system-service" in text
+    # configuration errors (documented exit codes 2-6 of vampd watch) must not loop
+    assert set(svc["RestartPreventExitStatus"].split()) == {"2", "3", "4", "5", "6"}
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("unit,instance", [("vampd.service", "vampd.service"), ("vampd@.service", "vampd@night1.service")])
+def test_systemd_analyze_security_exposure(tmp_path, unit, instance):
+    text = (UNITS / unit).read_text().replace("/usr/local/bin/vampd", _vampd_exe())
+    (tmp_path / instance).write_text(text)
+    p = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager", instance], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    import re
+
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout + p.stderr)
+    assert m, p.stdout + p.stderr
+    assert float(m.group(1)) <= 2.5
+
+
+def test_sd_notify_never_blocks_on_a_full_receiver(tmp_path):
+    """A notify socket nobody reads: the sends fail fast instead of stalling the daemon's loop."""
+    import socket
+    import time
+
+    from vampd.watch.notify import notify
+
+    path = str(tmp_path / "full.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        t0 = time.monotonic()
+        sent = [notify("STATUS=" + "x" * 1000, env={"NOTIFY_SOCKET": path}) for _ in range(2000)]
+        assert time.monotonic() - t0 < 30  # blocking sends would hang here forever
+        assert sent[0] and not sent[-1]  # the queue filled up, later sends were dropped

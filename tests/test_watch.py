@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from vampd.fitsbytes import data_layout
 from vampd.watch.observer import (
     CompletenessTracker,
     Watcher,
-    header_ints,
     is_candidate,
     scan_directories,
     sidecar_lines,
@@ -76,10 +76,10 @@ def test_scan_directories(tmp_path):
     assert scan_directories([tmp_path / "missing"]) == []
 
 
-def test_header_ints_and_sidecar(tmp_path):
+def test_layout_and_sidecar(tmp_path):
     p = tmp_path / "a.fits"
     write_raw(p, nframes=4, tmp_rename=False)
-    assert header_ints(p) == {"NAXIS": 3, "NAXIS1": 10, "NAXIS2": 8, "NAXIS3": 4}
+    assert data_layout(p).shape == (4, 8, 10)
     assert sidecar_path(p) == tmp_path / "a.txt"
     assert sidecar_path(tmp_path / "b.fits.fz") == tmp_path / "b.txt"
     assert sidecar_lines(p) == 4

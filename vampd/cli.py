@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "calib": ("vampd.engine.commands", "cmd_calib", "build master backgrounds and flats from raw darks/flats"),
     "run": ("vampd.engine.commands", "cmd_run", "reduce existing raw files (batch; same engine as watch)"),
     "watch": ("vampd.watch.commands", "cmd_watch", "watch directories and reduce files as they arrive"),
+    "retry": ("vampd.watch.commands", "cmd_retry", "put parked files back to pending (tries reset)"),
     "status": ("vampd.live.commands", "cmd_status", "one-shot summary of a night's ledger"),
     "live": ("vampd.live.commands", "cmd_live", "full-screen live view of the night"),
     "finalize": ("vampd.finalize.commands", "cmd_finalize", "write the night's final products and report"),
@@ -75,6 +76,13 @@ def _add_watch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", action="store_true", help="poll instead of inotify (NFS/CIFS)")
 
 
+def _add_retry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("outdir", help="output directory holding vampd.sqlite")
+    p.add_argument("files", nargs="*", help="only these raw files (default: every parked file)")
+    p.add_argument("--kind", action="append", choices=["permanent", "transient", "rejected", "memory"],
+                   help="only files parked for this kind of error (repeatable)")
+
+
 def _add_status(p: argparse.ArgumentParser) -> None:
     p.add_argument("outdir", nargs="?", default=".", help="output directory holding vampd.sqlite")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -114,6 +122,7 @@ ARGUMENTS = {
     "calib": _add_calib,
     "run": _add_run,
     "watch": _add_watch,
+    "retry": _add_retry,
     "status": _add_status,
     "live": _add_live,
     "finalize": _add_finalize,

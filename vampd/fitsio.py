@@ -9,11 +9,23 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+
+from vampd.errors import OUTPUT_ERRNOS, OutputError, PermanentError
+from vampd.fitsbytes import (
+    IncompleteFits,
+    NotFitsError,
+    UnreadableError,
+    VanishedError,
+    data_layout,
+    open_regular,
+    structure_complete,
+)
 
 __all__ = [
     "InputError",
@@ -32,8 +44,11 @@ __all__ = [
 BLOCK = 2880
 
 
-class InputError(ValueError):
-    """A raw input file cannot be used; the message names the file and the problem."""
+class InputError(PermanentError, ValueError):
+    """A raw input file cannot be used; the message names the file and the problem.
+
+    Permanent (see :mod:`vampd.errors`); also a ``ValueError`` for older callers.
+    """
 
     def __init__(self, path: os.PathLike | str, problem: str):
         self.path = str(path)
@@ -52,8 +67,13 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], None], sync_di
     a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    # mkstemp creates 0600; products are for the observers too: the mode open() would give
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -61,8 +81,10 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], None], sync_di
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+            raise _output_error(path, exc) from exc
         raise
     if not sync_dir:
         return path
@@ -75,6 +97,25 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], None], sync_di
     except OSError:
         pass
     return path
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    return OutputError(str(path.parent), f"cannot write {path.name}: {exc.strerror or exc}")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc``; ``os.umask`` round trip
+    elsewhere, which is not thread-safe but only used off Linux)."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_fits_atomic(path: os.PathLike | str, hdul: fits.HDUList, verify: str = "silentfix") -> Path:
@@ -184,11 +225,38 @@ def data_hdu_index(path: os.PathLike | str) -> int:
     return 1 if ".fits.fz" in Path(path).name else 0
 
 
+def fits_structure_complete(path: os.PathLike | str) -> tuple[bool, str]:
+    """Decide from the bytes alone whether a raw FITS file is whole: ``(complete, reason)``.
+
+    Every HDU up to the data HDU (the primary one, extension 1 of ``.fits.fz``) must have its
+    exact END card and the data bytes its BITPIX/NAXISn/PCOUNT/GCOUNT imply
+    (:mod:`vampd.fitsbytes`). Never raises for one file: FIFOs, directories, vanished or
+    unreadable paths give ``False`` and the reason.
+    """
+    return structure_complete(path)
+
+
+def _checked_layout(path):
+    """:func:`vampd.fitsbytes.data_layout` with errors as :class:`InputError` (permanent)."""
+    try:
+        return data_layout(path)
+    except (IncompleteFits, NotFitsError, UnreadableError, VanishedError) as exc:
+        msg = str(exc)
+        prefix = os.fsdecode(path) + ": "
+        raise InputError(path, msg[len(prefix):] if msg.startswith(prefix) else msg) from None
+
+
 def read_header(path: os.PathLike | str) -> fits.Header:
     """Read the data header of a raw file, with a clear error if it is not FITS."""
     try:
-        return fits.getheader(path, data_hdu_index(path))
-    except (OSError, IndexError, KeyError, TypeError, ValueError) as exc:
+        os.close(open_regular(path))  # a FIFO or a device would block or never end
+    except (UnreadableError, VanishedError) as exc:
+        raise InputError(path, str(exc).removeprefix(os.fsdecode(path) + ": ")) from None
+    try:
+        with warnings.catch_warnings():  # a short data part is the completeness check's business
+            warnings.filterwarnings("ignore", message="File may have been truncated")
+            return fits.getheader(path, data_hdu_index(path))
+    except (OSError, IndexError, KeyError, TypeError, ValueError, fits.VerifyError) as exc:
         raise InputError(path, f"not a readable FITS file ({exc})") from exc
 
 
@@ -215,10 +283,7 @@ def read_cube(path: os.PathLike | str, frames: slice | None = None) -> tuple[np.
         Not FITS, truncated, empty, or not a 2-/3-D image; the message says which.
     """
     idx = data_hdu_index(path)
-    if idx == 0:
-        ok, reason = fits_structure_complete(path)
-        if not ok:
-            raise InputError(path, reason)
+    _checked_layout(path)
     try:
         with fits.open(path, memmap=True, lazy_load_hdus=True, do_not_scale_image_data=True) as hdul:
             hdu = hdul[idx]
@@ -233,55 +298,13 @@ def read_cube(path: os.PathLike | str, frames: slice | None = None) -> tuple[np.
             data = _unscale(np.asarray(data), header)  # copies: detached from the memmap
     except InputError:
         raise
-    except (OSError, IndexError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, IndexError, KeyError, TypeError, ValueError, fits.VerifyError) as exc:
         raise InputError(path, f"cannot read FITS data ({exc})") from exc
     if data.ndim == 2:
         data = data[None]
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D cube (NAXIS3, NAXIS2, NAXIS1), found {data.ndim}-D data")
     return data, header
-
-
-def _primary_layout(path) -> dict | None:
-    """Data offset, BITPIX, NAXISn, BZERO/BSCALE of a plain primary HDU from its header bytes.
-
-    None when anything is unusual (not FITS, BLANK, non-integer BZERO/BSCALE text, no data):
-    the caller then goes through astropy.
-    """
-    keys: dict[str, str] = {}
-    offset = 0
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(BLOCK)
-            if len(block) < BLOCK:
-                return None
-            if offset == 0 and not block.startswith(b"SIMPLE  ="):
-                return None
-            offset += BLOCK
-            for i in range(0, BLOCK, 80):
-                key = block[i : i + 8].rstrip()
-                if key == b"END":
-                    break
-                if key in (b"BITPIX", b"BZERO", b"BSCALE", b"BLANK") or key.startswith(b"NAXIS"):
-                    if block[i + 8 : i + 10] == b"= ":
-                        keys[key.decode()] = block[i + 10 : i + 80].split(b"/")[0].strip().decode("ascii", "replace")
-            else:
-                continue
-            break
-    try:
-        naxis = int(keys["NAXIS"])
-        bitpix = int(keys["BITPIX"])
-        shape = tuple(int(keys[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
-        bzero = float(keys.get("BZERO", "0"))
-        bscale = float(keys.get("BSCALE", "1"))
-    except (KeyError, ValueError):
-        return None
-    if naxis not in (2, 3) or "BLANK" in keys:
-        return None
-    dtypes = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-    if bitpix not in dtypes:
-        return None
-    return {"offset": offset, "dtype": np.dtype(dtypes[bitpix]), "shape": shape, "bzero": bzero, "bscale": bscale}
 
 
 def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
@@ -295,22 +318,23 @@ def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.nd
     """
     if data_hdu_index(path) != 0:
         return read_cube(path, frames)[0]
-    ok, reason = fits_structure_complete(path)
-    if not ok:
-        raise InputError(path, reason)
+    lay = _checked_layout(path)
     try:
-        lay = _primary_layout(path)
-    except OSError as exc:
-        raise InputError(path, f"cannot read FITS data ({exc})") from exc
-    if lay is None:
-        return read_cube(path, frames)[0]
-    shape = lay["shape"]
+        shape = lay.shape
+        dt = np.dtype(lay.dtype)
+        bzero, bscale = lay.float("BZERO", 0.0), lay.float("BSCALE", 1.0)
+    except NotFitsError as exc:
+        raise InputError(path, str(exc)) from None
+    if len(shape) not in (2, 3) or "BLANK" in lay.cards or lay.int("PCOUNT", 0) or lay.int("GCOUNT", 1) != 1:
+        return read_cube(path, frames)[0]  # unusual: astropy decides (and names the problem)
     if len(shape) == 2:
         shape = (1,) + shape
-    mm = np.memmap(path, dtype=lay["dtype"], mode="r", offset=lay["offset"], shape=shape)
+    try:
+        mm = np.memmap(path, dtype=dt, mode="r", offset=lay.data_start, shape=shape)
+    except (OSError, ValueError) as exc:  # shrank or vanished since the check
+        raise InputError(path, f"cannot map the data ({exc})") from exc
     try:
         data = mm if frames is None else mm[frames]
-        dt, bzero, bscale = lay["dtype"], lay["bzero"], lay["bscale"]
         if bscale == 1 and bzero == 32768 and dt.kind == "i" and dt.itemsize == 2:
             src = data.view(dt.newbyteorder(">").str.replace("i", "u"))
             if out is not None and out.shape == src.shape and out.dtype == np.uint16:
@@ -324,65 +348,6 @@ def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.nd
         return data.astype(np.float32) * np.float32(bscale) + np.float32(bzero)
     finally:
         del mm
-
-
-_CARD = re.compile(rb"^(NAXIS\d*|BITPIX|END)\s*(?:=\s*([-+]?\d+))?")
-
-
-def fits_structure_complete(path: os.PathLike | str) -> tuple[bool, str]:
-    """Decide from the bytes alone whether a (primary-HDU) FITS file is whole.
-
-    The header must reach its END card and the file must hold at least the data size
-    implied by BITPIX and NAXISn. Returns ``(complete, reason)``; reason says what
-    is missing when it is not. Only plain (uncompressed) primary HDUs are checked;
-    ``.fz`` files are accepted once their first HDU's header is whole.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return False, "file vanished"
-    if size == 0:
-        return False, "zero-byte file"
-    keys: dict[str, int] = {}
-    offset = 0
-    with open(path, "rb") as fh:
-        first = fh.read(80)
-        if not first.startswith(b"SIMPLE  ="):
-            return False, "not a FITS file (no SIMPLE card)"
-        fh.seek(0)
-        while True:
-            block = fh.read(BLOCK)
-            if len(block) < BLOCK:
-                return False, f"header incomplete: no END card in the first {offset + len(block)} bytes"
-            offset += BLOCK
-            for i in range(0, BLOCK, 80):
-                card = block[i : i + 80]
-                m = _CARD.match(card)
-                if not m:
-                    continue
-                if m.group(1) == b"END":
-                    break
-                if m.group(2) is not None:
-                    keys[m.group(1).decode()] = int(m.group(2))
-            else:
-                continue
-            break
-    naxis = keys.get("NAXIS", 0)
-    bitpix = keys.get("BITPIX")
-    if bitpix is None:
-        return False, "header has no BITPIX"
-    nbytes = abs(bitpix) // 8
-    for i in range(1, naxis + 1):
-        if f"NAXIS{i}" not in keys:
-            return False, f"header has NAXIS = {naxis} but no NAXIS{i}"
-        nbytes *= keys[f"NAXIS{i}"]
-    if naxis == 0:
-        nbytes = 0
-    expected = offset + nbytes
-    if size < expected:
-        return False, f"data truncated: {size} bytes on disk, {expected} expected from NAXISn"
-    return True, "complete"
 
 
 def output_stem(path: os.PathLike | str) -> str:

@@ -13,9 +13,17 @@ Exactly-once rests on three rules:
 * on start, rows left ``queued``/``running`` go back to ``pending`` (they were interrupted);
 * a ``done`` row whose recorded product is missing on disk is not done.
 
-File identity is ``(size, mtime_ns)`` plus a content hash (SHA-1 of the size and of the
-first and last MiB of the file). Size and mtime unchanged → the hash is not recomputed;
-a touched file whose hash is unchanged is not reprocessed.
+File identity is ``(size, mtime_ns, inode)`` plus a content hash (SHA-1 of the FITS
+structure's length and of its first and last MiB: bytes appended after a whole FITS
+structure are not content). Size, mtime and inode unchanged → the hash is not recomputed;
+a touched file whose hash is unchanged is not reprocessed. Rejected files (odd paths,
+never complete, not FITS) are recorded with their identity too, so the same version is
+judged once.
+
+Retries: a failed attempt is charged to its file only; ``failed`` rows wait until
+``t_retry`` (exponential backoff) and :meth:`Ledger.retry_due` puts them back to pending;
+``max_tries`` failures park the file. A success resets the count. ``vampd retry``
+(:meth:`Ledger.retry_parked`) and a changed file un-park it.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
+import stat as _stat
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,12 +98,16 @@ CREATE TABLE IF NOT EXISTS specphot (
     unit TEXT, source TEXT, state TEXT NOT NULL, fingerprint TEXT,
     members TEXT, factors TEXT, products TEXT, mjd REAL, error TEXT, updated REAL
 );
+CREATE INDEX IF NOT EXISTS files_mjd ON files(mjd);
 CREATE TABLE IF NOT EXISTS daemon (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     pid INTEGER, started REAL, heartbeat REAL, stopped REAL,
     host TEXT, config TEXT, config_hash TEXT, status TEXT
 );
 """
+
+# columns added after schema 1 was released (added in place: older ledgers keep working)
+_ADDED_COLUMNS = {"ino": "INTEGER", "error_kind": "TEXT", "t_retry": "REAL", "mjd_str": "REAL", "mjd_end": "REAL"}
 
 _SUMMARY_KEYS = ("target", "filter", "camera", "flc", "hwp", "exptime", "mjd", "nframes", "obs_mod")
 
@@ -105,6 +119,7 @@ class FileIdentity:
     size: int
     mtime_ns: int
     chash: str
+    ino: int | None = None
 
 
 def content_hash(path: os.PathLike | str, size: int | None = None) -> str:
@@ -113,20 +128,85 @@ def content_hash(path: os.PathLike | str, size: int | None = None) -> str:
     if size is None:
         size = path.stat().st_size
     h = hashlib.sha1(str(size).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(_MIB))
+    with open(path, "rb") as fh:  # only the first ``size`` bytes: what follows is not content
+        h.update(fh.read(min(size, _MIB)))
         if size > 2 * _MIB:
             fh.seek(size - _MIB)
             h.update(fh.read(_MIB))
         elif size > _MIB:
-            h.update(fh.read())
+            h.update(fh.read(size - _MIB))
     return h.hexdigest()
+
+
+def content_extent(path: os.PathLike | str, size: int) -> int:
+    """Bytes that are the file's content: its FITS structure up to the data HDU's padded end
+    (bytes appended after it are not), or the whole file if it is not (yet) FITS."""
+    from vampd.errors import VampdError
+    from vampd.fitsbytes import data_hdu_index, file_layouts
+
+    try:
+        lays, _ = file_layouts(path, data_hdu_index(path))
+    except VampdError:
+        return size
+    return min(size, lays[-1].padded_end)
 
 
 def file_identity(path: os.PathLike | str) -> FileIdentity:
     """Stat and hash ``path`` (raises ``FileNotFoundError`` if it vanished)."""
     st = os.stat(path)
-    return FileIdentity(st.st_size, st.st_mtime_ns, content_hash(path, st.st_size))
+    if not _stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(f"{path}: not a regular file")
+    return FileIdentity(st.st_size, st.st_mtime_ns, content_hash(path, content_extent(path, st.st_size)), st.st_ino)
+
+
+def stat_identity(path: str) -> tuple[int, int, int] | None:
+    """``(size, mtime_ns, inode)`` of ``path`` (of the link itself if it cannot be followed), None if gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        try:
+            st = os.lstat(path)  # a dangling symlink
+        except OSError:
+            return None
+    except OSError:  # a loop, a component not searchable, a name too long
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def ledger_key(path: os.PathLike | str) -> str:
+    """The ``files.path`` key of a path: itself, or for a name that is not valid UTF-8 its
+    bytes with the invalid ones escaped (``\\xNN``: SQLite text must be UTF-8)."""
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
+def path_of_key(key: str) -> str:
+    """The file-system path of a ``files.path`` key (inverse of :func:`ledger_key`)."""
+    if "\\x" not in key:
+        return key
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), key.encode("utf-8"))
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(raw)  # it was an escaped name
+    return key  # a real backslash in a valid name
+
+
+def printable(text: str) -> str:
+    """``text`` safe for one log line: control characters (newlines) and invalid bytes escaped."""
+    text = ledger_key(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -188,6 +268,10 @@ class Ledger:
     # -- set-up -----------------------------------------------------------------------------
     def _migrate(self) -> None:
         self.conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(files)")}
+        for col, typ in _ADDED_COLUMNS.items():
+            if col not in have:
+                self.conn.execute(f"ALTER TABLE files ADD COLUMN {col} {typ}")
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -205,7 +289,12 @@ class Ledger:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:  # a full disk fails the COMMIT: leave no transaction open
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -224,11 +313,14 @@ class Ledger:
     # -- files ------------------------------------------------------------------------------
     def get(self, path: str) -> sqlite3.Row | None:
         """The ``files`` row of ``path`` (absolute) or None."""
-        return self.conn.execute("SELECT * FROM files WHERE path=?", (str(path),)).fetchone()
+        return self.conn.execute("SELECT * FROM files WHERE path=?", (ledger_key(path),)).fetchone()
 
-    def known_stats(self) -> dict[str, tuple[int, int, str]]:
-        """``{path: (size, mtime_ns, state)}`` of every known file (for cheap rescans)."""
-        return {r[0]: (r[1], r[2], r[3]) for r in self.conn.execute("SELECT path, size, mtime_ns, state FROM files")}
+    def known_stats(self) -> dict[str, tuple[int, int, str, int | None]]:
+        """``{path: (size, mtime_ns, state, inode)}`` of every known file (for cheap rescans)."""
+        return {
+            r[0]: (r[1], r[2], r[3], r[4])
+            for r in self.conn.execute("SELECT path, size, mtime_ns, state, ino FROM files")
+        }
 
     def register(
         self,
@@ -252,21 +344,22 @@ class Ledger:
         row = self.get(path)
         if row is not None and identity is None:
             st = os.stat(path)
-            if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]):
-                identity = FileIdentity(row["size"], row["mtime_ns"], row["chash"])
+            if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]) and row["chash"]:
+                identity = FileIdentity(row["size"], row["mtime_ns"], row["chash"], row["ino"])
         if identity is None:
             identity = file_identity(path)
         t_complete = now if t_complete is None else t_complete
         if row is None:
             with self.transaction():
                 self.conn.execute(
-                    "INSERT INTO files (path, size, mtime_ns, chash, state, config_hash, nbytes, t_seen, t_complete)"
-                    " VALUES (?,?,?,?, 'pending', ?,?,?,?)",
-                    (path, identity.size, identity.mtime_ns, identity.chash, config_hash, nbytes, now, t_complete),
+                    "INSERT INTO files (path, size, mtime_ns, chash, state, config_hash, nbytes, t_seen, t_complete, ino)"
+                    " VALUES (?,?,?,?, 'pending', ?,?,?,?,?)",
+                    (path, identity.size, identity.mtime_ns, identity.chash, config_hash, nbytes, now, t_complete,
+                     identity.ino),
                 )
             return "new"
         reason = None
-        if identity.chash != row["chash"] or identity.size != row["size"]:
+        if identity.chash != row["chash"]:  # the hash covers the content's length
             reason = "changed"
         elif force:
             reason = "forced"
@@ -276,23 +369,27 @@ class Ledger:
             if not self.products_exist(path):
                 reason = "missing-product"
         elif row["state"] == "failed":
-            reason = "retry"
+            reason = "retry" if (row["t_retry"] or 0.0) <= now else None  # backoff not over: wait
         elif row["state"] in ("pending", "queued", "running"):
             reason = "pending"
         if reason is None:
-            if identity.mtime_ns != row["mtime_ns"]:  # touched, same content
+            if (identity.size, identity.mtime_ns, identity.ino) != (row["size"], row["mtime_ns"], row["ino"]):
+                # touched, or grown past its FITS structure: same content, new identity
                 with self.transaction():
-                    self.conn.execute("UPDATE files SET mtime_ns=? WHERE path=?", (identity.mtime_ns, path))
+                    self.conn.execute(
+                        "UPDATE files SET size=?, mtime_ns=?, ino=? WHERE path=?",
+                        (identity.size, identity.mtime_ns, identity.ino, path),
+                    )
             return row["state"]
         reset_tries = reason in ("changed", "config", "forced")
         with self.transaction():
             self.conn.execute(
                 # config_hash stays the one of the recorded products until record_done: a
                 # differing hash tells the runner to force the redo, even after a restart
-                "UPDATE files SET size=?, mtime_ns=?, chash=?, state='pending',"
+                "UPDATE files SET size=?, mtime_ns=?, chash=?, ino=?, state='pending',"
                 " nbytes=COALESCE(?, nbytes), t_complete=?, error=CASE WHEN ? THEN NULL ELSE error END,"
-                " tries=CASE WHEN ? THEN 0 ELSE tries END WHERE path=?",
-                (identity.size, identity.mtime_ns, identity.chash, nbytes, t_complete,
+                " tries=CASE WHEN ? THEN 0 ELSE tries END, t_retry=NULL WHERE path=?",
+                (identity.size, identity.mtime_ns, identity.chash, identity.ino, nbytes, t_complete,
                  reset_tries, reset_tries, path),
             )
         return reason
@@ -345,36 +442,155 @@ class Ledger:
             self.conn.executemany("INSERT OR REPLACE INTO products VALUES (?,?,?,?,?,?)", prods)
             sets = ", ".join(f"{k}=COALESCE(?, {k})" for k in _SUMMARY_KEYS)
             self.conn.execute(
-                f"UPDATE files SET state='done', stage='done', error=NULL, t_done=?, latency=?,"
+                f"UPDATE files SET state='done', stage='done', error=NULL, tries=0, error_kind=NULL, t_done=?, latency=?,"
                 f" metrics=?, config_hash=COALESCE(?, config_hash), nprocessed=nprocessed+1, {sets} WHERE path=?",
                 (now, latency, json.dumps(_plain(metrics or {})), config_hash, *cols.values(), path),
             )
         return latency
 
-    def record_failure(self, path: str, error: str, max_tries: int, permanent: bool = False) -> str:
-        """Count a failed attempt; the file is ``failed`` (will be retried) or ``parked``.
+    def record_failure(
+        self,
+        path: str,
+        error: str,
+        max_tries: int,
+        permanent: bool = False,
+        *,
+        kind: str | None = None,
+        identity: tuple[int, int, int] | None = None,
+        backoff: float = 5.0,
+    ) -> str:
+        """Count a failed attempt of ``path`` (only of this file); it is ``failed`` (retried
+        after ``backoff · 4^(tries-1)`` s, at most 10 min) or ``parked``.
 
         ``permanent`` errors (bad input: the file itself is unusable) are parked at once.
-        Returns the new state.
+        ``kind`` (``permanent``/``transient``/``rejected``) is kept for ``vampd retry`` and the
+        status; ``identity`` ``(size, mtime_ns, inode)`` records the version judged (rows of
+        files that were never registered). Returns the new state.
         """
+        path = ledger_key(path)
+        now = time.time()
         with self.transaction():
             row = self.conn.execute("SELECT tries FROM files WHERE path=?", (path,)).fetchone()
             tries = (row[0] if row else 0) + 1
             state = "parked" if permanent or tries >= max_tries else "failed"
+            kind = kind or ("permanent" if permanent else "transient")
+            t_retry = None if state == "parked" else now + min(600.0, backoff * 4.0 ** (tries - 1))
             if row is None:
+                size, mtime_ns, ino = identity or (None, None, None)
                 self.conn.execute(
-                    "INSERT INTO files (path, state, tries, error, t_seen) VALUES (?,?,?,?,?)",
-                    (path, state, tries, error, time.time()),
+                    "INSERT INTO files (path, state, tries, error, t_seen, error_kind, t_retry, size, mtime_ns, ino)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (path, state, tries, error, now, kind, t_retry, size, mtime_ns, ino),
                 )
             else:
                 self.conn.execute(
-                    "UPDATE files SET state=?, tries=?, error=?, stage='error' WHERE path=?", (state, tries, error, path)
+                    "UPDATE files SET state=?, tries=?, error=?, stage='error', error_kind=?, t_retry=? WHERE path=?",
+                    (state, tries, error, kind, t_retry, path),
                 )
+                if identity is not None:
+                    self.conn.execute(
+                        "UPDATE files SET size=?, mtime_ns=?, ino=?, chash=NULL WHERE path=?", (*identity, path)
+                    )
             self.conn.execute(
                 "INSERT INTO events (time, level, message) VALUES (?,?,?)",
-                (time.time(), "error" if state == "parked" else "warning", _named(path, error)),
+                (now, "error" if state == "parked" else "warning", _named(path, error)),
             )
         return state
+
+    # -- harden: retries, rejections, identity ------------------------------------------------
+    def retry_due(self, now: float | None = None) -> int:
+        """``failed`` rows whose backoff is over go back to ``pending``; returns how many."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            return self.conn.execute(
+                "UPDATE files SET state='pending', t_retry=NULL WHERE state='failed' AND COALESCE(t_retry, 0) <= ?",
+                (now,),
+            ).rowcount
+
+    def next_retry(self) -> float | None:
+        """When the next ``failed`` row is due (None if there is none)."""
+        row = self.conn.execute("SELECT MIN(COALESCE(t_retry, 0)) FROM files WHERE state='failed'").fetchone()
+        return row[0] if row else None
+
+    def retry_parked(self, paths: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> int:
+        """Un-park files (all, the given ``paths``, or those whose ``error_kind`` is in
+        ``kinds``): back to ``pending`` with their tries reset. Returns how many."""
+        where, args = "state IN ('parked', 'failed')", []
+        if paths is not None:
+            keys = [ledger_key(p) for p in paths]
+            where += f" AND path IN ({','.join('?' * len(keys))})"
+            args += keys
+        if kinds is not None:
+            kinds = list(kinds)
+            where += f" AND COALESCE(error_kind, 'permanent') IN ({','.join('?' * len(kinds))})"
+            args += kinds
+        with self.transaction():
+            n = self.conn.execute(
+                f"UPDATE files SET state='pending', tries=0, t_retry=NULL, chash=CASE WHEN error_kind='rejected'"
+                f" THEN NULL ELSE chash END WHERE {where}",
+                args,
+            ).rowcount
+            if n:
+                self.conn.execute(
+                    "INSERT INTO events (time, level, message) VALUES (?,?,?)",
+                    (time.time(), "info", f"retry: {n} parked file(s) back to pending"),
+                )
+        return n
+
+    def parked_gone(self) -> list[str]:
+        """Parked/failed rows whose file no longer exists (for clean-up)."""
+        rows = self.conn.execute("SELECT path FROM files WHERE state IN ('parked', 'failed')").fetchall()
+        return [r[0] for r in rows if not os.path.lexists(path_of_key(r[0]))]
+
+    def forget(self, paths: Iterable[str]) -> int:
+        """Delete the rows of files that are gone and were never done (no products)."""
+        keys = [(ledger_key(p),) for p in paths]
+        with self.transaction():
+            return self.conn.executemany(
+                "DELETE FROM files WHERE path=? AND state IN ('parked', 'failed')", keys
+            ).rowcount
+
+    def done_products(self) -> list[tuple[str, str]]:
+        """``(file, product path)`` of every done file."""
+        return [
+            (r[0], r[1])
+            for r in self.conn.execute(
+                "SELECT f.path, p.path FROM files f JOIN products p ON p.file = f.path WHERE f.state = 'done'"
+            )
+        ]
+
+    def latest_done_per_camera(self) -> list[tuple[int, str]]:
+        """``(camera, path)`` of the most recently done file of each camera."""
+        return [
+            (r[0], r[1])
+            for r in self.conn.execute(
+                "SELECT camera, path FROM files f WHERE state='done' AND camera IS NOT NULL AND t_done ="
+                " (SELECT MAX(t_done) FROM files g WHERE g.state='done' AND g.camera=f.camera)"
+            )
+        ]
+
+    def record_span(self, path: str, mjd_str: float | None, mjd_end: float | None) -> None:
+        """Remember a done file's exposure span (read once from its coadded product)."""
+        with self.transaction():
+            self.conn.execute("UPDATE files SET mjd_str=?, mjd_end=? WHERE path=?", (mjd_str, mjd_end, path))
+
+    def diff_candidates(self, path: str, window: float) -> list[dict]:
+        """Done files with a coadded product of the same target and filter as ``path`` whose
+        MJD is within ``window`` days of it (indexed: independent of the night's length).
+
+        Each record: ``path, product, state, target, filter, camera, flc, hwp, mjd, mjd_str, mjd_end``.
+        """
+        this = self.conn.execute("SELECT target, filter, mjd FROM files WHERE path=?", (str(path),)).fetchone()
+        if this is None or this["mjd"] is None:
+            return []
+        rows = self.conn.execute(
+            "SELECT f.path, p.path AS product, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd,"
+            " f.mjd_str, f.mjd_end FROM files f JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
+            " WHERE f.state = 'done' AND f.mjd BETWEEN ? AND ? AND f.target IS ? AND f.filter IS ?"
+            " ORDER BY f.mjd",
+            (this["mjd"] - window, this["mjd"] + window, this["target"], this["filter"]),
+        ).fetchall()
+        return [dict(r) for r in rows]
 
     def retry_failed(self) -> int:
         """Put ``failed`` rows (tries left) back to ``pending``; returns how many."""
@@ -398,7 +614,8 @@ class Ledger:
         with self.transaction():
             return self.conn.execute(
                 "UPDATE files SET state='pending', tries=0, error=NULL"
-                " WHERE state IN ('done','failed','parked') AND size IS NOT NULL AND config_hash IS NOT ?",
+                " WHERE state IN ('done','failed','parked') AND size IS NOT NULL AND config_hash IS NOT ?"
+                " AND COALESCE(error_kind, '') != 'rejected'",  # rejected paths were never processed
                 (config_hash,),
             ).rowcount
 

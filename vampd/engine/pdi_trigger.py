@@ -28,7 +28,14 @@ from pathlib import Path
 
 from astropy.io import fits
 
-from vampd.pdi.diffimages import diff_paths, match_double, match_single, write_double_diff, write_single_diff
+from vampd.pdi.diffimages import (
+    diff_paths,
+    match_double,
+    match_single,
+    near_records,
+    write_double_diff,
+    write_single_diff,
+)
 from vampd.pdi.mmfiles import file_mueller, mm_path, write_mm_file
 from vampd.pdi.process import SetInvalid, load_member, make_set_stokes, write_set_file
 from vampd.pdi.calibrated import update_calibrated_running
@@ -73,31 +80,10 @@ def write_file_mm(cfg, outdir, product: str) -> Path | None:
     return write_mm_file(mm_path(outdir, product), mm, header, fields, desc)
 
 
-def _span_record(rec: dict) -> dict | None:
-    # only the few products near the new file are read (linear nights, issue 18)
-    try:
-        h = fits.getheader(rec["product"])
-        rec = dict(rec)
-        rec["mjd_str"] = float(h["MJD-STR"])
-        rec["mjd_end"] = float(h["MJD-END"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-    return rec
-
-
 def write_diff_images(ledger, cfg, outdir, path: str) -> list[Path]:
     """Single (and, with ``save_double``, double) difference images involving ``path``."""
     tol = cfg.polarimetry.hwp_tolerance if cfg.polarimetry is not None else 0.1
-    row = ledger.get(str(path))
-    if row is None or row["state"] != "done" or row["mjd"] is None:
-        return []
-    # exposure spans overlap only within about a cube's length (FLC files interleave: x2)
-    span = 2.0 * float(row["nframes"] or 1) * float(row["exptime"] or 1.0) / 86400.0
-    near = [
-        m for m in ledger.done_near(float(row["mjd"]), min(0.02, 2.0 * span + 5.0 / 86400.0))
-        if m["target"] == row["target"] and m["filter"] == row["filter"]
-    ]
-    recs = [r for r in (_span_record(m) for m in near) if r is not None]
+    recs = near_records(ledger, path)  # linear nights: indexed query, spans cached (harden)
     pairs = match_single(recs, tol)
     name = _name(cfg)
     written = []

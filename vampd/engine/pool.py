@@ -87,18 +87,25 @@ def _resolve(spec: str):
 def run_job(process: str, path: str, cfg: Any, outdir: str, force: bool) -> dict:
     """Run one file in a worker; never raises (errors come back as data).
 
-    ``ValueError`` (``InputError``, ``HeaderError``, config mismatches) means the input
-    itself is unusable: ``permanent=True``. Anything else may be transient.
+    The error's ``kind`` comes from :func:`vampd.errors.classify` (vampd's own exception
+    types): ``permanent`` (the input is unusable: park), ``output`` (the output side is full
+    or read-only: pause, no try charged) or ``transient`` (retry with backoff).
     """
+    from vampd.errors import PermanentError, classify
+
     t0 = time.time()
     try:
         res = _resolve(process)(path, cfg, Path(outdir), force)
-    except ValueError as exc:
-        return {"ok": False, "permanent": True, "error": str(exc), "elapsed": time.time() - t0}
     except Exception as exc:
-        tb = traceback.format_exc(limit=6)
-        return {"ok": False, "permanent": False, "error": f"{type(exc).__name__}: {exc}", "trace": tb,
-                "elapsed": time.time() - t0}
+        kind = classify(exc)
+        own = isinstance(exc, PermanentError) or kind == "output"
+        msg = str(exc) if own else f"{type(exc).__name__}: {exc}"
+        if path not in msg:
+            msg = f"{path}: {msg}"
+        out = {"ok": False, "permanent": kind == "permanent", "kind": kind, "error": msg, "elapsed": time.time() - t0}
+        if kind != "permanent":
+            out["trace"] = traceback.format_exc(limit=6)
+        return out
     return {
         "ok": True,
         "products": [(str(k), str(p)) for k, p in res.products],
@@ -120,6 +127,10 @@ class JobResult:
     error: str = ""
     permanent: bool = False
     elapsed: float = 0.0
+    #: ``permanent``, ``transient``, ``output`` or ``crash`` (the worker died; ``in_flight``
+    #: jobs were running then, so the death cannot be pinned on this file unless it ran alone)
+    kind: str = "transient"
+    in_flight: int = 1
 
 
 @dataclass
@@ -152,6 +163,7 @@ class WorkerPool:
         self.crashes = 0
         self.warming: list[cf.Future] = []
         self._executor: cf.ProcessPoolExecutor | None = None
+        self._broken = False
 
     def start(self, warm: bool = True) -> None:
         """Create the executor; with ``warm``, spawn every worker now and let it import the
@@ -163,6 +175,7 @@ class WorkerPool:
             initializer=_worker_init,
             initargs=(os.getpid(), self.process),
         )
+        self._broken = False
         # the executor spawns lazily, one process per submit that finds no idle worker:
         # one no-op per worker starts them all at once
         self.warming = [self._executor.submit(_warm_up) for _ in range(self.workers)] if warm else []
@@ -190,17 +203,25 @@ class WorkerPool:
         """Run ``process`` (default: the pool's) on ``path`` in a worker (``path`` keys the job)."""
         if self._executor is None:
             self.start()
-        fut = self._executor.submit(run_job, process or self.process, path, cfg, str(outdir), force)
+        try:
+            fut = self._executor.submit(run_job, process or self.process, path, cfg, str(outdir), force)
+        except BrokenProcessPool:  # a worker died since the last collect
+            self._restart()
+            fut = self._executor.submit(run_job, process or self.process, path, cfg, str(outdir), force)
         self.jobs[path] = _Job(path, int(nbytes), fut, time.time())
 
     def healthy(self) -> bool:
-        """The executor is usable and every worker process is alive."""
-        ex = self._executor
-        if ex is None or getattr(ex, "_broken", False):
-            return False
-        procs = getattr(ex, "_processes", None) or {}
-        return all(p.is_alive() for p in procs.values())
+        """The executor is usable and no worker has died since it started.
 
+        Public APIs only: a dead worker is seen as a missing child process
+        (:func:`multiprocessing.active_children`, which also reaps it) once the workers are
+        up, and a broken executor through its futures (:meth:`collect` restarts it).
+        """
+        if self._executor is None or self._broken:
+            return False
+        if not self.wait_warm(0):
+            return True  # still spawning
+        return len(multiprocessing.active_children()) >= self.workers
     # -- results ------------------------------------------------------------------------------
     def collect(self, timeout: float = 0.0) -> list[JobResult]:
         """Results of the jobs that finished (waiting up to ``timeout`` s for the first)."""
@@ -211,6 +232,7 @@ class WorkerPool:
         done, _ = cf.wait([j.future for j in self.jobs.values()], timeout=timeout, return_when=cf.FIRST_COMPLETED)
         out: list[JobResult] = []
         broken = False
+        in_flight = len(self.jobs)
         for path, job in list(self.jobs.items()):
             if job.future not in done:
                 continue
@@ -219,7 +241,8 @@ class WorkerPool:
                 r = job.future.result()
             except BrokenProcessPool:
                 broken = True
-                out.append(JobResult(path, False, error="worker process died (killed or out of memory)"))
+                out.append(JobResult(path, False, error=f"{path}: worker process died (killed or out of memory)",
+                                     kind="crash", in_flight=in_flight))
                 continue
             except Exception as exc:  # pickling errors and the like
                 out.append(JobResult(path, False, error=f"{type(exc).__name__}: {exc}"))
@@ -229,8 +252,10 @@ class WorkerPool:
             else:
                 if r.get("trace"):
                     log.debug("worker traceback for %s:\n%s", path, r["trace"])
-                out.append(JobResult(path, False, error=r["error"], permanent=r["permanent"], elapsed=r["elapsed"]))
+                out.append(JobResult(path, False, error=r["error"], permanent=r["permanent"], elapsed=r["elapsed"],
+                                     kind=r.get("kind", "permanent" if r["permanent"] else "transient")))
         if broken:
+            self._broken = True
             self.crashes += 1
             log.error("pool: a worker process died; restarting the pool")
             self._restart()
@@ -257,10 +282,23 @@ class WorkerPool:
         ex = self._executor
         self._executor = None
         if ex is not None:
-            procs = list((getattr(ex, "_processes", None) or {}).values())
             if abandoned:
-                for p in procs:
-                    p.terminate()
-            ex.shutdown(wait=True, cancel_futures=True)
+                _stop_children(grace=2.0)
+            ex.shutdown(wait=not abandoned, cancel_futures=True)
         self.jobs.clear()
         return results, abandoned
+
+
+def _stop_children(grace: float) -> None:
+    """SIGTERM every worker process, SIGKILL what is left after ``grace`` s (a worker stuck in a
+    system call must not hold the shutdown)."""
+    procs = multiprocessing.active_children()
+    for p in procs:
+        p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)

@@ -4,43 +4,50 @@ It takes candidate paths, registers them in the ledger, decides what needs work 
 changed identity, changed config hash, failed with tries left, a recorded product gone),
 feeds the worker pool from the ledger's pending rows and commits results. Only this
 process writes the ledger.
+
+Robustness rules (issue "all night, unattended"):
+
+* every error about one file stays with that file: it is recorded (rejected/parked with the
+  reason) and the loop goes on;
+* errors are classified by vampd's own types (:mod:`vampd.errors`): permanent → parked,
+  transient → retried with backoff, output (disk full, read-only) → the file goes back to
+  pending *without* a try and intake pauses (:attr:`Runner.output_blocked`);
+* a worker death is charged to a file only when that file ran alone; otherwise every job in
+  flight is released and becomes a *suspect* that next runs alone;
+* a ledger that cannot be written (disk full) keeps finished results in memory
+  (:attr:`Runner.held`) until it can.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from vampd.engine.ledger import Ledger
-from vampd.engine.pool import JobResult, WorkerPool, estimate_bytes
+from vampd.engine.ledger import Ledger, ledger_key, printable, stat_identity
+from vampd.engine.pool import JobResult, WorkerPool
+from vampd.errors import VampdError
+from vampd.fitsbytes import data_layout, decompressed_bytes
 from vampd.fitsio import fits_structure_complete
 
 __all__ = ["Runner", "config_hash_of", "resolve_outdir", "watch_settings"]
 
 log = logging.getLogger(__name__)
 
-_WATCH_DEFAULTS = {
-    "inputs": [], "outdir": None, "patterns": ["*.fits", "*.fits.fz"], "recursive": False, "poll": False,
-    "poll_interval": 2.0, "complete_timeout": 120.0, "settle_time": 0.5, "workers": 2,
-    "expect_sidecar": False, "max_tries": 3, "memory_factor": 6.0, "memory_limit_gb": None,
-    "queue_size": 64, "reconcile_interval": 30.0, "stop_timeout": 60.0,
-}
-
-
 def watch_settings(cfg: Any) -> dict:
-    """The ``[watch]`` section as a dict (defaults for anything missing)."""
+    """The ``[watch]`` section as a dict; the defaults are the config model's
+    (:class:`vampd.config.models.WatchConfig`), defined there only."""
+    from vampd.config.models import WatchConfig
+
     w = getattr(cfg, "watch", None)
-    out = dict(_WATCH_DEFAULTS)
-    for key in out:
-        if w is not None and hasattr(w, key):
-            out[key] = getattr(w, key)
-    if w is not None and hasattr(w, "effective_memory_limit_gb"):
-        out["memory_limit_gb"] = w.effective_memory_limit_gb()
-    elif out["memory_limit_gb"] is None:
-        out["memory_limit_gb"] = 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    if not isinstance(w, WatchConfig):
+        w = WatchConfig()
+    out = w.model_dump()
+    out["memory_limit_gb"] = w.effective_memory_limit_gb()
     return out
 
 
@@ -86,11 +93,28 @@ class Runner:
         self.forced: set[str] = set()
         self.n_done = 0
         self.n_failed = 0
-        self.latencies: list[float] = []
-        n = ledger.reset_interrupted()  # left queued/running by a crash or kill
+        self.latencies: deque[float] = deque(maxlen=10000)  # recent ones (bounded: all night)
+        #: files in flight when a worker died: each next runs alone
+        self.suspects: set[str] = set()
+        #: the output side refused a write (message) → intake paused until it takes one again
+        self.output_blocked: str | None = None
+        #: finished results the ledger could not take yet (disk full)
+        self.held: list[JobResult] = []
+        #: set/sequence work runs here when set (the daemon's :class:`TriggerThread`), else inline
+        self.trigger_thread = None
+        self._startup_done = False
+        self.cfg, self.settings, self.config_hash = cfg, watch_settings(cfg), config_hash_of(cfg)
+        try:
+            self._startup_writes()
+        except sqlite3.OperationalError as exc:  # a full disk: start paused, redo them on resume
+            self.block_output(f"{ledger.path}: ledger not writable ({exc})")
+
+    def _startup_writes(self) -> None:
+        n = self.ledger.reset_interrupted()  # left queued/running by a crash or kill
         if n:
             log.info("resuming %d interrupted file(s)", n)
-        self.set_config(cfg)
+        self.set_config(self.cfg)
+        self._startup_done = True
 
     def set_config(self, cfg: Any) -> int:
         """Use ``cfg`` from now on; files processed with another config hash are requeued."""
@@ -105,14 +129,24 @@ class Runner:
 
     # -- intake -------------------------------------------------------------------------------
     def offer(self, path: os.PathLike | str, nbytes: int | None = None, t_complete: float | None = None) -> str:
-        """Register a complete file; returns the ledger's decision (see :meth:`Ledger.register`)."""
+        """Register a complete file; returns the ledger's decision (see :meth:`Ledger.register`).
+
+        A file that cannot be read (it vanished, became a FIFO, lost its permissions) is
+        rejected with the reason (``"rejected"``); nothing about one file raises.
+        """
         path = os.path.abspath(path)
+        if ledger_key(path) != path:
+            self.reject(path, "file name is not valid UTF-8 (rename it)")
+            return "rejected"
         try:
             decision = self.ledger.register(
                 path, self.config_hash, nbytes=nbytes, force=self.force, t_complete=t_complete
             )
         except FileNotFoundError:
             return "gone"
+        except (OSError, VampdError) as exc:
+            self.reject(path, f"cannot read: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+            return "rejected"
         if self.force and decision in ("forced", "new"):
             self.forced.add(path)
         if decision not in ("done", "parked", "ignored", "pending"):
@@ -120,33 +154,29 @@ class Runner:
         return decision
 
     def reject(self, path: str, reason: str) -> None:
-        """A file that will never be usable (incomplete after the timeout, not FITS)."""
+        """A file that will never be usable as it is (odd path, incomplete after the timeout,
+        not FITS): one parked row with its identity, so this version is judged once."""
         path = os.path.abspath(path)
-        self.ledger.record_failure(path, f"{path}: {reason}", max_tries=1, permanent=True)
+        ident = stat_identity(path)
+        self.ledger.record_failure(path, f"{printable(path)}: {reason}", max_tries=1, permanent=True,
+                                   kind="rejected", identity=ident)
         self.n_failed += 1
-        log.error("%s: %s", os.path.basename(path), reason)
-        self.triggers(path)
+        log.error("%s: %s", printable(os.path.basename(path)), reason)
+        self.triggers(ledger_key(path))
 
     # -- triggers -----------------------------------------------------------------------------
     def triggers(self, path: str) -> None:
         """After a file is recorded (done or parked): HWP sets (PDI) and target sequences (specphot).
 
-        Runs in this (the ledger-owning) process. A trigger failure is logged and recorded as an
-        event; it never undoes or blocks the file's own products.
+        In the daemon they run in the trigger thread (:mod:`vampd.engine.triggers`, its own
+        ledger connection), so the main loop never waits on set science; in batch runs, here.
+        A trigger failure is logged and recorded as an event; it never undoes or blocks the
+        file's own products.
         """
-        from vampd.engine import specphot_trigger
-
-        hooks = [("specphot", specphot_trigger.on_file_done)]
-        if self.cfg.polarimetry is not None or self.cfg.diff_images.make_diff:  # else no PDI work (nor imports)
-            from vampd.engine import pdi_trigger
-
-            hooks.insert(0, ("pdi", pdi_trigger.on_file_done))
-        for name, hook in hooks:
-            try:
-                hook(self.ledger, self.cfg, self.outdir, path)
-            except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
-                log.exception("%s trigger failed after %s", name, os.path.basename(path))
-                self.ledger.event("error", f"{name} trigger failed after {os.path.basename(path)}: {exc}")
+        if self.trigger_thread is not None:
+            self.trigger_thread.put(("file", path, self.cfg))
+            return
+        run_file_triggers(self.ledger, self.cfg, self.outdir, path)
 
     def recheck_products(self) -> int:
         """Requeue done files whose recorded products are no longer on disk.
@@ -156,11 +186,7 @@ class Runner:
         deleted by hand is the same case. Runs at daemon start-up and at each reconciliation.
         Returns how many files were requeued.
         """
-        rows = self.ledger.conn.execute(
-            "SELECT f.path AS path, p.path AS product FROM files f JOIN products p ON p.file = f.path"
-            " WHERE f.state = 'done'"
-        ).fetchall()
-        missing = sorted({r["path"] for r in rows if not os.path.exists(r["product"])})
+        missing = sorted({f for f, product in self.ledger.done_products() if not os.path.exists(product)})
         n = 0
         for path in missing:
             if os.path.exists(path) and self.offer(path) == "missing-product":
@@ -179,56 +205,50 @@ class Runner:
         sequence fingerprints), so on a clean ledger this only re-reads it.
         Returns ``{"pdi": summary, "specphot": [...]}``; failures are logged as events.
         """
-        from vampd.engine import specphot_trigger
-
-        out: dict = {}
-        if getattr(self.cfg, "polarimetry", None) is not None:
-            from vampd.engine import pdi_trigger
-
-            try:
-                out["pdi"] = pdi_trigger.update_sets(self.ledger, self.cfg, self.outdir, final=False)
-            except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
-                log.exception("pdi trigger failed at start-up")
-                self.ledger.event("error", f"pdi trigger failed at start-up: {exc}")
-        if specphot_trigger.specphot_enabled(self.cfg):
-            out["specphot"] = []
-            # the latest done file of each camera stands for its camera's sequences
-            last = self.ledger.conn.execute(
-                "SELECT camera, path FROM files f WHERE state='done' AND camera IS NOT NULL AND t_done ="
-                " (SELECT MAX(t_done) FROM files g WHERE g.state='done' AND g.camera=f.camera)"
-            ).fetchall()
-            for cam, path in last:
-                try:
-                    out["specphot"].extend(specphot_trigger.on_file_done(self.ledger, self.cfg, self.outdir, path))
-                except Exception as exc:  # noqa: BLE001
-                    log.exception("specphot trigger failed at start-up (camera %s)", cam)
-                    self.ledger.event("error", f"specphot trigger failed at start-up (camera {cam}): {exc}")
-        return out
+        if self.trigger_thread is not None:
+            self.trigger_thread.put(("resume", None, self.cfg))
+            return {}
+        return resume_all_triggers(self.ledger, self.cfg, self.outdir)
 
     # -- scheduling ---------------------------------------------------------------------------
     def _nbytes(self, row) -> int:
-        if row["nbytes"]:
-            return int(row["nbytes"] * self.settings["memory_factor"])
-        from vampd.watch.observer import header_ints
-
-        try:
-            k = header_ints(row["path"])
-        except OSError:
-            return 0
-        return estimate_bytes(k.get("NAXIS1", 0), k.get("NAXIS2", 0), k.get("NAXIS3", 1), self.settings["memory_factor"])
+        """Memory a job will need: the decompressed image (float32) × ``memory_factor``."""
+        nbytes = row["nbytes"]
+        if not nbytes:
+            try:
+                nbytes = decompressed_bytes(data_layout(row["path"]))
+            except VampdError:
+                nbytes = 0  # the worker will name the problem
+        return int(nbytes * self.settings["memory_factor"])
 
     def pump(self) -> int:
-        """Submit pending files while the pool admits them; returns how many were submitted."""
+        """Submit pending files while the pool admits them; returns how many were submitted.
+
+        Nothing is submitted while the output side is blocked; a suspect (in flight at a
+        worker death) runs alone; a job larger than the whole memory budget is parked.
+        """
         n = 0
         free = self.pool.workers - len(self.pool.jobs)
-        if free <= 0:
+        if free <= 0 or self.output_blocked or any(p in self.suspects for p in self.pool.jobs):
             return 0
+        limit = self.pool.memory_limit
         for row in self.ledger.next_pending(free, exclude=self.pool.jobs):
             path = row["path"]
             if not os.path.exists(path):
-                self.ledger.record_failure(path, f"{path}: file vanished before processing", 1, permanent=True)
+                # no identity kept: the file coming back (same content or not) is judged anew
+                self.ledger.record_failure(path, f"{printable(path)}: file vanished before processing", 1,
+                                           permanent=True, kind="rejected", identity=(None, None, None))
                 continue
             nbytes = self._nbytes(row)
+            if nbytes > limit:
+                self.ledger.record_failure(
+                    path, f"{printable(path)}: needs {nbytes / 1024**3:.2f} GB (decompressed image x memory_factor), "
+                    f"over the memory limit of {limit / 1024**3:.2f} GB ([watch].memory_limit_gb)",
+                    1, permanent=True, kind="memory")
+                log.error("parked %s: over the memory limit", printable(os.path.basename(path)))
+                continue
+            if path in self.suspects and self.pool.jobs:
+                break  # a suspect waits until it can run alone
             if not self.pool.admissible(nbytes):
                 break  # keep arrival order: wait for memory rather than skipping ahead
             self.ledger.mark_running(path)
@@ -236,6 +256,8 @@ class Runner:
             force = self.force or path in self.forced or (row["config_hash"] or self.config_hash) != self.config_hash
             self.pool.submit(path, nbytes, self.cfg, self.outdir, force=force)
             n += 1
+            if path in self.suspects:
+                break
         return n + self._pump_blocks()
 
     def _pump_blocks(self) -> int:
@@ -250,11 +272,26 @@ class Runner:
             return 0
 
     def collect(self, timeout: float = 0.0) -> int:
-        """Record finished jobs; returns how many were recorded."""
-        results = self.pool.collect(timeout)
-        for r in results:
-            self.record(r)
-        return len(results)
+        """Record finished jobs; returns how many were recorded.
+
+        Results the ledger cannot take now (disk full) are held and recorded by a later call.
+        """
+        results = self.held + self.pool.collect(timeout)
+        self.held = []
+        for i, r in enumerate(results):
+            try:
+                self.record(r)
+            except sqlite3.OperationalError as exc:  # full disk, I/O error: keep the rest for later
+                self.held = results[i:]
+                self.block_output(f"{self.ledger.path}: ledger not writable ({exc})")
+                break
+        return len(results) - len(self.held)
+
+    def block_output(self, why: str) -> None:
+        """Pause intake: the output side refused a write."""
+        if self.output_blocked is None:
+            log.error("output blocked, intake paused: %s", why)
+        self.output_blocked = why
 
     def record(self, r: JobResult) -> None:
         from vampd.engine.blocks import BLOCK_PREFIX, record_block
@@ -262,7 +299,7 @@ class Runner:
         if r.path.startswith(BLOCK_PREFIX):  # an HWP block coadd, not an input file
             record_block(self, r)
             return
-        name = os.path.basename(r.path)
+        name = printable(os.path.basename(r.path))
         if r.ok:
             try:
                 latency = self.ledger.record_done(r.path, r.products, r.summary, r.metrics, self.config_hash)
@@ -270,6 +307,7 @@ class Runner:
                 r = JobResult(r.path, False, error=f"{r.path}: a product was not written ({exc.filename})")
             else:
                 self.forced.discard(r.path)
+                self.suspects.discard(r.path)
                 self.n_done += 1
                 self.latencies.append(latency)
                 m = r.metrics or {}
@@ -277,19 +315,60 @@ class Runner:
                 log.info("done %s in %.2f s (latency %.2f s) %s", name, r.elapsed, latency, extra)
                 self.triggers(r.path)
                 return
-        state = self.ledger.record_failure(r.path, r.error, self.settings["max_tries"], permanent=r.permanent)
+        if r.kind == "output":  # not the file's fault: no try charged, intake pauses
+            self.ledger.release(r.path)
+            self.block_output(r.error)
+            return
+        if r.kind == "crash" and r.in_flight > 1 and r.path not in self.suspects:
+            self.ledger.release(r.path)  # cannot tell whose fault: it runs alone next
+            self.suspects.add(r.path)
+            log.warning("%s was running when a worker died; it will run alone", name)
+            return
+        state = self.ledger.record_failure(r.path, r.error, self.settings["max_tries"], permanent=r.permanent,
+                                           kind="permanent" if r.permanent else "transient")
+        self.suspects.discard(r.path)
         self.n_failed += state == "parked"
-        (log.error if state == "parked" else log.warning)("%s %s: %s", state, name, r.error)
+        (log.error if state == "parked" else log.warning)("%s %s: %s", state, name, printable(r.error))
         if state == "parked":
             self.triggers(r.path)
+
+    def probe_output(self) -> bool:
+        """While blocked: can the output directory (and ledger) take a write again? Clears the
+        block and returns True if so."""
+        if self.output_blocked is None:
+            return True
+        probe = self.outdir / f".vampd-probe-{os.getpid()}"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+                os.fsync(fh.fileno())
+            probe.unlink()
+            self.ledger.retry_due(0.0)  # a tiny write transaction: the ledger takes writes too
+            if not self._startup_done:
+                self._startup_writes()
+        except (OSError, sqlite3.OperationalError):
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return False
+        log.warning("output writable again: intake resumed (was: %s)", self.output_blocked)
+        self.output_blocked = None
+        try:
+            self.ledger.event("info", "output writable again: intake resumed")
+        except sqlite3.OperationalError:
+            pass
+        return True
 
     @property
     def in_flight(self) -> int:
         return len(self.pool.jobs)
 
     def idle(self) -> bool:
-        """Nothing running and nothing pending in the ledger."""
-        return not self.pool.jobs and not self.ledger.next_pending(1)
+        """Nothing running, nothing pending in the ledger, no set work queued."""
+        busy = self.trigger_thread is not None and self.trigger_thread.pending
+        return not self.pool.jobs and not self.ledger.next_pending(1) and not busy
 
     # -- batch --------------------------------------------------------------------------------
     def run_batch(self, paths: list[str], poll: float = 0.2) -> dict:
@@ -316,6 +395,10 @@ class Runner:
         while True:
             self.pump()
             if not self.pool.jobs:
+                if self.output_blocked:  # nothing more can be written: report, keep them pending
+                    log.error("run: output blocked, %d file(s) left pending: %s",
+                              len(self.ledger.next_pending(10**6)), self.output_blocked)
+                    break
                 if self.ledger.next_pending(1):
                     continue
                 if self._end_of_batch() and self.pump():  # block coadds submitted: wait for them
@@ -349,3 +432,51 @@ class Runner:
         if abandoned:
             log.warning("stop: abandoned %d running file(s); they will be redone", len(abandoned))
         return abandoned
+
+
+def run_file_triggers(ledger: Ledger, cfg: Any, outdir: os.PathLike | str, path: str) -> None:
+    """The PDI and specphot hooks after one file was recorded (done or parked)."""
+    from vampd.engine import pdi_trigger, specphot_trigger
+
+    name = printable(os.path.basename(path))
+    for what, hook in (("pdi", pdi_trigger.on_file_done), ("specphot", specphot_trigger.on_file_done)):
+        try:
+            hook(ledger, cfg, Path(outdir), path)
+        except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
+            log.exception("%s trigger failed after %s", what, name)
+            ledger.event("error", f"{what} trigger failed after {name}: {exc}")
+
+
+def resume_all_triggers(ledger: Ledger, cfg: Any, outdir: os.PathLike | str) -> dict:
+    """Start-up pass of both triggers over what the ledger already holds (see
+    :meth:`Runner.resume_triggers`)."""
+    from vampd.engine import pdi_trigger, specphot_trigger
+
+    outdir = Path(outdir)
+    out: dict = {}
+    if getattr(cfg, "polarimetry", None) is not None:
+        try:
+            out["pdi"] = pdi_trigger.update_sets(ledger, cfg, outdir, final=False)
+        except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
+            log.exception("pdi trigger failed at start-up")
+            ledger.event("error", f"pdi trigger failed at start-up: {exc}")
+    if specphot_trigger.specphot_enabled(cfg):
+        out["specphot"] = []
+        # the latest done file of each camera stands for its camera's sequences
+        for cam, path in ledger.latest_done_per_camera():
+            try:
+                out["specphot"].extend(specphot_trigger.on_file_done(ledger, cfg, outdir, path))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("specphot trigger failed at start-up (camera %s)", cam)
+                ledger.event("error", f"specphot trigger failed at start-up (camera {cam}): {exc}")
+    return out
+
+
+def trigger_work(ledger: Ledger, item: tuple) -> None:
+    """The :class:`~vampd.engine.triggers.TriggerThread` work function: ``(what, path, cfg)``."""
+    what, path, cfg = item
+    outdir = ledger.outdir
+    if what == "resume":
+        resume_all_triggers(ledger, cfg, outdir)
+    else:
+        run_file_triggers(ledger, cfg, outdir, path)

@@ -14,6 +14,11 @@ tolerance; the partner with the largest overlap wins):
 
 ``{stem}`` is the input stem of the camera-1 (FLC A) product: a stable name under incremental
 arrival, where the reference's running index is not.
+
+Linear nights: the candidates of a new file come from an indexed ledger query over a time
+window around it (:func:`near_records`), and each product's exposure span is read from its
+header once and then kept in the ledger (``files.mjd_str/mjd_end``): the work per file does
+not grow with the number of files already done.
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ from vampd.instrument.wcs import apply_wcs
 from vampd.pdi.differences import double_difference, single_difference
 from vampd.pdi.sets import nominal_hwp
 
-__all__ = ["overlap", "match_single", "match_double", "write_single_diff", "write_double_diff", "diff_paths"]
+__all__ = ["overlap", "match_single", "match_double", "write_single_diff", "write_double_diff", "diff_paths",
+           "span_of", "near_records"]
+
+#: candidates of a new file: done files whose MJD is within this many spans of its own (and ≤ 0.02 d)
+_SPANS_AROUND = 4.0
+_MAX_WINDOW = 0.02
 
 
 def overlap(a: Mapping, b: Mapping) -> float:
@@ -173,3 +183,42 @@ def write_double_diff(path, prod1a: str, prod2a: str, prod1b: str, prod2b: str) 
     hdus = [fits.PrimaryHDU(diff, header=h), fits.ImageHDU(tot, name="SUM"), fits.ImageHDU(err, name="ERR")]
     hdus += [fits.ImageHDU(header=fh, name=fh.get("EXTNAME", f"F{i}")) for i, fh in enumerate(arrs[0][3])]
     return write_fits_atomic(path, fits.HDUList(hdus))
+
+
+def span_of(product) -> tuple[float, float] | None:
+    """``(MJD-STR, MJD-END)`` of a coadded product (one header read), None if unreadable."""
+    try:
+        h = fits.getheader(product)
+        return float(h["MJD-STR"]), float(h["MJD-END"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _with_span(ledger, rec: dict) -> dict | None:
+    if rec.get("mjd_str") is None or rec.get("mjd_end") is None:
+        span = span_of(rec["product"])
+        if span is None:
+            return None
+        ledger.record_span(rec["path"], *span)  # read once per product for the whole night
+        rec = dict(rec, mjd_str=span[0], mjd_end=span[1])
+    return rec
+
+
+def near_records(ledger, path: str) -> list[dict]:
+    """Records (with exposure spans) of the done files that may pair with ``path``: same
+    target and filter, MJD within a few exposure spans of it. Cost independent of the night's
+    length (indexed query, spans cached in the ledger)."""
+    recs = ledger.diff_candidates(str(path), _MAX_WINDOW)
+    this = next((r for r in recs if r["path"] == str(path)), None)
+    if this is None or (this := _with_span(ledger, this)) is None:
+        return []
+    span = max(float(this["mjd_end"]) - float(this["mjd_str"]), 1e-6)
+    window = min(_MAX_WINDOW, _SPANS_AROUND * span + 2.0 / 86400)
+    mjd = float(this["mjd"])
+    out = []
+    for r in recs:
+        if abs(float(r["mjd"]) - mjd) <= window:
+            r = this if r["path"] == this["path"] else _with_span(ledger, r)
+            if r is not None:
+                out.append(r)
+    return out

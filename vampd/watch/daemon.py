@@ -6,8 +6,17 @@ Every tick: drain hints, rescan if asked (overflow, vanished root, full queue) o
 heartbeat the ledger, supervise the observer and the pool, and ping systemd's watchdog
 only when both are healthy.
 
+Set and sequence work (PDI, specphot) runs in a separate thread with its own ledger
+connection (:mod:`vampd.engine.triggers`): the ping never waits on science.
+
+Degrade, don't die: every step of a tick is guarded; an error about one file is recorded
+for that file; a full or read-only output (a worker's product write or the ledger itself)
+pauses intake with an alert and a probe every few seconds resumes it; a missing input
+directory is an alert, not an exit.
+
 Signals: SIGTERM/SIGINT stop taking work, let running jobs finish within
-``stop_timeout`` (then abandon them cleanly: they go back to pending), flush, exit 0.
+``stop_timeout`` (then abandon them cleanly: they go back to pending), flush, exit 0. The
+whole stop is bounded: past ``stop_timeout`` + 10 s the process exits regardless.
 SIGHUP reloads the configuration.
 """
 
@@ -16,9 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
+from vampd.engine.ledger import stat_identity
+from vampd.errors import EXIT_BUSY, EXIT_INPUT, EXIT_LEDGER, EXIT_OUTPUT, EXIT_USAGE, StartupError
 from vampd.watch.notify import notify, watchdog_interval
 from vampd.watch.observer import CompletenessTracker, Watcher
 
@@ -48,12 +61,15 @@ class Daemon:
         from vampd.engine.commands import open_engine
 
         self.config_path = str(config_path)
-        self.cfg, self.outdir, self.ledger, self.pool, self.runner = open_engine(self.config_path, outdir, jobs)
+        check_startup(self.config_path, inputs, outdir)
+        try:
+            self.cfg, self.outdir, self.ledger, self.pool, self.runner = open_engine(self.config_path, outdir, jobs)
+        except ValueError as exc:
+            busy = "another vampd daemon" in str(exc)
+            raise StartupError(str(exc), EXIT_BUSY if busy else EXIT_USAGE) from None
         self.jobs = jobs
         s = self.runner.settings
         roots = [Path(p) for p in (inputs or s["inputs"])]
-        if not roots:
-            raise ValueError(f"{config_path}: no input directory (give -i DIR or set watch.inputs)")
         self.watcher = Watcher(
             roots, s["patterns"], s["recursive"], poll or s["poll"], s["poll_interval"],
             queue_size=16 * s["queue_size"],  # full → dropped events become a rescan
@@ -63,6 +79,9 @@ class Daemon:
         self._stop = False
         self._reload = False
         self.started = time.time()
+        self._missing_inputs: set[str] = set()
+        self._step_errors: dict[str, str] = {}
+        self.trigger_thread = None
 
     @property
     def stop_requested(self) -> bool:
@@ -106,60 +125,127 @@ class Daemon:
 
     # -- the loop -------------------------------------------------------------------------------
     def rescan(self) -> int:
-        """Compare the directories with the ledger; track every file not recorded as it is now."""
+        """Compare the directories with the ledger; track every file not recorded as it is now.
+
+        A file whose identity (size, mtime, inode) matches its row, in whatever state (done,
+        pending, waiting for a retry, parked, rejected), is not judged again.
+        """
+        from vampd.engine.ledger import ledger_key
+
         known = self.ledger.known_stats()
         n = 0
         for path in self.watcher.scan():
-            rec = known.get(path)
-            if rec is not None:
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                if (st.st_size, st.st_mtime_ns) == (rec[0], rec[1]) and rec[2] != "failed":
-                    continue  # unchanged and recorded (done, pending or parked)
+            rec = known.get(ledger_key(path))
+            if rec is not None and _same(stat_identity(path), rec):
+                continue
             if path not in self.tracker:
                 self.tracker.add(path)
                 n += 1
+        gone = self.ledger.parked_gone()
+        if gone:  # a deleted bad file leaves the status
+            self.ledger.forget(gone)
         return n
 
     def _recorded(self, path: str) -> bool:
-        """The ledger already holds this file as it is now (a late event for a known file)."""
+        """The ledger already holds this file as it is now (a late event for a known file,
+        the echo of a read, a repeated event for a rejected file)."""
         row = self.ledger.get(path)
-        if row is None or row["state"] == "failed":
+        if row is None:
             return False
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return True
-        return (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"])
+        ident = stat_identity(path)
+        return ident is None or _same(ident, (row["size"], row["mtime_ns"], row["state"], row["ino"]))
 
     def status_line(self) -> str:
         c = self.ledger.counts()
         pending = c["pending"] + c["queued"] + c["running"]
-        return (f"{c['done']} done, {c['parked']} parked, {c['failed']} to retry, {pending} pending, "
+        line = (f"{c['done']} done, {c['parked']} parked, {c['failed']} to retry, {pending} pending, "
                 f"{len(self.tracker)} arriving, {len(self.pool.jobs)} running")
+        if self.runner.output_blocked:
+            line += "; PAUSED: output blocked"
+        if self._missing_inputs:
+            line += f"; input missing: {', '.join(sorted(self._missing_inputs))}"
+        return line
+
+    def _guard(self, name: str, fn, *args):
+        """Run one step of the tick; an exception is logged (once per distinct message) and
+        the loop goes on. A ledger that cannot be written pauses intake."""
+        try:
+            out = fn(*args)
+        except sqlite3.OperationalError as exc:
+            self.runner.block_output(f"{self.ledger.path}: ledger not writable ({exc})")
+            return None
+        except Exception as exc:  # noqa: BLE001 -- degrade, don't die
+            msg = f"{type(exc).__name__}: {exc}"
+            if self._step_errors.get(name) != msg:
+                log.exception("%s failed (the daemon goes on): %s", name, msg)
+                self._step_errors[name] = msg
+            return None
+        self._step_errors.pop(name, None)
+        return out
+
+    def check_inputs(self) -> None:
+        """Alert (once per change) when a watched directory is missing."""
+        missing = {r for r in self.watcher.roots if not os.path.isdir(r)}
+        for r in sorted(missing - self._missing_inputs):
+            log.error("ALERT: input directory %s does not exist (typo? not mounted?)", r)
+            self.ledger.event("error", f"input directory missing: {r}")
+        for r in sorted(self._missing_inputs - missing):
+            log.warning("input directory %s is back", r)
+            self.ledger.event("info", f"input directory back: {r}")
+        self._missing_inputs = missing
+
+    def _intake(self, now: float) -> None:
+        """Events → tracker → completeness verdicts → ledger."""
+        runner = self.runner
+        for path in self.watcher.drain():
+            if path not in self.tracker and not self._recorded(path):
+                self.tracker.add(path, now)
+        for v in self.tracker.check(now):
+            if v.state == "complete":
+                runner.offer(v.path, nbytes=v.nbytes, t_complete=v.t_complete)
+            elif v.state == "error":
+                runner.reject(v.path, v.reason)
 
     def healthy(self) -> bool:
         return self.watcher.healthy() and self.pool.healthy()
 
+    def _start(self) -> int:
+        """Start-up work after the checks: ledger rows, workers, observer, catch-up."""
+        from vampd.engine.runner import trigger_work
+        from vampd.engine.triggers import TriggerThread
+
+        ledger, runner, watcher = self.ledger, self.runner, self.watcher
+        try:
+            ledger.daemon_start(os.getpid(), self.config_path, runner.config_hash)
+            ledger.event("info", f"daemon started (pid {os.getpid()})")
+        except sqlite3.OperationalError as exc:  # a full disk: start paused, not dead
+            runner.block_output(f"{ledger.path}: ledger not writable ({exc})")
+        self.trigger_thread = TriggerThread(self.outdir, trigger_work)
+        self.trigger_thread.start()
+        runner.trigger_thread = self.trigger_thread
+        self.pool.start()
+        watcher.start()
+        self._guard("input check", self.check_inputs)
+        # files parked after transient errors get one more chance per start (the cause may be gone)
+        k = self._guard("retry", ledger.retry_parked, None, ["transient"])
+        if k:
+            log.info("start-up: %d file(s) parked after transient errors are retried", k)
+        n = self._guard("rescan", self.rescan) or 0  # catch up with what is already there
+        self._guard("product check", runner.recheck_products)  # products lost with a power cut are redone
+        # sets/sequences whose last file was recorded just before a kill (idempotent, in the thread)
+        runner.resume_triggers()
+        return n
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit status (0)."""
         self.install_signals()
-        ledger, runner, watcher = self.ledger, self.runner, self.watcher
-        ledger.daemon_start(os.getpid(), self.config_path, runner.config_hash)
-        ledger.event("info", f"daemon started (pid {os.getpid()})")
-        self.pool.start()
-        watcher.start()
-        n = self.rescan()  # catch up with what is already there
-        runner.recheck_products()  # products lost with a power cut (or deleted) are redone
-        # sets/sequences whose last file was recorded just before a kill (idempotent)
-        runner.resume_triggers()
+        runner, watcher = self.runner, self.watcher
+        n = self._start()
         log.info("watching %s → %s; %d file(s) to catch up", ", ".join(watcher.roots), self.outdir, n)
         wd = watchdog_interval()
-        notify("READY=1", f"STATUS=started; {self.status_line()}")
+        notify("READY=1", f"STATUS=started; {self._guard('status', self.status_line)}")
         s = runner.settings
-        next_beat = next_reconcile = 0.0
+        next_beat = next_probe = paused_since = 0.0
         last_ping = 0.0
         next_reconcile = time.time() + s["reconcile_interval"]
         from vampd.live.alerts import AlertMonitor  # alerts reach the journal as log records
@@ -169,36 +255,29 @@ class Daemon:
             now = time.time()
             if self._reload:
                 self._reload = False
-                self.reload()
+                self._guard("reload", self.reload)
                 s = runner.settings
-            for path in watcher.drain():
-                if path not in self.tracker and not self._recorded(path):
-                    self.tracker.add(path, now)
             if watcher.take_rescan() or now >= next_reconcile:
-                found = self.rescan() + runner.recheck_products()
+                found = (self._guard("rescan", self.rescan) or 0) + (self._guard("product check", runner.recheck_products) or 0)
                 if found:
                     log.info("rescan: %d file(s) not in the ledger", found)
                 from vampd.engine import leastsq_trigger
 
                 leastsq_trigger.tick(ledger, runner.cfg, self.outdir)  # products lagging by time (issue 13)
                 next_reconcile = now + s["reconcile_interval"]
-            for v in self.tracker.check(now):
-                if v.state == "complete":
-                    runner.offer(v.path, nbytes=v.nbytes, t_complete=v.t_complete)
-                elif v.state == "error":
-                    runner.reject(v.path, v.reason)
-            runner.collect(timeout=0)
-            runner.pump()
+            if runner.output_blocked and now >= next_probe:
+                next_probe = now + 5.0
+                paused_since = paused_since or now
+                if self._guard("output probe", runner.probe_output):
+                    self.tracker.postpone(now - paused_since)  # the pause is nobody's timeout
+                    paused_since = 0.0
+            if not runner.output_blocked:
+                self._guard("intake", self._intake, now)
+            self._guard("collect", runner.collect, 0)
+            self._guard("submit", runner.pump)
             if now >= next_beat:
                 next_beat = now + 1.0
-                ok = watcher.supervise() & self.pool.healthy()
-                status = self.status_line()
-                ledger.heartbeat("running" if ok else "degraded")
-                if ok and (wd is None or now - last_ping >= wd):
-                    notify("WATCHDOG=1", f"STATUS={status}")
-                    last_ping = now
-                elif not ok:
-                    notify(f"STATUS=degraded: {status}")
+                last_ping = self._beat(now, wd, last_ping)
             if now >= next_alerts:
                 next_alerts = now + 10.0
                 try:
@@ -206,17 +285,90 @@ class Daemon:
                 except Exception as exc:  # alerts are advisory: they never stop the daemon
                     log.debug("alert check failed: %s", exc)
             # sleep, but wake early for finished jobs
-            runner.collect(timeout=self.tick)
+            if self._guard("collect", runner.collect, self.tick) is None:
+                time.sleep(self.tick)
         return self.shutdown()
 
+    def _beat(self, now: float, wd: float | None, last_ping: float) -> float:
+        """Once a second: retries due, input check, heartbeat, the systemd watchdog ping."""
+        self._guard("retries", self.ledger.retry_due, now)
+        self._guard("input check", self.check_inputs)
+        ok = bool(self._guard("supervise", self.watcher.supervise)) & self.pool.healthy()
+        trig = self.trigger_thread
+        ok &= trig is None or trig.alive()
+        status = self._guard("status", self.status_line) or "status unavailable"
+        paused = self.runner.output_blocked is not None
+        self._guard("heartbeat", self.ledger.heartbeat, "paused" if paused else "running" if ok else "degraded")
+        if ok and (wd is None or now - last_ping >= wd):
+            notify("WATCHDOG=1", f"STATUS={status}")
+            return now
+        if not ok:
+            notify(f"STATUS=degraded: {status}")
+        return last_ping
+
     def shutdown(self) -> int:
+        """Drain within ``stop_timeout``; a hard deadline 10 s later ends the process anyway."""
+        timeout = self.runner.settings["stop_timeout"]
+        deadline = time.time() + timeout
+        hard = threading.Timer(timeout + 10.0, _hard_exit)
+        hard.daemon = True
+        hard.start()
         notify("STOPPING=1", "STATUS=draining")
         self.watcher.stop()
-        timeout = self.runner.settings["stop_timeout"]
         log.info("stopping: waiting up to %g s for %d running job(s)", timeout, len(self.pool.jobs))
-        abandoned = self.runner.drain(timeout)
-        self.ledger.event("info", f"daemon stopped ({len(abandoned)} job(s) abandoned)")
-        self.ledger.daemon_stop()
-        log.info("stopped: %s", self.status_line())
+        abandoned = self._guard("drain", self.runner.drain, timeout) or []
+        if self.trigger_thread is not None:
+            self.trigger_thread.stop(max(1.0, deadline - time.time()))
+        self._guard("stop record", self.ledger.event, "info", f"daemon stopped ({len(abandoned)} job(s) abandoned)")
+        self._guard("stop record", self.ledger.daemon_stop)
+        log.info("stopped: %s", self._guard("status", self.status_line))
         self.ledger.close()
+        hard.cancel()
         return 0
+
+
+def _hard_exit() -> None:
+    log.error("stop: shutdown exceeded stop_timeout + 10 s; exiting now (interrupted work is redone at start)")
+    logging.shutdown()
+    os._exit(0)
+
+
+def _same(ident: tuple | None, rec: tuple) -> bool:
+    """A file's ``(size, mtime_ns, inode)`` matches its ledger row ``(size, mtime_ns, state, inode)``."""
+    if ident is None or rec[0] is None:
+        return False
+    size, mtime_ns, _state, ino = rec
+    return (ident[0], ident[1]) == (size, mtime_ns) and (ino is None or ident[2] == ino)
+
+
+def check_startup(config_path: str, inputs, outdir) -> None:
+    """Refuse to start, with one line naming the path and the cause and a documented exit
+    code (:mod:`vampd.errors`), when the configuration, output directory or ledger is unusable
+    or no input directory is configured. A configured input that does not exist is only an
+    alert (it may be mounted later)."""
+    from vampd.config import load_config
+    from vampd.engine.ledger import LEDGER_NAME, Ledger
+    from vampd.engine.runner import resolve_outdir, watch_settings
+
+    try:
+        cfg = load_config(config_path)
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"{config_path}: {exc}", EXIT_USAGE) from None
+    if not (inputs or watch_settings(cfg)["inputs"]):
+        raise StartupError(f"{config_path}: no input directory (give -i DIR or set watch.inputs)", EXIT_INPUT)
+    out = resolve_outdir(cfg, config_path, outdir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"{out}: cannot create the output directory ({exc.strerror})", EXIT_OUTPUT) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise StartupError(f"{out}: output directory not writable by uid {os.geteuid()}", EXIT_OUTPUT)
+    try:
+        Ledger(out).close()
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):
+            raise StartupError(f"{out / LEDGER_NAME}: cannot create the ledger ({exc})", 75) from None
+        raise StartupError(f"{out / LEDGER_NAME}: ledger not usable ({exc})", EXIT_OUTPUT) from None
+    except (sqlite3.DatabaseError, RuntimeError) as exc:
+        raise StartupError(f"{out / LEDGER_NAME}: ledger corrupt or from a newer vampd ({exc}); "
+                           "move it aside to start a new one", EXIT_LEDGER) from None

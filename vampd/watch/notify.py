@@ -23,9 +23,11 @@ def notify(*messages: str, env: dict | None = None) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(addr)
-            sock.sendall("\n".join(messages).encode())
+            # never block: a receiver that does not read (its queue full) must not stall the
+            # daemon's loop; a dropped STATUS/WATCHDOG datagram is harmless, a hung loop is not
+            sock.send("\n".join(messages).encode(), socket.MSG_DONTWAIT)
         return True
-    except OSError:
+    except OSError:  # includes BlockingIOError (queue full)
         return False
 
 

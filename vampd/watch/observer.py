@@ -1,12 +1,17 @@
 """Directory watching: which names are candidates, when a file is complete, and the
 watchdog observer with its overflow/rescan plumbing.
 
-Events are only hints. A candidate file is *complete* when its FITS structure is whole
-(header END card and the data size implied by the NAXISn), its size and mtime have not
-changed for ``settle_time`` seconds and, when the config expects one, its ``.txt``
-sidecar has NAXIS3 lines. A file that never completes becomes an error after
-``complete_timeout`` seconds. Periodic and on-demand rescans of the directories catch
-whatever the events missed (inotify queue overflow, NFS, a restarted observer).
+Events are only hints. Every path is first classified without blocking (``lstat``, then
+``stat`` through a symlink, then a non-blocking open in the byte layer): only a regular
+file (or a symlink to one) can be a raw file; a FIFO, a device, a directory named
+``*.fits``, a symlink loop, a dangling link or an unreadable file is an ``error`` verdict
+with the reason, at once. A candidate file is *complete* when its FITS structure is whole
+(exact END card, data and padding as BITPIX/NAXISn imply: :mod:`vampd.fitsbytes`), its
+size and mtime have not changed for ``settle_time`` seconds and, when the config expects
+one, its ``.txt`` sidecar has NAXIS3 lines. A file that never completes becomes an error
+after ``complete_timeout`` seconds. Nothing about one path raises out of the tracker.
+Periodic and on-demand rescans of the directories catch whatever the events missed
+(inotify queue overflow, NFS, a restarted observer).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import fnmatch
 import logging
 import os
 import queue
+import stat
+from collections import deque
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -23,14 +30,24 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
-from vampd.fitsio import fits_structure_complete, output_stem
+from vampd.errors import VampdError
+from vampd.fitsbytes import (
+    IncompleteFits,
+    NotFitsError,
+    VanishedError,
+    data_layout,
+    decompressed_bytes,
+    kind_of,
+    open_regular,
+)
+from vampd.fitsio import output_stem
 
 __all__ = [
     "is_candidate",
     "scan_directories",
     "sidecar_path",
     "sidecar_lines",
-    "header_ints",
+    "classify_path",
     "Completeness",
     "CompletenessTracker",
     "Watcher",
@@ -64,7 +81,11 @@ def scan_directories(
         root = os.path.abspath(root)
         if not os.path.isdir(root):
             continue
-        walker: Iterator = os.walk(root) if recursive else iter([(root, [], os.listdir(root))])
+        try:
+            walker: Iterator = os.walk(root) if recursive else iter([(root, [], os.listdir(root))])
+        except OSError as exc:  # unreadable root: the daemon's input check reports it
+            log.warning("watch: cannot list %s: %s", root, exc.strerror)
+            continue
         for dirpath, dirnames, names in walker:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             out.extend(os.path.join(dirpath, n) for n in names if is_candidate(n, patterns))
@@ -80,31 +101,42 @@ def sidecar_path(path: os.PathLike | str) -> Path:
 def sidecar_lines(path: os.PathLike | str) -> int | None:
     """Number of non-empty lines of the sidecar, or None if there is none."""
     try:
-        with open(sidecar_path(path), "rb") as fh:
-            return sum(1 for line in fh if line.strip())
-    except FileNotFoundError:
+        fd = open_regular(sidecar_path(path))  # a FIFO named NAME.txt must not block
+    except VampdError:
         return None
+    with os.fdopen(fd, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
-def header_ints(path: os.PathLike | str, keys: Iterable[str] = ("NAXIS", "NAXIS1", "NAXIS2", "NAXIS3")) -> dict:
-    """Integer keywords of the primary header, read from the raw cards (no astropy)."""
-    wanted = {k.encode() for k in keys}
-    out: dict[str, int] = {}
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(2880)
-            if len(block) < 2880:
-                return out
-            for i in range(0, 2880, 80):
-                card = block[i : i + 80]
-                key = card[:8].rstrip()
-                if key == b"END":
-                    return out
-                if key in wanted and card[8:10] == b"= ":
-                    try:
-                        out[key.decode()] = int(card[10:].split(b"/")[0].strip())
-                    except ValueError:
-                        pass
+def classify_path(path: str) -> tuple[tuple | None, str | None]:
+    """``(signature, problem)`` of a path, without opening it.
+
+    ``signature`` is ``(size, mtime_ns, inode)`` of the file (through a symlink); ``problem``
+    is None for a regular file, else why the path can never be a raw file (or ``"gone"``).
+    """
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return None, "gone"
+    except OSError as exc:
+        return None, f"cannot stat: {exc.strerror}"
+    st = lst
+    if stat.S_ISLNK(lst.st_mode):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return (lst.st_size, lst.st_mtime_ns, lst.st_ino), "dangling symlink"
+        except OSError as exc:
+            why = "symlink loop" if exc.errno == 40 else f"cannot follow the symlink: {exc.strerror}"
+            return (lst.st_size, lst.st_mtime_ns, lst.st_ino), why
+    sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+    if not stat.S_ISREG(st.st_mode):
+        return sig, f"not a regular file ({kind_of(st.st_mode)})"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return sig, "file name is not valid UTF-8 (rename it)"
+    return sig, None
 
 
 @dataclass
@@ -147,6 +179,11 @@ class CompletenessTracker:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def postpone(self, seconds: float) -> None:
+        """Time spent paused (intake stopped) does not count towards ``complete_timeout``."""
+        for e in self.entries.values():
+            e.first_seen += seconds
+
     def __contains__(self, path: str) -> bool:
         return path in self.entries
 
@@ -163,25 +200,51 @@ class CompletenessTracker:
 
     def _check_one(self, path: str, e: _Entry, now: float) -> Completeness | None:
         try:
-            st = os.stat(path)
-        except FileNotFoundError:
+            return self._judge(path, e, now)
+        except Exception as exc:  # noqa: BLE001 -- whatever one path does, it stays with that path
+            log.debug("watch: %r", path, exc_info=True)
+            return Completeness(path, "error", f"cannot be checked ({type(exc).__name__}: {exc})")
+
+    def _judge(self, path: str, e: _Entry, now: float) -> Completeness | None:
+        sig, problem = classify_path(path)
+        if problem == "gone":
             return Completeness(path, "gone", "file vanished before it was complete")
-        sig = (st.st_size, st.st_mtime_ns)
+        if problem is not None:
+            return Completeness(path, "error", problem)
         side = sidecar_path(path)
+        nbytes, nframes, lay = 0, 1, None
+        try:
+            lay = data_layout(path)
+            shape = lay.image_shape
+            nframes = shape[0] if len(shape) >= 3 else 1
+            nbytes = decompressed_bytes(lay)
+            ok, reason = True, "complete"
+            if sig[0] > lay.padded_end:  # bytes appended after a whole FITS structure are not
+                sig = (lay.padded_end, sig[2])  # content: settle on the structure alone
+        except IncompleteFits as exc:
+            ok, reason = False, str(exc).removeprefix(path + ": ")
+            not_fits = False
+        except VanishedError:
+            return Completeness(path, "gone", "file vanished before it was complete")
+        except NotFitsError as exc:  # final once settled (the first card may still be on its way)
+            ok, reason = False, str(exc).removeprefix(path + ": ")
+            not_fits = True
+        except VampdError as exc:  # unreadable: final for this version
+            return Completeness(path, "error", str(exc).removeprefix(path + ": "))
+        else:
+            not_fits = False
         if self.expect_sidecar:
             try:
                 sst = os.stat(side)
                 sig += (sst.st_size, sst.st_mtime_ns)
-            except FileNotFoundError:
+            except OSError:
                 sig += (None,)
         if sig != e.sig:
             e.sig, e.changed = sig, now
         settled = now - e.changed >= self.settle_time
-        ok, reason = fits_structure_complete(path)
+        if not_fits and settled:
+            return Completeness(path, "error", reason)
         if ok:
-            keys = header_ints(path)
-            nframes = keys.get("NAXIS3", 1) if keys.get("NAXIS", 0) >= 3 else 1
-            nbytes = keys.get("NAXIS1", 0) * keys.get("NAXIS2", 0) * nframes * 4
             if self.expect_sidecar:
                 nlines = sidecar_lines(path)
                 if nlines is None:
@@ -190,9 +253,6 @@ class CompletenessTracker:
                     ok, reason = False, f"sidecar {side.name} has {nlines} lines, NAXIS3 = {nframes}"
             if ok and settled:
                 return Completeness(path, "complete", "complete", nbytes, now)
-        elif settled and st.st_size >= 80 and reason.startswith("not a FITS"):
-            # the first card never changes once written: a settled non-FITS file is final
-            return Completeness(path, "error", f"{reason}")
         e.reason = reason if not ok else "settling"
         if now - e.first_seen > self.complete_timeout:
             return Completeness(
@@ -216,7 +276,12 @@ class _Handler(FileSystemEventHandler):
             kind = event.event_type
             if kind == "moved":
                 path = event.dest_path
-            elif kind in ("created", "modified", "closed", "closed_no_write"):
+            elif kind == "events_lost":  # watchdog ≥ 6: the kernel queue overflowed
+                self.w.overflows += 1
+                self.w.request_rescan("inotify queue overflow")
+                return
+            elif kind in ("created", "modified", "closed"):
+                # not "closed_no_write"/"opened": those are vampd's own reads (and readers')
                 path = event.src_path
             elif kind == "deleted":
                 if os.fsdecode(event.src_path).rstrip("/") in self.w.roots:
@@ -236,9 +301,18 @@ class _Handler(FileSystemEventHandler):
             log.exception("watch: error handling %r", event)
 
 
+def _events_lost_supported() -> bool:
+    try:
+        from watchdog.events import EVENT_TYPE_EVENTS_LOST  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class _OverflowHook(logging.Handler):
-    """watchdog's inotify backend reports ``IN_Q_OVERFLOW`` only as a log warning and
-    drops it; this handler turns that warning into a rescan request."""
+    """Fallback for watchdog < 6, whose inotify backend reports ``IN_Q_OVERFLOW`` only as a
+    log warning: this handler turns that warning into a rescan request. With a watchdog that
+    delivers ``EventsLostEvent`` it is not installed."""
 
     def __init__(self, watcher: Watcher):
         super().__init__(logging.WARNING)
@@ -274,7 +348,7 @@ class Watcher:
         self.poll_interval = poll_interval
         self.queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._rescan = threading.Event()
-        self.rescan_reasons: list[str] = []
+        self.rescan_reasons: deque[str] = deque(maxlen=100)  # recent ones (bounded: all night)
         self.overflows = 0
         self.restarts = 0
         self.observer = None
@@ -325,7 +399,8 @@ class Watcher:
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
-        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._hook)
+        if not _events_lost_supported():
+            logging.getLogger("watchdog.observers.inotify_c").addHandler(self._hook)
         obs = PollingObserver(timeout=self.poll_interval) if self.poll else Observer()
         for root in self.roots:
             self._root_ids[root] = self._root_id(root)
