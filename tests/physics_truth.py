@@ -3,7 +3,7 @@
 Nothing here computes physics with vampd: the Mueller matrices are written out below from their
 textbook definitions, the parallactic angle, altitude and azimuth come from astropy's
 ``AltAz``/``ICRS`` transforms, the PSF is an analytic Moffat profile and the detector constants are
-typed in from the domain notes (§1.2). vampd is used only to format the raw header keywords
+typed in from docs/instrument.md §1.2. vampd is used only to format the raw header keywords
 (:func:`vampd.simulate.headers.raw_header`, which computes no physics: it writes the values it is
 given) and, by the tests, to run the real chain.
 
@@ -17,7 +17,7 @@ Conventions (stated here, independently of vampd's code):
   the pipeline rotates it counter-clockwise by DEROTANG to put North up.
 * The instrument's Mueller chain (right-most first) is PBS · FLC · IMR · HWP · R(−alt) · M3 · R(PA),
   with R the rotation of the Stokes reference frame, ideal half-wave retarders, an ideal mirror for
-  M3 and the HWP in pupil-tracking mode (sync angle of §9.5). CMOS FLC states A 0°, B 43°.
+  M3 and the HWP in pupil-tracking mode (sync angle of docs/instrument.md §9.5). CMOS FLC states A 0°, B 43°.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 # ------------------------------------------------------------------------------------------------
-# constants (domain notes §1.2; typed in, not imported from vampd)
+# constants (docs/instrument.md §1.2; typed in, not imported from vampd)
 
 LAT_DEG = 19.825504
 LON_DEG = -155.4760187
@@ -46,7 +46,7 @@ PXSCALE = {1: 5.952, 2: 5.938}  # mas/px, post-NBS
 PUPIL_OFFSET = {1: 129.44, 2: 129.99}  # deg, post-NBS
 PAP = -37.0  # D_IMRPAP written in the headers
 FLIPPED_CAMERA = 2  # post-NBS: camera 2 is flipped along y by the pipeline
-FLC_DEG = {"A": 0.0, "B": 43.0}  # CMOS FLC fast axes (§1.5)
+FLC_DEG = {"A": 0.0, "B": 43.0}  # CMOS FLC fast axes (docs/instrument.md §1.5)
 HWP_ANGLES = (0.0, 45.0, 22.5, 67.5)
 DAY = 86400.0
 
@@ -87,7 +87,7 @@ def polariser_beam(ordinary: bool) -> np.ndarray:
 
 
 def hwp_sync_rad(alt_deg: float, az_deg: float) -> float:
-    """HWP offset added in pupil-tracking mode (§9.5): ½ atan2(sin A, sin h cos A + cos h tan φ) + h."""
+    """HWP offset added in pupil-tracking mode (docs/instrument.md §9.5): ½ atan2(sin A, sin h cos A + cos h tan φ) + h."""
     a, h, phi = math.radians(az_deg - 180.0), math.radians(alt_deg), math.radians(LAT_DEG)
     return 0.5 * math.atan2(math.sin(a), math.sin(h) * math.cos(a) + math.cos(h) * math.tan(phi)) + h
 

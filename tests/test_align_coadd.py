@@ -1,4 +1,4 @@
-"""Registration, coadd, recenter, grouping and header combination (domain doc §5–§7, §12)."""
+"""Registration, coadd, recenter, grouping and header combination (docs/instrument.md §5–§7, §12)."""
 
 import math
 
@@ -48,7 +48,7 @@ def fit_center(img, guess):
 
 
 # ---------------------------------------------------------------------------------------------
-# imaging: §12 reference cases
+# imaging: docs/instrument.md §12 reference cases
 # ---------------------------------------------------------------------------------------------
 
 
@@ -210,7 +210,7 @@ def test_align_nan_center_gives_nan_frame():
 
 
 def test_intersect_diagonals_reference_cases():
-    # §12 TestIntersectPoint, written as (y, x)
+    # docs/instrument.md §12 TestIntersectPoint, written as (y, x)
     assert np.allclose(intersect_diagonals([[0, -1], [0, 1], [-1, 0.5], [1, 0.5]]), [0, 0.5])
     assert np.allclose(intersect_diagonals([[0.5, -1], [0.5, 1], [-1, -0.5], [1, -0.5]]), [0.5, -0.5])
     # axis-aligned square in any order (an xfail in the reference)

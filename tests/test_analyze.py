@@ -1,4 +1,4 @@
-"""Per-frame analysis, DFT registration, frame selection and window centres (domain doc §3, §4)."""
+"""Per-frame analysis, DFT registration, frame selection and window centres (docs/instrument.md §3, §4)."""
 
 from __future__ import annotations
 
@@ -450,7 +450,7 @@ def test_centroid_file_round_trip_and_flip(tmp_path):
     assert cal == {"F720": [(88.75, 30.5), (87.0, 31.0)]}  # 99 - y
     hdr2 = fits.Header({"U_CAMERA": 2, "MJD": 60000.0, "OBS-MOD": "IPOL", "FILTER01": "F720"})
     assert resolve_centers(hdr2, (5, 100, 120), centroid_file=p) == raw
-    # no file, no image: one PSF per field at the default centre (MBI works, §13.8)
+    # no file, no image: one PSF per field at the default centre (MBI works, docs/instrument.md §13.8)
     mbi = fits.Header({"U_CAMERA": 2, "MJD": 60000.0, "OBS-MOD": "IPOL_MBI"})
     d = resolve_centers(mbi, (1, 100, 200))
     assert list(d) == ["F610", "F670", "F720", "F760"] and all(len(v) == 1 for v in d.values())

@@ -1,5 +1,5 @@
 """Calibration stage: error model, saturation, background/flat recovery, bad pixels, flip,
-chunking, calibration-file matching and master building (domain doc §2)."""
+chunking, calibration-file matching and master building (docs/instrument.md §2)."""
 
 from __future__ import annotations
 

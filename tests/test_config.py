@@ -341,7 +341,7 @@ def test_legacy_version_key():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# versions (§11.4 / §12)
+# versions (docs/instrument.md §11.4 / §12)
 
 
 @pytest.mark.parametrize(

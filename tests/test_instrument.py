@@ -45,7 +45,7 @@ from vampd.instrument.angles import SUBARU, SUBARU_LAT_DEG, SUBARU_LON_DEG, sky_
 # ---------------------------------------------------------------------------------------
 # fixtures
 
-# The EMCCD archive sample VMPA00021059.fits (domain doc §1.3 / §12 test_organization);
+# The EMCCD archive sample VMPA00021059.fits (docs/instrument.md §1.3 / §12 test_organization);
 # UT-END/HST-END chosen consistent with MJD-END. MJD is the file-creation time (> MJD-END).
 EMCCD_SAMPLE = {
     "SIMPLE": True,

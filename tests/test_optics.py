@@ -251,12 +251,12 @@ def _diff_rows(params, kind="cmos", pa=30.0, alt=60.0, az=100.0, imr=47.0):
         sd = {(h, f): m[h, f, 1] - m[h, f, 2] for h in (h0, h1) for f in "AB"}
         return ((sd[h0, "A"] - sd[h0, "B"]) - (sd[h1, "A"] - sd[h1, "B"])) / 8
 
-    return 2 * comb(0.0, 45.0), 2 * comb(22.5, 67.5)  # m_Q, m_U of §9.4
+    return 2 * comb(0.0, 45.0), 2 * comb(22.5, 67.5)  # m_Q, m_U of docs/instrument.md §9.4
 
 
 @pytest.mark.parametrize("kind", ["cmos", "emccd"])
 def test_ideal_triple_difference_is_pure_rotation(kind):
-    assert MuellerParams.ideal(kind).flc_theta_b == {"cmos": 43.0, "emccd": 45.0}[kind]  # §1.5
+    assert MuellerParams.ideal(kind).flc_theta_b == {"cmos": 43.0, "emccd": 45.0}[kind]  # docs/instrument.md §1.5
     m_q, m_u = _diff_rows(MuellerParams.ideal("emccd"), kind)
     assert m_q[0] == pytest.approx(0, abs=1e-12) and m_u[0] == pytest.approx(0, abs=1e-12)
     block = np.array([m_q[1:3], m_u[1:3]])

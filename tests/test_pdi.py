@@ -33,7 +33,7 @@ def forward_members(mode="triplediff", params=None, sigma=1.0, rng=None, rotate=
     """The 16 (8) member images of a known sky through :func:`instrument_mueller`.
 
     Camera pairs (same HWP, FLC) share their geometry, as simultaneous exposures do. Each
-    calibrated pixel at offset d sees the sky at R(DEROTANG)·d (§5.5)."""
+    calibrated pixel at offset d sees the sky at R(DEROTANG)·d (docs/instrument.md §5.5)."""
     yy, xx = np.mgrid[0:N, 0:N] - C
     out = []
     for i, slot in enumerate(all_slots(mode)):

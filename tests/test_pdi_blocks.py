@@ -167,7 +167,7 @@ def test_pdi_blocks_batch_and_daemon(night, tmp_path):
     assert sum(block_n) == sum(per_cube.values()) == 96 * NIGHT.nframes
     set_n = [fits.getheader(out / "pdi" / "stokes" / f"t_stokes_{i:03d}.fits")["HIERARCH DPP COADD NCOADD"]
              for i in range(2)]
-    assert 2 * sum(set_n) == sum(per_cube.values())  # the two cameras are simultaneous: halved (§9.3)
+    assert 2 * sum(set_n) == sum(per_cube.values())  # the two cameras are simultaneous: halved (docs/instrument.md §9.3)
     for i in range(2):
         ratio = qphi_ratio(root / "sim", out / "pdi" / "stokes" / f"t_stokes_{i:03d}.fits")
         assert abs(ratio - 1) < 0.01, (i, ratio)

@@ -360,7 +360,7 @@ def _aolp(res):
 
 
 def test_mm_correct_false_rotation():
-    """mm_correct = false: the (Q, U) rotation by θ = ½·PA + ALTITUDE (§9.4, kept from the
+    """mm_correct = false: the (Q, U) rotation by θ = ½·PA + ALTITUDE (docs/instrument.md §9.4, kept from the
     reference) is applied exactly as documented, only without HWP pupil tracking; with the Mueller
     correction the true angle comes back."""
     chi = 30.0

@@ -20,7 +20,7 @@ from vampd.simulate.scene import Scene
 
 pytestmark = pytest.mark.slow  # whole PDI nights through `vampd run` and finalize (10-17 s each)
 
-# Built-in table (domain doc §8.2), copied here on purpose: the test computes c_fd by hand.
+# Built-in table (docs/instrument.md §8.2), copied here on purpose: the test computes c_fd by hand.
 C_FD = {
     "750-50": (4.08e-07, 0.033860277),
     "F610": (1.40e-06, 0.09034138),

@@ -131,7 +131,7 @@ def _check_angles(run):
         d_der = float(pt.wrap180(h["DEROTANG"] - (pa_true + h["PAOFFSET"])))
         worst = max(worst, abs(d_pa), abs(d_der))
         assert abs(d_pa) < 0.01 and abs(d_der) < 0.01, (p.name, h["PA"], pa_true, h["DEROTANG"])
-    # per file: the truth of the forward model itself (PAOFFSET of the camera from the domain notes)
+    # per file: the truth of the forward model itself (PAOFFSET of the camera from docs/instrument.md §1.10)
     for tf in run["truth"]["files"]:
         (p,) = run["red"].glob(f"coadded/*{Path(tf['file']).stem}*")
         h = fits.getheader(p)

@@ -23,7 +23,7 @@ from vampd.simulate.writer import write_cube
 
 SMALL = SimConfig().replace(size=64, nframes=3, calib_nframes=2)
 
-# raw keys of §1.3 the pipeline reads from CMOS archive files
+# raw keys of docs/instrument.md §1.3 the pipeline reads from CMOS archive files
 RAW_KEYS = [
     "U_CAMERA", "U_DETMOD", "EXPTIME", "FILTER01", "FILTER02", "RET-ANG1", "RET-MOD1", "U_FLC", "U_FLCST",
     "U_MBI", "OBS-MOD", "DATA-TYP", "OBJECT", "DATE-OBS", "UT-STR", "UT-END", "UT", "HST-STR", "HST-END",
@@ -136,7 +136,7 @@ def _triple(get, h1, h2):
 
 
 def test_noise_free_triple_difference_recovers_injected_qu(tmp_path):
-    """Acceptance: calibrate by hand, triple difference (§9.3), ideal Mueller inversion (§9.4)."""
+    """Acceptance: calibrate by hand, triple difference (docs/instrument.md §9.3), ideal Mueller inversion (§9.4)."""
     cfg = SMALL.replace(
         nframes=3, noise_free=True, write_float=True, rotation=False, identical_cameras=True,
         jitter_rms_px=0.0, flux_rms=0.0, strehl_range=(0.5, 0.5), calib=False,

@@ -5,7 +5,7 @@ regular file, is it FITS, is it whole (completeness), where is its data and what
 type (memory admission, the memory-mapped fast read). Nothing here imports astropy; the
 property tests compare it with astropy on random headers (``tests/test_fitsbytes.py``).
 
-Rules (FITS standard 4.0, §4.4):
+Rules (FITS standard 4.0, docs/instrument.md §4.4):
 
 * a header is a sequence of 80-byte cards in 2880-byte blocks ending with the card whose
   keyword field (columns 1-8) is exactly ``END`` followed by blanks (``ENDTIME`` is *not*

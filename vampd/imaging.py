@@ -362,7 +362,7 @@ def warp_similarity(image, angle_deg, scale=1.0, center=None, order: int = 3) ->
 
 
 def derotate(image, angle_deg, center=None, order: int = 3) -> np.ndarray:
-    """Rotate by ``angle_deg`` counter-clockwise as displayed with origin lower-left (§5.5).
+    """Rotate by ``angle_deg`` counter-clockwise as displayed with origin lower-left (docs/instrument.md §5.5).
 
     A pixel at offset (dx, dy) from ``center`` (default the frame centre, ``(y, x)``) moves
     to (dx cosθ − dy sinθ, dx sinθ + dy cosθ); 5×5 with a 1 at (y=2, x=1): +90 → (1, 2),

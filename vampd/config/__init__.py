@@ -1,6 +1,6 @@
 """vampd configuration: pydantic models of the TOML schema, loading/saving, presets, `new`/`check`.
 
-The schema is the reference pipeline's (vampires_dpp 0.14, §11.3), so its files load unchanged, plus
+The schema is the reference pipeline's (vampires_dpp 0.14, docs/instrument.md §11.3), so its files load unchanged, plus
 vampd-only options (``vampd_version``, ``data_dir``, ``[watch]``, ``[alerts]``, a few extra keys).
 """
 

@@ -1,4 +1,4 @@
-"""Reading and writing configuration TOML files, and the version-compatibility check (§11.4)."""
+"""Reading and writing configuration TOML files, and the version-compatibility check (docs/instrument.md §11.4)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class ConfigFileError(ConfigError):
 def check_version(config_version: str, installed_version: str) -> bool:
     """Whether a configuration written for ``config_version`` can be run by ``installed_version``.
 
-    Semantic versioning as in the reference (§11.4): with installed MAJOR = 0, compatible iff MAJOR and
+    Semantic versioning as in the reference (docs/instrument.md §11.4): with installed MAJOR = 0, compatible iff MAJOR and
     MINOR are equal and installed PATCH >= config PATCH; with MAJOR >= 1, compatible iff MAJORs are equal
     and installed MINOR >= config MINOR, and, when MINORs are equal, installed PATCH >= config PATCH.
 
@@ -140,7 +140,7 @@ def config_from_toml_str(
     source : path-like, optional
         Name used in error messages.
     check_versions : bool
-        Refuse incompatible ``vampd_version`` / ``dpp_version`` keys (§11.4).
+        Refuse incompatible ``vampd_version`` / ``dpp_version`` keys (docs/instrument.md §11.4).
 
     Raises
     ------

@@ -1,6 +1,6 @@
 """Pydantic models of the vampd configuration.
 
-The schema is the reference pipeline's (vampires_dpp 0.14, domain doc §11.3) so that its TOML files load
+The schema is the reference pipeline's (vampires_dpp 0.14, docs/instrument.md §11.3) so that its TOML files load
 unchanged, plus vampd-only options (``vampd_version``, ``data_dir``, ``[watch]``, ``[alerts]`` and a few
 extra keys in ``[polarimetry]`` and ``[specphot]``), all optional with defaults.
 
@@ -9,7 +9,7 @@ Departures from the reference, all deliberate:
 * unknown keys are not silently ignored: each one produces a :class:`ConfigWarning` naming it;
 * invalid values raise :class:`ConfigError` (a ``ValueError``) whose message names ``section.field``,
   the value and what is allowed;
-* frame-select metric accepts both ``max`` and ``peak`` (ref bug §13.5);
+* frame-select metric accepts both ``max`` and ``peak`` (ref bug docs/instrument.md §13.5);
 * cross-field rules the reference forgot are enforced (annulus IP radii, zeropoints cannot give
   contrast, annulus radii ordered, at least one product written, recenter method ``model``).
 """
@@ -65,7 +65,7 @@ __all__ = [
 #: The reference pipeline version whose configuration schema vampd implements.
 DPP_COMPAT_VERSION = "0.14.3"
 
-#: Frame-select metric name (config) -> per-frame metrics key (domain doc §4).
+#: Frame-select metric name (config) -> per-frame metrics key (docs/instrument.md §4).
 FRAME_SELECT_METRIC_KEYS = {"max": "max", "peak": "max", "l2norm": "var", "normvar": "nvar", "strehl": "strehl"}
 
 #: Environment variable naming the data directory when the config does not.
@@ -331,7 +331,7 @@ def _parse_sexagesimal(text: str, lo: float, hi: float, unit: str, example: str)
 
 class CombineConfig(_Model):
     """How raw files are grouped. Every cube is reduced on arrival; with "pdi" the cubes of one HWP
-    block (one camera and FLC state at one HWP angle, §7.1) are also coadded together and the
+    block (one camera and FLC state at one HWP angle, docs/instrument.md §7.1) are also coadded together and the
     block product is the HWP-set member; with "cube" the k-th cube of each block forms the k-th set."""
 
     _section: ClassVar[str] = "combine"
@@ -444,7 +444,7 @@ class FrameSelectConfig(_Model):
 
     @property
     def metric_key(self) -> str:
-        """The per-frame metrics key this metric reads (§4)."""
+        """The per-frame metrics key this metric reads (docs/instrument.md §4)."""
         return FRAME_SELECT_METRIC_KEYS[self.metric]
 
 

@@ -1,4 +1,4 @@
-"""Streaming ``combine.method = "pdi"``: HWP blocks in the ledger and their coadd jobs (§7.1, §14).
+"""Streaming ``combine.method = "pdi"``: HWP blocks in the ledger and their coadd jobs (docs/instrument.md §7.1, §14).
 
 Every cube is reduced on arrival as usual (its selected, aligned frames are also kept on disk as
 its ``aligned`` product). After each file the trigger rebuilds the blocks of the not yet closed
@@ -6,7 +6,7 @@ cubes (:func:`vampd.pdi.blocks.split_blocks`) and records them in the ledger's `
 ``open`` → ``ready`` (closed, to coadd) → ``running`` → ``done`` (product written) or ``failed``.
 Ready blocks are coadded as jobs of the worker pool (:func:`pump_blocks`, job function
 :func:`coadd_block_job`), never on the ledger thread; the product
-``coadded/{name}_{run:03d}_cam{cam}_FLC{flc}_coll.fits`` (the reference's group key, §7.1) is the
+``coadded/{name}_{run:03d}_cam{cam}_FLC{flc}_coll.fits`` (the reference's group key, docs/instrument.md §7.1) is the
 HWP-set member. Closed blocks are permanent: a kill -9 leaves them ``ready``/``running`` and
 the restarted daemon coadds them again from the same cubes in the same order (same bytes).
 """
@@ -240,7 +240,7 @@ def _add_aligned(coadder, path: str) -> None:
 
 def coadd_block(spec: dict, cfg) -> dict:
     """Coadd the selected, aligned frames of a block's cubes (time order) with the ``[coadd]``
-    method and write the block product (§6, §7.1). Returns ``{"path", "ncoadd"}``."""
+    method and write the block product (docs/instrument.md §6, §7.1). Returns ``{"path", "ncoadd"}``."""
     from vampd.engine.pipeline import _psfs
     from vampd.engine.products import write_product
     from vampd.stages.coadd import Coadder, recenter, recenter_header

@@ -215,7 +215,7 @@ class ChunkPass(Stage):
 
 
 class Calibrate(Stage):
-    """Raw chunk → calibrated ``(data, err)`` (§2); in pass 2, the held chunk or a re-calibration."""
+    """Raw chunk → calibrated ``(data, err)`` (docs/instrument.md §2); in pass 2, the held chunk or a re-calibration."""
 
     name = "calibrate"
 
@@ -253,7 +253,7 @@ class Calibrate(Stage):
 
 
 class Analyze(Stage):
-    """PSF windows (first chunk) and per-frame metrics (§3) of the current chunk."""
+    """PSF windows (first chunk) and per-frame metrics (docs/instrument.md §3) of the current chunk."""
 
     name = "analyze"
 
@@ -285,7 +285,7 @@ def _find_centers(ctx: FileContext) -> dict[str, list]:
 
 
 class SaveMetrics(Stage):
-    """Join the chunks' metrics and write the metrics product (§3.8)."""
+    """Join the chunks' metrics and write the metrics product (docs/instrument.md §3.8)."""
 
     name = "metrics"
 
@@ -298,7 +298,7 @@ class SaveMetrics(Stage):
 
 
 class Select(Stage):
-    """Frame selection on a metric quantile (§4)."""
+    """Frame selection on a metric quantile (docs/instrument.md §4)."""
 
     name = "select"
 
@@ -318,7 +318,7 @@ class Select(Stage):
 
 
 class PlanAlignment(Stage):
-    """Per-frame centres (§5) and the coadder: the fast region path when nothing aligned is written."""
+    """Per-frame centres (docs/instrument.md §5) and the coadder: the fast region path when nothing aligned is written."""
 
     name = "align"
 
@@ -361,7 +361,7 @@ class KeepCalibrated(Stage):
 
 
 class Align(Stage):
-    """Shift the kept frames of the chunk onto the frame centre (§5); fast path: into the coadder."""
+    """Shift the kept frames of the chunk onto the frame centre (docs/instrument.md §5); fast path: into the coadder."""
 
     name = "align"
 
@@ -387,7 +387,7 @@ class Align(Stage):
 
 
 class Coadd(Stage):
-    """Accumulate the chunk's aligned frames (§6)."""
+    """Accumulate the chunk's aligned frames (docs/instrument.md §6)."""
 
     name = "coadd"
 
@@ -407,7 +407,7 @@ class Coadd(Stage):
 
 
 class OutputHeader(Stage):
-    """WCS, provenance and alignment cards of the products; the cam2 → cam1 reprojection (§5.6)."""
+    """WCS, provenance and alignment cards of the products; the cam2 → cam1 reprojection (docs/instrument.md §5.6)."""
 
     name = "write"
 
@@ -432,7 +432,7 @@ class OutputHeader(Stage):
 
 
 class WriteCalibrated(Stage):
-    """The ``calibrated`` intermediate product (§2.7)."""
+    """The ``calibrated`` intermediate product (docs/instrument.md §2.7)."""
 
     name = "write"
 
@@ -469,7 +469,7 @@ class WriteAligned(Stage):
 
 
 class FinishCoadd(Stage):
-    """Collapse, recentre (§6.3), reproject and write the ``coadded`` product."""
+    """Collapse, recentre (docs/instrument.md §6.3), reproject and write the ``coadded`` product."""
 
     name = "coadd"
 

@@ -929,7 +929,7 @@ class Ledger:
                 self.conn.executemany("DELETE FROM blocks WHERE key=? AND state='open'", [(k,) for k in keys])
 
     def next_block_run(self, camera: int, flc: str) -> int:
-        """Run index (§7.1 group key) of the next closed block of a (camera, FLC) stream."""
+        """Run index (docs/instrument.md §7.1 group key) of the next closed block of a (camera, FLC) stream."""
         if not self._blocks_table():
             return 0
         row = self.conn.execute(

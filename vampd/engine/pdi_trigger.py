@@ -1,6 +1,6 @@
 """PDI trigger: after each reduced file, rebuild the HWP sets from the ledger, process newly
 complete sets, update the running Stokes products, write per-file Mueller matrices and the
-diagnostic difference images (domain doc §9, §10, §14).
+diagnostic difference images (docs/instrument.md §9, §10, §14).
 
 The engine calls :func:`on_file_done` after a file's products are recorded and :func:`on_finalize`
 at the end of the night. Nothing is cached between calls: the set assignment is recomputed from

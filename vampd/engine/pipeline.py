@@ -95,7 +95,7 @@ def _library(directory: Path | None) -> CalibLibrary | None:
 
 
 def _psfs(cfg, header: fits.Header, fields: list[str], outdir: Path) -> dict[str, np.ndarray] | None:
-    """Synthetic PSF per field (§3.6), from the per-user disk cache when there (None: planetary)."""
+    """Synthetic PSF per field (docs/instrument.md §3.6), from the per-user disk cache when there (None: planetary)."""
     if cfg.planetary:
         return None
     data_dir = resolve_data_dir(cfg)  # exact filter curves for the PSF model, else top-hats
@@ -215,7 +215,7 @@ def _warm_coordinates() -> None:
 
 
 def process_file(path: str | Path, cfg, outdir: str | Path, force: bool = False) -> FileResult:
-    """Reduce one raw file to its per-file products (§2–§6) and return what to record.
+    """Reduce one raw file to its per-file products (docs/instrument.md §2–§6) and return what to record.
 
     Parameters
     ----------

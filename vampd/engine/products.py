@@ -14,7 +14,7 @@ __all__ = ["product_paths", "expected_products", "centroid_file", "provenance", 
 
 
 def product_paths(cfg, outdir: Path, path: str | Path) -> dict[str, Path]:
-    """Where each per-file product of ``path`` goes (§11.1, stable key = file stem)."""
+    """Where each per-file product of ``path`` goes (docs/instrument.md §11.1, stable key = file stem)."""
     name = cfg.name or "vampd"
     stem = output_stem(path)
     outdir = Path(outdir)
@@ -57,7 +57,7 @@ def provenance(header: fits.Header, cfg) -> None:
 
 
 def reprojection(cfg, header, outdir: Path, shape, fields: list[str]) -> tuple[np.ndarray, np.ndarray] | str:
-    """cam2 → cam1 similarity per field (§5.6) from the night's two centroid files.
+    """cam2 → cam1 similarity per field (docs/instrument.md §5.6) from the night's two centroid files.
 
     Returns ``(angles_deg, scales)`` of shape (nfields,), or the reason why there is none
     (recorded in the product header, so ``reproject = true`` is never silently ignored).
@@ -72,7 +72,7 @@ def reprojection(cfg, header, outdir: Path, shape, fields: list[str]) -> tuple[n
     spots = {}
     for cam, path in files.items():
         h = header.copy()
-        h["U_CAMERA"] = cam  # each camera's raw positions flip by its own rule (§1.4)
+        h["U_CAMERA"] = cam  # each camera's raw positions flip by its own rule (docs/instrument.md §1.4)
         spots[cam] = centers_to_calibrated(load_centroid_file(path), h, shape)
     angles, scales = [], []
     for f in fields:

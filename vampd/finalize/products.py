@@ -1,7 +1,7 @@
-"""End-of-night products (domain doc §9.8, §11.1): the final collapse of the per-set Stokes files,
+"""End-of-night products (docs/instrument.md §9.8, §11.1): the final collapse of the per-set Stokes files,
 the MBI Stokes cube, footprint, Stokes table, ADI cubes and the output header table.
 
-Deviations from the reference, on purpose (§13 item 13):
+Deviations from the reference, on purpose (docs/instrument.md §13.13):
 
 * the collapse over sets is a NaN-aware median (NaN is "no data", not 0); its error is
   ``sqrt(π/2)·sqrt(Σσ²)/n`` (the asymptotic efficiency of the median of Gaussian data);
@@ -61,7 +61,7 @@ _SET_KEYS = ("DPP PDI SET INDEX", "DPP PDI SET KEY", "DPP PDI NMEMBERS")
 
 @dataclass
 class StokesSet:
-    """One per-set Stokes file (§9.7): ``stokes``/``err`` (nfields, 4, N, N), headers, fields."""
+    """One per-set Stokes file (docs/instrument.md §9.7): ``stokes``/``err`` (nfields, 4, N, N), headers, fields."""
 
     path: str
     stokes: np.ndarray
@@ -181,7 +181,7 @@ def final_header(
     provenance: dict | None = None,
     cyl_stokes: str = "azimuthal",
 ) -> fits.Header:
-    """Primary header of the final collapse (§9.8): combined set headers (§7.2), ``NCOADD`` =
+    """Primary header of the final collapse (docs/instrument.md §9.8): combined set headers (§7.2), ``NCOADD`` =
     Σ of the sets' NCOADD (frames, per camera), ``TINT`` = Σ of their TINT (per camera), the
     ``DPP COADD`` twins equal to them (:func:`~vampd.pdi.running.set_exposure_cards`), ``DPP PDI
     NFILES`` = number of unique raw files, WCS angle 0, plane names, collapse method and
@@ -391,7 +391,7 @@ def _float(v) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# ADI cubes (§11.1)
+# ADI cubes (docs/instrument.md §11.1)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Parallactic angle, PA offset and derotation angle (domain doc §1.10).
+"""Parallactic angle, PA offset and derotation angle (docs/instrument.md §1.10).
 
 The parallactic angle is rigorous (unlike the reference, which subtracts the J2000 RA from
 the apparent sidereal time): the position angle in ICRS of the zenith as seen from the

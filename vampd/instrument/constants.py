@@ -1,4 +1,4 @@
-"""Fixed optical facts of Subaru/SCExAO used across vampd (one definition each, domain doc §3.6).
+"""Fixed optical facts of Subaru/SCExAO used across vampd (one definition each, docs/instrument.md §3.6).
 
 The parametric SCExAO pupil of the reference pipeline (metres, degrees) and unit conversions.
 :mod:`vampd.instrument.pupil` builds the pupil model from these; the filter table's resolution

@@ -1,4 +1,4 @@
-"""VAMPIRES detector constants (domain doc §1.2) and the one NBS predicate (§1.4).
+"""VAMPIRES detector constants (docs/instrument.md §1.2) and the one NBS predicate (§1.4).
 
 Three detector generations share the same keys: the EMCCDs (Andor iXon Ultra 897, until
 June 2023), the qCMOS cameras before the October-2025 non-polarising beamsplitter (NBS)
@@ -127,7 +127,7 @@ class Detector:
 
         ``min(bias + fullwell / gain, 65535)``: the full well holds the signal above the bias and
         the 16-bit converter clips at 65535 (first, on the CMOS). The reference's
-        ``fullwell / gain`` = 65536 can never be reached by a uint16 pixel (§13 item 4). CMOS
+        ``fullwell / gain`` = 65536 can never be reached by a uint16 pixel (docs/instrument.md §13.4). CMOS
         files of June–July 2023 (full well halved) were written with a 2¹⁵ limit: their level
         is ``fullwell / gain`` = 32768.
         """
@@ -155,7 +155,7 @@ def _check_cam(cam_num: int) -> int:
 
 
 def emccd_detector(cam_num: int, emgain: float, mjd: float = 0.0) -> Detector:
-    """EMCCD constants (§1.2) for camera ``cam_num`` at EM gain ``emgain``."""
+    """EMCCD constants (docs/instrument.md §1.2) for camera ``cam_num`` at EM gain ``emgain``."""
     cam_num = _check_cam(cam_num)
     emgain = float(emgain)
     gain = 4.5
@@ -181,7 +181,7 @@ def emccd_detector(cam_num: int, emgain: float, mjd: float = 0.0) -> Detector:
 
 
 def cmos_detector(cam_num: int, readmode: str, mjd: float) -> Detector:
-    """qCMOS constants (§1.2) for camera ``cam_num``, mode ``fast``/``slow``, at ``mjd``."""
+    """qCMOS constants (docs/instrument.md §1.2) for camera ``cam_num``, mode ``fast``/``slow``, at ``mjd``."""
     cam_num = _check_cam(cam_num)
     mode = str(readmode).strip().lower()
     if mode not in _CMOS_GAIN:
@@ -208,7 +208,7 @@ def cmos_detector(cam_num: int, readmode: str, mjd: float) -> Detector:
 
 
 def detector_from_header(header, path=None) -> Detector:
-    """The detector that wrote ``header`` (§1.2).
+    """The detector that wrote ``header`` (docs/instrument.md §1.2).
 
     ``U_EMGAIN`` present → EMCCD; else ``U_DETMOD`` present → CMOS (pre/post NBS from
     ``MJD``); else :class:`HeaderError`. Needs ``U_CAMERA`` and an MJD (``MJD`` or

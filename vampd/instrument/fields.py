@@ -1,4 +1,4 @@
-"""MBI field layout and the camera y-flip (domain doc §1.4, §1.6)."""
+"""MBI field layout and the camera y-flip (docs/instrument.md §1.4, §1.6)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ MBI_FIELDS = ("F610", "F670", "F720", "F760")
 MBIR_FIELDS = ("F670", "F720", "F760")
 
 # Rough MBI field centres as multiples of the frame centre (hy, hx), on flipped data
-# with camera 2 orientation as reference (§1.6: "not based on anything sensible").
+# with camera 2 orientation as reference (docs/instrument.md §1.6: "not based on anything sensible").
 _MBI_MULTIPLES = {
     "F610": (1.5, 0.25),
     "F670": (0.5, 0.25),
@@ -37,7 +37,7 @@ def _obs_mode(header) -> str:
 
 
 def field_names(header, path=None) -> list[str]:
-    """Names of the fields in a frame (§1.6).
+    """Names of the fields in a frame (docs/instrument.md §1.6).
 
     ``OBS-MOD`` ending in ``MBI`` → F610, F670, F720, F760; in ``MBIR`` → F670, F720,
     F760; in ``SDI`` → [FILTER02]; otherwise [FILTER01] (``U_FILTER`` for raw EMCCD

@@ -1,7 +1,7 @@
 """VAMPIRES filter curves, read from the data directory, with a nominal top-hat fallback.
 
 The total-throughput table ``vampires_filters.csv`` (column ``wave`` in nm, then one column per
-filter; domain doc §8.4) is read from a data directory that the user configures: an explicit
+filter; docs/instrument.md §8.4) is read from a data directory that the user configures: an explicit
 argument, else the environment variable ``VAMPD_DATA_DIR``. vampd never downloads it.
 
 Without a data directory the simulator, the synthetic PSF and the analysis still work: each filter
@@ -215,7 +215,7 @@ def load_filter_curve(
 
 
 def band_edges(wave, throughput, frac: float = 0.5) -> tuple[float, float]:
-    """First and last wavelength whose throughput is at least ``frac`` of the peak (§8.3).
+    """First and last wavelength whose throughput is at least ``frac`` of the peak (docs/instrument.md §8.3).
 
     >>> band_edges([600, 610, 620, 630], [0.1, 0.6, 1.0, 0.5])
     (610.0, 630.0)
@@ -231,7 +231,7 @@ def band_edges(wave, throughput, frac: float = 0.5) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class FilterInfo:
-    """Band summary written to field headers (§8.3): all wavelengths in nm.
+    """Band summary written to field headers (docs/instrument.md §8.3): all wavelengths in nm.
 
     ``waveave`` is the throughput-weighted mean wavelength over the 50 % band (synphot's
     ``avgwave`` restricted to that range), ``wavefwhm = wavemax - wavemin``,

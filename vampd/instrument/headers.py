@@ -1,4 +1,4 @@
-"""Header normalisation for raw VAMPIRES files (domain doc §1.3, §1.7, §1.8).
+"""Header normalisation for raw VAMPIRES files (docs/instrument.md §1.3, §1.7, §1.8).
 
 :func:`fix_header` turns any raw header (EMCCD archive, CMOS pre/post NBS) into the
 normalised form every stage relies on: exposure-midpoint times, detector constants,
@@ -180,7 +180,7 @@ def _fix_times(h: fits.Header, path) -> None:
                 h[key] = (_mjd(t), "[d] MJD (UTC) derived from UT")
 
     # MJD := exposure midpoint. Archive EMCCD files store the file-creation time in MJD
-    # (domain doc §13 item 3), which would put the parallactic angle at write time.
+    # (docs/instrument.md §13.3), which would put the parallactic angle at write time.
     if "MJD-STR" in h and "MJD-END" in h:
         mjd = 0.5 * (_float(h, "MJD-STR", path) + _float(h, "MJD-END", path))
     elif mid is not None:
@@ -208,8 +208,8 @@ def _nframes(h) -> int | None:
 def fix_header(header, path=None) -> fits.Header:
     """Return a normalised copy of a raw VAMPIRES header (the input is not modified).
 
-    Applies §1.7 (times: millisecond-colon fix, UT/HST/DATE-OBS of the exposure midpoint,
-    ``MJD`` = midpoint of ``MJD-STR``/``MJD-END``), writes the detector constants of §1.2
+    Applies docs/instrument.md §1.7 (times: millisecond-colon fix, UT/HST/DATE-OBS of the exposure midpoint,
+    ``MJD`` = midpoint of ``MJD-STR``/``MJD-END``), writes the detector constants of docs/instrument.md §1.2
     (``BIAS GAIN DC ENF EFFGAIN RN PXSCALE PXAREA PAOFFSET INST-PA FULLWELL INSTRUME``),
     fills conditional keys (``DETECTOR``, ``OBS-MOD``, ``EXPTIME``, ``FILTER01/02``,
     ``PRD-*``, ``TINT``, ``NDIT``, ``BUNIT``) and EMCCD translations (``DETGAIN``,
@@ -310,7 +310,7 @@ def _fill_frame_keys(h: fits.Header, exptime: float) -> None:
 
 
 def _write_detector_constants(h: fits.Header, det, path) -> None:
-    """The detector constants of §1.2, always (over)written from ``det``."""
+    """The detector constants of docs/instrument.md §1.2, always (over)written from ``det``."""
     from vampd.instrument.angles import pa_offset
 
     pap = _float(h, "D_IMRPAP", path) if "D_IMRPAP" in h else None

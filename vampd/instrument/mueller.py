@@ -1,7 +1,7 @@
-"""Mueller-matrix model of VAMPIRES (domain doc §9.5, §1.5, §13 item 14).
+"""Mueller-matrix model of VAMPIRES (docs/instrument.md §9.5, §1.5, §13.14).
 
 Elementary matrices act on Stokes vectors ``(I, Q, U, V)``; with ``C = cos 2θ`` and
-``S = sin 2θ`` they are exactly those of §9.5 and accept arrays of angles (returning
+``S = sin 2θ`` they are exactly those of docs/instrument.md §9.5 and accept arrays of angles (returning
 ``(..., 4, 4)``). The instrument chain (right-most acts first) is
 
     M = PBS(camera) · [D] · FLC · Optics · IMR · HWP · R(-alt) · G_M3 · R(PA)
@@ -10,15 +10,15 @@ where ``D`` (dichroic) exists in the CMOS model only and the FLC is the identity
 the beam (CMOS ``U_FLCST`` != "IN"). The simulator uses :func:`instrument_mueller` as its forward
 model and PDI inverts the same function, so all sign conventions live here.
 
-FLC fast-axis angles (§1.5): state A at 0° and state B at 45° on the EMCCD instrument, B at
+FLC fast-axis angles (docs/instrument.md §1.5): state A at 0° and state B at 45° on the EMCCD instrument, B at
 **43°** on the CMOS instrument — the measured switching angle of the CMOS-era FLC, used by the
 reference in its ideal model and assumed by its fitted CMOS calibrations. Both the ideal model and
 table rows follow this; a table may override the angles with optional ``flc_theta_a`` /
 ``flc_theta_b`` columns (degrees).
 
-Differences from the reference (§13 item 14):
+Differences from the reference (docs/instrument.md §13.14):
 
-* The model (EMCCD vs CMOS) is chosen by the detector (``U_EMGAIN`` present → EMCCD, §1.2), not
+* The model (EMCCD vs CMOS) is chosen by the detector (``U_EMGAIN`` present → EMCCD, docs/instrument.md §1.2), not
   by ``U_MBI``.
 * All retardances are in waves and converted with ``2π`` — including the dichroic's, which the
   reference converts as if degrees (suspected unit bug).
@@ -52,7 +52,7 @@ __all__ = [
 
 MBI_FIELDS = ("F610", "F670", "F720", "F760")
 
-#: FLC state-B fast-axis angle [deg] per instrument (§1.5); state A is at 0°
+#: FLC state-B fast-axis angle [deg] per instrument (docs/instrument.md §1.5); state A is at 0°
 FLC_THETA_B = {"emccd": 45.0, "cmos": 43.0}
 
 
@@ -159,7 +159,7 @@ _ALIASES = {"m3_offset": "m3_theta", "hwp_offset": "hwp_delta", "imr_offset": "i
 
 @dataclass(frozen=True)
 class MuellerParams:
-    """Parameters of the Mueller model (§9.5). Angles in degrees, retardances in waves.
+    """Parameters of the Mueller model (docs/instrument.md §9.5). Angles in degrees, retardances in waves.
 
     Defaults are the ideal EMCCD model (FLC B at 45°); :meth:`ideal` gives the CMOS one (43°).
     """
@@ -184,7 +184,7 @@ class MuellerParams:
     def ideal(cls, detector_kind: str = "cmos") -> MuellerParams:
         """Ideal components: half-wave HWP, IMR and FLC, no diattenuation.
 
-        FLC A at 0°; B at 45° for the EMCCD and at 43° for the CMOS instrument (§1.5: the
+        FLC A at 0°; B at 45° for the EMCCD and at 43° for the CMOS instrument (docs/instrument.md §1.5: the
         CMOS-era FLC switches by 43°, and the reference's ideal CMOS model uses that too).
         """
         return cls(flc_theta_b=FLC_THETA_B[_check_kind(detector_kind)])
@@ -195,7 +195,7 @@ class MuellerParams:
     ) -> MuellerParams:
         """Fitted parameters: the row ``key`` (see :func:`mm_table_key`) of a CSV table.
 
-        The first column holds the key; the others are the §9.5 columns ``m3_diat, m3_theta,
+        The first column holds the key; the others are the docs/instrument.md §9.5 columns ``m3_diat, m3_theta,
         hwp_delta, hwp_phi, imr_delta, imr_phi, optics_diat, optics_theta, optics_phi,
         flc_theta, flc_phi, dichroic_diat, dichroic_theta, dichroic_phi`` (``m3_offset``,
         ``hwp_offset``, ``imr_offset`` are accepted as aliases; missing dichroic columns
@@ -308,11 +308,11 @@ def mm_table_key(filter_name_or_field: str) -> str:
 
 
 def hwp_sync_angle(azimuth_deg, altitude_deg):
-    """HWP angle added in pupil-tracking ("ADI sync") mode, in radians (§9.5).
+    """HWP angle added in pupil-tracking ("ADI sync") mode, in radians (docs/instrument.md §9.5).
 
     ``θ_sync = ½·atan2(sin A, sin h cos A + cos h tan φ) + h`` with ``A = rad(AZIMUTH - 180)``,
     ``h = rad(ALTITUDE)`` and φ the Subaru latitude. Reproduces the reference formula (its
-    validation against observatory documentation is an open item, §13 item 14).
+    validation against observatory documentation is an open item, docs/instrument.md §13.14).
     """
     a = np.deg2rad(np.asarray(azimuth_deg, dtype=float) - 180.0)
     h = np.deg2rad(np.asarray(altitude_deg, dtype=float))
@@ -342,7 +342,7 @@ def instrument_mueller(
     flc_in: bool = True,
     hwp_adi_sync: bool = True,
 ) -> np.ndarray:
-    """Mueller matrix from sky Stokes parameters to the intensity on one camera (§9.5).
+    """Mueller matrix from sky Stokes parameters to the intensity on one camera (docs/instrument.md §9.5).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""SCExAO pupil model and synthetic (diffraction-limited) VAMPIRES PSFs (domain doc §3.6).
+"""SCExAO pupil model and synthetic (diffraction-limited) VAMPIRES PSFs (docs/instrument.md §3.6).
 
 The pupil is the parametric SCExAO pupil of the reference pipeline (outer and central obstruction,
 four spiders, two dead-actuator masks and the dead-actuator "spider"), evaluated supersampled and
@@ -16,7 +16,7 @@ returned pixels.
 
 Coordinates: arrays are ``(y, x)`` with +y up (origin lower left); pupil coordinates in metres with
 the same orientation; the pupil model is rotated by ``-pupil_offset`` (counter-clockwise positive),
-and the PSF is flipped along y as in the reference (§3.6).
+and the PSF is flipped along y as in the reference (docs/instrument.md §3.6).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _pupil_cached(npix: int, pupil_offset_deg: float, supersample: int) -> np.nd
 
 
 def pupil_mask(npix: int = 256, pupil_offset_deg: float = 0.0, supersample: int = 8) -> np.ndarray:
-    """Parametric SCExAO pupil, ``(npix, npix)`` transmission in [0, 1] (§3.6).
+    """Parametric SCExAO pupil, ``(npix, npix)`` transmission in [0, 1] (docs/instrument.md §3.6).
 
     Parameters
     ----------
@@ -178,7 +178,7 @@ def pupil_area_fraction() -> float:
 
 
 def psf_wavelengths(filter_name: str, data_dir=None, nwave: int = 7) -> tuple[np.ndarray, np.ndarray]:
-    """Wavelengths (nm) and normalised weights of the polychromatic PSF (§3.6).
+    """Wavelengths (nm) and normalised weights of the polychromatic PSF (docs/instrument.md §3.6).
 
     ``nwave`` wavelengths evenly spaced between the 50 % band edges, weighted by the throughput
     there (linear interpolation of the curve); weights sum to 1.
@@ -238,7 +238,7 @@ def _psf_cached(
         sub = (np.arange((n + 2 * margin) * s) + 0.5) / s - 0.5 - margin
         return sign * (sub - c) * pix  # radians
 
-    ty = axis(ny, cy, -1.0 if flip_y else 1.0)  # the y-flip of §3.6 = mirrored y offsets
+    ty = axis(ny, cy, -1.0 if flip_y else 1.0)  # the y-flip of docs/instrument.md §3.6 = mirrored y offsets
     tx = axis(nx, cx, 1.0)
     pupil_c = pupil.astype(np.complex64)
     image = np.zeros((ty.size, tx.size))
@@ -347,7 +347,7 @@ def synthetic_psf(
     nwave: int = 7,
     oversample: int | None = None,
 ) -> np.ndarray:
-    """Synthetic PSF of §3.6: centred on the frame centre, unit sum, flipped along y, float32.
+    """Synthetic PSF of docs/instrument.md §3.6: centred on the frame centre, unit sum, flipped along y, float32.
 
     Parameters are those of :func:`psf_model`; the PSF is centred exactly on
     ``((npix - 1) / 2, (npix - 1) / 2)`` and normalised to unit sum over the frame.

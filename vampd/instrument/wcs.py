@@ -1,4 +1,4 @@
-"""Celestial WCS for VAMPIRES frames (domain doc §1.11)."""
+"""Celestial WCS for VAMPIRES frames (docs/instrument.md §1.11)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""HWP blocks: runs of consecutive cubes of one camera and FLC state at one HWP angle (§7.1, §14).
+"""HWP blocks: runs of consecutive cubes of one camera and FLC state at one HWP angle (docs/instrument.md §7.1, §14).
 
 A pure, deterministic function of the member records (the ledger's file rows), like
 :mod:`vampd.pdi.sets`: the same records in any order give the same blocks.
 
-* A *stream* is one (camera, FLC) pair; ``U_FLC`` missing → ``"NA"`` (§7.1).
+* A *stream* is one (camera, FLC) pair; ``U_FLC`` missing → ``"NA"`` (docs/instrument.md §7.1).
 * Inside a stream, in time order (MJD, then path), a new block starts whenever the nominal
   HWP angle (within the tolerance) or the target/filter differs from the previous cube's.
   So "another cube at the same HWP position" (same block) and "the HWP moved on" (next
@@ -93,7 +93,7 @@ class Block:
 
 
 def block_name(name: str, run: int, camera: int, flc: str) -> str:
-    """Reference group key file name (§7.1, §11.1): ``{name}_{run:03d}_cam{cam}_FLC{flc}_coll.fits``."""
+    """Reference group key file name (docs/instrument.md §7.1, §11.1): ``{name}_{run:03d}_cam{cam}_FLC{flc}_coll.fits``."""
     return f"{name}_{int(run):03d}_cam{int(camera)}_FLC{flc}_coll.fits"
 
 

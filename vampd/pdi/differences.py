@@ -1,11 +1,11 @@
-"""Single, double and triple differences (domain doc §9.3) as linear combinations.
+"""Single, double and triple differences (docs/instrument.md §9.3) as linear combinations.
 
 Every Stokes plane of a set is a fixed linear combination of the member images,
 ``P = Σ_i w_i c_i``, so its error is exactly ``σ_P = sqrt(Σ_i w_i² σ_i²)`` (members are
 independent exposures or independent cameras). The Mueller-matrix correction and the IP
 correction are also linear in the members, so the whole chain is carried as a weight matrix
 ``W`` of shape ``(4, nmembers)`` (rows I_Q, I_U, Q, U) and the errors stay exact; the reference's
-``sqrt(Σσ²)/16`` underestimates the Q/U errors by √2 (§13 item 13).
+``sqrt(Σσ²)/16`` underestimates the Q/U errors by √2 (docs/instrument.md §13.13).
 
 Triple difference (16 members): ``Q = ⅛[(c0A1 − c0A2) − (c0B1 − c0B2) − (c45A1 − c45A2) + (c45B1 −
 c45B2)]``, ``I_Q = ⅛ Σ`` of the same eight; U/I_U likewise with 22.5/67.5. Double difference (8):
@@ -83,14 +83,14 @@ def apply_weights(weights: np.ndarray, images: np.ndarray, variances: np.ndarray
 
 
 def single_difference(c1, c2, e1, e2):
-    """``½(c1 − c2)``, ``½(c1 + c2)`` and their common error ``½·hypot(σ1, σ2)`` (§10)."""
+    """``½(c1 − c2)``, ``½(c1 + c2)`` and their common error ``½·hypot(σ1, σ2)`` (docs/instrument.md §10)."""
     c1, c2 = np.asarray(c1, np.float64), np.asarray(c2, np.float64)
     err = 0.5 * np.hypot(e1, e2)
     return (0.5 * (c1 - c2)).astype(np.float32), (0.5 * (c1 + c2)).astype(np.float32), err.astype(np.float32)
 
 
 def double_difference(c1a, c2a, c1b, c2b, e1a, e2a, e1b, e2b):
-    """``½[(c1A − c2A) − (c1B − c2B)]``, the sum ``½Σ`` and the error ``½·sqrt(Σσ²)`` (§10)."""
+    """``½[(c1A − c2A) − (c1B − c2B)]``, the sum ``½Σ`` and the error ``½·sqrt(Σσ²)`` (docs/instrument.md §10)."""
     diff = 0.5 * ((np.asarray(c1a, np.float64) - c2a) - (np.asarray(c1b, np.float64) - c2b))
     tot = 0.5 * (np.asarray(c1a, np.float64) + c2a + c1b + c2b)
     err = 0.5 * np.sqrt(np.square(e1a) + np.square(e2a) + np.square(e1b) + np.square(e2b))

@@ -1,7 +1,7 @@
-"""Diagnostic difference images (domain doc §10), not derotated.
+"""Diagnostic difference images (docs/instrument.md §10), not derotated.
 
 The reference groups products by **exact** MJD, which only works when both cameras' products
-have identical combined times (§13 item 19). Here products are matched by the overlap of their
+have identical combined times (docs/instrument.md §13.19). Here products are matched by the overlap of their
 exposure spans ``[MJD-STR, MJD-END]`` (same target, filter, FLC state and HWP angle within the
 tolerance; the partner with the largest overlap wins):
 

@@ -1,4 +1,4 @@
-"""Residual instrumental-polarisation correction (domain doc §9.6).
+"""Residual instrumental-polarisation correction (docs/instrument.md §9.6).
 
 The reference uses ``p_Q = median(Q)/median(I_Q)`` and ``p_U = median(U)/median(I_U)`` over an
 aperture (radius ``ip_radius``) or annulus (``ip_radius``, ``ip_radius2``) centred on the frame

@@ -1,4 +1,4 @@
-"""Least-squares polarimetry (``polarimetry.method = "leastsq"``, issue 13; domain doc §9.4, §9.5).
+"""Least-squares polarimetry (``polarimetry.method = "leastsq"``, issue 13; docs/instrument.md §9.4, §9.5).
 
 Every reduced, derotated cube ``k`` measures, per pixel, ``d_k = m_k · S + noise(σ_k)`` with
 ``m_k`` the first row of its Mueller matrix restricted to ``(I, Q, U)`` (V is not modulated by
@@ -23,7 +23,7 @@ pixel). Degenerate pixels (no coverage, ``det ≤ 0`` or Frobenius condition num
 ``κ_F = ‖A‖_F ‖A⁻¹‖_F`` above ``max_cond``; ``κ₂ ≤ κ_F ≤ 3κ₂``) are NaN and counted.
 
 Scale: the difference methods report per-camera quantities (``I_Q = ½ I``, Q and U on the same
-scale, §9.3); :func:`half_scale_stokes` gives the solved ``S/2`` in the same plane order
+scale, docs/instrument.md §9.3); :func:`half_scale_stokes` gives the solved ``S/2`` in the same plane order
 ``(I_Q, I_U, Q, U)`` (``I_Q = I_U = ½ I``) so that every product writer applies unchanged.
 """
 

@@ -1,4 +1,4 @@
-"""Per-file Mueller matrices ``pdi/mm/{stem}_mm.fits`` (domain doc §9.4, §9.5).
+"""Per-file Mueller matrices ``pdi/mm/{stem}_mm.fits`` (docs/instrument.md §9.4, §9.5).
 
 PRIMARY = ``(nfields, 4, 4)`` float32 with the product's primary header; one ``(4, 4)``
 ImageHDU per field (EXTNAME = field). The model parameters are the ideal ones

@@ -1,4 +1,4 @@
-"""Mueller-matrix correction of a difference set (domain doc §9.4).
+"""Mueller-matrix correction of a difference set (docs/instrument.md §9.4).
 
 For a set with member Mueller matrices ``M_i`` (their first rows map the sky Stokes vector to
 the measured intensity) and difference weights ``W`` (:func:`vampd.pdi.differences.difference_weights`):
@@ -12,7 +12,7 @@ All three steps are linear in the member images, so they are applied to the weig
 the corrected (Q, U) rows are ``A⁻¹·[W_Q − m_Q0 W_IQ; W_U − m_U0 W_IU]``. Errors therefore
 propagate exactly through the inversion (``σ² = Σ w_i² σ_i²`` with the final weights), including
 the covariance of Q̃ and I_Q that the reference's ``hypot`` ignores; the reference does not
-propagate errors through the inversion at all (§13 item 13).
+propagate errors through the inversion at all (docs/instrument.md §13.13).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def mueller_rows(mm: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def pol_efficiency(m_q: np.ndarray, m_u: np.ndarray) -> float:
-    """Mean of hypot(m_Q1, m_U1), hypot(m_Q2, m_U2) and sqrt(½(m_Q1+m_Q2)² + ½(m_U1+m_U2)²) (§9.4)."""
+    """Mean of hypot(m_Q1, m_U1), hypot(m_Q2, m_U2) and sqrt(½(m_Q1+m_Q2)² + ½(m_U1+m_U2)²) (docs/instrument.md §9.4)."""
     a = math.hypot(m_q[1], m_u[1])
     b = math.hypot(m_q[2], m_u[2])
     c = math.sqrt(0.5 * (m_q[1] + m_q[2]) ** 2 + 0.5 * (m_u[1] + m_u[2]) ** 2)
@@ -99,7 +99,7 @@ def mm_correct_weights(weights: np.ndarray, mm: np.ndarray, ip: bool = True) -> 
 def rotate_qu_weights(weights: np.ndarray, theta_deg: float) -> np.ndarray:
     """Rotate the (Q, U) rows by θ: ``Q′ = Q cos2θ − U sin2θ``, ``U′ = Q sin2θ + U cos2θ``.
 
-    Used without Mueller correction (§9.4, θ = ½·PA + ALTITUDE, flagged "TODO check" in the
+    Used without Mueller correction (docs/instrument.md §9.4, θ = ½·PA + ALTITUDE, flagged "TODO check" in the
     reference and kept as is).
     """
     w = np.asarray(weights, float).copy()

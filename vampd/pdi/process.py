@@ -1,7 +1,7 @@
-"""Per-set PDI processing (domain doc §9.2–§9.7): derotation, differences, Mueller and IP
+"""Per-set PDI processing (docs/instrument.md §9.2–§9.7): derotation, differences, Mueller and IP
 correction, per-set Stokes file.
 
-Derotation (§9.2, §5.5): each member's images are rotated by its ``DEROTANG`` (North up, East
+Derotation (docs/instrument.md §9.2, §5.5): each member's images are rotated by its ``DEROTANG`` (North up, East
 left) with cubic-spline interpolation; its **variance** map is rotated with linear
 interpolation (order 1: non-negative weights that sum to one, so variances stay positive and are
 not smoothed into the wings like a spline would). The whole difference / Mueller / IP chain is a
@@ -131,7 +131,7 @@ def _clean_header(h: fits.Header) -> fits.Header:
 
 
 def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coronagraphic: bool = False) -> SetResult:
-    """Stokes cube of one complete set (§9.2–§9.7).
+    """Stokes cube of one complete set (docs/instrument.md §9.2–§9.7).
 
     Parameters
     ----------
@@ -172,7 +172,7 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
 
 
 def _correction_weights(members: list[Member], pcfg, w0: np.ndarray, hdr) -> tuple[np.ndarray, dict, str]:
-    """Per-field weights (nf, 4, n): the differences, Mueller-corrected (§9.4) or rotated."""
+    """Per-field weights (nf, 4, n): the differences, Mueller-corrected (docs/instrument.md §9.4) or rotated."""
     fields = members[0].fields
     weights = np.repeat(w0[None], len(fields), axis=0)
     mm_rows: dict[str, dict] = {}
@@ -198,7 +198,7 @@ def _correction_weights(members: list[Member], pcfg, w0: np.ndarray, hdr) -> tup
 
 
 def _ip_correct(stokes, weights, shape, pcfg, fields, hdr) -> dict[str, dict]:
-    """Measure and remove the residual IP (§9.6) in place (``stokes`` and ``weights``)."""
+    """Measure and remove the residual IP (docs/instrument.md §9.6) in place (``stokes`` and ``weights``)."""
     ip_vals: dict[str, dict] = {}
     region = region_weights(tuple(shape), pcfg.ip_method, pcfg.ip_radius, pcfg.ip_radius2)
     for j, f in enumerate(fields):
@@ -239,7 +239,7 @@ def _set_header(hdr, pcfg, mode: str, model_desc: str) -> fits.Header:
 
 
 def _field_cards(headers, f: str, mm_info: dict | None, ip: dict | None, pcfg) -> None:
-    """Model IP / efficiency (§9.4) and residual IP (§9.6) cards of field ``f``."""
+    """Model IP / efficiency (docs/instrument.md §9.4) and residual IP (§9.6) cards of field ``f``."""
     for h in headers:
         if mm_info is not None:
             set_card(h, f"HIERARCH DPP PDI MM IP_PQ {f}", mm_info["ip_pq"], "model IP (Q)")
@@ -279,7 +279,7 @@ def _apply_data(weights: np.ndarray, imgs: np.ndarray) -> np.ndarray:
 
 
 def write_set_file(path, result: SetResult, index: int, key: str, member_paths: list[str]) -> Path:
-    """Write ``pdi/stokes/{name}_stokes_{index:03d}.fits`` (§9.7)."""
+    """Write ``pdi/stokes/{name}_stokes_{index:03d}.fits`` (docs/instrument.md §9.7)."""
     hdr = result.header.copy()
     set_card(hdr, "HIERARCH DPP PDI SET INDEX", int(index), "set index")
     set_card(hdr, "HIERARCH DPP PDI SET KEY", key, "stable set key")

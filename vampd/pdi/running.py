@@ -1,4 +1,4 @@
-"""Running (incremental) collapse of the per-set Stokes cubes (domain doc §9.8, §14).
+"""Running (incremental) collapse of the per-set Stokes cubes (docs/instrument.md §9.8, §14).
 
 The accumulator keeps, per pixel of ``(nfields, 4, N, N)``, the sums needed for a plain mean
 (``Σx``, ``Σσ²``, count of finite values) and for an inverse-variance mean (``Σx/σ²``,
@@ -7,13 +7,13 @@ trigger can be re-run after a crash). It lives in one NPZ written atomically, so
 costs O(1) sets of work. The final median over sets is the end-of-night job; every set's own
 Stokes file is kept for it.
 
-Running products written after every set (§9.8, §11.1):
+Running products written after every set (docs/instrument.md §9.8, §11.1):
 
 * ``pdi/{name}_stokes_coll.fits``: ``(8, N, N)`` planes ``I_Q, I_U, Q, U, Q_PHI, U_PHI, LP_I,
   AOLP`` (or ``Q_R, U_R``), header ``STOKES`` listing them, ``CTYPE3 = STOKES``, ``ERR``
   extension, one header HDU per field; e-/s per camera (I_Q is the mean single-beam intensity).
   With several fields (MBI) the collapse over fields is their **mean** (error RSS / n), not the
-  reference's sum (§13 item 13), and ``pdi/{name}_stokes_cube.fits`` holds ``(nfields, 8, N, N)``.
+  reference's sum (docs/instrument.md §13.13), and ``pdi/{name}_stokes_cube.fits`` holds ``(nfields, 8, N, N)``.
 * ``pdi/{name}_footprint.fits``: fraction of sets with a finite Q per pixel ``(nfields, N, N)``.
 * ``pdi/{name}_stokes_table.csv``: one row per set (its primary header), in set order.
 """

@@ -1,4 +1,4 @@
-"""HWP-set assembly for streaming PDI (domain doc §9.1, §13 item 19, §14).
+"""HWP-set assembly for streaming PDI (docs/instrument.md §9.1, §13.19, §14).
 
 A pure, deterministic function of the list of member records: the same records (in any order)
 always give the same sets with the same keys, so the sets can be rebuilt from the ledger at any

@@ -1,4 +1,4 @@
-"""Stokes products (domain doc §9.7, §9.8): cylindrical Stokes, LP_I, AoLP, stellar polarisation.
+"""Stokes products (docs/instrument.md §9.7, §9.8): cylindrical Stokes, LP_I, AoLP, stellar polarisation.
 
 Frame: North up, East left (derotated), centre = the frame centre ``(c_y, c_x)``,
 ``θ = atan2(c_x − x, y − c_y) + φ`` (angle East of North):

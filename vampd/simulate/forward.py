@@ -62,7 +62,7 @@ def continuous_peak(image: np.ndarray, center_yx) -> float:
     """Value of the un-pixel-integrated intensity at ``center_yx`` of a band-limited image.
 
     Divides out the pixel response ``sinc(f_y) sinc(f_x)`` in Fourier space and evaluates
-    the Fourier series at the (sub-pixel) point: the "true continuous peak" of §3.2.
+    the Fourier series at the (sub-pixel) point: the "true continuous peak" of docs/instrument.md §3.2.
     """
     ny, nx = image.shape
     fy = np.fft.fftfreq(ny)

@@ -1,6 +1,6 @@
 """Raw VAMPIRES (STARS/Gen2 archive, CMOS) header construction for simulated files.
 
-Only raw keys are written (domain doc §1.3): the keys ``fix_header`` derives (BIAS, GAIN,
+Only raw keys are written (docs/instrument.md §1.3): the keys ``fix_header`` derives (BIAS, GAIN,
 PAOFFSET, ...) and the calibration step writes (PA, DEROTANG, WCS) are left to the
 pipeline, as in real archive files.
 """

@@ -359,7 +359,7 @@ def _detector_models(cfg: SimConfig, dets, illum) -> tuple[dict, dict]:
             xx = (np.arange(nx) - (nx - 1) / 2)[None, :] / max(ny, nx)
             vignette = 1.0 - 0.12 * (yy**2 + xx**2) * 4
             response = vignette * (1.0 + cfg.flat_rms * rng.standard_normal(shape))
-            # a flat is normalised by its median (§2.4): give the response median 1 so that
+            # a flat is normalised by its median (docs/instrument.md §2.4): give the response median 1 so that
             # flat-fielded data reproduce the injected e-/s exactly (truth stays comparable)
             response /= np.median(response)
             bias = d.bias + cfg.bias_pattern_adu * rng.standard_normal(nx)[None, :] * np.ones((ny, 1))
@@ -635,13 +635,13 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
         "units": {"flux": "e-/s detected (calibrated units), star_flux/ring_flux summed over both cameras",
                   "positions": "pixels (y, x), (0,0) = centre of the first pixel; *_cal = calibrated (flipped) "
                                "frame, *_raw = raw file rows; jitter is given in calibrated orientation",
-                  "pdi_scale": "Q, U, I_Q from the triple/double difference + Mueller inversion (§9.3-9.4) are on "
+                  "pdi_scale": "Q, U, I_Q from the triple/double difference + Mueller inversion (docs/instrument.md §9.3-9.4) are on "
                                "the single-beam scale: half of this truth's total-intensity scale"},
         "definitions": {
             "frame_model": "f_t * shift_t[S_t * (K_core (x) X_core) + (1 - S_t) * (K_halo (x) X_halo)], X = sum_j M[0,j] S_j",
             "strehl": "S_t: weight of the diffraction-limited core (the injected Strehl)",
             "strehl_metric": "(continuous peak / aperture sum) of the star image / the same for the ideal PSF, "
-                             "aperture radius aper_radius (§3.2); star only (no ring/spots)",
+                             "aperture radius aper_radius (docs/instrument.md §3.2); star only (no ring/spots)",
             "aper_flux": "star flux [e-/s] inside the aperture centred on the true star position, calibrated units",
             "star_flux_e_per_s": "total star flux reaching this camera and field [e-/s] (incl. M[0,0] and f_t)",
             "mueller": "first row of the instrument Mueller matrix per field (instrument_mueller at the file midpoint)",

@@ -3,10 +3,10 @@
 
 Sky frame: North up, East left (display origin lower-left), offsets in mas from the star.
 A detector pixel in calibrated (flipped) orientation at offset ``d = (dx, dy)`` [px] from
-the star sees the sky at ``R(DEROTANG) d`` (CCW rotation, domain doc §5.5), so derotating
+the star sees the sky at ``R(DEROTANG) d`` (CCW rotation, docs/instrument.md §5.5), so derotating
 the calibrated image by DEROTANG puts North up.
 
-Polarisation convention (§9.8): position angle East of North
+Polarisation convention (docs/instrument.md §9.8): position angle East of North
 ``theta = atan2(-x_sky, y_sky)`` (= ``atan2(c_x - x, y - c_y)`` in a North-up image);
 azimuthal (tangential) polarisation has ``Q = -p I cos 2theta``, ``U = -p I sin 2theta``,
 so ``Q_phi = -Q cos 2theta - U sin 2theta = p I > 0``.

@@ -1,4 +1,4 @@
-"""Spectrophotometric calibration (domain doc §8): synthetic photometry, conversion factors and the
+"""Spectrophotometric calibration (docs/instrument.md §8): synthetic photometry, conversion factors and the
 per-sequence factor files read by the PDI code.
 
 Everything is offline: filter curves, zero points, the Pickles atlas, reference passbands and Vega

@@ -1,16 +1,16 @@
-"""Conversion factors from e-/s to the configured unit, per field (domain doc §8).
+"""Conversion factors from e-/s to the configured unit, per field (docs/instrument.md §8).
 
 Pure functions: metrics and headers in, factors and headers out. The sequence trigger
 (:mod:`vampd.engine.specphot_trigger`) reads the files and calls these.
 
 Deviations from the reference, on purpose
 ------------------------------------------
-* vampd products are already in e-/s (§2.6), so the instrumental flux is *not* divided by the
+* vampd products are already in e-/s (docs/instrument.md §2.6), so the instrumental flux is *not* divided by the
   exposure time again.
 * The instrumental flux of a sequence is the median over all its files' PSFs and frames.
 * Coronagraphic data: the star's flux is the satellite-spot flux divided by the spot contrast
-  (§8.3.5) for *every* unit, so ``Jy`` is calibrated on the star rather than on one spot (the
-  reference ignored the spot contrast there, §13 item 18).
+  (docs/instrument.md §8.3.5) for *every* unit, so ``Jy`` is calibrated on the star rather than on one spot (the
+  reference ignored the spot contrast there, docs/instrument.md §13.18).
 * ``contrast`` is refused with ``zeropoints`` (nothing says how bright the star is).
 """
 
@@ -59,7 +59,7 @@ def instrumental_flux(metrics: Mapping[str, np.ndarray] | Sequence[Mapping[str, 
     ----------
     metrics : mapping or sequence of mappings
         Metrics of one file, or of every file of a sequence, each ``{key: (nfields, npsfs, nframes)}``
-        (§3.3). Frames of several files are pooled.
+        (docs/instrument.md §3.3). Frames of several files are pooled.
     flux_metric : {"photometry", "sum"}
         ``photometry`` uses the aperture sum ``photf``, ``sum`` the window sum ``sum``.
 
@@ -100,7 +100,7 @@ def instrumental_flux(metrics: Mapping[str, np.ndarray] | Sequence[Mapping[str, 
 
 
 def satellite_spot_contrast(grdamp_um: float, grdsep: float, waveave_nm: float) -> float:
-    """Contrast of one astrogrid satellite spot relative to the star (§8.3.5).
+    """Contrast of one astrogrid satellite spot relative to the star (docs/instrument.md §8.3.5).
 
     Parameters
     ----------
@@ -191,7 +191,7 @@ def conversion_factor(
     coronagraphic: bool = False,
     data_dir=None,
 ) -> SpecphotResult:
-    """Conversion factor of one field from e-/s to ``unit`` (§8.2, §8.3).
+    """Conversion factor of one field from e-/s to ``unit`` (docs/instrument.md §8.2, §8.3).
 
     Parameters
     ----------
@@ -237,7 +237,7 @@ def conversion_factor(
 
 
 def _calibrate_on_zeropoints(res: SpecphotResult, header: Mapping, data_dir) -> None:
-    """``c_fd`` [Jy/(e-/s)] from the filter's zero point at the header's airmass (§8.2), into ``res``."""
+    """``c_fd`` [Jy/(e-/s)] from the filter's zero point at the header's airmass (docs/instrument.md §8.2), into ``res``."""
     from vampd.specphot.zeropoints import zeropoint
 
     if res.unit == "contrast":
@@ -253,7 +253,7 @@ def _calibrate_on_zeropoints(res: SpecphotResult, header: Mapping, data_dir) -> 
 
 
 def _calibrate_on_spectrum(res: SpecphotResult, source, sptype, mag, mag_band, data_dir) -> None:
-    """``c_fd``, zero point and throughput from the star's synthetic photometry (§8.3), into ``res``.
+    """``c_fd``, zero point and throughput from the star's synthetic photometry (docs/instrument.md §8.3), into ``res``.
 
     The spectrum is a Pickles type (``res.source == "pickles"``) or the file ``source``,
     normalised to ``mag`` in ``mag_band``; the star's flux is ``res.star_flux``.
@@ -295,12 +295,12 @@ def _unit_factor(res: SpecphotResult) -> float:
 
 
 def _g4(x: float) -> float:
-    """4 significant figures (header values of §8.2)."""
+    """4 significant figures (header values of docs/instrument.md §8.2)."""
     return float(f"{x:.4g}")
 
 
 def specphot_header(header: fits.Header, results: Sequence[SpecphotResult], unit: str, data_dir=None, field_hdu: str | None = None) -> fits.Header:
-    """A copy of ``header`` with ``BUNIT`` and the ``DPP FLUX`` keys of every field (§1.3, §8).
+    """A copy of ``header`` with ``BUNIT`` and the ``DPP FLUX`` keys of every field (docs/instrument.md §1.3, §8).
 
     Parameters
     ----------

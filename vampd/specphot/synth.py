@@ -1,4 +1,4 @@
-"""Synthetic photometry with synphot, offline (domain doc §8.3 steps 3–4).
+"""Synthetic photometry with synphot, offline (docs/instrument.md §8.3 steps 3–4).
 
 Every spectrum and passband comes from the data directory (:mod:`vampd.specphot.data`); synphot's
 own download paths (``from_vega()``, ``from_filter()``) are never used: the Vega spectrum is read
@@ -31,7 +31,7 @@ __all__ = [
     "synthetic_photometry",
 ]
 
-#: Subaru collecting area used for photon rates (§8.3 step 4) [m²]
+#: Subaru collecting area used for photon rates (docs/instrument.md §8.3 step 4) [m²]
 TELESCOPE_AREA_M2 = 40.64
 
 

@@ -1,4 +1,4 @@
-"""Tabulated instrument zero points (domain doc §8.2, ``specphot.source = "zeropoints"``).
+"""Tabulated instrument zero points (docs/instrument.md §8.2, ``specphot.source = "zeropoints"``).
 
 c_fd = C_FD[filter] · 10^(0.4 · k[filter] · AIRMASS)  [Jy/(e-/s)]
 
@@ -26,7 +26,7 @@ from vampd.specphot.data import DataFileError, ZEROPOINT_TABLE_NAME, load_zeropo
 
 __all__ = ["BUILTIN_ZEROPOINTS", "ZeroPoint", "zeropoint", "zeropoint_c_fd"]
 
-#: §8.2 (reference HEAD): filter → (C_FD [Jy/(e-/s)] at airmass 0, k [mag/airmass])
+#: docs/instrument.md §8.2 (reference HEAD): filter → (C_FD [Jy/(e-/s)] at airmass 0, k [mag/airmass])
 BUILTIN_ZEROPOINTS: dict[str, tuple[float, float]] = {
     "625-50": (7.34e-07, 0.08117646),
     "675-50": (4.85e-07, 0.053832494),

@@ -1,9 +1,9 @@
 """Registration: crop, sub-pixel shift and pad each MBI field; cam2 → cam1 reprojection.
 
-Domain doc §5. The PSF of every frame and field lands exactly on the output's geometric
+docs/instrument.md §5. The PSF of every frame and field lands exactly on the output's geometric
 centre ``((N-1)/2, (N-1)/2)``: the cutout origin follows the Cutout2D "partial" rule
 ``o = ceil(c - crop/2)`` and the residual shift ``(crop-1)/2 - (c - o)`` (in [-0.5, 0.5))
-is *removed* with a Lanczos-4 interpolation (the reference doubles it instead, §13.1).
+is *removed* with a Lanczos-4 interpolation (the reference doubles it instead, docs/instrument.md §13.1).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from astropy.io import fits
 
-from vampd.stages.centroids import intersect_diagonals  # one implementation (§3.4)
+from vampd.stages.centroids import intersect_diagonals  # one implementation (docs/instrument.md §3.4)
 from vampd.imaging import frame_center, shift_window, warp_similarity
 
 __all__ = [
@@ -50,13 +50,13 @@ def aligned_size(crop_width: int, pad: bool = True) -> int:
 
 
 def frame_centers_from_metrics(metrics, method: str, default=None) -> np.ndarray:
-    """Per-frame, per-field PSF centres from analysis metrics (§5.1).
+    """Per-frame, per-field PSF centres from analysis metrics (docs/instrument.md §5.1).
 
     Parameters
     ----------
     metrics : mapping
         Arrays of shape ``(nfields, npsfs, nframes)``; keys ``{method}x`` / ``{method}y``
-        (``dftx/dfty``, ``comx/comy``, ``peakx/peaky``, ``modelx/modely``, §13.6 fixed).
+        (``dftx/dfty``, ``comx/comy``, ``peakx/peaky``, ``modelx/modely``, docs/instrument.md §13.6 fixed).
     method : {"dft", "com", "peak", "model"}
     default : array (nfields, 2), optional
         ``(y, x)`` used for a field whose centroid is NaN in every frame.
@@ -400,7 +400,7 @@ def align_header(header, method: str | None, fields, copy: bool = True) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# cam2 -> cam1 reprojection (§5.6)
+# cam2 -> cam1 reprojection (docs/instrument.md §5.6)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -413,7 +413,7 @@ def similarity_from_spots(spots_cam1, spots_cam2) -> tuple[float, float]:
 
     Both inputs are ``(npsfs, 2)`` positions ``(y, x)`` in **calibrated** (already flipped,
     same sky parity) coordinates, e.g. centroid-file positions after the camera flip
-    (the reference's extra mirroring is that raw→calibrated flip done by hand, §13.15).
+    (the reference's extra mirroring is that raw→calibrated flip done by hand, docs/instrument.md §13.15).
     Each set is taken relative to its centre (diagonal intersection for 4 spots, else
     the mean); correspondences are the cyclic order by polar angle that fits best.
     With ``z = x + i·y`` (display origin lower-left, so +angle is counter-clockwise) the
@@ -464,7 +464,7 @@ def _blur_nan(frames: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def reproject_cam2(data4, err4, angle_deg, scale):
-    """Warp camera-2 aligned frames onto camera-1 astrometry (§5.6).
+    """Warp camera-2 aligned frames onto camera-1 astrometry (docs/instrument.md §5.6).
 
     Rotation by ``angle_deg`` (CCW as displayed) and magnification ``scale`` about the frame
     centre, per field, as returned by :func:`similarity_from_spots`. When ``scale < 1`` the

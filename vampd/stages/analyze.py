@@ -1,18 +1,18 @@
-"""Per-frame PSF analysis (domain doc §3.2–§3.3).
+"""Per-frame PSF analysis (docs/instrument.md §3.2–§3.3).
 
-For every field and every PSF of a cube, one window (the same for all frames, §3.1) is cut out of
+For every field and every PSF of a cube, one window (the same for all frames, docs/instrument.md §3.1) is cut out of
 all frames at once and every metric is computed batched over frames: window statistics, centroids
 (centre of mass, peak pixel, DFT cross-correlation against the synthetic PSF), exact-overlap circular
 aperture photometry with an optional annulus background, a Strehl estimate and, optionally, a Moffat
 fit on the window. Each metric is an array of shape ``(nfields, npsfs, nframes)``.
 
-Deliberate differences from the reference pipeline (domain doc §13):
+Deliberate differences from the reference pipeline (docs/instrument.md §13):
 
 * the centre of mass is computed on the window minus its median (background) and ignores NaNs
-  (§13.22); frames whose background-subtracted window has no positive flux give NaN;
+  (docs/instrument.md §13.22); frames whose background-subtracted window has no positive flux give NaN;
 * the Moffat model is fitted on the window, not the whole frame, with a free constant background,
-  and its FWHM and amplitude are stored too (``modelfwhm``, ``modelamp``) (§13.22);
-* MBI without a centroid file works: the caller passes one PSF per field (§13.8);
+  and its FWHM and amplitude are stored too (``modelfwhm``, ``modelamp``) (docs/instrument.md §13.22);
+* MBI without a centroid file works: the caller passes one PSF per field (docs/instrument.md §13.8);
 * ``fwhm`` is always present: a cheap equivalent-Gaussian FWHM ``sqrt(4 ln2 F / (pi P))`` from the
   background-subtracted window flux ``F`` and its Fourier-interpolated peak ``P`` (for an Airy
   pattern in a 21 px window it reads within ~3 % of the true FWHM), so the live view has a FWHM
@@ -282,7 +282,7 @@ def _analyze_window(
         fwhm = np.sqrt(4 * math.log(2) * tot / (math.pi * peak_val))
     out["fwhm"] = np.where((tot > 0) & (peak_val > 0), fwhm, np.nan)
 
-    # centre estimate: COM < Moffat < DFT (§3.2)
+    # centre estimate: COM < Moffat < DFT (docs/instrument.md §3.2)
     cy, cx = out["comy"].copy(), out["comx"].copy()
     if getattr(cfg, "fit_psf_model", False):
         out.update(_moffat_metrics(win, err, sy, sx, start_win, out["fwhm"]))
@@ -313,7 +313,7 @@ def analyze_cube(
     psf: np.ndarray | Mapping[str, np.ndarray] | None = None,
     planetary: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Measure every §3.2 metric for every field and PSF of a calibrated cube.
+    """Measure every docs/instrument.md §3.2 metric for every field and PSF of a calibrated cube.
 
     Parameters
     ----------
@@ -379,7 +379,7 @@ def analyze_cube(
 
 
 def save_metrics(path: os.PathLike | str, metrics: Mapping[str, np.ndarray], fields: Sequence[str], sync_dir: bool = True):
-    """Atomically write the metrics NPZ (§3.3) with an extra ``fields`` array of field names.
+    """Atomically write the metrics NPZ (docs/instrument.md §3.3) with an extra ``fields`` array of field names.
 
     ``sync_dir``: also fsync the directory (see :func:`vampd.fitsio.atomic_write`).
     """

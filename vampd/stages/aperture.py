@@ -1,4 +1,4 @@
-"""Exact circular-aperture photometry, batched over frames (domain doc §3.2).
+"""Exact circular-aperture photometry, batched over frames (docs/instrument.md §3.2).
 
 One aperture per frame, each at its own centre: the boxes around the centres are gathered in
 one array, and the exact overlap of the circle with every pixel (photutils' ``method="exact"``)

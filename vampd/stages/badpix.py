@@ -1,4 +1,4 @@
-"""Bad-pixel detection (the adaptive sigma clip of domain doc §2.5) and repair.
+"""Bad-pixel detection (the adaptive sigma clip of docs/instrument.md §2.5) and repair.
 
 Static bad pixels (hot, dead, stuck) are found once on a master frame, then repaired in
 every science frame by the median of their valid neighbours. Detecting them on the master
@@ -49,7 +49,7 @@ def tile_statistics(image: np.ndarray, box: int = 8) -> tuple[np.ndarray, np.nda
     """Median and robust sigma (1.4826 MAD) of ``box`` x ``box`` tiles, NaN-ignoring.
 
     The tiles are the boxes centred on the grid ``box/2, box/2 + box, ...`` along each axis
-    separately (§2.5; the reference used ``shape[0]`` for both axes). A partial last tile
+    separately (docs/instrument.md §2.5; the reference used ``shape[0]`` for both axes). A partial last tile
     along an axis holds the leftover rows/columns.
 
     Returns
@@ -71,7 +71,7 @@ def tile_statistics(image: np.ndarray, box: int = 8) -> tuple[np.ndarray, np.nda
 
 
 def bad_pixel_mask(image: np.ndarray, box: int = 8, nsigma: float = 10.0) -> np.ndarray:
-    """Adaptive sigma clip (§2.5): flag pixels more than ``nsigma`` sigma from their tile median.
+    """Adaptive sigma clip (docs/instrument.md §2.5): flag pixels more than ``nsigma`` sigma from their tile median.
 
     Parameters
     ----------

@@ -1,7 +1,7 @@
-"""Calibration library: index of master backgrounds/flats, matching (domain doc §2.2),
-loading, and building masters from raw darks and flats (§2.3, §2.4).
+"""Calibration library: index of master backgrounds/flats, matching (docs/instrument.md §2.2),
+loading, and building masters from raw darks and flats (docs/instrument.md §2.3, §2.4).
 
-vampd decisions on top of the reference (§13 item 16):
+vampd decisions on top of the reference (docs/instrument.md §13.16):
 
 * ``*.fits`` **and** ``*.fits.fz`` are indexed (dot-files and dot-directories skipped).
 * Hard requirements: same crop (``PRD-MIN1/2``, ``PRD-RNG1/2``), same camera and same
@@ -243,14 +243,14 @@ class CalibLibrary:
         ]
 
     def match_background(self, header: fits.Header) -> CalibEntry | None:
-        """Best master background for a normalised science header, or None (§2.2)."""
+        """Best master background for a normalised science header, or None (docs/instrument.md §2.2)."""
         cands = self._hard(header, "BACKGROUND")
         exptime = _float(header, "EXPTIME")
         cands = _prefer(cands, lambda c: abs(c.exptime - exptime) < EXPTIME_TOL)
         return _nearest(cands, _float(header, "MJD"))
 
     def match_flat(self, header: fits.Header) -> CalibEntry | None:
-        """Best flat for a normalised science header, or None (§2.2)."""
+        """Best flat for a normalised science header, or None (docs/instrument.md §2.2)."""
         cands = self._hard(header, "FLAT")
         f1 = str(header.get("FILTER01", "")).strip()
         f2 = str(header.get("FILTER02", "")).strip()
@@ -300,7 +300,7 @@ def load_master(entry: CalibEntry | os.PathLike | str) -> CalibFrame:
 
 
 def collapse_frames(cube: np.ndarray, method: str = "median") -> np.ndarray:
-    """Collapse a cube along axis 0, NaN-ignoring (§6 methods).
+    """Collapse a cube along axis 0, NaN-ignoring (docs/instrument.md §6 methods).
 
     ``median``, ``mean``, ``varmean`` (weights 1 / variance of each frame) or ``biweight``
     (biweight location, c = 6). Returns float32.
@@ -350,7 +350,7 @@ def _to_float_masked(raw: np.ndarray, header: fits.Header, path=None) -> np.ndar
 
 
 def _fallback_background_sigma(header: fits.Header, path=None) -> float:
-    """Single-frame background error [adu]: dark-current shot noise + read noise (§2.3, §13.24)."""
+    """Single-frame background error [adu]: dark-current shot noise + read noise (docs/instrument.md §2.3, §13.24)."""
     effgain = _key(header, "EFFGAIN", path)
     dark_e = _key(header, "DC", path) * _key(header, "EXPTIME", path) * _key(header, "ENF", path) ** 2
     return math.sqrt(dark_e / effgain**2 + read_noise_adu(header, path) ** 2)
@@ -359,7 +359,7 @@ def _fallback_background_sigma(header: fits.Header, path=None) -> float:
 def make_background(
     raw_cube: np.ndarray, header: fits.Header, method: str = "median", path=None
 ) -> tuple[np.ndarray, np.ndarray, fits.Header]:
-    """Master background from one raw dark (or sky) cube (§2.3).
+    """Master background from one raw dark (or sky) cube (docs/instrument.md §2.3).
 
     Parameters
     ----------
@@ -432,7 +432,7 @@ def make_flat(
     method: str = "median",
     path=None,
 ) -> tuple[np.ndarray, np.ndarray, fits.Header]:
-    """Normalised flat from one raw flat cube (§2.4).
+    """Normalised flat from one raw flat cube (docs/instrument.md §2.4).
 
     Background: ``background`` (its ERR as sigma_b, ``BACKFILE``) or ``BIAS`` with
     sigma_b = sqrt(DC t ENF^2 / EFFGAIN^2 + (RN / GAIN)^2) (no ``DETGAIN`` needed).
@@ -505,7 +505,7 @@ def make_flat(
     flat = flat.astype(np.float32)
     err = err.astype(np.float32)
     flat[bad] = np.nan
-    err[bad] = np.nan  # the reference left these finite (§2.4)
+    err[bad] = np.nan  # the reference left these finite (docs/instrument.md §2.4)
     hdr["BUNIT"] = ("", "data unit")
     return flat, err, hdr
 
@@ -534,12 +534,12 @@ def build_masters(
     method: str = "median",
     force: bool = False,
 ) -> list[Path]:
-    """Build master backgrounds and flats from raw calibration files (§2.3, §2.4).
+    """Build master backgrounds and flats from raw calibration files (docs/instrument.md §2.3, §2.4).
 
     Inputs are classified by ``DATA-TYP``: ``DARK``/``SKYFLAT`` → ``outdir/background/
     {stem}_coll.fits`` (PRIMARY + ERR + BADPIX); ``FLAT``/``DOMEFLAT`` → ``outdir/flat/
     {stem}_coll.fits`` (PRIMARY + ERR), each flat using the best master background
-    (§2.2 matching against ``outdir/background``). Backgrounds are built first. Outputs
+    (docs/instrument.md §2.2 matching against ``outdir/background``). Backgrounds are built first. Outputs
     newer than their inputs are kept unless ``force``. Other ``DATA-TYP`` values are
     skipped with a log message.
 

@@ -1,11 +1,11 @@
-"""Calibration of raw cubes (domain doc §2.1): saturation, background or bias, error,
+"""Calibration of raw cubes (docs/instrument.md §2.1): saturation, background or bias, error,
 flat, bad pixels, camera flip, conversion to e-/s.
 
 Everything is done in a few float32 passes over cache-sized blocks of the cube; the
 per-pixel constants (background, flat, gain, exposure, flip) are folded into a handful
 of 2-D arrays first, so each output pixel costs about ten vectorised operations.
 
-Error model [adu], before the flat (§2.1 step 6, with the read-noise fix of §13 item 24)::
+Error model [adu], before the flat (docs/instrument.md §2.1 step 6, with the read-noise fix of §13.24)::
 
     var = max(D, 0) * ENF**2 / EFFGAIN + sigma_b**2
 
@@ -38,7 +38,7 @@ __all__ = [
     "calibrate_cube",
 ]
 
-#: Flat values below this (or non-finite) are unusable pixels (§2.4).
+#: Flat values below this (or non-finite) are unusable pixels (docs/instrument.md §2.4).
 FLAT_MIN = 0.2
 
 #: Keys a normalised header must carry for calibration.
@@ -140,7 +140,7 @@ def saturation_level(header: fits.Header, path=None) -> float:
     The full well holds the signal above the bias, so a pixel is full at ``BIAS + FULLWELL /
     GAIN`` raw adu; the 16-bit converter clips at 65535 first on the CMOS (7000 e- at
     0.103 e-/adu is above its range), so every clipped pixel is caught. The reference's
-    ``FULLWELL / GAIN`` = 65536 adu can never be reached (§13 item 4). In the June–July 2023
+    ``FULLWELL / GAIN`` = 65536 adu can never be reached (docs/instrument.md §13.4). In the June–July 2023
     window (``FULLWELL`` halved) the files were written with a 2¹⁵ limit: the level is then
     ``FULLWELL / GAIN`` = 32768 adu, the written limit.
     """
@@ -164,7 +164,7 @@ def read_noise_adu(header: fits.Header, path=None) -> float:
 
 
 def _flipped(header: fits.Header, path=None) -> bool:
-    """Whether this camera's frames are flipped along y (§1.4), as ``instrument.fields``."""
+    """Whether this camera's frames are flipped along y (docs/instrument.md §1.4), as ``instrument.fields``."""
     try:
         return bool(is_flipped(header, path))
     except ValueError as exc:  # HeaderError: missing/invalid U_CAMERA or MJD
@@ -180,7 +180,7 @@ def calibration_header(
     path=None,
     copy: bool = True,
 ) -> fits.Header:
-    """Header of calibrated data (§1.3 "keys written later"), independent of the pixel data.
+    """Header of calibrated data (docs/instrument.md §1.3 "keys written later"), independent of the pixel data.
 
     Returns a new header; applying it twice gives the same result, so every chunk of a
     file gets the same header. Writes ``BACKFILE``/``NOISEADU``/``NOISE`` (from the master,
@@ -443,7 +443,7 @@ def calibrate_cube(
     with_header: bool = True,
     nsat: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, fits.Header]:
-    """Calibrate a raw cube (or a chunk of its frames) to e-/s with an error cube (§2.1).
+    """Calibrate a raw cube (or a chunk of its frames) to e-/s with an error cube (docs/instrument.md §2.1).
 
     Parameters
     ----------
@@ -477,7 +477,7 @@ def calibrate_cube(
     -------
     data, err : ndarray float32 (nframes, ny, nx)
         Calibrated frames and 1-sigma errors [e-/s], flipped along y for the flipped camera
-        (§1.4). Saturated raw pixels (``>=`` :func:`saturation_level`) are NaN in both.
+        (docs/instrument.md §1.4). Saturated raw pixels (``>=`` :func:`saturation_level`) are NaN in both.
     header : astropy.io.fits.Header
         :func:`calibration_header` of ``header`` (the same for every chunk of a file).
 
@@ -494,7 +494,7 @@ def calibrate_cube(
     model = _pixel_model(header, scale, poisson, background, flat, shape, path)
     if fix_bad_pixels:
         model.badpix = _repair_mask(background, flat, badpix, shape, path)
-    if flip:  # work directly in output orientation (§1.4)
+    if flip:  # work directly in output orientation (docs/instrument.md §1.4)
         model = model.flipped()
     if nsat is not None:
         nsat[:] = 0

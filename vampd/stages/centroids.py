@@ -1,17 +1,17 @@
-"""Window centres for the per-frame analysis (domain doc §3.1, §3.4, §3.5).
+"""Window centres for the per-frame analysis (docs/instrument.md §3.1, §3.4, §3.5).
 
 Centres come from, in order of preference:
 
 1. a centroid file ``aux/{name}_centroids_cam{1,2}.toml``: a TOML table ``{field = [[x, y], ...]}``,
    one ``[x, y]`` pair per PSF, in **0-based raw (unflipped) pixel coordinates** (numpy indices of
    the raw frame; ds9 shows these values + 1). vampd reads and writes this one convention (fix of
-   §13.10: the reference wrote 1-based values and read them as 0-based). On calibrated data the
-   flipped camera's y is mapped ``y -> ny - 1 - y`` (§1.4);
+   docs/instrument.md §13.10: the reference wrote 1-based values and read them as 0-based). On calibrated data the
+   flipped camera's y is mapped ``y -> ny - 1 - y`` (docs/instrument.md §1.4);
 2. automatic detection on a median (or mean) calibrated image, no interactive clicks: a single PSF
    is the brightest smoothed peak near the expected field centre; a coronagraphic field's 4
    satellite spots are the brightest peaks that form a square around it;
-3. the defaults: one PSF per field at the §1.6 field centre (frame centre without MBI) — fix of
-   §13.8.
+3. the defaults: one PSF per field at the docs/instrument.md §1.6 field centre (frame centre without MBI) — fix of
+   docs/instrument.md §13.8.
 
 Positions are ``(y, x)`` in this module; only the TOML file stores ``[x, y]``.
 """
@@ -99,7 +99,7 @@ def save_centroid_file(path: os.PathLike | str, centers_raw: Mapping[str, Sequen
 
 
 def centers_to_calibrated(centers_raw: Mapping[str, Sequence[tuple[float, float]]], header, shape) -> Centers:
-    """Map raw-coordinate centres to calibrated (flipped) coordinates (§1.4) for this header's camera."""
+    """Map raw-coordinate centres to calibrated (flipped) coordinates (docs/instrument.md §1.4) for this header's camera."""
     from vampd.instrument.fields import raw_to_calibrated_yx
 
     ny = int(shape[-2])
@@ -125,7 +125,7 @@ _PAIRINGS = np.array([[[0, 1], [2, 3]], [[0, 2], [1, 3]], [[0, 3], [1, 2]]])
 
 
 def intersect_diagonals(points: np.ndarray) -> np.ndarray:
-    """Intersection of the diagonals of 4 points (the image centre of 4 satellite spots, §3.4).
+    """Intersection of the diagonals of 4 points (the image centre of 4 satellite spots, docs/instrument.md §3.4).
 
     The diagonals are the pairing of the 4 points with the largest total length (for a convex
     quadrilateral the diagonals are longer, together, than either pair of opposite sides). This
@@ -366,7 +366,7 @@ def find_centers(
     image : ndarray, shape (ny, nx) or (nframes, ny, nx)
         Calibrated (flipped) data.
     header : fits.Header, optional
-        Gives the field names and rough field centres (§1.6) when ``fields``/``expected`` are not
+        Gives the field names and rough field centres (docs/instrument.md §1.6) when ``fields``/``expected`` are not
         given.
     fields : list of str, optional
         Field names (default ``field_names(header)``).
@@ -430,7 +430,7 @@ def resolve_centers(
 ) -> Centers:
     """Window centres in calibrated coordinates: centroid file > automatic search > defaults.
 
-    Fields follow the header's field order (§1.6), not the TOML key order (fix of §13.9); a
+    Fields follow the header's field order (docs/instrument.md §1.6), not the TOML key order (fix of §13.9); a
     field missing from the centroid file raises :class:`CentroidError`. Without a file and without
     an image (or when the automatic search fails, with a warning), each field gets one PSF at its
     default centre.

@@ -1,9 +1,9 @@
-"""Coadd aligned cubes along time, with errors; recenter the coadded image (§6, §5.4).
+"""Coadd aligned cubes along time, with errors; recenter the coadded image (docs/instrument.md §6, §5.4).
 
 Aligned data are ``(nframes, nfields, N, N)``; a coadd is ``(nfields, N, N)``. Errors:
 
 * ``mean``     σ = sqrt(Σ σ_t²) / n
-* ``varmean``  σ = sqrt(Σ w_t² σ_t²) / Σ w_t, with w = 1 / nanvar(frame t, field k) (§13.12 fixed)
+* ``varmean``  σ = sqrt(Σ w_t² σ_t²) / Σ w_t, with w = 1 / nanvar(frame t, field k) (docs/instrument.md §13.12 fixed)
 * ``median``   σ = sqrt(π/2) · (mean error) — the asymptotic efficiency of the median
 * ``biweight`` σ ≈ mean error (the biweight location's efficiency is ~98 % for Gaussian
   data, so the mean propagation is within a few per cent; documented approximation)
@@ -414,7 +414,7 @@ class Coadder:
 
 
 def coadd_cube(data4, err4, method: str = "median") -> tuple[np.ndarray, np.ndarray, int]:
-    """Collapse aligned frames along axis 0 (§6).
+    """Collapse aligned frames along axis 0 (docs/instrument.md §6).
 
     Parameters
     ----------
@@ -432,7 +432,7 @@ def coadd_cube(data4, err4, method: str = "median") -> tuple[np.ndarray, np.ndar
 
 
 # ---------------------------------------------------------------------------------------------
-# Recenter (§5.4)
+# Recenter (docs/instrument.md §5.4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -495,7 +495,7 @@ def measure_center(image2d, centers, method: str, window_size: int, psf=None) ->
     ``method``: ``com`` (NaN-masked centre of mass), ``peak`` (argmax pixel), ``dft``
     (cross-correlation with ``psf`` of shape (window_size, window_size) via
     :func:`vampd.stages.dft.dft_centroid`; without a template it falls back to ``com``),
-    ``model`` (Moffat fit in the window, §13.6 fixed). A saturated core (NaN) is first filled
+    ``model`` (Moffat fit in the window, docs/instrument.md §13.6 fixed). A saturated core (NaN) is first filled
     with the window's brightest value (:func:`vampd.stages.analyze.fill_saturated`).
     """
     centers = np.atleast_2d(np.asarray(centers, dtype=np.float64))
@@ -546,14 +546,14 @@ def _shift_finite(cube3: np.ndarray, ref3: np.ndarray, dy, dx) -> np.ndarray:
 
 
 def recenter(image, err, method: str, window_size: int, psf=None, offsets=None):
-    """Re-measure the PSF on a coadded image and shift it onto the frame centre (§5.4).
+    """Re-measure the PSF on a coadded image and shift it onto the frame centre (docs/instrument.md §5.4).
 
     Parameters
     ----------
     image, err : ndarray (nfields, N, N) or (N, N); err may be None
     method : {"dft", "com", "peak", "model"}
     window_size : int
-        Measurement window (= ``analysis.window_size``, the synthetic PSF size; §13.7).
+        Measurement window (= ``analysis.window_size``, the synthetic PSF size; docs/instrument.md §13.7).
     psf : ndarray (window_size, window_size), optional
         Template for ``dft``.
     offsets : array (npsfs, 2) or (nfields, npsfs, 2), optional

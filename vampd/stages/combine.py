@@ -1,8 +1,8 @@
-"""Grouping keys and header combination (§7).
+"""Grouping keys and header combination (docs/instrument.md §7).
 
 vampd streams: every file is reduced on its own as soon as it is complete, so ``combine =
 "cube"`` groups are single files keyed by the file stem (stable when later files arrive —
-the reference's global MJD rank is not, §13.20). For ``combine = "pdi"`` the per-file
+the reference's global MJD rank is not, docs/instrument.md §13.20). For ``combine = "pdi"`` the per-file
 products are still produced per file; HWP sets are formed later by the PDI stage from
 those products. The ``pdi`` key here names the HWP-angle *run* a file belongs to, built
 from the stem of the run's first file, so it never changes when files are added after it.
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 GROUP_METHODS = ("cube", "pdi")
-HWP_TOLERANCE_DEG = 0.1  # RET-ANG1 values closer than this are the same HWP position (§13.19)
+HWP_TOLERANCE_DEG = 0.1  # RET-ANG1 values closer than this are the same HWP position (docs/instrument.md §13.19)
 _MJD_EPOCH = datetime(1858, 11, 17)
 _RESERVED = re.compile(
     r"^(NAXIS\d*|BSCALE|BZERO|BITPIX|SIMPLE|EXTEND|PCOUNT|GCOUNT|XTENSION|EXTNAME|"
@@ -86,7 +86,7 @@ def _same_hwp(a: float, b: float) -> bool:
 
 
 def group_key(header, path, method: str = "cube", previous: tuple[str, fits.Header] | None = None) -> str:
-    """Stable group key of one file (§7.1, §13.20 fixed).
+    """Stable group key of one file (docs/instrument.md §7.1, §13.20 fixed).
 
     Parameters
     ----------
@@ -164,7 +164,7 @@ def _hms(t: datetime) -> str:
 
 
 def _set_times(h: fits.Header, mjd_str: float, mjd_end: float) -> None:
-    """§1.7 item 5: times of a combination from its first start and last end."""
+    """docs/instrument.md §1.7 item 5: times of a combination from its first start and last end."""
     mid = mjd_str + (mjd_end - mjd_str) / 2
     t0, t1, tm = (_mjd_to_datetime(m) for m in (mjd_str, mjd_end, mid))
     hst = timedelta(hours=10)
@@ -189,7 +189,7 @@ def _dec_deg(v) -> float:
 
 
 def combine_headers(headers) -> fits.Header:
-    """Combine the headers of files stacked together (§7.2).
+    """Combine the headers of files stacked together (docs/instrument.md §7.2).
 
     * Keys with one value are copied (comment of the first header). Varying numeric keys
       → nanmean; when the comment mentions "error" the values are combined as independent
@@ -202,7 +202,7 @@ def combine_headers(headers) -> fits.Header:
     * ``MJD-STR`` = min, ``MJD-END`` = max, ``MJD`` = midpoint; UT/HST/DATE-OBS derived from them.
     * WCS (if the inputs have one): recomputed with :func:`vampd.instrument.wcs.apply_wcs` from the
       mean RA/Dec and the circular mean of the PC rotation angles (averaging PC elements would
-      shrink the matrix for a rotating sequence, §13.21).
+      shrink the matrix for a rotating sequence, docs/instrument.md §13.21).
     """
     from vampd.instrument.angles import refresh_angles
 

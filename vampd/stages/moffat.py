@@ -1,4 +1,4 @@
-"""Elliptical Moffat model of the PSF (domain doc §3.2), fitted on the analysis window.
+"""Elliptical Moffat model of the PSF (docs/instrument.md §3.2), fitted on the analysis window.
 
 Unlike the reference, the fit is made on the window (not the whole frame) with a free constant
 background, ``alpha`` may reach 10, and the FWHM and amplitude are returned too.
@@ -62,7 +62,7 @@ def fit_moffat(
     start_yx: np.ndarray | None = None,
     start_fwhm: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Elliptical Moffat fit (§3.2) on each window (one least-squares fit per frame).
+    """Elliptical Moffat fit (docs/instrument.md §3.2) on each window (one least-squares fit per frame).
 
     Parameters: amplitude ∈ [0, 2 (max - median)], centre within the window, ``gamma_x, gamma_y`` ∈
     [0.5, w/2], ``theta`` ∈ [-pi/4, pi/4], ``alpha`` ∈ [0.5, 10] (the reference stops at 3, too

@@ -1,4 +1,4 @@
-"""Frame selection by a per-frame quality metric (domain doc §4).
+"""Frame selection by a per-frame quality metric (docs/instrument.md §4).
 
 For each (field, PSF) the frames are ranked by the metric (higher is better for every metric) and
 the best ``k = ceil((1 - q) n)`` are above that (field, PSF)'s cutoff, ``n`` being the number of
@@ -9,7 +9,7 @@ The cutoff is rank-based: it is the ``k``-th largest value, i.e. ``numpy.quantil
 method="inverted_cdf")``-like but anchored so that exactly ``ceil((1 - q) n)`` distinct values
 pass (the reference's linear-interpolation ``nanquantile`` keeps ``floor`` or ``ceil`` depending on
 where the interpolated value lands). Ties at the cutoff are all kept, so with repeated values more
-than ``k`` frames can pass. Fixes of §13.5: ``max`` and ``peak`` both select on the window maximum;
+than ``k`` frames can pass. Fixes of docs/instrument.md §13.5: ``max`` and ``peak`` both select on the window maximum;
 ``q = 0`` keeps everything and returns the same type; a metric that is NaN for every frame (e.g. a
 Strehl that failed everywhere) keeps all frames instead of discarding the whole cube.
 """
@@ -24,7 +24,7 @@ from astropy.io import fits
 
 __all__ = ["METRIC_KEYS", "SelectionError", "apply_selection", "frame_cutoffs", "select_frames", "selection_header"]
 
-#: Configuration metric name -> metrics NPZ key (§4; ``l2norm`` is the variance, despite the name).
+#: Configuration metric name -> metrics NPZ key (docs/instrument.md §4; ``l2norm`` is the variance, despite the name).
 METRIC_KEYS = {"max": "max", "peak": "max", "l2norm": "var", "normvar": "nvar", "strehl": "strehl"}
 
 

@@ -1,4 +1,4 @@
-"""Strehl ratio estimate (domain doc §3.2): the pixel-deconvolved, Fourier-interpolated peak of
+"""Strehl ratio estimate (docs/instrument.md §3.2): the pixel-deconvolved, Fourier-interpolated peak of
 the image over its aperture flux, divided by the same ratio for the synthetic PSF.
 
 Estimates are rejected (NaN) outside [0, 1.1] rather than the reference's [0, 1] (see
@@ -30,7 +30,7 @@ def normalized_peak(
     box: int = STREHL_BOX,
     factor: int = 4,
 ) -> np.ndarray:
-    """Pixel-deconvolved, Fourier-interpolated peak divided by the aperture flux (§3.2, Strehl).
+    """Pixel-deconvolved, Fourier-interpolated peak divided by the aperture flux (docs/instrument.md §3.2, Strehl).
 
     A ``box``-px sub-image with origin ``floor(c) - box/2`` (as the reference) is cut per frame,
     background-subtracted, interpolated on a ``1/factor`` px grid around ``c`` after dividing its
