@@ -143,6 +143,7 @@ EXAMPLES: dict[str, str] = {
     "live": "vampd live /reduced/20251125 --refresh 2",
     "finalize": "vampd finalize night.toml -o /reduced/20251125",
     "demo": "vampd demo --files 16 --no-live",
+    "retry": "vampd retry /reduced/20251125 --kind transient",
     "reprocess": "vampd reprocess night.toml /data/20251125 /data/20251126 -o /reduced --local 4",
 }
 

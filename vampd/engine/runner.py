@@ -436,10 +436,15 @@ class Runner:
 
 def run_file_triggers(ledger: Ledger, cfg: Any, outdir: os.PathLike | str, path: str) -> None:
     """The PDI and specphot hooks after one file was recorded (done or parked)."""
-    from vampd.engine import pdi_trigger, specphot_trigger
+    from vampd.engine import specphot_trigger
 
+    hooks = [("specphot", specphot_trigger.on_file_done)]
+    if cfg.polarimetry is not None or cfg.diff_images.make_diff:  # else no PDI work (nor its imports)
+        from vampd.engine import pdi_trigger
+
+        hooks.insert(0, ("pdi", pdi_trigger.on_file_done))
     name = printable(os.path.basename(path))
-    for what, hook in (("pdi", pdi_trigger.on_file_done), ("specphot", specphot_trigger.on_file_done)):
+    for what, hook in hooks:
         try:
             hook(ledger, cfg, Path(outdir), path)
         except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
@@ -478,5 +483,9 @@ def trigger_work(ledger: Ledger, item: tuple) -> None:
     outdir = ledger.outdir
     if what == "resume":
         resume_all_triggers(ledger, cfg, outdir)
+    elif what == "tick":  # time-based refresh of the least-squares products (issue 13)
+        from vampd.engine import leastsq_trigger
+
+        leastsq_trigger.tick(ledger, cfg, outdir)
     else:
         run_file_triggers(ledger, cfg, outdir, path)

@@ -261,9 +261,8 @@ class Daemon:
                 found = (self._guard("rescan", self.rescan) or 0) + (self._guard("product check", runner.recheck_products) or 0)
                 if found:
                     log.info("rescan: %d file(s) not in the ledger", found)
-                from vampd.engine import leastsq_trigger
-
-                leastsq_trigger.tick(ledger, runner.cfg, self.outdir)  # products lagging by time (issue 13)
+                if runner.cfg.polarimetry is not None and runner.cfg.polarimetry.method == "leastsq":
+                    self.trigger_thread.put(("tick", None, runner.cfg))  # products lagging by time (issue 13)
                 next_reconcile = now + s["reconcile_interval"]
             if runner.output_blocked and now >= next_probe:
                 next_probe = now + 5.0
