@@ -177,19 +177,8 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
     n = frames.shape[0] if index is None else len(index)
     src_of = np.arange(n) if index is None else np.asarray(index, dtype=np.int64).reshape(n)
     h, w = int(shape[0]), int(shape[1])
-    qy = np.asarray(qy, dtype=np.float64).reshape(n)
-    qx = np.asarray(qx, dtype=np.float64).reshape(n)
-    row0 = np.asarray(row0, dtype=np.int64).reshape(n)
-    col0 = np.asarray(col0, dtype=np.int64).reshape(n)
-    my, mx = np.floor(qy), np.floor(qx)
-    ty, tx = qy - my, qx - mx
-    wy, wx = lanczos_weights(ty), lanczos_weights(tx)
-    # source rows used: row0 + my - 3 .. row0 + my + h + 3; nearest row offset in the
-    # buffer = 3 + round(t)
-    ry = (ty >= 0.5).astype(np.int64)
-    rx = (tx >= 0.5).astype(np.int64)
-    sy0 = row0 + my.astype(np.int64) - (LANCZOS_A - 1)
-    sx0 = col0 + mx.astype(np.int64) - (LANCZOS_A - 1)
+    wy, ry, sy0 = _axis_taps(row0, qy, n)
+    wx, rx, sx0 = _axis_taps(col0, qx, n)
 
     # Each axis is a banded matrix product: output block rows [bB, bB+B) are M^T @ source
     # rows [bB, bB+B+7), M (B+7, B) holding the 8 taps on its diagonals. The same M serves
@@ -221,19 +210,7 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
         has_nan = bool(m.any())
         if has_nan:
             np.copyto(s, 0, where=m)
-        st = s_all.strides
-        yview = as_strided(s_all, (nc, nby, bsz + _NTAP - 1, wb), (st[0], bsz * st[1], st[1], st[2]), writeable=False)
-        a = ybuf[:nc]
-        np.matmul(my_band[c0:c1, None], yview, out=a)
-        a2 = a.reshape(nc, nby * bsz, wb)
-        sa = a2.strides
-        xview = as_strided(
-            a2, (nc, nbx, nby * bsz, bsz + _NTAP - 1), (sa[0], bsz * sa[2], sa[1], sa[2]), writeable=False
-        )
-        o = xbuf[:nc]  # (nc, nby*B, nbx*B); the product writes each block into place
-        so = o.strides
-        oview = as_strided(o, (nc, nbx, nby * bsz, bsz), (so[0], bsz * so[2], so[1], so[2]))
-        np.matmul(xview, mx_band[c0:c1, None], out=oview)
+        o = _band_products(s_all, my_band[c0:c1], mx_band[c0:c1], ybuf[:nc], xbuf[:nc], bsz)
         dst = out[c0:c1]
         dst[...] = o[:, :h, :w]
         for i in range(nc):
@@ -244,6 +221,35 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
             # nearest source pixel outside the frame -> NaN rows / columns
             _nan_outside(dst[i], frames.shape[-2:], int(sy0[f]) + yy, int(sx0[f]) + xx)
     return out
+
+
+def _axis_taps(origin, q, n: int):
+    """One axis of :func:`shift_window`: Lanczos weights, nearest-tap offset, first source index.
+
+    Source rows used: ``origin + floor(q) - 3 .. origin + floor(q) + h + 3``; the nearest
+    row's offset in the buffer is ``3 + round(t)`` (``t`` = fractional part of ``q``).
+    """
+    q = np.asarray(q, dtype=np.float64).reshape(n)
+    origin = np.asarray(origin, dtype=np.int64).reshape(n)
+    m = np.floor(q)
+    t = q - m
+    return lanczos_weights(t), (t >= 0.5).astype(np.int64), origin + m.astype(np.int64) - (LANCZOS_A - 1)
+
+
+def _band_products(s_all, my_band, mx_band, ybuf, xbuf, bsz: int) -> np.ndarray:
+    """Both banded passes of :func:`shift_window` for one chunk; returns ``xbuf`` (nc, nby*B, nbx*B)."""
+    nc, nby, wb = ybuf.shape[0], ybuf.shape[1], ybuf.shape[3]
+    nbx = xbuf.shape[2] // bsz
+    st = s_all.strides
+    yview = as_strided(s_all, (nc, nby, bsz + _NTAP - 1, wb), (st[0], bsz * st[1], st[1], st[2]), writeable=False)
+    np.matmul(my_band[:, None], yview, out=ybuf)
+    a2 = ybuf.reshape(nc, nby * bsz, wb)
+    sa = a2.strides
+    xview = as_strided(a2, (nc, nbx, nby * bsz, bsz + _NTAP - 1), (sa[0], bsz * sa[2], sa[1], sa[2]), writeable=False)
+    so = xbuf.strides  # the product writes each block into place
+    oview = as_strided(xbuf, (nc, nbx, nby * bsz, bsz), (so[0], bsz * so[2], so[1], so[2]))
+    np.matmul(xview, mx_band[:, None], out=oview)
+    return xbuf
 
 
 def _band_matrices(weights: np.ndarray, bsz: int) -> np.ndarray:

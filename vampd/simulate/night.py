@@ -33,39 +33,26 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 
-from vampd.simulate.forward import (
-    DetectorModel,
-    FieldModel,
-    aperture_sum,
-    continuous_peak,
-    frame_chunks,
-    moffat,
-    place_fields,
-    render_field,
+from vampd.simulate.forward import frame_chunks, place_fields, render_field
+from vampd.simulate.headers import raw_header
+from vampd.simulate.models import (
+    _detector_models,
+    _detectors,
+    _field_layout,
+    _field_models,
+    _illumination,
+    _mueller_params,
 )
-from vampd.simulate.headers import altaz, imr_angle, parse_radec, raw_header
+from vampd.simulate.plan import _DAY, HWP_ORDER, TARGETS, _geometry, _target_coords, plan_files
 from vampd.simulate.scene import Scene, spot_offsets_px
 from vampd.simulate.stream import apply_fault, canonical_fault, fault_targets
 from vampd.simulate.writer import sidecar_lines, write_cube, write_sidecar
 
 __all__ = ["HWP_ORDER", "TARGETS", "SimConfig", "simulate_night", "plan_files"]
 
-HWP_ORDER = (0.0, 45.0, 22.5, 67.5)
-
-#: Built-in targets: name → (RA deg, Dec deg), J2000. AB Aur transits at ~79° altitude
-#: from Subaru, so the field rotates fast around transit.
-TARGETS = {
-    "ABAUR": (73.941025, 30.551192),
-    "MWC480": (74.692775, 29.843608),
-    "HD34282": (79.001992, -9.809831),
-    "HD169142": (276.124083, -29.780361),
-}
-
 POST_NBS_NIGHT_MJD = 61004.0  # 2026-11-25 00:00 UT
 PRE_NBS_NIGHT_MJD = 60639.0  # 2024-11-25 00:00 UT
-_DAY = 86400.0
 _STATIC_CACHE_BYTES = 512 * 2**20
 _SENSOR_SHAPE = (2304, 4096)  # qCMOS (ORCA-Quest) full frame (y, x)
 
@@ -181,273 +168,6 @@ class SimConfig:
     @property
     def night_mjd(self) -> float:
         return PRE_NBS_NIGHT_MJD if self.pre_nbs else POST_NBS_NIGHT_MJD
-
-
-# ---------------------------------------------------------------------------------------
-# plan
-
-
-def _transit_mjd(ra_deg: float, mjd0: float) -> float:
-    """First upper transit at Subaru after ``mjd0`` (local sidereal time = RA)."""
-    from astropy.time import Time
-
-    from vampd.instrument.angles import SUBARU
-
-    lst = Time(mjd0, format="mjd", scale="utc", location=SUBARU).sidereal_time("apparent").hour
-    dt_h = ((ra_deg / 15.0 - lst) % 24.0) / 1.00273790935
-    return mjd0 + dt_h / 24.0
-
-
-def _target_coords(name: str) -> tuple[float, float]:
-    key = name.strip().upper().replace(" ", "").replace("_", "")
-    if key not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; built-in targets: {', '.join(TARGETS)}")
-    return TARGETS[key]
-
-
-def plan_files(cfg: SimConfig) -> tuple[list[dict], list[dict]]:
-    """Science files and HWP blocks of the night, in writing order (no geometry yet).
-
-    Returns ``(files, blocks)``. A block is one HWP position of one cycle: ``t0`` (MJD of
-    its first frame), ``nframes_block`` draws of jitter/flux/Strehl shared by both
-    cameras. Each file dict has camera, FLC, HWP, target, frameid, MJD-STR/END, the block
-    index and the block frame indices it takes (A: even, B: odd when interleaved).
-    """
-    dt = cfg.exptime / _DAY
-    n = cfg.nframes
-    flcs = [None] if cfg.doublediff else ["A", "B"]
-    step = len(flcs)
-    start = cfg.start_mjd
-    if start is None:
-        ra0, _ = _target_coords(cfg.targets[0])
-        start = _transit_mjd(ra0, cfg.night_mjd) - 300.0 / _DAY
-    t = float(start)
-    files: list[dict] = []
-    blocks: list[dict] = []
-    frameid = 10000
-    for ti, target in enumerate(cfg.targets):
-        ra, dec = _target_coords(target)
-        if ti > 0:
-            t += cfg.target_overhead_s / _DAY
-        for cycle in range(cfg.ncycles):
-            for hwp in HWP_ORDER:
-                b = len(blocks)
-                ncubes = max(1, int(cfg.cubes_per_hwp))
-                blocks.append({"index": b, "target": target, "cycle": cycle, "hwp": hwp, "t0": t,
-                               "nframes": n * step * ncubes})
-                for c in range(ncubes):
-                    for j, flc in enumerate(flcs):
-                        k = c * n * step + j + step * np.arange(n)
-                        for cam in (1, 2):
-                            files.append(
-                                {
-                                    "target": target,
-                                    "ra_deg": ra,
-                                    "dec_deg": dec,
-                                    "cycle": cycle,
-                                    "hwp": hwp,
-                                    "cube": c,
-                                    "flc": flc,
-                                    "camera": cam,
-                                    "frameid": frameid,
-                                    "block": b,
-                                    "block_frames": k,
-                                    "frame_mjd": t + k * dt,
-                                    "mjd_str": t + k[0] * dt,
-                                    "mjd_end": t + (k[-1] + 1) * dt,
-                                }
-                            )
-                        frameid += 1
-                t += n * step * ncubes * dt + cfg.hwp_overhead_s / _DAY
-    return files, blocks
-
-
-# ---------------------------------------------------------------------------------------
-# instrument pieces
-
-
-def _detectors(cfg: SimConfig) -> dict:
-    from vampd.instrument.detectors import cmos_detector
-
-    return {cam: cmos_detector(cam, "fast", cfg.night_mjd) for cam in (1, 2)}
-
-
-def _field_layout(cfg: SimConfig) -> list[dict]:
-    """Fields: name, PSF filter, centre (calibrated frame), cell origin and shape."""
-    from vampd.instrument.fields import default_field_centers
-
-    shape = cfg.frame_shape
-    hdr = fits.Header({"OBS-MOD": cfg.obs_mod, "FILTER01": "Open" if cfg.mbi else cfg.filter})
-    centers = default_field_centers(hdr, shape)
-    out = []
-    for name, (cy, cx) in centers.items():
-        if cfg.mbi:
-            s = cfg.size
-            y0, x0 = int(round(cy - (s - 1) / 2)), int(round(cx - (s - 1) / 2))
-            cell = (s, s)
-        else:
-            y0, x0, cell = 0, 0, shape
-        out.append({"name": name, "filter": name if cfg.mbi else cfg.filter, "center": (cy, cx), "origin": (y0, x0), "cell": cell})
-    return out
-
-
-def _illumination(cfg: SimConfig, layout) -> np.ndarray | None:
-    """MBI field stops (calibrated orientation): 1 inside each field square, 0 between."""
-    if not cfg.mbi:
-        return None
-    shape = cfg.frame_shape
-    mask = np.zeros(shape, dtype=np.float32)
-    half = (cfg.size - 2 * max(2, cfg.size // 32)) / 2
-    yy = np.arange(shape[0])[:, None]
-    xx = np.arange(shape[1])[None, :]
-    for f in layout:
-        cy, cx = f["center"]
-        mask[(np.abs(yy - cy) <= half) & (np.abs(xx - cx) <= half)] = 1.0
-    return mask
-
-
-def _field_models(cfg: SimConfig, dets, layout) -> dict:
-    """FieldModel per (camera, field name)."""
-    from vampd.instrument.filters import filter_info
-    from vampd.instrument.pupil import psf_model
-
-    models = {}
-    for cam in (1, 2):
-        d = dets[1] if cfg.identical_cameras else dets[cam]
-        for f in layout:
-            k = min(2 * min(f["cell"]) - 1, 511)
-            c = (k - 1) / 2
-            core = psf_model(f["filter"], d.pixel_scale, d.pupil_offset, k, center=(c, c), data_dir=cfg.data_dir).astype(np.float64)
-            halo = moffat((k, k), (c, c), cfg.halo_fwhm_mas / d.pixel_scale, cfg.halo_beta)
-            ideal = continuous_peak(core, (c, c)) / aperture_sum(core, (c, c), cfg.aper_radius)
-            models[cam, f["name"]] = FieldModel(
-                name=f["name"],
-                filter_name=f["filter"],
-                pixel_scale=d.pixel_scale,
-                pupil_offset=d.pupil_offset,
-                wavelength_nm=filter_info(f["filter"], cfg.data_dir).waveave,
-                cell_shape=tuple(f["cell"]),
-                core_kernel=core,
-                halo_kernel=halo,
-                core_peak_ideal=ideal,
-                data_dir=cfg.data_dir,
-            )
-    return models
-
-
-def _detector_models(cfg: SimConfig, dets, illum) -> tuple[dict, dict]:
-    """DetectorModel per camera (raw orientation) and its truth (bad pixels etc.)."""
-    from vampd.instrument.detectors import flipped_camera
-
-    shape = cfg.frame_shape
-    ny, nx = shape
-    flipped = flipped_camera(cfg.night_mjd)
-    models, truth = {}, {}
-    for cam in (1, 2):
-        d = dets[cam]
-        rng = np.random.default_rng([cfg.seed, 101, cam])
-        ill = None
-        if illum is not None:
-            ill = illum[::-1] if cam == flipped else illum
-        if cfg.noise_free:
-            response = np.ones(shape)
-            dark = np.zeros(shape)
-            bias = np.full(shape, d.bias)
-            hot, dead = np.zeros((0, 2), int), np.zeros((0, 2), int)
-        else:
-            yy = (np.arange(ny) - (ny - 1) / 2)[:, None] / max(ny, nx)
-            xx = (np.arange(nx) - (nx - 1) / 2)[None, :] / max(ny, nx)
-            vignette = 1.0 - 0.12 * (yy**2 + xx**2) * 4
-            response = vignette * (1.0 + cfg.flat_rms * rng.standard_normal(shape))
-            # a flat is normalised by its median (docs/instrument.md §2.4): give the response median 1 so that
-            # flat-fielded data reproduce the injected e-/s exactly (truth stays comparable)
-            response /= np.median(response)
-            bias = d.bias + cfg.bias_pattern_adu * rng.standard_normal(nx)[None, :] * np.ones((ny, 1))
-            dark = np.full(shape, d.dark_current)
-            pix = rng.choice(ny * nx, size=cfg.n_hot + cfg.n_dead, replace=False)
-            ys, xs = np.unravel_index(pix, shape)
-            hot = np.stack([ys[: cfg.n_hot], xs[: cfg.n_hot]], axis=1)
-            dead = np.stack([ys[cfg.n_hot :], xs[cfg.n_hot :]], axis=1)
-            dark[hot[:, 0], hot[:, 1]] += rng.uniform(2e4, 2e5, cfg.n_hot)
-            response[dead[:, 0], dead[:, 1]] = 0.0
-        if ill is not None:
-            response = response * ill
-        models[cam] = DetectorModel(d.gain, d.readnoise, bias, dark, response, cfg.noise_free)
-        truth[str(cam)] = {
-            "gain": d.gain,
-            "bias": d.bias,
-            "readnoise": d.readnoise,
-            "dark_current": d.dark_current,
-            "pixel_scale": d.pixel_scale,
-            "pupil_offset": d.pupil_offset,
-            "flipped": cam == flipped,
-            "hot_pixels_raw_yx": hot.tolist(),
-            "hot_dark_e_per_s": [float(dark[y, x]) for y, x in hot],
-            "dead_pixels_raw_yx": dead.tolist(),
-            "flat_rms": 0.0 if cfg.noise_free else cfg.flat_rms,
-            "vignetting": "none" if cfg.noise_free else "1 - 0.48 r^2, r in units of the larger frame side",
-            "bias_pattern_adu": 0.0 if cfg.noise_free else cfg.bias_pattern_adu,
-        }
-    return models, truth
-
-
-def _mueller_params(cfg: SimConfig):
-    from vampd.instrument.mueller import MuellerParams
-
-    p = MuellerParams.ideal("cmos")
-    changes = dict(cfg.mueller)
-    if cfg.ip:
-        changes.setdefault("m3_diat", float(cfg.ip))
-    return p.replace(**changes) if changes else p
-
-
-# ---------------------------------------------------------------------------------------
-# geometry
-
-
-def _fk5_to_icrs(ra_deg: float, dec_deg: float) -> tuple[float, float]:
-    import astropy.units as u
-    from astropy.coordinates import SkyCoord
-
-    c = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame="fk5", equinox="J2000").icrs
-    return float(c.ra.deg), float(c.dec.deg)
-
-
-def _geometry(cfg: SimConfig, files: list[dict], dets) -> None:
-    """Add header geometry (rounded as written) and PA/DEROTANG to each file dict."""
-    from vampd.instrument.angles import pa_offset, parallactic_angle, wrap
-    from vampd.simulate.headers import format_dec, format_ra
-
-    pap = cfg.imrpap if cfg.imrpap is not None else dets[1].default_pap
-    mids = np.array([0.5 * (f["mjd_str"] + f["mjd_end"]) for f in files])
-    by_target: dict[str, list[int]] = {}
-    for i, f in enumerate(files):
-        by_target.setdefault(f["target"], []).append(i)
-    for target, idx in by_target.items():
-        ra, dec = files[idx[0]]["ra_deg"], files[idx[0]]["dec_deg"]
-        ra_h, dec_h = parse_radec(format_ra(ra), format_dec(dec))  # what the pipeline reads
-        ra_i, dec_i = _fk5_to_icrs(ra_h, dec_h)  # the headers say FK5; the PA takes ICRS
-        m = mids[idx]
-        if not cfg.rotation:
-            m = np.full_like(m, m[0])
-        alt, az = altaz(ra_h, dec_h, m)
-        pa = np.atleast_1d(parallactic_angle(ra_i, dec_i, m))
-        allframes = np.concatenate([files[i]["frame_mjd"] for i in idx]) + 0.5 * cfg.exptime / _DAY
-        pa_frames = np.atleast_1d(parallactic_angle(ra_i, dec_i, allframes)) if cfg.rotation else None
-        pos = 0
-        for j, i in enumerate(idx):
-            f = files[i]
-            f["altitude"] = round(float(alt[j]), 5)
-            f["azimuth"] = round(float(az[j]), 5)
-            f["imrang"] = round(float(imr_angle(f["altitude"])), 5)
-            f["imrpap"] = float(pap)
-            f["pa"] = float(pa[j])
-            d = dets[1] if cfg.identical_cameras else dets[f["camera"]]
-            f["paoffset"] = float(pa_offset(d, pap))
-            f["derotang"] = float(wrap(f["pa"] + f["paoffset"]))
-            nf = len(f["frame_mjd"])
-            f["frame_pa"] = pa_frames[pos : pos + nf] if pa_frames is not None else np.full(nf, f["pa"])
-            pos += nf
 
 
 # ---------------------------------------------------------------------------------------

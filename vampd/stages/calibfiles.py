@@ -425,6 +425,38 @@ def find_fields(image: np.ndarray, nfields: int, min_area: int = 100) -> list[tu
     return [boxes[i - 1] for i in sorted(order)]
 
 
+def _normalise_fields(flat, err, hdr, nfields: int, path):
+    """MBI flat: each field (:func:`find_fields`) divided by the median of its central part.
+
+    Writes ``NORMVAL{i}``, ``FIELDX/Y/W/H/TH{i}`` into ``hdr``; zero outside the (padded)
+    fields. Returns ``(flat, err, normval)`` with ``normval`` the median of the fields' values.
+    """
+    boxes = find_fields(flat, nfields)
+    if len(boxes) != nfields:
+        log.warning("%s: found %d MBI fields, expected %d", path or "flat", len(boxes), nfields)
+    normed = np.zeros_like(flat)
+    normed_err = np.zeros_like(err)
+    normvals = []
+    for i, (sy, sx) in enumerate(boxes):
+        h, w = sy.stop - sy.start, sx.stop - sx.start
+        my, mx = min(25, h // 4), min(25, w // 4)
+        centre = flat[sy.start + my : sy.stop - my, sx.start + mx : sx.stop - mx]
+        normval = float(np.nanmedian(centre))
+        normvals.append(normval)
+        # the field's box, padded, divided by its own normalisation
+        py = slice(max(sy.start - my, 0), sy.stop + my)
+        px = slice(max(sx.start - mx, 0), sx.stop + mx)
+        normed[py, px] = flat[py, px] / normval
+        normed_err[py, px] = err[py, px] / normval
+        hdr[f"NORMVAL{i}"] = (normval, f"[adu] normalisation of field {i}")
+        hdr[f"FIELDX{i}"] = (0.5 * (sx.start + sx.stop - 1), f"[px] centre x of field {i}")
+        hdr[f"FIELDY{i}"] = (0.5 * (sy.start + sy.stop - 1), f"[px] centre y of field {i}")
+        hdr[f"FIELDW{i}"] = (w, f"[px] width of field {i}")
+        hdr[f"FIELDH{i}"] = (h, f"[px] height of field {i}")
+        hdr[f"FIELDTH{i}"] = (0.0, f"[deg] rotation of field {i}")
+    return normed, normed_err, float(np.median(normvals)) if normvals else math.nan
+
+
 def make_flat(
     raw_cube: np.ndarray,
     header: fits.Header,
@@ -469,32 +501,7 @@ def make_flat(
 
     obsmod = str(header.get("OBS-MOD", ""))
     if "MBI" in obsmod:
-        nfields = 3 if obsmod.endswith("MBIR") else 4
-        boxes = find_fields(flat, nfields)
-        if len(boxes) != nfields:
-            log.warning("%s: found %d MBI fields, expected %d", path or "flat", len(boxes), nfields)
-        normed = np.zeros_like(flat)
-        normed_err = np.zeros_like(err)
-        normvals = []
-        for i, (sy, sx) in enumerate(boxes):
-            h, w = sy.stop - sy.start, sx.stop - sx.start
-            my, mx = min(25, h // 4), min(25, w // 4)
-            centre = flat[sy.start + my : sy.stop - my, sx.start + mx : sx.stop - mx]
-            normval = float(np.nanmedian(centre))
-            normvals.append(normval)
-            # the field's box, padded, divided by its own normalisation
-            py = slice(max(sy.start - my, 0), sy.stop + my)
-            px = slice(max(sx.start - mx, 0), sx.stop + mx)
-            normed[py, px] = flat[py, px] / normval
-            normed_err[py, px] = err[py, px] / normval
-            hdr[f"NORMVAL{i}"] = (normval, f"[adu] normalisation of field {i}")
-            hdr[f"FIELDX{i}"] = (0.5 * (sx.start + sx.stop - 1), f"[px] centre x of field {i}")
-            hdr[f"FIELDY{i}"] = (0.5 * (sy.start + sy.stop - 1), f"[px] centre y of field {i}")
-            hdr[f"FIELDW{i}"] = (w, f"[px] width of field {i}")
-            hdr[f"FIELDH{i}"] = (h, f"[px] height of field {i}")
-            hdr[f"FIELDTH{i}"] = (0.0, f"[deg] rotation of field {i}")
-        flat, err = normed, normed_err
-        normval = float(np.median(normvals)) if normvals else math.nan
+        flat, err, normval = _normalise_fields(flat, err, hdr, 3 if obsmod.endswith("MBIR") else 4, path)
     else:
         normval = float(np.nanmedian(flat))
         flat = flat / np.float32(normval)

@@ -77,6 +77,42 @@ def _wait_done(outdir: Path, expected: int, timeout: float, tick, stop: threadin
     return st
 
 
+def _status_printer(use_live: bool):
+    """The ``tick`` of :func:`_wait_done`: a status line whenever it changes (none with the live view)."""
+    last = [""]
+
+    def tick(st: dict) -> None:
+        if use_live:
+            return
+        f = st.get("files", {})
+        s = st.get("sets", {})
+        line = (
+            f"  files {f.get('done', 0)}/{f.get('total', 0)} done, {f.get('failed', 0)} failed, "
+            f"{f.get('pending', 0)} pending; sets {s.get('complete', 0)} complete, {s.get('open', 0)} open"
+        )
+        if line != last[0]:
+            print(line, flush=True)
+            last[0] = line
+
+    return tick
+
+
+def _stop_processes(live, daemon) -> int:
+    """Interrupt the live view (if any) and terminate the daemon; returns the daemon's exit code (-9: killed)."""
+    if live is not None:
+        live.send_signal(signal.SIGINT)
+        try:
+            live.wait(5)
+        except subprocess.TimeoutExpired:
+            live.kill()
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        return daemon.wait(60)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        return -9
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Stream a simulated night into a work dir while ``vampd watch`` reduces it; then finalize."""
     from vampd.finalize.commands import cmd_finalize
@@ -113,40 +149,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  streaming {nfiles} raw files at one every {args.cadence:g} s into {raw}", flush=True)
         if use_live:
             live = subprocess.Popen([sys.executable, "-m", "vampd", "live", str(out)], env=env)
-
-        last = [""]
-
-        def tick(st: dict) -> None:
-            if use_live:
-                return
-            f = st.get("files", {})
-            s = st.get("sets", {})
-            line = (
-                f"  files {f.get('done', 0)}/{f.get('total', 0)} done, {f.get('failed', 0)} failed, "
-                f"{f.get('pending', 0)} pending; sets {s.get('complete', 0)} complete, {s.get('open', 0)} open"
-            )
-            if line != last[0]:
-                print(line, flush=True)
-                last[0] = line
-
         streamer.join()
-        st = _wait_done(out, nfiles, timeout=120 + 3 * nfiles, tick=tick, stop=stop)
+        st = _wait_done(out, nfiles, timeout=120 + 3 * nfiles, tick=_status_printer(use_live), stop=stop)
     except KeyboardInterrupt:
         stop.set()
         rc = 130
     finally:
-        if live is not None:
-            live.send_signal(signal.SIGINT)
-            try:
-                live.wait(5)
-            except subprocess.TimeoutExpired:
-                live.kill()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            drc = daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            drc = -9
+        drc = _stop_processes(live, daemon)
         log.close()
     print(f"  daemon stopped (exit {drc})")
     if rc:
