@@ -19,8 +19,16 @@ from vampd.instrument.angles import _zenith_block, update_angles
 
 def _header(mjd: float) -> fits.Header:
     h = fits.Header()
-    h.update(RA="18:24:29.780", DEC="-29:46:49.30", RADESYS="FK5", EQUINOX=2000.0, U_CAMERA=1, U_DETMOD="FAST",
-             MJD=mjd, **{"MJD-STR": mjd - 2e-5, "MJD-END": mjd + 2e-5})
+    h.update(
+        RA="18:24:29.780",
+        DEC="-29:46:49.30",
+        RADESYS="FK5",
+        EQUINOX=2000.0,
+        U_CAMERA=1,
+        U_DETMOD="FAST",
+        MJD=mjd,
+        **{"MJD-STR": mjd - 2e-5, "MJD-END": mjd + 2e-5},
+    )
     return h
 
 
@@ -37,8 +45,10 @@ def main(nfiles: int = 2000) -> None:
         update_angles(h)
     cpu1, t1 = os.times(), time.perf_counter()
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-    print(f"{nfiles} files: {1e3 * (t1 - t0) / nfiles:.3f} ms wall, {1e3 * cpu / nfiles:.3f} ms CPU per file"
-          f" ({_zenith_block.cache_info().misses} astropy transforms)")
+    print(
+        f"{nfiles} files: {1e3 * (t1 - t0) / nfiles:.3f} ms wall, {1e3 * cpu / nfiles:.3f} ms CPU per file"
+        f" ({_zenith_block.cache_info().misses} astropy transforms)"
+    )
 
 
 if __name__ == "__main__":

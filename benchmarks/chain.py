@@ -46,8 +46,14 @@ def _work(args):
 
     t, c = time.perf_counter(), time.process_time()
     r = process_file(path, cfg, outdir, force=True)
-    return (path, time.perf_counter() - t, r.metrics.get("timing", {}), r.metrics.get("nframes", 0),
-            time.process_time() - c, r.metrics.get("cpu", {}))
+    return (
+        path,
+        time.perf_counter() - t,
+        r.metrics.get("timing", {}),
+        r.metrics.get("nframes", 0),
+        time.process_time() - c,
+        r.metrics.get("cpu", {}),
+    )
 
 
 def _pid(delay: float) -> int:
@@ -77,13 +83,17 @@ def _cpu_report(results, reads, frames: int, workers: int) -> None:
         for k, v in r[5].items():
             stage_cpu[k] = stage_cpu.get(k, 0.0) + v
     read_cpu = sum(r[1] for r in reads)
-    print(f"  CPU per frame per stage (robust on a loaded machine; bare read + float32 {1e3 * read_cpu / frames:.3f} ms):")
+    print(
+        f"  CPU per frame per stage (robust on a loaded machine; bare read + float32 {1e3 * read_cpu / frames:.3f} ms):"
+    )
     for k, v in stage_cpu.items():
         print(f"    {k:10s} {1e3 * v / frames:7.3f} ms/frame ({v / read_cpu:.1f}x the read)")
     per_frame = sum(r[4] for r in results) / frames
     # each worker reduces whole files on its own core: rate = workers / (worker CPU per frame)
-    print(f"  => on {workers} idle cores: {workers / per_frame:.0f} frames/s "
-          f"(workers / worker CPU per frame; target >= 1000 frames/s at 536^2)")
+    print(
+        f"  => on {workers} idle cores: {workers / per_frame:.0f} frames/s "
+        f"(workers / worker CPU per frame; target >= 1000 frames/s at 536^2)"
+    )
 
 
 def main(argv=None) -> None:
@@ -139,7 +149,9 @@ def main(argv=None) -> None:
     per_file = [r[1] for r in results]
     print(f"vampd chain benchmark: {len(files)} files x {args.nframes} frames of {args.size}^2, {args.workers} workers")
     print(f"  simulate: {t_sim:.1f} s")
-    print(f"  wall time {wall:.2f} s for {frames} frames -> {1e3 * wall / frames:.3f} ms/frame, {frames / wall:.0f} frames/s")
+    print(
+        f"  wall time {wall:.2f} s for {frames} frames -> {1e3 * wall / frames:.3f} ms/frame, {frames / wall:.0f} frames/s"
+    )
     if len(walls) > 1:
         med = statistics.median(walls)
         print(

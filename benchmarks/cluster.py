@@ -66,8 +66,12 @@ def scheduler_overhead(client, cfg, result_bytes: int, n: int = 400) -> dict:
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     del futs
-    return {"rtt_ms": 1e3 * rtt, "tasks_per_s": n / wall, "client_cpu_ms_per_task": 1e3 * cpu / n,
-            "cfg_bytes": len(pickle.dumps(cfg))}
+    return {
+        "rtt_ms": 1e3 * rtt,
+        "tasks_per_s": n / wall,
+        "client_cpu_ms_per_task": 1e3 * cpu / n,
+        "cfg_bytes": len(pickle.dumps(cfg)),
+    }
 
 
 class _Meter:
@@ -146,12 +150,22 @@ def run_night(raw: Path, out: Path, cfg, workers: int) -> dict:
     raw_bytes = sum(os.path.getsize(p) for p in night.paths)
     out_bytes = sum(p.stat().st_size for p in (out / night.label).rglob("*") if p.is_file())
     wcpu = night.pool.cpu
-    return {"workers": workers, "files": nfiles, "wall_s": wall, "files_per_s": nfiles / wall,
-            "worker_cpu_s_per_file": statistics.median(wcpu), "worker_cpu_mean": sum(wcpu) / len(wcpu),
-            "task_wall_s_per_file": statistics.median(night.pool.elapsed),
-            "client_cpu_s_per_file": ccpu / max(1, nfiles), "finalize_wall_s": fwall, "finalize_cpu_s": fcpu,
-            "read_mb_per_file": raw_bytes / 1e6 / max(1, nfiles), "write_mb_per_file": out_bytes / 1e6 / max(1, nfiles),
-            "overhead": over, "client_split": {k: v / max(1, nfiles) for k, v in meter.cpu.items()}}
+    return {
+        "workers": workers,
+        "files": nfiles,
+        "wall_s": wall,
+        "files_per_s": nfiles / wall,
+        "worker_cpu_s_per_file": statistics.median(wcpu),
+        "worker_cpu_mean": sum(wcpu) / len(wcpu),
+        "task_wall_s_per_file": statistics.median(night.pool.elapsed),
+        "client_cpu_s_per_file": ccpu / max(1, nfiles),
+        "finalize_wall_s": fwall,
+        "finalize_cpu_s": fcpu,
+        "read_mb_per_file": raw_bytes / 1e6 / max(1, nfiles),
+        "write_mb_per_file": out_bytes / 1e6 / max(1, nfiles),
+        "overhead": over,
+        "client_split": {k: v / max(1, nfiles) for k, v in meter.cpu.items()},
+    }
 
 
 def model(r: dict, over: dict, fs_gbps: float, workers: int) -> tuple[float, str]:
@@ -159,8 +173,8 @@ def model(r: dict, over: dict, fs_gbps: float, workers: int) -> tuple[float, str
     terms = {
         "workers (per-file CPU)": workers / r["worker_cpu_s_per_file"],
         # finalize taken as linear in the night's files (conservative)
-        "client (ledger + PDI triggers + finalize)":
-            1.0 / max(r["client_cpu_s_per_file"] + r["finalize_cpu_s"] / r["files"], 1e-9),
+        "client (ledger + PDI triggers + finalize)": 1.0
+        / max(r["client_cpu_s_per_file"] + r["finalize_cpu_s"] / r["files"], 1e-9),
         "scheduler (tasks/s)": over["tasks_per_s"],
         f"filesystem ({fs_gbps:g} GB/s)": fs_gbps * 1e3 / (r["read_mb_per_file"] + r["write_mb_per_file"]),
     }
@@ -187,19 +201,25 @@ def main() -> None:
         simulate_night(work / "night", sim)
     cfg = _config(args.size, diff=not args.no_diff, preset=args.preset)
     print(f"machine: {os.cpu_count()} cores (shared and loaded: wall figures are noisy; CPU figures are per unit)")
-    print(f"night: {args.size}² px, {args.nframes} frames/file, {16 * args.cycles} files, preset {args.preset}, "
-          f"difference images {'off' if args.no_diff else 'on'}")
+    print(
+        f"night: {args.size}² px, {args.nframes} frames/file, {16 * args.cycles} files, preset {args.preset}, "
+        f"difference images {'off' if args.no_diff else 'on'}"
+    )
     runs = [run_night(raw, work / f"out{w}", cfg, w) for w in (1, 2)]
     over = runs[0]["overhead"]
-    print(f"scheduler: round trip {over['rtt_ms']:.1f} ms/task, {over['tasks_per_s']:.0f} tasks/s with many in "
-          f"flight, client CPU {over['client_cpu_ms_per_task']:.2f} ms/task (config {over['cfg_bytes']} B pickled)")
+    print(
+        f"scheduler: round trip {over['rtt_ms']:.1f} ms/task, {over['tasks_per_s']:.0f} tasks/s with many in "
+        f"flight, client CPU {over['client_cpu_ms_per_task']:.2f} ms/task (config {over['cfg_bytes']} B pickled)"
+    )
     for r in runs:
-        print(f"{r['workers']} worker(s): {r['files']} files in {r['wall_s']:.1f} s = {r['files_per_s']:.2f} files/s; "
-              f"worker CPU {r['worker_cpu_s_per_file']:.3f} s/file median, {r['worker_cpu_mean']:.3f} mean "
-              f"(task wall {r['task_wall_s_per_file']:.3f} s median); "
-              f"client CPU {r['client_cpu_s_per_file']:.3f} s/file + finalize {r['finalize_cpu_s']:.1f} s CPU "
-              f"({r['finalize_wall_s']:.1f} s wall) per night; "
-              f"I/O {r['read_mb_per_file']:.2f} MB read + {r['write_mb_per_file']:.2f} MB written per file")
+        print(
+            f"{r['workers']} worker(s): {r['files']} files in {r['wall_s']:.1f} s = {r['files_per_s']:.2f} files/s; "
+            f"worker CPU {r['worker_cpu_s_per_file']:.3f} s/file median, {r['worker_cpu_mean']:.3f} mean "
+            f"(task wall {r['task_wall_s_per_file']:.3f} s median); "
+            f"client CPU {r['client_cpu_s_per_file']:.3f} s/file + finalize {r['finalize_cpu_s']:.1f} s CPU "
+            f"({r['finalize_wall_s']:.1f} s wall) per night; "
+            f"I/O {r['read_mb_per_file']:.2f} MB read + {r['write_mb_per_file']:.2f} MB written per file"
+        )
         split = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r["client_split"].items())
         print(f"    client CPU per file: {split}; the rest is the Dask client, the in-process scheduler and the loop")
     r = runs[1]

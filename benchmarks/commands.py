@@ -107,16 +107,20 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     files, cfgp = _night(work, max(COUNTS), args.size, args.nframes)
-    print(f"vampd command benchmark: {args.nframes} x {args.size}^2 per cube, -j {args.workers} "
-          f"(night ready in {time.perf_counter() - t:.1f} s; CPU {os.cpu_count()} cores)")
+    print(
+        f"vampd command benchmark: {args.nframes} x {args.size}^2 per cube, -j {args.workers} "
+        f"(night ready in {time.perf_counter() - t:.1f} s; CPU {os.cpu_count()} cores)"
+    )
     env = _env(work)
     vampd = [sys.executable, "-m", "vampd"]
 
     helps = [_timed([*vampd, "--help"], env) for _ in range(5)]
     hw = statistics.median(h[0] for h in helps)
     hc = statistics.median(h[1] for h in helps)
-    print(f"  vampd --help: {hw:.3f} s wall, {hc:.3f} s CPU (median of 5; target <= 0.3 s) "
-          f"{'PASS' if hw <= 0.3 else 'FAIL'}")
+    print(
+        f"  vampd --help: {hw:.3f} s wall, {hc:.3f} s CPU (median of 5; target <= 0.3 s) "
+        f"{'PASS' if hw <= 0.3 else 'FAIL'}"
+    )
 
     def run(n: int, tag: str):
         out = work / f"out-{tag}"
@@ -131,17 +135,22 @@ def main(argv=None) -> int:
         runs = [run(n, f"{n}-{i}") for i in range(max(1, args.repeat))]
         best[n] = min(runs)
         w, c, m = best[n]
-        print(f"  vampd run {n:3d} files: {w:6.2f} s wall, {c:6.2f} s CPU, peak {m:5.0f} MB/process "
-              f"(all walls: {', '.join(f'{r[0]:.2f}' for r in runs)})")
+        print(
+            f"  vampd run {n:3d} files: {w:6.2f} s wall, {c:6.2f} s CPU, peak {m:5.0f} MB/process "
+            f"(all walls: {', '.join(f'{r[0]:.2f}' for r in runs)})"
+        )
     ns = list(COUNTS)
     a, b = _fit(ns, [best[n][0] for n in ns])
     ac, bc = _fit(ns, [best[n][1] for n in ns])
     w64, c64, m64 = best[64]
-    print(f"  wall fit: fixed {a:.2f} s + {1e3 * b:.0f} ms/file (target fixed <= 0.8 s) {'PASS' if a <= 0.8 else 'FAIL'}")
-    print(f"  CPU fit:  fixed {ac:.2f} s + {1e3 * bc:.0f} ms/file "
-          f"({1e3 * bc / args.nframes:.2f} ms CPU/frame)")
-    print(f"  64 files: {w64:.2f} s wall (target <= 2.9 s) {'PASS' if w64 <= 2.9 else 'FAIL'}; "
-          f"CPU/2 = {c64 / 2:.2f} s; {REFERENCE_64 / w64:.1f}x the reference's {REFERENCE_64} s")
+    print(
+        f"  wall fit: fixed {a:.2f} s + {1e3 * b:.0f} ms/file (target fixed <= 0.8 s) {'PASS' if a <= 0.8 else 'FAIL'}"
+    )
+    print(f"  CPU fit:  fixed {ac:.2f} s + {1e3 * bc:.0f} ms/file ({1e3 * bc / args.nframes:.2f} ms CPU/frame)")
+    print(
+        f"  64 files: {w64:.2f} s wall (target <= 2.9 s) {'PASS' if w64 <= 2.9 else 'FAIL'}; "
+        f"CPU/2 = {c64 / 2:.2f} s; {REFERENCE_64 / w64:.1f}x the reference's {REFERENCE_64} s"
+    )
     print(f"  peak memory {m64:.0f} MB per process (target <= 235 MB) {'PASS' if m64 <= 235 else 'FAIL'}")
     if not args.keep and not args.reuse:
         shutil.rmtree(work, ignore_errors=True)

@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=64, help="raw files (multiple of 16)")
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--cadence", type=float, default=None,
-                    help="seconds between files (default 1)")
+    ap.add_argument("--cadence", type=float, default=None, help="seconds between files (default 1)")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--nframes", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
@@ -69,17 +68,33 @@ def main(argv=None) -> int:
     from vampd.simulate.stream import stream_night
 
     work, out, cfgp = watch_night(
-        "kill", args.workdir, settle_time=0.1, complete_timeout=10.0, reconcile_interval=5.0,
-        expect_sidecar=True, workers=2, stop_timeout=STOP_TIMEOUT,
+        "kill",
+        args.workdir,
+        settle_time=0.1,
+        complete_timeout=10.0,
+        reconcile_interval=5.0,
+        expect_sidecar=True,
+        workers=2,
+        stop_timeout=STOP_TIMEOUT,
     )
     log = open(work / "daemon.log", "ab")
 
     def start():
-        return subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(cfgp), "-i", str(work / "raw"),
-                                 "-o", str(out)], stdout=log, stderr=log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "vampd", "watch", str(cfgp), "-i", str(work / "raw"), "-o", str(out)],
+            stdout=log,
+            stderr=log,
+        )
 
-    sim = SimConfig(size=args.size, nframes=args.nframes, ncycles=max(1, args.files // 16), n_hot=0, n_dead=0,
-                    calib=False, seed=args.seed)
+    sim = SimConfig(
+        size=args.size,
+        nframes=args.nframes,
+        ncycles=max(1, args.files // 16),
+        n_hot=0,
+        n_dead=0,
+        calib=False,
+        seed=args.seed,
+    )
     n = 16 * sim.ncycles
     cadence = args.cadence if args.cadence is not None else 1.0
     rng = random.Random(args.seed)
@@ -138,8 +153,11 @@ def main(argv=None) -> int:
     proc.send_signal(signal.SIGTERM)
     rc_term = proc.wait(120)
     t_stop = time.time() - t_term
-    print(f"SIGTERM with {c['running'] if c else 0} running: exit {rc_term} in {t_stop:.2f} s "
-          f"(stop timeout {STOP_TIMEOUT:g} s)", flush=True)
+    print(
+        f"SIGTERM with {c['running'] if c else 0} running: exit {rc_term} in {t_stop:.2f} s "
+        f"(stop timeout {STOP_TIMEOUT:g} s)",
+        flush=True,
+    )
     if rc_term != 0 or t_stop >= STOP_TIMEOUT:
         problems.append(f"SIGTERM during processing: exit {rc_term} after {t_stop:.1f} s")
     proc = start()
@@ -155,8 +173,10 @@ def main(argv=None) -> int:
     if rc != 0:
         problems.append(f"SIGTERM exit status {rc}")
     if len(files) != n or any(f["state"] != "done" or f["nprocessed"] != 1 for f in files):
-        problems.append(f"ledger: {len(files)} files, states {sorted({f['state'] for f in files})}, "
-                        f"nprocessed {sorted({f['nprocessed'] for f in files})}")
+        problems.append(
+            f"ledger: {len(files)} files, states {sorted({f['state'] for f in files})}, "
+            f"nprocessed {sorted({f['nprocessed'] for f in files})}"
+        )
     for kind in {p["kind"] for p in prods}:
         if sorted(p["file"] for p in prods if p["kind"] == kind) != sorted(f["path"] for f in files):
             problems.append(f"products of kind {kind} are not one per input")
@@ -166,8 +186,10 @@ def main(argv=None) -> int:
     st = status(out)
     if (st["files"]["total"], st["files"]["done"], st["files"]["failed"], st["files"]["pending"]) != (n, n, 0, 0):
         problems.append(f"status disagrees: {st['files']}")
-    print(f"{kills} SIGKILLs ({busy_kills} with jobs running) + 1 SIGTERM (stop {t_stop:.2f} s), {n} files, {len(recorded)} products checked for rewrite, {time.time() - t0:.0f} s; "
-          f"work dir {work}")
+    print(
+        f"{kills} SIGKILLs ({busy_kills} with jobs running) + 1 SIGTERM (stop {t_stop:.2f} s), {n} files, {len(recorded)} products checked for rewrite, {time.time() - t0:.0f} s; "
+        f"work dir {work}"
+    )
     for p in problems:
         print("FAIL:", p)
     print("OK" if not problems else "FAILED")

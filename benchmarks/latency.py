@@ -56,8 +56,11 @@ def main(argv=None) -> int:
         "latency", args.workdir, settle_time=args.settle, expect_sidecar=True, workers=args.workers
     )
     log = open(work / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(cfgp), "-i", str(work / "raw"), "-o",
-                             str(out)], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vampd", "watch", str(cfgp), "-i", str(work / "raw"), "-o", str(out)],
+        stdout=log,
+        stderr=log,
+    )
     try:
         t_start = time.time()
         while time.time() - t_start < 120:  # the daemon is up (ticking) before the first file
@@ -89,35 +92,53 @@ def main(argv=None) -> int:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True)
-    rows = con.execute("SELECT path, latency, t_done, t_started FROM files WHERE state='done' ORDER BY t_done").fetchall()
+    rows = con.execute(
+        "SELECT path, latency, t_done, t_started FROM files WHERE state='done' ORDER BY t_done"
+    ).fetchall()
     con.close()
     ncold = 2 * args.workers  # first file of each camera on each worker: PSF models
     e2e_all = [r[2] - os.stat(Path(r[0]).with_suffix(".txt")).st_mtime for r in rows]
     cold, warm = rows[:ncold], rows[ncold:]
     res = {
-        "files": len(rows), "size": args.size, "nframes": args.nframes, "workers": args.workers,
-        "steady_files": len(warm), "daemon_up_s": t_up,
-        "ledger_median_s": pct([r[1] for r in warm], 0.5), "ledger_p95_s": pct([r[1] for r in warm], 0.95),
-        "e2e_median_s": pct(e2e_all[ncold:], 0.5), "e2e_p95_s": pct(e2e_all[ncold:], 0.95),
-        "cold_ledger_s": [r[1] for r in cold], "cold_e2e_s": e2e_all[:ncold],
-        "all_ledger_median_s": pct([r[1] for r in rows], 0.5), "all_ledger_p95_s": pct([r[1] for r in rows], 0.95),
+        "files": len(rows),
+        "size": args.size,
+        "nframes": args.nframes,
+        "workers": args.workers,
+        "steady_files": len(warm),
+        "daemon_up_s": t_up,
+        "ledger_median_s": pct([r[1] for r in warm], 0.5),
+        "ledger_p95_s": pct([r[1] for r in warm], 0.95),
+        "e2e_median_s": pct(e2e_all[ncold:], 0.5),
+        "e2e_p95_s": pct(e2e_all[ncold:], 0.95),
+        "cold_ledger_s": [r[1] for r in cold],
+        "cold_e2e_s": e2e_all[:ncold],
+        "all_ledger_median_s": pct([r[1] for r in rows], 0.5),
+        "all_ledger_p95_s": pct([r[1] for r in rows], 0.95),
         "settle_s": args.settle,
     }
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{res['files']} files of {args.nframes}x{args.size}^2 on {args.workers} workers, cadence "
-              f"{args.cadence} s (daemon up {t_up:.1f} s after start)")
-        print(f"steady state ({len(warm)} files): complete -> recorded median {res['ledger_median_s']:.2f} s, "
-              f"p95 {res['ledger_p95_s']:.2f} s; logger done -> recorded (incl. settle {args.settle} s) "
-              f"median {res['e2e_median_s']:.2f} s, p95 {res['e2e_p95_s']:.2f} s")
-        print(f"cold start (first {ncold} files): complete -> recorded "
-              f"{', '.join(f'{c:.2f}' for c in res['cold_ledger_s'])} s")
+        print(
+            f"{res['files']} files of {args.nframes}x{args.size}^2 on {args.workers} workers, cadence "
+            f"{args.cadence} s (daemon up {t_up:.1f} s after start)"
+        )
+        print(
+            f"steady state ({len(warm)} files): complete -> recorded median {res['ledger_median_s']:.2f} s, "
+            f"p95 {res['ledger_p95_s']:.2f} s; logger done -> recorded (incl. settle {args.settle} s) "
+            f"median {res['e2e_median_s']:.2f} s, p95 {res['e2e_p95_s']:.2f} s"
+        )
+        print(
+            f"cold start (first {ncold} files): complete -> recorded "
+            f"{', '.join(f'{c:.2f}' for c in res['cold_ledger_s'])} s"
+        )
         print(f"all files: median {res['all_ledger_median_s']:.2f} s, p95 {res['all_ledger_p95_s']:.2f} s")
         first = res["cold_ledger_s"][0] if res["cold_ledger_s"] else float("nan")
-        print(f"{'PASS' if first <= 0.5 else 'FAIL'}: first file after start-up recorded {first:.2f} s after "
-              f"completing (target <= 0.5 s); {'PASS' if res['ledger_median_s'] <= 1.0 else 'FAIL'}: steady "
-              f"median {res['ledger_median_s']:.2f} s (target <= 1 s)")
+        print(
+            f"{'PASS' if first <= 0.5 else 'FAIL'}: first file after start-up recorded {first:.2f} s after "
+            f"completing (target <= 0.5 s); {'PASS' if res['ledger_median_s'] <= 1.0 else 'FAIL'}: steady "
+            f"median {res['ledger_median_s']:.2f} s (target <= 1 s)"
+        )
     return 0
 
 

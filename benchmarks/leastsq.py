@@ -77,8 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--weights", choices=["equal", "ivar"], default="equal")
     a = ap.parse_args(argv)
-    print(f"least squares, {a.fields} field(s), {a.weights} weights; wall = median ms per call, "
-          "cpu = process user+sys ms per call")
+    print(
+        f"least squares, {a.fields} field(s), {a.weights} weights; wall = median ms per call, "
+        "cpu = process user+sys ms per call"
+    )
     for n in a.sizes:
         r = bench(n, a.repeat, a.fields, a.weights)
         per_cube = sum(r[k][0] for k in ("derotate", "contribution", "add"))
@@ -86,8 +88,10 @@ def main(argv=None) -> int:
         print(f"\n{n}x{n}: accumulator generation {r['persist_MB'][0]:.1f} MB")
         for k in ("derotate", "contribution", "add", "persist", "solve", "products"):
             print(f"  {k:13s} wall {r[k][0]:8.2f} ms   cpu {r[k][1]:8.2f} ms")
-        print(f"  per added cube (derotate + contribution + add): wall {per_cube:.1f} ms, cpu {per_cube_cpu:.1f} ms;"
-              f" + persist {r['persist'][0]:.1f} ms per engine call")
+        print(
+            f"  per added cube (derotate + contribution + add): wall {per_cube:.1f} ms, cpu {per_cube_cpu:.1f} ms;"
+            f" + persist {r['persist'][0]:.1f} ms per engine call"
+        )
     return 0
 
 

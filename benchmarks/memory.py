@@ -57,7 +57,10 @@ def main(argv=None) -> None:
         )
         out = subprocess.run(
             [sys.executable, "-c", CHILD, str(raw), str(work / "out"), str(args.size)],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         res = json.loads(out.stdout.strip().splitlines()[-1])
         cube = raw.stat().st_size
@@ -66,8 +69,10 @@ def main(argv=None) -> None:
         print(f"  raw cube on disk {cube / 2**30:.2f} GiB; calibrated data+error would be {calibrated / 2**30:.2f} GiB")
         print(f"  reduced in {res['seconds']:.1f} s with RAM budgets of {args.hold_mb} MB")
         print(f"  peak heap (numpy buffers, tracemalloc): {res['heap_peak'] / 2**30:.2f} GiB")
-        print(f"  peak resident set incl. memory-mapped file pages: {res['maxrss_kb'] / 2**20:.2f} GiB"
-              " (the raw file and the coadd store are mapped; those pages are reclaimable cache)")
+        print(
+            f"  peak resident set incl. memory-mapped file pages: {res['maxrss_kb'] / 2**20:.2f} GiB"
+            " (the raw file and the coadd store are mapped; those pages are reclaimable cache)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

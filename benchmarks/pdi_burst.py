@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pdi_latency import write_products  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from vampd.config.presets import preset_config
 from vampd.engine import pdi_trigger
 from vampd.engine.ledger import Ledger
-
-from pdi_latency import write_products  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def main(argv=None) -> int:
@@ -52,13 +51,17 @@ def main(argv=None) -> int:
                 cpu.append(time.process_time() - c0)
         w, c = np.array(wall), np.array(cpu)
         first, last = c[:100].mean(), c[-100:].mean()
-        print(f"pdi burst: {len(w)} files, diff images {'off' if args.no_diff else 'on'}, {args.size}² "
-              f"(machine shared and loaded: CPU time is the figure)")
+        print(
+            f"pdi burst: {len(w)} files, diff images {'off' if args.no_diff else 'on'}, {args.size}² "
+            f"(machine shared and loaded: CPU time is the figure)"
+        )
         print(f"  trigger per file, first 100: {1e3 * w[:100].mean():.1f} ms wall, {1e3 * first:.1f} ms CPU")
         print(f"  trigger per file, last 100:  {1e3 * w[-100:].mean():.1f} ms wall, {1e3 * last:.1f} ms CPU")
-        print(f"  per tenth (ms CPU): " + " ".join(f"{1e3 * x.mean():.1f}" for x in np.array_split(c, 10)))
+        print("  per tenth (ms CPU): " + " ".join(f"{1e3 * x.mean():.1f}" for x in np.array_split(c, 10)))
         ok = last <= 1.2 * first
-        print(f"{'PASS' if ok else 'FAIL'}: last/first = {last / first:.2f} (target <= 1.20); total {w.sum():.0f} s wall")
+        print(
+            f"{'PASS' if ok else 'FAIL'}: last/first = {last / first:.2f} (target <= 1.20); total {w.sum():.0f} s wall"
+        )
     return 0 if ok else 1
 
 

@@ -34,16 +34,40 @@ def write_products(outdir: Path, size: int, cycle: int, rng) -> list[tuple[Path,
         j = cycle * 8 + i // 2
         stem = f"VMP{'AB'[cam - 1]}{cycle * 16 + i:08d}"
         h = fits.Header()
-        h.update({"OBJECT": "BENCH", "FILTER01": "750-50", "U_CAMERA": cam, "U_FLC": flc, "U_FLCST": "IN",
-                  "RET-ANG1": hwp, "PA": -30 + j, "ALTITUDE": 60.0, "AZIMUTH": 150.0 + j, "D_IMRANG": 40.0 + j,
-                  "DEROTANG": -20 + j, "MJD": 60000 + j * 1e-4, "MJD-STR": 60000 + j * 1e-4 - 2e-5,
-                  "MJD-END": 60000 + j * 1e-4 + 2e-5, "TINT": 1.0, "EXPTIME": 0.02})
+        h.update(
+            {
+                "OBJECT": "BENCH",
+                "FILTER01": "750-50",
+                "U_CAMERA": cam,
+                "U_FLC": flc,
+                "U_FLCST": "IN",
+                "RET-ANG1": hwp,
+                "PA": -30 + j,
+                "ALTITUDE": 60.0,
+                "AZIMUTH": 150.0 + j,
+                "D_IMRANG": 40.0 + j,
+                "DEROTANG": -20 + j,
+                "MJD": 60000 + j * 1e-4,
+                "MJD-STR": 60000 + j * 1e-4 - 2e-5,
+                "MJD-END": 60000 + j * 1e-4 + 2e-5,
+                "TINT": 1.0,
+                "EXPTIME": 0.02,
+            }
+        )
         data = (star + rng.normal(0, 5, star.shape))[None].astype(np.float32)
         path = outdir / "coadded" / f"bench_{stem}_coll.fits"
         hf = h.copy()
         hf["FIELD"] = "750-50"
-        write_fits_atomic(path, fits.HDUList([fits.PrimaryHDU(data, h), fits.ImageHDU(np.full_like(data, 5.0), name="ERR"),
-                                              fits.ImageHDU(header=hf, name="750-50")]))
+        write_fits_atomic(
+            path,
+            fits.HDUList(
+                [
+                    fits.PrimaryHDU(data, h),
+                    fits.ImageHDU(np.full_like(data, 5.0), name="ERR"),
+                    fits.ImageHDU(header=hf, name="750-50"),
+                ]
+            ),
+        )
         summary = {"target": "BENCH", "filter": "750-50", "camera": cam, "flc": flc, "hwp": hwp, "mjd": h["MJD"]}
         out.append((path, summary))
     return out
@@ -64,7 +88,7 @@ def main(argv=None) -> int:
         led = Ledger(outdir)
         times = []
         for cycle in range(args.sets):
-            for k, (path, summary) in enumerate(write_products(outdir, args.size, cycle, rng)):
+            for path, summary in write_products(outdir, args.size, cycle, rng):
                 led.register(path, "bench")
                 led.record_done(str(path), [("coadded", str(path))], summary)
                 t0 = time.perf_counter()
@@ -77,8 +101,10 @@ def main(argv=None) -> int:
         # the first set also pays one-time imports (photutils) and cached aperture masks
         warm = times[1:] or times
         ok = bool(warm) and max(warm) < 0.5
-        print(f"{'PASS' if ok else 'FAIL'}: warm max {max(warm) if warm else math.nan:.3f} s "
-              f"(target < 0.5 s, {args.size}²); cold first set {times[0] if times else math.nan:.3f} s")
+        print(
+            f"{'PASS' if ok else 'FAIL'}: warm max {max(warm) if warm else math.nan:.3f} s "
+            f"(target < 0.5 s, {args.size}²); cold first set {times[0] if times else math.nan:.3f} s"
+        )
     return 0 if ok else 1
 
 

@@ -46,8 +46,14 @@ def build(out: Path, n: int):
             led.conn.execute("INSERT INTO products VALUES (?, 'coadded', ?, 0, 0, 0)", (path, str(prod)))
     # lock every complete cycle but the last, as the trigger would have
     for c in range(ncyc - 1):
-        members = [{"slot": slot_label(slots[s]), "path": f"/raw/VMP{'AB'[slots[s][2] - 1]}{10000 + 16 * c + s:08d}.fits",
-                    "state": "done"} for s in range(16)]
+        members = [
+            {
+                "slot": slot_label(slots[s]),
+                "path": f"/raw/VMP{'AB'[slots[s][2] - 1]}{10000 + 16 * c + s:08d}.fits",
+                "state": "done",
+            }
+            for s in range(16)
+        ]
         key = f"triplediff:T:F:k{c}"
         led.upsert_set(key, "triplediff", "complete", members)
         acc.add(key, np.zeros((1, 4, 8, 8)), np.ones((1, 4, 8, 8)))

@@ -70,8 +70,12 @@ class Daemon:
     def start(self) -> None:
         log = open(self.logpath, "ab")
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(self.cfg), "-i", str(self.raw),
-                                      "-o", str(self.out)], stdout=log, stderr=log, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vampd", "watch", str(self.cfg), "-i", str(self.raw), "-o", str(self.out)],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
         self.starts += 1
 
     def sample(self) -> None:
@@ -91,8 +95,20 @@ class Daemon:
             return None
 
 
-BAD_KINDS = ("truncated", "junk", "zero", "fifo", "devzero", "urandom", "dir", "loop", "nonutf8", "vanish",
-             "grow", "endtime_cut")
+BAD_KINDS = (
+    "truncated",
+    "junk",
+    "zero",
+    "fifo",
+    "devzero",
+    "urandom",
+    "dir",
+    "loop",
+    "nonutf8",
+    "vanish",
+    "grow",
+    "endtime_cut",
+)
 
 
 def drop_bad(raw: Path, kind: str, i: int, src: bytes) -> str:
@@ -130,6 +146,7 @@ def drop_bad(raw: Path, kind: str, i: int, src: bytes) -> str:
                 time.sleep(0.5)
                 with open(p, "ab") as fh:
                     fh.write(b"\0" * 64)
+
         threading.Thread(target=grow, daemon=True).start()
     elif kind == "endtime_cut":
         p.write_bytes(src[: len(src) - 2880 - 160])
@@ -151,8 +168,15 @@ def write_config(path: Path) -> None:
     cfg = preset_config("quicklook", "soak")
     cfg.analysis.strehl = False
     cfg.align.crop_width = 16
-    for k, v in dict(settle_time=0.1, complete_timeout=3.0, reconcile_interval=5.0, stop_timeout=10.0,
-                     expect_sidecar=False, workers=2, max_tries=2).items():
+    for k, v in dict(
+        settle_time=0.1,
+        complete_timeout=3.0,
+        reconcile_interval=5.0,
+        stop_timeout=10.0,
+        expect_sidecar=False,
+        workers=2,
+        max_tries=2,
+    ).items():
         setattr(cfg.watch, k, v)
     save_config(cfg, path)
 
@@ -161,8 +185,10 @@ def mount_tmpfs(out: Path, mb: int) -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
     out.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(out)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(out)], capture_output=True).returncode
+        == 0
+    )
 
 
 def fill(out: Path) -> Path:
@@ -218,6 +244,7 @@ def run(args) -> int:
         while not stop_sampler.is_set():
             d.sample()
             time.sleep(1.0)
+
     threading.Thread(target=sampler, daemon=True).start()
 
     for i in range(n):
@@ -277,11 +304,15 @@ def report(args, work, out, good, bad, events, d, t_written, t_all, rc_final, ru
     lost = [g for g in good if g not in rows or rows[g][1] != "done"]
     dup = [g for g in good if g in rows and rows[g][2] > 1]
     log = (work / "daemon.log").read_text(errors="replace").splitlines()
-    print(f"soak: {len(good)} good files + {len(bad)} bad paths in {t_written:.0f} s, all settled {t_all:.0f} s "
-          f"(workdir {work}; machine shared and loaded)")
-    print(f"  events: {len(events)} ({sum('SIGKILL' in e for _, e in events)} SIGKILL, "
-          f"{sum('SIGHUP' in e for _, e in events)} SIGHUP, {sum('SIGTERM' in e for _, e in events)} SIGTERM, "
-          f"full disk {'yes (tmpfs)' if tmpfs else 'no'}); daemon starts {d.starts}; final stop rc={rc_final}")
+    print(
+        f"soak: {len(good)} good files + {len(bad)} bad paths in {t_written:.0f} s, all settled {t_all:.0f} s "
+        f"(workdir {work}; machine shared and loaded)"
+    )
+    print(
+        f"  events: {len(events)} ({sum('SIGKILL' in e for _, e in events)} SIGKILL, "
+        f"{sum('SIGHUP' in e for _, e in events)} SIGHUP, {sum('SIGTERM' in e for _, e in events)} SIGTERM, "
+        f"full disk {'yes (tmpfs)' if tmpfs else 'no'}); daemon starts {d.starts}; final stop rc={rc_final}"
+    )
     for t, e in events:
         if "SIGTERM" in e or "disk" in e or "exited" in e:
             print(f"    t={t:6.1f} s  {e}")
@@ -294,11 +325,13 @@ def report(args, work, out, good, bad, events, d, t_written, t_all, rc_final, ru
         per_kind.setdefault(kind, []).append((nrows, nlines))
     print("  bad paths: kind: rows per path (max), error/warning log lines per path (max)")
     for kind, v in sorted(per_kind.items()):
-        print(f"    {kind:12s} n={len(v):3d} rows max {max(r for r, _ in v)}  log lines max {max(l for _, l in v)}")
+        print(f"    {kind:12s} n={len(v):3d} rows max {max(r for r, _ in v)}  log lines max {max(n for _, n in v)}")
     lat = sorted((rows[g][4], rows[g][3]) for g in good if g in rows and rows[g][4] is not None)
     if lat:
         chunks = np.array_split(np.array([x[1] for x in lat]), 10)
-        print("  latency median per tenth of the night [s]: " + " ".join(f"{np.median(c):.2f}" for c in chunks if len(c)))
+        print(
+            "  latency median per tenth of the night [s]: " + " ".join(f"{np.median(c):.2f}" for c in chunks if len(c))
+        )
     if d.samples:
         s = np.array([(t, rss, fds) for t, _, rss, fds in d.samples])
         chunks = np.array_split(s, 10)

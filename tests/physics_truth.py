@@ -114,7 +114,9 @@ def sky_angles(ra_deg: float, dec_deg: float, mjd) -> tuple[np.ndarray, np.ndarr
     t = Time(np.atleast_1d(np.asarray(mjd, dtype=float)), format="mjd", scale="utc")
     frame = AltAz(obstime=t, location=SITE)
     target = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame="icrs")
-    zenith = SkyCoord(alt=np.full(t.shape, 90.0) * u.deg, az=np.zeros(t.shape) * u.deg, frame=frame).transform_to(ICRS())
+    zenith = SkyCoord(alt=np.full(t.shape, 90.0) * u.deg, az=np.zeros(t.shape) * u.deg, frame=frame).transform_to(
+        ICRS()
+    )
     pa = wrap180(target.position_angle(zenith).deg)
     aa = target.transform_to(frame)
     return pa, np.asarray(aa.alt.deg), np.asarray(aa.az.deg)
@@ -281,9 +283,23 @@ def write_night(outdir: Path, night: Night) -> dict:
             raw = np.clip(np.round(adu), 0, ADC_MAX).astype(np.uint16)
             frameid += 1
             hdr = raw_header(
-                shape=raw.shape, camera=cam, frameid=frameid, data_typ="OBJECT", obj="PHYSTRUTH",
-                ra_deg=ra, dec_deg=dec, mjd_str=mjd_str, mjd_end=mjd_end, exptime=night.exptime,
-                filter01="Open", hwp=hwp, flc=flc, altitude=alt_m, azimuth=az_m, imrang=imr, imrpap=PAP,
+                shape=raw.shape,
+                camera=cam,
+                frameid=frameid,
+                data_typ="OBJECT",
+                obj="PHYSTRUTH",
+                ra_deg=ra,
+                dec_deg=dec,
+                mjd_str=mjd_str,
+                mjd_end=mjd_end,
+                exptime=night.exptime,
+                filter01="Open",
+                hwp=hwp,
+                flc=flc,
+                altitude=alt_m,
+                azimuth=az_m,
+                imrang=imr,
+                imrpap=PAP,
             )
             hdr["RADESYS"] = "ICRS"
             hdr.remove("EQUINOX", ignore_missing=True)
@@ -291,11 +307,20 @@ def write_night(outdir: Path, night: Night) -> dict:
             path = outdir / name
             fits.PrimaryHDU(raw, header=hdr).writeto(path, overwrite=True)
             files.append(str(path))
-            truth_files.append({
-                "file": name, "camera": cam, "hwp": hwp, "flc": flc, "mjd": 0.5 * (mjd_str + mjd_end),
-                "pa": pa_m, "derotang": float(wrap180(pa_m + paoffset(cam))), "altitude": alt_m, "azimuth": az_m,
-                "saturated_frames": int(np.sum((raw >= ADC_MAX).reshape(night.nframes, -1).any(axis=1))),
-            })
+            truth_files.append(
+                {
+                    "file": name,
+                    "camera": cam,
+                    "hwp": hwp,
+                    "flc": flc,
+                    "mjd": 0.5 * (mjd_str + mjd_end),
+                    "pa": pa_m,
+                    "derotang": float(wrap180(pa_m + paoffset(cam))),
+                    "altitude": alt_m,
+                    "azimuth": az_m,
+                    "saturated_frames": int(np.sum((raw >= ADC_MAX).reshape(night.nframes, -1).any(axis=1))),
+                }
+            )
     truth = {"ra": ra, "dec": dec, "files": truth_files, "paths": files, "center": c}
     (outdir / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth

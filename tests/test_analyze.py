@@ -27,7 +27,14 @@ from vampd.stages.centroids import (
     save_centroid_file,
 )
 from vampd.stages.dft import dft_centroid, dft_shift, upsampled_peak
-from vampd.stages.select import METRIC_KEYS, SelectionError, apply_selection, frame_cutoffs, select_frames, selection_header
+from vampd.stages.select import (
+    METRIC_KEYS,
+    SelectionError,
+    apply_selection,
+    frame_cutoffs,
+    select_frames,
+    selection_header,
+)
 
 LD = 3.3  # lambda/D in pixels for the test Airy patterns
 
@@ -57,6 +64,7 @@ def airy(n, cy, cx, ld=LD, ss=5):
 
 def gauss(shape, cy, cx, sigma):
     """Exactly pixel-integrated Gaussian of unit flux."""
+
     def axis(n, c):
         e = np.arange(n + 1) - 0.5 - c
         return np.diff(0.5 * (1 + erf(e / (sigma * math.sqrt(2)))))
@@ -351,7 +359,10 @@ def test_npz_round_trip(tmp_path):
 @pytest.mark.parametrize("metric", ["max", "peak", "l2norm", "normvar", "strehl"])
 def test_select_exact_count_and_best(metric):
     rng = np.random.default_rng(7)
-    metrics = {k: rng.permutation(20).astype(float)[None, None] + rng.uniform(0, 0.1, 20) for k in ("max", "var", "nvar", "strehl")}
+    metrics = {
+        k: rng.permutation(20).astype(float)[None, None] + rng.uniform(0, 0.1, 20)
+        for k in ("max", "var", "nvar", "strehl")
+    }
     mask = select_frames(metrics, metric, 0.25)
     values = metrics[METRIC_KEYS[metric]][0, 0]
     assert mask.sum() == 15
@@ -383,7 +394,9 @@ def test_select_any_psf_nan_and_errors():
         select_frames({"max": a[None, None]}, "max", 1.5)
     kept = apply_selection({"max": a[None, None], "photr": np.full((1, 1, 4), 8.0)}, np.array([1, 0, 1, 0], bool))
     np.testing.assert_array_equal(kept["max"], [[[1.0, 3.0]]])
-    hdr = selection_header(fits.Header({"BUNIT": "e-/s"}), "max", 0.5, frame_cutoffs({"max": a[None, None]}, "max", 0.5))
+    hdr = selection_header(
+        fits.Header({"BUNIT": "e-/s"}), "max", 0.5, frame_cutoffs({"max": a[None, None]}, "max", 0.5)
+    )
     assert hdr["DPP SELECT METRIC"] == "max"
     assert hdr["DPP SELECT QUANTILE"] == 0.5
     assert hdr["DPP SELECT CUTOFF"] == 3.0
@@ -431,7 +444,9 @@ def test_find_satellite_spots_automatic():
 
 def test_find_centers_single_and_mbi():
     rng = np.random.default_rng(8)
-    cube = np.stack([1e4 * gauss((120, 240), 70.4, 57.2, 1.5) + 1e4 * gauss((120, 240), 50.6, 181.9, 1.5) for _ in range(3)])
+    cube = np.stack(
+        [1e4 * gauss((120, 240), 70.4, 57.2, 1.5) + 1e4 * gauss((120, 240), 50.6, 181.9, 1.5) for _ in range(3)]
+    )
     cube += rng.normal(0, 2, cube.shape)
     out = find_centers(cube, fields=["F670", "F720"], expected={"F670": (60.0, 60.0), "F720": (60.0, 180.0)})
     np.testing.assert_allclose(out["F670"][0], (70.4, 57.2), atol=0.3)
@@ -455,7 +470,7 @@ def test_centroid_file_round_trip_and_flip(tmp_path):
     d = resolve_centers(mbi, (1, 100, 200))
     assert list(d) == ["F610", "F670", "F720", "F760"] and all(len(v) == 1 for v in d.values())
     bad = tmp_path / "bad.toml"
-    bad.write_text('F720 = [[1, 2, 3]]\n')
+    bad.write_text("F720 = [[1, 2, 3]]\n")
     with pytest.raises(ValueError, match="bad.toml"):
         load_centroid_file(bad)
 

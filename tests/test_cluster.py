@@ -43,8 +43,13 @@ def env(**extra) -> dict:
 
 
 def vampd(*args, timeout=600, **envx) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vampd", *map(str, args)], env=env(**envx),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vampd", *map(str, args)],
+        env=env(**envx),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_config(path: Path) -> Path:
@@ -110,9 +115,20 @@ def ledger_rows(out: Path, sql: str) -> list[dict]:
 
 def sets_of(out: Path) -> list[tuple]:
     rows = ledger_rows(out, "SELECT key, mode, state, members FROM sets ORDER BY key")
-    return [(r["key"], r["mode"], r["state"], json.dumps(sorted(
-        Path(m["path"] if isinstance(m, dict) and "path" in m else str(m)).name for m in json.loads(r["members"])
-    ))) for r in rows]
+    return [
+        (
+            r["key"],
+            r["mode"],
+            r["state"],
+            json.dumps(
+                sorted(
+                    Path(m["path"] if isinstance(m, dict) and "path" in m else str(m)).name
+                    for m in json.loads(r["members"])
+                )
+            ),
+        )
+        for r in rows
+    ]
 
 
 def assert_exactly_once(out: Path, n_files: int) -> None:
@@ -182,8 +198,18 @@ def test_usage_errors_exit_2_before_any_cluster(tmp_path):
     assert p.returncode == 2 and f"night directory not found: {tmp_path / 'nope'}" in p.stderr
     (tmp_path / "a" / "raw").mkdir(parents=True)
     (tmp_path / "b" / "a").mkdir(parents=True)
-    p = vampd("reprocess", cfg, tmp_path / "a" / "raw", tmp_path / "b" / "a", "-o", tmp_path / "out", "--local", "1",
-              "--no-progress", timeout=300)
+    p = vampd(
+        "reprocess",
+        cfg,
+        tmp_path / "a" / "raw",
+        tmp_path / "b" / "a",
+        "-o",
+        tmp_path / "out",
+        "--local",
+        "1",
+        "--no-progress",
+        timeout=300,
+    )
     assert p.returncode == 2 and "same output name ['a']" in p.stderr
 
 
@@ -245,10 +271,24 @@ def test_killed_worker_and_client_then_rerun_exactly_once(archive, reference, tm
     out, marks = tmp_path / "out", tmp_path / "marks"
     marks.mkdir()
     nights = [root / n for n in NIGHTS]
-    cmd = [sys.executable, "-m", "vampd", "reprocess", str(cfg), *map(str, nights), "-o", str(out),
-           "--local", "2", "--no-progress"]
-    slow = env(VAMPD_PROCESS="_cluster_task:slow_process_file", VAMPD_TEST_MARKS=str(marks),
-               PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "vampd",
+        "reprocess",
+        str(cfg),
+        *map(str, nights),
+        "-o",
+        str(out),
+        "--local",
+        "2",
+        "--no-progress",
+    ]
+    slow = env(
+        VAMPD_PROCESS="_cluster_task:slow_process_file",
+        VAMPD_TEST_MARKS=str(marks),
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    )
     log = open(tmp_path / "reprocess.log", "wb")
     proc = subprocess.Popen(cmd, env=slow, stdout=log, stderr=log)
     survivors = []
@@ -259,8 +299,11 @@ def test_killed_worker_and_client_then_rerun_exactly_once(archive, reference, tm
         assert st.returncode == 0, st.stderr
         assert json.loads(st.stdout)["files"]["done"] >= 3
         # SIGKILL one worker process in the middle of a task (the slow entry point sleeps first)
-        workers = [c for c in _descendants(proc.pid) if "spawn_main" in " ".join(c.cmdline())
-                   and "resource_tracker" not in " ".join(c.cmdline())]
+        workers = [
+            c
+            for c in _descendants(proc.pid)
+            if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
+        ]
         assert len(workers) == 2, [c.cmdline() for c in workers]
         victim = workers[0].pid
         deadline = time.time() + 60
@@ -271,8 +314,9 @@ def test_killed_worker_and_client_then_rerun_exactly_once(archive, reference, tm
                 break
             time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
-        killed_tasks = {m.name.rsplit(".", 1)[0] for m in marks.glob(f"*.{victim}.*.start")} - \
-                       {m.name.rsplit(".", 1)[0] for m in marks.glob(f"*.{victim}.*.end")}
+        killed_tasks = {m.name.rsplit(".", 1)[0] for m in marks.glob(f"*.{victim}.*.start")} - {
+            m.name.rsplit(".", 1)[0] for m in marks.glob(f"*.{victim}.*.end")
+        }
         assert killed_tasks, "the worker was not mid-task"
         # then the client itself, while the second night runs
         _wait_done(out / NIGHTS[1], 2, proc)
@@ -310,17 +354,52 @@ def test_joins_a_running_scheduler_from_the_config(archive, reference, tmp_path)
     sched_file = tmp_path / "scheduler.json"
     procs = []
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "dask", "scheduler", "--scheduler-file", str(sched_file), "--port", "0",
-             "--dashboard-address", ":0"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dask",
+                    "scheduler",
+                    "--scheduler-file",
+                    str(sched_file),
+                    "--port",
+                    "0",
+                    "--dashboard-address",
+                    ":0",
+                ],
+                env=env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         deadline = time.time() + 120
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.2)
         address = json.loads(sched_file.read_text())["address"]
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "dask", "worker", "--scheduler-file", str(sched_file), "--nworkers", "1",
-             "--nthreads", "1", "--memory-limit", "2GB", "--resources", "MEMORY=1e9"],
-            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dask",
+                    "worker",
+                    "--scheduler-file",
+                    str(sched_file),
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    "2GB",
+                    "--resources",
+                    "MEMORY=1e9",
+                ],
+                env=env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         cfg = load_config(root / "night.toml")
         cfg.cluster.scheduler = address
         save_config(cfg, tmp_path / "joined.toml")

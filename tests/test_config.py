@@ -185,7 +185,9 @@ def test_reference_example_loads_unchanged(no_config_warnings):
     assert cfg.watch.workers == 2 and cfg.alerts.idle_seconds == 120.0
 
 
-@pytest.mark.parametrize("metric,key", [("max", "max"), ("peak", "max"), ("l2norm", "var"), ("normvar", "nvar"), ("strehl", "strehl")])
+@pytest.mark.parametrize(
+    "metric,key", [("max", "max"), ("peak", "max"), ("l2norm", "var"), ("normvar", "nvar"), ("strehl", "strehl")]
+)
 def test_frame_select_metrics_accepted(metric, key):
     cfg = PipelineConfig(frame_select={"frame_select": True, "metric": metric, "cutoff": 0.5})
     assert cfg.frame_select.metric_key == key
@@ -255,8 +257,14 @@ def test_invalid_assignment_raises_config_error():
         ({"specphot": {"unit": "Jy", "source": "pickles", "sptype": "G2V"}}, "needs specphot.mag, specphot.mag_band"),
         ({"specphot": {"unit": "Jy", "source": "star.fits"}}, "needs specphot.sptype, specphot.mag, specphot.mag_band"),
         ({"specphot": {"unit": "Jy", "source": None}}, 'specphot.unit = "Jy" needs a specphot.source'),
-        ({"specphot": {"unit": "Jy/arcsec^2", "source": None}}, 'specphot.unit = "Jy/arcsec^2" needs a specphot.source'),
-        ({"polarimetry": {"mm_correct": True, "derotate": False}}, "polarimetry.mm_correct = true requires polarimetry.derotate"),
+        (
+            {"specphot": {"unit": "Jy/arcsec^2", "source": None}},
+            'specphot.unit = "Jy/arcsec^2" needs a specphot.source',
+        ),
+        (
+            {"polarimetry": {"mm_correct": True, "derotate": False}},
+            "polarimetry.mm_correct = true requires polarimetry.derotate",
+        ),
         (
             {"frame_select": {"frame_select": True, "metric": "strehl"}, "analysis": {"strehl": False}},
             'frame_select.metric = "strehl" requires analysis.strehl = true',
@@ -270,7 +278,10 @@ def test_invalid_assignment_raises_config_error():
             },
             "requires analysis.photometry = true",
         ),
-        ({"analysis": {"phot_ann_rad": [25, 15]}}, "analysis.phot_ann_rad = [25, 15]: must be [r_in, r_out] with 0 <= r_in < r_out"),
+        (
+            {"analysis": {"phot_ann_rad": [25, 15]}},
+            "analysis.phot_ann_rad = [25, 15]: must be [r_in, r_out] with 0 <= r_in < r_out",
+        ),
         ({"analysis": {"phot_ann_rad": [15, 15]}}, "r_in < r_out"),
         ({"coadd": {"coadd": False}}, "no product would be written"),
     ],
@@ -290,7 +301,17 @@ def test_cross_field_rules_refused(data, expected):
         {"analysis": {"strehl": False}},  # frame selection off: metric strehl unused
         {"align": {"method": "model"}, "analysis": {"fit_psf_model": True}},
         {"specphot": {"unit": "Jy", "source": "zeropoints"}, "analysis": {"photometry": False}},
-        {"specphot": {"unit": "Jy", "source": "pickles", "sptype": "G2V", "mag": 5.0, "mag_band": "V", "flux_metric": "sum"}, "analysis": {"photometry": False}},
+        {
+            "specphot": {
+                "unit": "Jy",
+                "source": "pickles",
+                "sptype": "G2V",
+                "mag": 5.0,
+                "mag_band": "V",
+                "flux_metric": "sum",
+            },
+            "analysis": {"photometry": False},
+        },
         {"coadd": {"coadd": False}, "align": {"save_intermediate": True}},
     ],
 )
@@ -398,8 +419,20 @@ def _full_config(tmp_path: Path) -> PipelineConfig:
         target={"name": "HD 169142", "ra": "18:24:29.78", "dec": "-29:46:49.3", "parallax": 8.7},
         calibrate={"calib_directory": tmp_path / "calib", "flat_correct": True},
         analysis={"phot_ann_rad": [12, 20]},
-        specphot={"unit": "contrast", "source": "pickles", "sptype": "G2V", "mag": 5.5, "mag_band": "H", "sequence_files": 8},
-        polarimetry={"method": "triplediff", "mm_table": tmp_path / "mm.csv", "ip_method": "annulus", "ip_radius2": 30.0},
+        specphot={
+            "unit": "contrast",
+            "source": "pickles",
+            "sptype": "G2V",
+            "mag": 5.5,
+            "mag_band": "H",
+            "sequence_files": 8,
+        },
+        polarimetry={
+            "method": "triplediff",
+            "mm_table": tmp_path / "mm.csv",
+            "ip_method": "annulus",
+            "ip_radius2": 30.0,
+        },
         nrm={"nbootstrap": 50},
         watch={"inputs": [tmp_path / "raw1", tmp_path / "raw2"], "outdir": tmp_path / "out", "memory_limit_gb": 4.5},
         alerts={"disk_free_gb": 5},
@@ -560,8 +593,12 @@ def test_cli_check_exit_codes(tmp_path, capsys, monkeypatch):
     ref = _runnable_reference(tmp_path)
     assert run_cli(["check", str(ref)]) == 0
     out = capsys.readouterr().out
-    assert "doublediff" in out and load_config(ref).config_hash() in out and out.endswith("OK: configuration is valid\n")
-    assert f"pickles_uvk/pickles_uk.fits: {SHARED / 'data' / 'pickles_uvk' / 'pickles_uk.fits'}  [$VAMPD_DATA_DIR]" in out
+    assert (
+        "doublediff" in out and load_config(ref).config_hash() in out and out.endswith("OK: configuration is valid\n")
+    )
+    assert (
+        f"pickles_uvk/pickles_uk.fits: {SHARED / 'data' / 'pickles_uvk' / 'pickles_uk.fits'}  [$VAMPD_DATA_DIR]" in out
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("[frame_select]\ncutoff = 1.7\n")
     assert run_cli(["check", str(bad)]) == 1
@@ -609,8 +646,9 @@ def test_check_reference_without_data_directory_cannot_run(monkeypatch, capsys):
     cap = capsys.readouterr()
     assert "NOT OK" in cap.out and "pickles_uvk/pickles_uk.fits: NOT FOUND" in cap.out
     errors = [ln for ln in cap.err.splitlines() if ln.startswith("error: ")]
-    assert any("the Pickles atlas" in e and "data_dir" in e and "$VAMPD_DATA_DIR" in e and "$PYSYN_CDBS" in e
-               for e in errors)
+    assert any(
+        "the Pickles atlas" in e and "data_dir" in e and "$VAMPD_DATA_DIR" in e and "$PYSYN_CDBS" in e for e in errors
+    )
     assert any("calibrate.calib_directory" in e and "does not exist" in e and "vampd calib" in e for e in errors)
     assert "cannot run as configured" in cap.err
 
@@ -653,8 +691,12 @@ def test_unknown_key_suggests_the_nearest_and_prints_one_clean_line(tmp_path, ca
     with pytest.warns(ConfigWarning, match="did you mean `cutoff`"):
         config_from_toml_str("[frame_select]\ncuttoff = 0.3\n")
     # a command that loads the config logs it as one line with level and logger, no warnings text
-    p = subprocess.run([sys.executable, "-m", "vampd.cli", "finalize", str(bad), "-o", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "vampd.cli", "finalize", str(bad), "-o", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in p.stderr.splitlines() if "cuttoff" in ln]
     assert lines == ["WARNING vampd.config: unknown key frame_select.cuttoff ignored; did you mean `cutoff`?"]
     assert "ConfigWarning" not in p.stderr and "pydantic" not in p.stderr
@@ -687,8 +729,10 @@ def test_worker_log_lines_carry_level_and_logger():
     import subprocess
     import sys
 
-    code = ("import logging; from vampd.engine.pool import _worker_init; import os; _worker_init(os.getppid()); "
-            "logging.getLogger('vampd.pipeline').warning('disk slow'); logging.getLogger('vampd.x').info('quiet')")
+    code = (
+        "import logging; from vampd.engine.pool import _worker_init; import os; _worker_init(os.getppid()); "
+        "logging.getLogger('vampd.pipeline').warning('disk slow'); logging.getLogger('vampd.x').info('quiet')"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if "disk slow" in ln]

@@ -85,8 +85,15 @@ def write_config(path: Path, preset: str | None = None, sections: dict | None = 
         from vampd.config.presets import preset_config
 
         cfg = preset_config(preset, "t")
-    w = dict(settle_time=0.1, complete_timeout=3.0, reconcile_interval=2.0, stop_timeout=20.0,
-             expect_sidecar=True, workers=2, max_tries=2)
+    w = dict(
+        settle_time=0.1,
+        complete_timeout=3.0,
+        reconcile_interval=2.0,
+        stop_timeout=20.0,
+        expect_sidecar=True,
+        workers=2,
+        max_tries=2,
+    )
     w.update(watch)
     for k, v in w.items():
         setattr(cfg.watch, k, v)
@@ -112,13 +119,20 @@ def start_daemon(cfg: Path, raw: Path, out: Path, *extra, **envx) -> subprocess.
     with open(out.parent / "daemon.log", "ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out), *extra],
-            env=env(**envx), stdout=log, stderr=log,
+            env=env(**envx),
+            stdout=log,
+            stderr=log,
         )
 
 
 def status(out: Path, must=True) -> dict:
-    p = subprocess.run([sys.executable, "-m", "vampd", "status", str(out), "--json"], env=env(),
-                       capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [sys.executable, "-m", "vampd", "status", str(out), "--json"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     if not must and p.returncode == 2 and "ledger" in p.stderr:
         return {"files": {"done": -1, "failed": -1}}  # not created yet
     assert p.returncode == 0, p.stderr
@@ -268,7 +282,7 @@ def test_sigkill_restarts_lose_nothing_redo_nothing(night):
         while len(kills) < nkills:
             # once this incarnation has recorded a file, at a random moment while a job runs
             before = max(counts(night.out)["done"], marks[len(kills)])
-            wait_for(lambda: busy_after(before), timeout=90, every=0.01)
+            wait_for(lambda before=before: busy_after(before), timeout=90, every=0.01)
             time.sleep(rng.uniform(0.0, 0.03))
             c = counts(night.out)
             if c["running"] == 0:
@@ -294,8 +308,10 @@ def test_sigkill_restarts_lose_nothing_redo_nothing(night):
     finally:
         streamer.stop_event.set()
         assert stop(proc) == 0
-    print(f"\n{n} files, {len(kills)} SIGKILLs at done={[k['done'] for k in kills]} with running="
-          f"{[k['running'] for k in kills]}; SIGTERM with {c['running']} running: exit 0 in {t_stop:.2f} s")
+    print(
+        f"\n{n} files, {len(kills)} SIGKILLs at done={[k['done'] for k in kills]} with running="
+        f"{[k['running'] for k in kills]}; SIGTERM with {c['running']} running: exit 0 in {t_stop:.2f} s"
+    )
     assert len(kills) == nkills and all(k["running"] > 0 and k["done"] < n for k in kills)
     rows = ledger_rows(night.out)
     assert len(rows) == n and all(r["state"] == "done" and r["nprocessed"] == 1 for r in rows.values())
@@ -373,8 +389,13 @@ def test_burst_and_full_queue_rescan(night):
     queue: the full queue becomes rescans, every file is processed exactly once."""
     n = int(os.environ.get("VAMPD_TEST_BURST", "1000"))
     src = simulate(night.tmp / "sim", nframes=1, size=16)[0]
-    cfg = write_config(night.tmp / "burst.toml", preset="quicklook", queue_size=1, reconcile_interval=600.0,
-                       sections={"analysis.strehl": False, "align.crop_width": 16})
+    cfg = write_config(
+        night.tmp / "burst.toml",
+        preset="quicklook",
+        queue_size=1,
+        reconcile_interval=600.0,
+        sections={"analysis.strehl": False, "align.crop_width": 16},
+    )
     raw = night.tmp / "raw"
     proc = start_daemon(cfg, raw, night.out)
     try:
@@ -427,8 +448,11 @@ def set_done(out: Path, name: str = "t") -> bool:
         complete = [r for r in set_rows(out) if r["state"] == "complete"]
     except sqlite3.Error:
         return False
-    return (len(complete) == 1 and (out / "pdi" / "stokes" / f"{name}_stokes_000.fits").exists()
-            and (out / "pdi" / f"{name}_stokes_coll.fits").exists())
+    return (
+        len(complete) == 1
+        and (out / "pdi" / "stokes" / f"{name}_stokes_000.fits").exists()
+        and (out / "pdi" / f"{name}_stokes_coll.fits").exists()
+    )
 
 
 def test_pdi_set_completes_in_the_daemon(night):
@@ -457,16 +481,24 @@ def test_pdi_set_of_a_file_recorded_before_a_kill_is_processed_at_restart(night)
     redone). The restarted daemon processes the set at start-up, once; a second restart adds no set."""
     files = [str(p) for p in simulate(night.tmp, size=64)]
     cfg = write_config(night.tmp / "pdi.toml", preset="pdi-triplediff", sections=PDI)
-    cut = write_config(night.tmp / "cut.toml", preset="pdi-triplediff",
-                       sections={**PDI, "polarimetry": None, "diff_images.make_diff": False})
+    cut = write_config(
+        night.tmp / "cut.toml",
+        preset="pdi-triplediff",
+        sections={**PDI, "polarimetry": None, "diff_images.make_diff": False},
+    )
     from vampd.config import load_config
     from vampd.engine.runner import config_hash_of
 
     assert config_hash_of(load_config(cfg)) == config_hash_of(load_config(cut))
 
     def run(c, paths):
-        p = subprocess.run([sys.executable, "-m", "vampd", "run", str(c), *paths, "-o", str(night.out), "-j", "2"],
-                           env=env(), capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "vampd", "run", str(c), *paths, "-o", str(night.out), "-j", "2"],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stdout + p.stderr
 
     run(cfg, files[:15])
@@ -478,7 +510,7 @@ def test_pdi_set_of_a_file_recorded_before_a_kill_is_processed_at_restart(night)
     for _ in range(2):
         proc = start_daemon(cfg, night.tmp / "raw", night.out)
         try:
-            wait_for(lambda: daemon_running(night.out, proc), timeout=90, every=0.1)
+            wait_for(lambda proc=proc: daemon_running(night.out, proc), timeout=90, every=0.1)
             # the start-up pass runs in the trigger thread: READY and the loop do not wait for it
             wait_for(lambda: set_done(night.out), timeout=120, every=0.2)
             assert proc.poll() is None

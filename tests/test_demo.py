@@ -19,15 +19,32 @@ def test_demo_reduces_and_finalizes_a_streamed_night(tmp_path):
     work = tmp_path / "demo"
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     p = subprocess.run(
-        [sys.executable, "-m", "vampd", "demo", "--workdir", str(work), "--files", "16", "--cadence", "0.1", "--no-live"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "vampd",
+            "demo",
+            "--workdir",
+            str(work),
+            "--files",
+            "16",
+            "--cadence",
+            "0.1",
+            "--no-live",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "16 of 16 files reduced, 0 failed; 1 HWP sets complete, 0 broken" in p.stdout
     out = work / "out"
-    st = json.loads(subprocess.run(
-        [sys.executable, "-m", "vampd", "status", str(out), "--json"], capture_output=True, text=True, env=env
-    ).stdout)
+    st = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "vampd", "status", str(out), "--json"], capture_output=True, text=True, env=env
+        ).stdout
+    )
     assert st["files"]["done"] == 16 and st["sets"]["complete"] == 1 and not st["daemon"]["alive"]
     assert (out / "report" / "report.md").exists()
     with fits.open(out / "pdi" / "demo_stokes_coll.fits") as hdul:
@@ -53,14 +70,25 @@ def test_ctrl_c_in_run_drains_prints_the_summary_and_exits_130(tmp_path):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     env.pop("VAMPD_PROCESS", None)
     vampd = [sys.executable, "-m", "vampd"]
-    subprocess.run(vampd + ["simulate", str(tmp_path / "sim"), "--size", "64", "--nframes", "4", "--cycles", "3",
-                            "--no-calib"], check=True, capture_output=True, env=env, timeout=300)
+    subprocess.run(
+        vampd + ["simulate", str(tmp_path / "sim"), "--size", "64", "--nframes", "4", "--cycles", "3", "--no-calib"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
     subprocess.run(vampd + ["new", str(tmp_path / "c.toml")], check=True, capture_output=True, env=env)
     files = sorted(str(p) for p in (tmp_path / "sim" / "raw").glob("*.fits"))
     assert len(files) == 48
     out = tmp_path / "out"
-    p = subprocess.Popen(vampd + ["run", str(tmp_path / "c.toml"), *files, "-o", str(out), "-j", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    p = subprocess.Popen(
+        vampd + ["run", str(tmp_path / "c.toml"), *files, "-o", str(out), "-j", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
     def ndone():
         try:
@@ -86,8 +114,13 @@ def test_ctrl_c_in_run_drains_prints_the_summary_and_exits_130(tmp_path):
     states = dict(con.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
     con.close()
     assert set(states) <= {"done", "pending"} and 2 <= states["done"] < 48, states
-    again = subprocess.run(vampd + ["run", str(tmp_path / "c.toml"), *files, "-o", str(out), "-j", "1", "-q"],
-                           capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(
+        vampd + ["run", str(tmp_path / "c.toml"), *files, "-o", str(out), "-j", "1", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"{48 - states['done']} processed, {48 - states['done']} done, 0 parked" in again.stdout
 
@@ -95,11 +128,17 @@ def test_ctrl_c_in_run_drains_prints_the_summary_and_exits_130(tmp_path):
 def test_calib_prints_one_line_per_master(tmp_path):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     vampd = [sys.executable, "-m", "vampd"]
-    subprocess.run(vampd + ["simulate", str(tmp_path / "sim"), "--size", "64", "--nframes", "2", "--cycles", "1"],
-                   check=True, capture_output=True, env=env, timeout=300)
+    subprocess.run(
+        vampd + ["simulate", str(tmp_path / "sim"), "--size", "64", "--nframes", "2", "--cycles", "1"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
     calib = sorted(str(p) for p in (tmp_path / "sim" / "calib").glob("*.fits"))
-    p = subprocess.run(vampd + ["calib", *calib, "-o", str(tmp_path / "cal")], capture_output=True, text=True,
-                       env=env, timeout=300)
+    p = subprocess.run(
+        vampd + ["calib", *calib, "-o", str(tmp_path / "cal")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     masters = sorted(str(q) for q in (tmp_path / "cal").rglob("*_coll.fits"))
     lines = p.stdout.splitlines()

@@ -66,7 +66,9 @@ def _write_set(path, idx, fields, amp, nan_corner=False):
 
 @pytest.mark.parametrize("fields", [["F1"], ["F610", "F670"]])
 def test_final_products_from_set_files(tmp_path, fields):
-    paths = [_write_set(tmp_path / f"s{k}.fits", k, fields, amp, nan_corner=k == 0) for k, amp in enumerate((1.0, 0.8, 1.4))]
+    paths = [
+        _write_set(tmp_path / f"s{k}.fits", k, fields, amp, nan_corner=k == 0) for k, amp in enumerate((1.0, 0.8, 1.4))
+    ]
     sets = [load_set_file(p) for p in paths]
     w = write_final_pdi(tmp_path, "n", sets, "median")
     with fits.open(w["coll"]) as h:
@@ -118,9 +120,18 @@ def night(tmp_path_factory):
     from vampd.simulate.scene import Scene
 
     root = tmp_path_factory.mktemp("night")
-    sim = SimConfig(size=128, nframes=3, ncycles=2, noise_free=True, calib=False, identical_cameras=True,
-                    strehl_range=(1.0, 1.0), jitter_rms_px=0.0, flux_rms=0.0,
-                    scene=Scene(ring_radius_mas=150.0, ring_width_mas=40.0))
+    sim = SimConfig(
+        size=128,
+        nframes=3,
+        ncycles=2,
+        noise_free=True,
+        calib=False,
+        identical_cameras=True,
+        strehl_range=(1.0, 1.0),
+        jitter_rms_px=0.0,
+        flux_rms=0.0,
+        scene=Scene(ring_radius_mas=150.0, ring_width_mas=40.0),
+    )
     truth = simulate_night(root / "sim", sim)
     cfg = preset_config("pdi-triplediff")
     cfg.name = "n"
@@ -241,7 +252,9 @@ def test_every_preview_has_axes_colour_bar_and_symmetric_limits(night):
     # axes: arcsec offsets from the star, East (positive dRA) to the left
     ext = figs["Q_PHI"].axes[0].images[0].get_extent()
     n = planes["Q_PHI"].shape[0]
-    assert ext[0] > 0 > ext[1] and ext[0] - ext[1] == pytest.approx(n * fits.getheader(night["out"] / "pdi" / "n_stokes_coll.fits")["PXSCALE"] / 1000)
+    assert ext[0] > 0 > ext[1] and ext[0] - ext[1] == pytest.approx(
+        n * fits.getheader(night["out"] / "pdi" / "n_stokes_coll.fits")["PXSCALE"] / 1000
+    )
     # the ring is positive in Q_phi, the background near zero; pixels outside the footprint masked
     q = np.ma.filled(figs["Q_PHI"].axes[0].images[0].get_array().astype(float), np.nan)
     px = night["truth"]["detectors"]["1"]["pixel_scale"]
@@ -298,7 +311,8 @@ def test_report_tables_match_the_ledger(night):
     rows = [dict(zip(head, r)) for r in targets[2:]]
     assert all("None" not in r.values() and "(unknown)" not in r.values() for r in rows)
     assert {(r["target"], r["filter"], int(r["camera"])): int(r["files done"]) for r in rows} == {
-        ("ABAUR", "750-50", c): n for c, n in per_cam.items()}
+        ("ABAUR", "750-50", c): n for c, n in per_cam.items()
+    }
     assert sum(int(r["parked"]) for r in rows) == 1  # the truncated file, on its sequence's row
     parked = _md_table(text, "Parked and unfinished files")
     assert parked[2][0] == "`VMPA00019999.fits`" and "END" in parked[2][2] and "/" not in parked[2][2].split(":")[0]
@@ -375,8 +389,14 @@ def test_finalize_while_the_daemon_runs(tmp_path, capsys):
     cfg.align.crop_width = 56
     cfg.polarimetry.use_ideal_mm = True
     cfg.diff_images.make_diff = False
-    for k, v in dict(settle_time=0.1, complete_timeout=3.0, reconcile_interval=2.0, stop_timeout=10.0,
-                     expect_sidecar=False, workers=1).items():
+    for k, v in dict(
+        settle_time=0.1,
+        complete_timeout=3.0,
+        reconcile_interval=2.0,
+        stop_timeout=10.0,
+        expect_sidecar=False,
+        workers=1,
+    ).items():
         setattr(cfg.watch, k, v)
     save_config(cfg, tmp_path / "d.toml")
     inbox, out = tmp_path / "in", tmp_path / "out"
@@ -384,8 +404,12 @@ def test_finalize_while_the_daemon_runs(tmp_path, capsys):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     env.pop("VAMPD_PROCESS", None)
     log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(tmp_path / "d.toml"), "-i", str(inbox),
-                             "-o", str(out)], env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vampd", "watch", str(tmp_path / "d.toml"), "-i", str(inbox), "-o", str(out)],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     try:
         for p in raw[:20]:  # set 0 (16 files) and 4 members of set 1
             _drop(p, inbox)
@@ -436,8 +460,16 @@ def mbi_night(tmp_path_factory):
     from vampd.simulate.scene import Scene
 
     root = tmp_path_factory.mktemp("mbi")
-    sim = SimConfig(size=64, nframes=2, ncycles=1, noise_free=True, calib=False, mbi=True, targets=("ABAUR", "MWC480"),
-                    scene=Scene(ring_radius_mas=100.0, ring_width_mas=25.0, ring_flux=2e5))
+    sim = SimConfig(
+        size=64,
+        nframes=2,
+        ncycles=1,
+        noise_free=True,
+        calib=False,
+        mbi=True,
+        targets=("ABAUR", "MWC480"),
+        scene=Scene(ring_radius_mas=100.0, ring_width_mas=25.0, ring_flux=2e5),
+    )
     truth = simulate_night(root / "sim", sim)
     cfg = preset_config("pdi-triplediff")
     cfg.name = "m"
@@ -460,8 +492,14 @@ def mbi_night(tmp_path_factory):
         # what exists when `vampd run` returns (before any finalize)
         after_run = sorted(str(p.relative_to(out)) for p in out.rglob("*_jy.fits"))
         assert main(["finalize", str(root / "m.toml"), "-o", str(out)]) == 0
-    return {"root": root, "out": out, "truth": truth, "nfiles": len(files), "after_run": after_run,
-            "run_stdout": buf.getvalue()}
+    return {
+        "root": root,
+        "out": out,
+        "truth": truth,
+        "nfiles": len(files),
+        "after_run": after_run,
+        "run_stdout": buf.getvalue(),
+    }
 
 
 @pytest.mark.slow
@@ -498,8 +536,9 @@ def test_mbi_night_final_cube_per_target(mbi_night):
             # the collapse over fields is their mean
             with np.errstate(invalid="ignore"):
                 ok = np.isfinite(cube[:, 2]).all(axis=0)
-            np.testing.assert_allclose(h[0].data[2][ok], cube[:, 2].mean(axis=0)[ok], rtol=1e-5,
-                                       atol=1e-6 * np.abs(cube[:, 2][:, ok]).max())
+            np.testing.assert_allclose(
+                h[0].data[2][ok], cube[:, 2].mean(axis=0)[ok], rtol=1e-5, atol=1e-6 * np.abs(cube[:, 2][:, ok]).max()
+            )
         assert fits.getdata(f"{base}_footprint.fits").shape == (4, n, n)
         # the calibrated cube: every field by its own factor
         with fits.open(f"{base}_stokes_cube_jy.fits") as h:
@@ -521,17 +560,30 @@ def test_specphot_summary_per_target(mbi_night):
     out = mbi_night["out"]
     with open(out / "aux" / "m_specphot_summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["target"], r["camera"]) for r in rows] == [("ABAUR", "1"), ("ABAUR", "2"), ("MWC480", "1"), ("MWC480", "2")]
+    assert [(r["target"], r["camera"]) for r in rows] == [
+        ("ABAUR", "1"),
+        ("ABAUR", "2"),
+        ("MWC480", "1"),
+        ("MWC480", "2"),
+    ]
     led = Ledger(out, readonly=True)
-    prods = led.conn.execute("SELECT f.target, f.camera, p.path FROM files f JOIN products p ON p.file = f.path"
-                             " WHERE p.kind = 'coadded'").fetchall()
+    prods = led.conn.execute(
+        "SELECT f.target, f.camera, p.path FROM files f JOIN products p ON p.file = f.path WHERE p.kind = 'coadded'"
+    ).fetchall()
     led.close()
     zp = {"F610": (1.40e-06, 0.09034138), "F760": (1.17e-06, 0.031851713)}
     for r in rows:
-        assert r["unit"] == "Jy" and r["source"] == "zeropoints" and r["files"] == "8" and r["filter"] == ",".join(MBI_FIELDS)
+        assert (
+            r["unit"] == "Jy"
+            and r["source"] == "zeropoints"
+            and r["files"] == "8"
+            and r["filter"] == ",".join(MBI_FIELDS)
+        )
         x = [float(fits.getheader(p)["AIRMASS"]) for t, c, p in prods if t == r["target"] and str(c) == r["camera"]]
         for f, (c_fd, k) in zp.items():
-            assert float(r[f"factor_{f}"]) == pytest.approx(np.median([c_fd * 10 ** (0.4 * k * a) for a in x]), rel=1e-5)
+            assert float(r[f"factor_{f}"]) == pytest.approx(
+                np.median([c_fd * 10 ** (0.4 * k * a) for a in x]), rel=1e-5
+            )
     text = (out / "report" / "report.md").read_text()
     assert "## Spectrophotometric calibration" in text and text.count("| zeropoints |") == 4
 
@@ -542,8 +594,15 @@ def test_trends_and_summary_use_ut_clock_times():
     from vampd.finalize.previews import ip_figure, summary_figure, timeline_figure
 
     mjd0 = 61004.45
-    files = [{"state": "done", "mjd": mjd0 + i / 86400.0 * 30, "camera": 1 + i % 2,
-              "metrics": {"strehl": 0.8, "fwhm": 3.5, "flux": 1e5 + i}} for i in range(8)]
+    files = [
+        {
+            "state": "done",
+            "mjd": mjd0 + i / 86400.0 * 30,
+            "camera": 1 + i % 2,
+            "metrics": {"strehl": 0.8, "fwhm": 3.5, "flux": 1e5 + i},
+        }
+        for i in range(8)
+    ]
     fig = summary_figure("night", None, None, files, [])
     axes = [ax for ax in fig.axes if ax.get_ylabel()]
     assert [ax.get_ylabel() for ax in axes] == ["Strehl", "FWHM [px]", "flux [e-/s]"]
@@ -552,9 +611,14 @@ def test_trends_and_summary_use_ut_clock_times():
     from astropy.time import Time
 
     first = Time(mjd0, format="mjd", scale="utc").datetime  # 2025-11-25 10:48:00
-    assert any(t.startswith(f"{first:%H:%M}") for t in ticks) and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in ticks), ticks
+    assert any(t.startswith(f"{first:%H:%M}") for t in ticks) and all(
+        re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in ticks
+    ), ticks
     assert axes[-1].get_xlabel() == f"UT on {first:%Y-%m-%d}"
-    sets = [{"t0": mjd0, "t1": mjd0 + 1e-3, "state": "complete"}, {"t0": mjd0 + 2e-3, "t1": mjd0 + 3e-3, "state": "broken"}]
+    sets = [
+        {"t0": mjd0, "t1": mjd0 + 1e-3, "state": "complete"},
+        {"t0": mjd0 + 2e-3, "t1": mjd0 + 3e-3, "state": "broken"},
+    ]
     tl = timeline_figure(sets)
     tl.canvas.draw()
     assert [t.get_text() for t in tl.axes[0].get_yticklabels()] == ["0", "1"]

@@ -27,13 +27,13 @@ from vampd.fitsio import InputError, read_cube, read_frames
 def _random_header(rng: np.random.Generator) -> fits.Header:
     h = fits.Header()
     letters = string.ascii_uppercase
-    for i in range(int(rng.integers(0, 90))):
+    for _ in range(int(rng.integers(0, 90))):
         kind = rng.integers(0, 5)
         key = "".join(rng.choice(list(letters), size=int(rng.integers(3, 8))))
         if key in ("END", "SIMPLE", "BITPIX", "EXTEND") or key.startswith(("NAXIS", "BZERO", "BSCALE", "BLANK")):
             continue
         if kind == 0:
-            h[key] = int(rng.integers(-10**9, 10**9))
+            h[key] = int(rng.integers(-(10**9), 10**9))
         elif kind == 1:
             h[key] = float(rng.normal()) * 10 ** float(rng.integers(-5, 5))
         elif kind == 2:  # long strings become CONTINUE cards
@@ -132,8 +132,12 @@ def test_odd_paths_are_refused_without_blocking(tmp_path):
     (tmp_path / "dir.fits").mkdir()
     (tmp_path / "zero.fits").symlink_to("/dev/zero")
     (tmp_path / "loop.fits").symlink_to(tmp_path / "loop.fits")
-    for name, word in (("fifo.fits", "FIFO"), ("dir.fits", "directory"), ("zero.fits", "character device"),
-                       ("loop.fits", "symlink loop")):
+    for name, word in (
+        ("fifo.fits", "FIFO"),
+        ("dir.fits", "directory"),
+        ("zero.fits", "character device"),
+        ("loop.fits", "symlink loop"),
+    ):
         with pytest.raises(UnreadableError, match=word):
             data_layout(tmp_path / name)
         assert structure_complete(tmp_path / name)[0] is False

@@ -99,8 +99,9 @@ def test_odd_paths_in_a_watched_pdi_night(night):
     non-UTF-8 name, an unreadable file, a vanishing file, junk, an ENDTIME file completed late,
     a complete file that keeps growing: the daemon stays up and beats, the HWP set completes,
     each odd path has at most one ledger row and at most max_tries error lines."""
-    cfg = write_config(night.tmp / "pdi.toml", preset="pdi-triplediff", sections=PDI, max_tries=2,
-                       complete_timeout=60.0)
+    cfg = write_config(
+        night.tmp / "pdi.toml", preset="pdi-triplediff", sections=PDI, max_tries=2, complete_timeout=60.0
+    )
     raw = night.raw
     proc = start(cfg, raw, night.out, drop_dac=True)
     grow = raw / "grow.fits"
@@ -127,7 +128,7 @@ def test_odd_paths_in_a_watched_pdi_night(night):
             buf = io.BytesIO()
             hdul.writeto(buf)
         full = buf.getvalue()
-        end_card = next(i for i in range(0, len(full), 80) if full[i:i + 8] == b"END     ")
+        end_card = next(i for i in range(0, len(full), 80) if full[i : i + 8] == b"END     ")
         shutil.copy(extra[0].with_suffix(".txt"), raw / "cut.txt")
         shutil.copy(extra[1].with_suffix(".txt"), raw / "grow.txt")
         cut.write_bytes(full[:end_card])  # ENDTIME there, the END card not yet
@@ -179,7 +180,10 @@ def _can_mount() -> bool:
         return False
     probe = Path("/tmp") / f"vampd-mnt-probe-{os.getpid()}"
     probe.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode
+        == 0
+    )
     if ok:
         subprocess.run(["umount", str(probe)])
     probe.rmdir()
@@ -233,12 +237,16 @@ def test_watchdog_ping_under_2s_while_a_536px_set_is_processed(night):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(0.2)
-    cfg = write_config(night.tmp / "pdi.toml", preset="pdi-triplediff",
-                       sections={"align.crop_width": 536, "polarimetry.use_ideal_mm": True})
+    cfg = write_config(
+        night.tmp / "pdi.toml",
+        preset="pdi-triplediff",
+        sections={"align.crop_width": 536, "polarimetry.use_ideal_mm": True},
+    )
     simulate(night.tmp / "sim", size=536, nframes=2)
     proc = start(cfg, night.raw, night.out, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000")
     pings: list[float] = []
     try:
+
         def got_ready():
             try:
                 return "READY=1" in sock.recv(4096).decode()
@@ -274,12 +282,10 @@ def _burn(stop_at: float) -> None:
 
 @pytest.mark.slow
 def test_shutdown_completes_within_stop_timeout_under_cpu_load(night):
-    cfg = write_config(night.tmp / "q.toml", preset="quicklook", stop_timeout=5.0,
-                       sections={"analysis.strehl": False})
+    cfg = write_config(night.tmp / "q.toml", preset="quicklook", stop_timeout=5.0, sections={"analysis.strehl": False})
     simulate(night.tmp, size=32)  # 16 files already there: work in flight at the SIGTERM
     proc = start(cfg, night.raw, night.out)
-    burners = [multiprocessing.get_context("spawn").Process(target=_burn, args=(time.time() + 120,))
-               for _ in range(4)]
+    burners = [multiprocessing.get_context("spawn").Process(target=_burn, args=(time.time() + 120,)) for _ in range(4)]
     try:
         wait_for(lambda: counts(night.out)["running"] > 0 or counts(night.out)["done"] > 0, timeout=120, every=0.1)
         for b in burners:
@@ -306,8 +312,13 @@ def test_startup_refusals_one_line_and_exit_codes(night):
     a_file.write_text("x")
 
     def watch(out, raw=night.raw):
-        return subprocess.run([sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out)],
-                              env=env(), capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out)],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     p = watch(a_file / "out")
     assert p.returncode == 3 and p.stderr.count("\n") == 1 and str(a_file / "out") in p.stderr, p.stderr
@@ -429,8 +440,9 @@ def test_config_change_does_not_requeue_rejected_paths(tmp_path):
     from vampd.engine.ledger import Ledger
 
     led = Ledger(tmp_path / "out")
-    led.record_failure(str(tmp_path / "fifo.fits"), "not a regular file (FIFO)", 1, permanent=True,
-                       kind="rejected", identity=(0, 1, 2))
+    led.record_failure(
+        str(tmp_path / "fifo.fits"), "not a regular file (FIFO)", 1, permanent=True, kind="rejected", identity=(0, 1, 2)
+    )
     assert led.requeue_config("new-hash") == 0
     assert led.get(str(tmp_path / "fifo.fits"))["state"] == "parked"
     led.close()

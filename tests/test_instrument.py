@@ -6,12 +6,12 @@ import math
 import pickle
 from types import SimpleNamespace
 
+import astropy.units as u
 import numpy as np
 import pytest
-import astropy.units as u
 from astropy.coordinates import AltAz, SkyCoord
-from astropy.time import Time
 from astropy.io import fits
+from astropy.time import Time
 from astropy.wcs import WCS
 
 import vampd  # noqa: F401  (offline astropy)
@@ -207,14 +207,105 @@ def test_raw_to_calibrated_vectorised():
 
 # (label, detector, gain, effgain, rn, enf, dc, bias, fullwell, pxscale, pupil, pap)
 DETECTOR_TABLE = [
-    ("emccd cam1 em", emccd_detector(1, 300, 59634.3), 4.5, 0.015, 89.0, math.sqrt(2), 1.5e-4, 150, 294912.0, 6.24, 140.4, -39),
+    (
+        "emccd cam1 em",
+        emccd_detector(1, 300, 59634.3),
+        4.5,
+        0.015,
+        89.0,
+        math.sqrt(2),
+        1.5e-4,
+        150,
+        294912.0,
+        6.24,
+        140.4,
+        -39,
+    ),
     ("emccd cam2 conv", emccd_detector(2, 0, 59634.3), 4.5, 4.5, 9.6, 1.0, 1.5e-4, 150, 180000.0, 6.24, 140.4, -39),
-    ("cmos pre fast cam1", cmos_detector(1, "FAST", 60500.0), 0.103, 0.103, 0.403, 1.0, 3.6e-3, 200, 6750.208, 5.91, -38.40, -39),
-    ("cmos pre fast cam2", cmos_detector(2, "fast", 60500.0), 0.103, 0.103, 0.399, 1.0, 3.6e-3, 200, 6750.208, 5.895, -38.58, -39),
-    ("cmos pre slow cam1", cmos_detector(1, "SLOW", 60500.0), 0.105, 0.105, 0.245, 1.0, 3.6e-3, 200, 6881.28, 5.91, -38.40, -39),
-    ("cmos pre slow cam2", cmos_detector(2, "slow", 60500.0), 0.105, 0.105, 0.220, 1.0, 3.6e-3, 200, 6881.28, 5.895, -38.58, -39),
-    ("cmos post fast cam1", cmos_detector(1, "FAST", 61000.0), 0.103, 0.103, 0.403, 1.0, 3.6e-3, 200, 6750.208, 5.952, 129.44, -37),
-    ("cmos post slow cam2", cmos_detector(2, "SLOW", 61000.0), 0.105, 0.105, 0.220, 1.0, 3.6e-3, 200, 6881.28, 5.938, 129.99, -37),
+    (
+        "cmos pre fast cam1",
+        cmos_detector(1, "FAST", 60500.0),
+        0.103,
+        0.103,
+        0.403,
+        1.0,
+        3.6e-3,
+        200,
+        6750.208,
+        5.91,
+        -38.40,
+        -39,
+    ),
+    (
+        "cmos pre fast cam2",
+        cmos_detector(2, "fast", 60500.0),
+        0.103,
+        0.103,
+        0.399,
+        1.0,
+        3.6e-3,
+        200,
+        6750.208,
+        5.895,
+        -38.58,
+        -39,
+    ),
+    (
+        "cmos pre slow cam1",
+        cmos_detector(1, "SLOW", 60500.0),
+        0.105,
+        0.105,
+        0.245,
+        1.0,
+        3.6e-3,
+        200,
+        6881.28,
+        5.91,
+        -38.40,
+        -39,
+    ),
+    (
+        "cmos pre slow cam2",
+        cmos_detector(2, "slow", 60500.0),
+        0.105,
+        0.105,
+        0.220,
+        1.0,
+        3.6e-3,
+        200,
+        6881.28,
+        5.895,
+        -38.58,
+        -39,
+    ),
+    (
+        "cmos post fast cam1",
+        cmos_detector(1, "FAST", 61000.0),
+        0.103,
+        0.103,
+        0.403,
+        1.0,
+        3.6e-3,
+        200,
+        6750.208,
+        5.952,
+        129.44,
+        -37,
+    ),
+    (
+        "cmos post slow cam2",
+        cmos_detector(2, "SLOW", 61000.0),
+        0.105,
+        0.105,
+        0.220,
+        1.0,
+        3.6e-3,
+        200,
+        6881.28,
+        5.938,
+        129.99,
+        -37,
+    ),
 ]
 
 
@@ -336,8 +427,7 @@ def test_fix_header_mjd_from_ut_only():
 
 def test_fix_header_hst_previous_day_and_midnight_crossing():
     h = fix_header(
-        make_header(CMOS_POST, **{"UT-STR": "23:59:59.000", "UT-END": "00:00:01.000",
-                                  "MJD-STR": None, "MJD-END": None})
+        make_header(CMOS_POST, **{"UT-STR": "23:59:59.000", "UT-END": "00:00:01.000", "MJD-STR": None, "MJD-END": None})
     )
     assert h["UT"] == "00:00:00.000"
     assert h["DATE-OBS"] == "2025-11-22"
@@ -427,7 +517,11 @@ def test_header_error_pickles():
     err = HeaderError("EXPTIME", "missing", "a.fits")
     back = pickle.loads(pickle.dumps(err))
     assert (back.keyword, back.problem, back.path, str(back)) == (
-        "EXPTIME", "missing", "a.fits", "a.fits: header keyword EXPTIME: missing")
+        "EXPTIME",
+        "missing",
+        "a.fits",
+        "a.fits: header keyword EXPTIME: missing",
+    )
 
 
 def test_required_and_missing_keywords(emccd_raw, cmos_raw):
@@ -442,9 +536,16 @@ def test_required_and_missing_keywords(emccd_raw, cmos_raw):
 def test_header_summary(emccd_raw, cmos_raw):
     s = header_summary(fix_header(emccd_raw))
     assert s == {
-        "target": "ABAUR", "filter": "750-50", "camera": 1, "flc": "A", "hwp": 45.0,
-        "exptime": 0.25, "mjd": pytest.approx(59634.306933), "nframes": 139,
-        "obs_mod": "IMAG_POL", "data_typ": "ACQUISITION",
+        "target": "ABAUR",
+        "filter": "750-50",
+        "camera": 1,
+        "flc": "A",
+        "hwp": 45.0,
+        "exptime": 0.25,
+        "mjd": pytest.approx(59634.306933),
+        "nframes": 139,
+        "obs_mod": "IMAG_POL",
+        "data_typ": "ACQUISITION",
     }
     assert header_summary(emccd_raw) == {**s, "mjd": pytest.approx(59634.30736254)}
     s = header_summary(fix_header(cmos_raw))
@@ -502,8 +603,12 @@ def test_parallactic_angle_from_apparent_place_by_hand():
     cc = math.sin(theta) * math.cos(d0) * math.cos(a0 + zeta) + math.cos(theta) * math.sin(d0)
     ra_date, dec_date = math.degrees(math.atan2(aa, bb) + z), math.degrees(math.asin(cc))
     # angle at the target from the J2000 north to the north of date (IAU 1976 precession)
-    rot = math.degrees(math.atan2(math.sin(theta) * math.sin(a0 + zeta),
-                                  math.cos(d0) * math.cos(theta) - math.sin(d0) * math.sin(theta) * math.cos(a0 + zeta)))
+    rot = math.degrees(
+        math.atan2(
+            math.sin(theta) * math.sin(a0 + zeta),
+            math.cos(d0) * math.cos(theta) - math.sin(d0) * math.sin(theta) * math.cos(a0 + zeta),
+        )
+    )
     pa_date = pa_by_hand(ra_date, dec_date, mjd)
     assert float(parallactic_angle(ra, dec, mjd)) == pytest.approx(pa_date - rot, abs=0.01)
     assert abs(rot) > 0.1  # precession matters at this level
@@ -539,8 +644,9 @@ def test_parallactic_angle_post_nbs_offline(cmos_raw):
 
 def test_parallactic_angle_transit_and_sign():
     mjd = 61000.3
-    zen = SkyCoord(alt=90 * u.deg, az=0 * u.deg,
-                   frame=AltAz(obstime=Time(mjd, format="mjd", scale="utc"), location=SUBARU)).icrs
+    zen = SkyCoord(
+        alt=90 * u.deg, az=0 * u.deg, frame=AltAz(obstime=Time(mjd, format="mjd", scale="utc"), location=SUBARU)
+    ).icrs
     ra0, dec = zen.ra.deg, -20.0  # on the meridian, south of the zenith: PA = 0 at transit
     assert float(parallactic_angle(ra0, dec, mjd)) == pytest.approx(0.0, abs=0.01)
     # one hour west of the meridian (HA = +1 h): PA positive; east: negative
@@ -556,8 +662,9 @@ def test_parallactic_angle_near_zenith_transit_is_continuous_and_exact(offset_de
     # a target transiting offset_deg north (+) or south (-) of the zenith: PA swings by
     # 180 deg within minutes; every sample agrees with astropy and the sweep is monotonic
     mjd0 = 61000.3
-    zen = SkyCoord(alt=90 * u.deg, az=0 * u.deg,
-                   frame=AltAz(obstime=Time(mjd0, format="mjd", scale="utc"), location=SUBARU)).icrs
+    zen = SkyCoord(
+        alt=90 * u.deg, az=0 * u.deg, frame=AltAz(obstime=Time(mjd0, format="mjd", scale="utc"), location=SUBARU)
+    ).icrs
     ra, dec = zen.ra.deg, zen.dec.deg + offset_deg
     t = mjd0 + np.linspace(-900, 900, 361) / 86400.0
     pa = parallactic_angle(ra, dec, t)
@@ -581,8 +688,14 @@ def test_derotation_angle_wraps():
 def test_update_angles_with_target_proper_motion(cmos_raw):
     fixed = fix_header(cmos_raw)
     target = SimpleNamespace(
-        name="fast mover", ra="18:20:00.000", dec="-10:00:00.00", pm_ra=0.0,
-        pm_dec=10000.0, parallax=100.0, frame="icrs", obstime="J2016",
+        name="fast mover",
+        ra="18:20:00.000",
+        dec="-10:00:00.00",
+        pm_ra=0.0,
+        pm_dec=10000.0,
+        parallax=100.0,
+        frame="icrs",
+        obstime="J2016",
     )
     h = update_angles(fixed, target)
     assert h is not fixed and "PA" not in fixed
@@ -593,8 +706,9 @@ def test_update_angles_with_target_proper_motion(cmos_raw):
     assert h["RA"].startswith("18:20:00.0")
     assert h["RADESYS"] == "ICRS"
     # no proper motion, no parallax: position unchanged
-    still = SimpleNamespace(ra="18:20:00.000", dec="-10:00:00.00", pm_ra=0.0, pm_dec=0.0,
-                            parallax=None, frame="icrs", obstime="J2016")
+    still = SimpleNamespace(
+        ra="18:20:00.000", dec="-10:00:00.00", pm_ra=0.0, pm_dec=0.0, parallax=None, frame="icrs", obstime="J2016"
+    )
     h2 = update_angles(fixed, still)
     assert (h2["RA"], h2["DEC"]) == ("18:20:00.000", "-10:00:00.00")
 
@@ -663,7 +777,10 @@ def test_default_field_centers():
     assert mbi["F760"] == pytest.approx((134.75, 961.625))
     mbir = default_field_centers(make_header(CMOS_POST, **{"OBS-MOD": "IPOL_MBIR"}), (270, 1100))
     # MBIR doubles hy = 134.5 -> 269, drops F610
-    assert mbir == {"F670": pytest.approx((134.5, 137.375)), "F720": pytest.approx((134.5, 412.125)),
-                    "F760": pytest.approx((134.5, 961.625))}
+    assert mbir == {
+        "F670": pytest.approx((134.5, 137.375)),
+        "F720": pytest.approx((134.5, 412.125)),
+        "F760": pytest.approx((134.5, 961.625)),
+    }
     single = default_field_centers(make_header(EMCCD_SAMPLE), (256, 256))
     assert single == {"750-50": (127.5, 127.5)}

@@ -73,8 +73,9 @@ def _cubes(s_true, sigma, hwps, rng, n_rep=1, sync=True):
         for h in hwps:
             for flc in "AB":
                 for cam in (1, 2):
-                    m = instrument_mueller(-40 + 3 * j, 55 + 0.5 * j, 120 + 2 * j, h, 30 + j, flc, cam, None, "cmos",
-                                           hwp_adi_sync=sync)[0, :3]
+                    m = instrument_mueller(
+                        -40 + 3 * j, 55 + 0.5 * j, 120 + 2 * j, h, 30 + j, flc, cam, None, "cmos", hwp_adi_sync=sync
+                    )[0, :3]
                     out.append((m, np.einsum("i,iyx->yx", m, s_true)))
             j += 1
     return out
@@ -203,8 +204,10 @@ def test_complete_night_agrees_with_triple_difference_and_truth(complete_night):
 
     js = collect_status(out)
     assert js["leastsq"][0]["ncubes"] == 16 and js["leastsq"][0]["coverage"]["22.5"] == 4
-    assert f"lsq     ABAUR 750-50: 16 cubes (0 rejected), Q_phi S/N {st['snr']:.1f}, HWP 0:4 22.5:4 45:4 67.5:4" \
+    assert (
+        f"lsq     ABAUR 750-50: 16 cubes (0 rejected), Q_phi S/N {st['snr']:.1f}, HWP 0:4 22.5:4 45:4 67.5:4"
         in format_status(js)
+    )
     assert f"lsq 16 cubes S/N {st['snr']:.1f} HWP 0:4" in render_text(take_snapshot(out), width=200)
 
 
@@ -314,7 +317,7 @@ def _split_cubes(paths, parts, dest):
             hh["MJD-STR"], hh["MJD-END"], hh["MJD"] = a, b, 0.5 * (a + b)
             hh["FRAMEID"] = hh["EXP-ID"] = f"{p.stem}{i}"
             q = dest / f"{p.stem}{i}.fits"
-            fits.PrimaryHDU(data[i * k:(i + 1) * k], header=hh).writeto(q)
+            fits.PrimaryHDU(data[i * k : (i + 1) * k], header=hh).writeto(q)
             out.append(q)
     return out
 
@@ -332,7 +335,7 @@ def test_night_with_three_cubes_missing_per_cycle(tmp_path):
     truth = simulate_night(tmp_path / "sim", sim)
     paths = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
     rng = random.Random(3)
-    cycles = [[tmp_path / "sim" / f["path"] for f in truth["files"][16 * c:16 * (c + 1)]] for c in range(2)]
+    cycles = [[tmp_path / "sim" / f["path"] for f in truth["files"][16 * c : 16 * (c + 1)]] for c in range(2)]
     removed = [p for c in cycles for p in rng.sample(c, 3)]
     keep = [p for p in paths if p not in removed]
     led = _both(tmp_path, keep, tmp_path / "sim", truth)
@@ -365,8 +368,10 @@ def test_night_with_several_cubes_per_hwp_position(tmp_path):
     if used:
         with fits.open(tmp_path / "red" / "pdi" / "t_stokes_coll.fits") as h:
             t_snr = leastsq_snr_of(h[0].data.astype(float), h["ERR"].data.astype(float))
-    print(f"\ntriple difference used {used} of 32 cubes, Q_phi S/N {t_snr:.1f}; least squares 32, "
-          f"S/N {hdr['DPP PDI QPHI SNR']:.1f}")
+    print(
+        f"\ntriple difference used {used} of 32 cubes, Q_phi S/N {t_snr:.1f}; least squares 32, "
+        f"S/N {hdr['DPP PDI QPHI SNR']:.1f}"
+    )
     if used < 32:  # the difference method lost cubes: least squares' S/N is higher
         assert hdr["DPP PDI QPHI SNR"] > t_snr
     else:  # a set former that groups repeated cubes uses them all: same information
@@ -393,14 +398,26 @@ def test_sigkill_during_streamed_night_equals_uninterrupted_run(tmp_path):
     sim = SimConfig(size=64, nframes=2, ncycles=2, n_hot=0, n_dead=0, calib=False, scene=Scene(ring_flux=2e5))
     simulate_night(tmp_path / "sim", sim)
     files = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
-    cfgp = write_config(tmp_path / "lsq.toml", preset="pdi-triplediff",
-                        sections={"align.crop_width": 48, "polarimetry.method": "leastsq",
-                                  "polarimetry.leastsq_refresh_files": 1, "diff_images.make_diff": False},
-                        complete_timeout=120.0)
+    cfgp = write_config(
+        tmp_path / "lsq.toml",
+        preset="pdi-triplediff",
+        sections={
+            "align.crop_width": 48,
+            "polarimetry.method": "leastsq",
+            "polarimetry.leastsq_refresh_files": 1,
+            "diff_images.make_diff": False,
+        },
+        complete_timeout=120.0,
+    )
     # uninterrupted reference: `vampd run` over the same files
     ref = tmp_path / "ref"
-    p = subprocess.run([sys.executable, "-m", "vampd", "run", str(cfgp), *map(str, files), "-o", str(ref), "-j", "2"],
-                       env=env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "vampd", "run", str(cfgp), *map(str, files), "-o", str(ref), "-j", "2"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     # streamed: files appear one by one (with their sidecars), the daemon is SIGKILLed 4 times
     raw, out = tmp_path / "raw", tmp_path / "out"
@@ -429,8 +446,13 @@ def test_sigkill_during_streamed_night_equals_uninterrupted_run(tmp_path):
         assert stop(proc) == 0
     assert kills == 4
     for d in (ref, out):
-        p = subprocess.run([sys.executable, "-m", "vampd", "finalize", str(cfgp), "-o", str(d)], env=env(),
-                           capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-m", "vampd", "finalize", str(cfgp), "-o", str(d)],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stdout + p.stderr
     a, ea, ha = lsq_coll(ref, "t")
     b, eb, hb = lsq_coll(out, "t")
@@ -449,11 +471,17 @@ def test_sigkill_during_streamed_night_equals_uninterrupted_run(tmp_path):
 def test_config_leastsq_keys_and_rule():
     from vampd.config import config_from_toml_str
 
-    cfg = config_from_toml_str('name = "n"\n[polarimetry]\nmethod = "leastsq"\nleastsq_refresh_files = 3\n'
-                               'leastsq_weights = "equal"\nleastsq_snr_annulus = [10, 30]\n')
+    cfg = config_from_toml_str(
+        'name = "n"\n[polarimetry]\nmethod = "leastsq"\nleastsq_refresh_files = 3\n'
+        'leastsq_weights = "equal"\nleastsq_snr_annulus = [10, 30]\n'
+    )
     pc = cfg.polarimetry
-    assert (pc.method, pc.leastsq_refresh_files, pc.leastsq_weights, pc.leastsq_snr_annulus) == \
-        ("leastsq", 3, "equal", (10.0, 30.0))
+    assert (pc.method, pc.leastsq_refresh_files, pc.leastsq_weights, pc.leastsq_snr_annulus) == (
+        "leastsq",
+        3,
+        "equal",
+        (10.0, 30.0),
+    )
     with pytest.raises(ValueError, match='method = "leastsq" requires polarimetry.derotate = true'):
         config_from_toml_str('[polarimetry]\nmethod = "leastsq"\nderotate = false\nmm_correct = false\n')
     with pytest.raises(ValueError, match="leastsq_weights"):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 

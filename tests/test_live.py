@@ -44,8 +44,14 @@ def _env(**extra) -> dict:
 
 
 def _vampd(*args, check=True, **kw):
-    p = subprocess.run([PY, "-m", "vampd", *map(str, args)], env=_env(**kw.pop("env", {})), capture_output=True,
-                       text=True, timeout=kw.pop("timeout", 120), **kw)
+    p = subprocess.run(
+        [PY, "-m", "vampd", *map(str, args)],
+        env=_env(**kw.pop("env", {})),
+        capture_output=True,
+        text=True,
+        timeout=kw.pop("timeout", 120),
+        **kw,
+    )
     if check:
         assert p.returncode == 0, p.stderr + p.stdout
     return p
@@ -56,8 +62,15 @@ def _config(path: Path, **watch) -> Path:
 
     _vampd("new", path, "-f")
     cfg = load_config(path)
-    w = dict(settle_time=0.1, complete_timeout=3.0, reconcile_interval=2.0, stop_timeout=10.0,
-             expect_sidecar=True, workers=1, max_tries=2)
+    w = dict(
+        settle_time=0.1,
+        complete_timeout=3.0,
+        reconcile_interval=2.0,
+        stop_timeout=10.0,
+        expect_sidecar=True,
+        workers=1,
+        max_tries=2,
+    )
     w.update(watch)
     for k, v in w.items():
         setattr(cfg.watch, k, v)
@@ -90,8 +103,15 @@ def night(tmp_path_factory):
     p = _vampd("run", cfg, *files, "-o", out, "-j", "1", check=False)
     assert p.returncode == 1 and "1 parked" in p.stdout, p.stderr  # the non-FITS file
     faulty = [f for f in truth["files"] if f.get("fault")]
-    return {"root": root, "out": out, "truth": truth, "gone": gone, "gone_name": gone_path.name,
-            "faulty": faulty, "nfiles": len(files)}
+    return {
+        "root": root,
+        "out": out,
+        "truth": truth,
+        "gone": gone,
+        "gone_name": gone_path.name,
+        "faulty": faulty,
+        "nfiles": len(files),
+    }
 
 
 def test_snapshot_and_status_agree_with_the_ledger(night):
@@ -110,8 +130,10 @@ def test_snapshot_and_status_agree_with_the_ledger(night):
     text = render_text(snap, 120, 40)
     assert f"files {night['nfiles']}: {counts['done']} done" in text
     assert "1 parked" in text
-    assert f"latest files ({min(night['nfiles'], len(snap.latest))} of {night['nfiles']})" in text or \
-        f"of {night['nfiles']})" in text
+    assert (
+        f"latest files ({min(night['nfiles'], len(snap.latest))} of {night['nfiles']})" in text
+        or f"of {night['nfiles']})" in text
+    )
 
 
 def test_view_shows_missing_member_parked_file_and_daemon_notice(night):
@@ -157,13 +179,27 @@ def test_live_once_uses_terminal_size(night):
 
 
 # -- hand-built ledger: faults that are hard to simulate ------------------------------------------
-def _add(led: Ledger, name: str, t: float, camera: int, flc: str, hwp: float, mjd: float, nframes=20,
-         strehl=0.6, flux=1000.0):
+def _add(
+    led: Ledger, name: str, t: float, camera: int, flc: str, hwp: float, mjd: float, nframes=20, strehl=0.6, flux=1000.0
+):
     path = f"/data/{name}.fits"
     led.register(path, "h", identity=FileIdentity(1, 1, name), t_complete=t)
-    led.record_done(path, [], {"target": "HD1", "filter": "750-50", "camera": camera, "flc": flc, "hwp": hwp,
-                               "mjd": mjd, "nframes": nframes, "exptime": 0.5, "obs_mod": "IPOL"},
-                    {"nframes": nframes, "nkept": nframes, "strehl": strehl, "flux": flux, "fwhm": 3.0, "offset": 0.1})
+    led.record_done(
+        path,
+        [],
+        {
+            "target": "HD1",
+            "filter": "750-50",
+            "camera": camera,
+            "flc": flc,
+            "hwp": hwp,
+            "mjd": mjd,
+            "nframes": nframes,
+            "exptime": 0.5,
+            "obs_mod": "IPOL",
+        },
+        {"nframes": nframes, "nkept": nframes, "strehl": strehl, "flux": flux, "fwhm": 3.0, "offset": 0.1},
+    )
 
 
 def test_alerts_from_a_hand_built_ledger(tmp_path):
@@ -173,16 +209,40 @@ def test_alerts_from_a_hand_built_ledger(tmp_path):
     mjd0 = 61000.5
     for i in range(12):  # camera 1: 12 files, 10 s apart; FLC B fainter; Strehl collapses at the end
         flc = "AB"[i % 2]
-        _add(led, f"VMPA{i:08d}", t0 + 10 * i, 1, flc, [0.0, 45.0, 22.5, 67.5][(i // 2) % 4], mjd0 + 10 * i / 86400,
-             strehl=0.2 if i >= 9 else 0.6, flux=1000.0 if flc == "A" else 600.0)
+        _add(
+            led,
+            f"VMPA{i:08d}",
+            t0 + 10 * i,
+            1,
+            flc,
+            [0.0, 45.0, 22.5, 67.5][(i // 2) % 4],
+            mjd0 + 10 * i / 86400,
+            strehl=0.2 if i >= 9 else 0.6,
+            flux=1000.0 if flc == "A" else 600.0,
+        )
     for i in range(4):  # camera 2 stops after 4 files (lags by 80 s); one file with 18 frames, one HWP off-grid
-        _add(led, f"VMPB{i:08d}", t0 + 10 * i, 2, "AB"[i % 2], 30.0 if i == 3 else [0.0, 45.0][i // 2],
-             mjd0 + 10 * i / 86400, nframes=18 if i == 1 else 20)
+        _add(
+            led,
+            f"VMPB{i:08d}",
+            t0 + 10 * i,
+            2,
+            "AB"[i % 2],
+            30.0 if i == 3 else [0.0, 45.0][i // 2],
+            mjd0 + 10 * i / 86400,
+            nframes=18 if i == 1 else 20,
+        )
     led.daemon_start(os.getpid(), "", "h")  # this process: a live daemon whose last file came 290 s ago
     led.close()
     snap = take_snapshot(out)
-    cfg = AlertsConfig(lag_seconds=60, flc_imbalance=0.2, hwp_grid_tolerance=0.5, idle_seconds=120,
-                       strehl_drop=0.3, flux_drop=0.5, disk_free_gb=0.0)
+    cfg = AlertsConfig(
+        lag_seconds=60,
+        flc_imbalance=0.2,
+        hwp_grid_tolerance=0.5,
+        idle_seconds=120,
+        strehl_drop=0.3,
+        flux_drop=0.5,
+        disk_free_gb=0.0,
+    )
     alerts = {a.code: a for a in compute_alerts(snap, cfg, snap.taken)}
     assert "camera 2 lags camera 1 by 80 s" in alerts["camera_lag"].message
     assert "8 newer camera 1 file(s)" in alerts["camera_lag"].message
@@ -202,8 +262,15 @@ def test_alerts_from_a_hand_built_ledger(tmp_path):
     text = render_text(snap, 120, 40, list(alerts.values()))
     assert "camera 2 lags camera 1 by 80 s" in text and "daemon running" in text
     # lower thresholds off → no alerts at all
-    quiet = AlertsConfig(lag_seconds=1e6, flc_imbalance=0.99, hwp_grid_tolerance=45, idle_seconds=1e6,
-                         strehl_drop=0.99, flux_drop=0.99, disk_free_gb=0.0)
+    quiet = AlertsConfig(
+        lag_seconds=1e6,
+        flc_imbalance=0.99,
+        hwp_grid_tolerance=45,
+        idle_seconds=1e6,
+        strehl_drop=0.99,
+        flux_drop=0.99,
+        disk_free_gb=0.0,
+    )
     assert [a.code for a in compute_alerts(snap, quiet, snap.taken)] == ["frame_mismatch"]
 
 
@@ -225,8 +292,15 @@ def test_dead_daemon_is_reported(tmp_path):
 def test_helpers():
     assert sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
     assert sparkline([1, None, 1]) == "▄ ▄"
-    assert [round(hwp_grid_offset(a), 3) for a in (0, 44.9, 22.6, 90.2, -0.3, 10, 33.75)] == \
-        [0.0, 0.1, 0.1, 0.2, 0.3, 10.0, 11.25]
+    assert [round(hwp_grid_offset(a), 3) for a in (0, 44.9, 22.6, 90.2, -0.3, 10, 33.75)] == [
+        0.0,
+        0.1,
+        0.1,
+        0.2,
+        0.3,
+        10.0,
+        11.25,
+    ]
 
 
 # -- vampd live in a pseudo-terminal against a running daemon ---------------------------------------
@@ -243,11 +317,38 @@ def test_live_in_a_pty_sees_the_count_grow(tmp_path):
     procs = []
     pid = fd = None
     try:
-        procs.append(subprocess.Popen([PY, "-m", "vampd", "watch", str(cfg), "-i", str(night / "raw"), "-o", str(out)],
-                                      env=_env(), stdout=log, stderr=log))
-        procs.append(subprocess.Popen([PY, "-m", "vampd", "simulate", str(night), "--stream", "--cadence", "0.4",
-                                       "--size", "64", "--nframes", "4", "--no-calib", "--seed", "5"],
-                                      env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [PY, "-m", "vampd", "watch", str(cfg), "-i", str(night / "raw"), "-o", str(out)],
+                env=_env(),
+                stdout=log,
+                stderr=log,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    PY,
+                    "-m",
+                    "vampd",
+                    "simulate",
+                    str(night),
+                    "--stream",
+                    "--cadence",
+                    "0.4",
+                    "--size",
+                    "64",
+                    "--nframes",
+                    "4",
+                    "--no-calib",
+                    "--seed",
+                    "5",
+                ],
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         t0 = time.time()
         while not (out / "vampd.sqlite").exists() and time.time() - t0 < 60:
             time.sleep(0.2)
@@ -322,8 +423,9 @@ def pdi_night(tmp_path_factory):
     from vampd.simulate.night import SimConfig, simulate_night
 
     root = tmp_path_factory.mktemp("livepdi")
-    truth = simulate_night(root / "night", SimConfig(size=64, nframes=2, ncycles=2, noise_free=True, calib=False,
-                                                      ip=0.02))
+    truth = simulate_night(
+        root / "night", SimConfig(size=64, nframes=2, ncycles=2, noise_free=True, calib=False, ip=0.02)
+    )
     raw = root / "night" / "raw"
     second = sorted((f for f in truth["files"] if f["camera"] == 2), key=lambda f: f["mjd"])[8:]
     gone = next(f for f in second if f["flc"] == "B")
@@ -450,10 +552,11 @@ def test_latest_files_by_observation_time(pdi_night):
 
 def test_status_survives_a_closed_pipe(pdi_night):
     """`vampd status | head`: the reader has gone; no traceback, exit 0."""
-    code = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
-            "from vampd.cli import main; sys.exit(main(['status', sys.argv[1]]))")
-    p = subprocess.run([PY, "-c", code, str(pdi_night["out"])], capture_output=True, text=True, timeout=120,
-                       env=_env())
+    code = (
+        "import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
+        "from vampd.cli import main; sys.exit(main(['status', sys.argv[1]]))"
+    )
+    p = subprocess.run([PY, "-c", code, str(pdi_night["out"])], capture_output=True, text=True, timeout=120, env=_env())
     assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
     st = _vampd("status", pdi_night["out"]).stdout
     assert "1 parked" in st and "failed" not in st.split("files", 1)[1].splitlines()[0]

@@ -308,7 +308,9 @@ def test_chain_composition_and_dichroic_phase_in_waves():
     # with the FLC in (state B at 45 deg, half wave) it sits between the optics and the dichroic
     got_b = instrument_mueller(pa, alt, 0.0, hwp, imr, "B", 1, p, hwp_adi_sync=False)
     flc = linear_retarder(r(45.0), math.pi)
-    np.testing.assert_allclose(got_b, wollaston(1.0, True) @ linear_retarder(r(22.5), math.pi / 2) @ flc @ common, atol=1e-12)
+    np.testing.assert_allclose(
+        got_b, wollaston(1.0, True) @ linear_retarder(r(22.5), math.pi / 2) @ flc @ common, atol=1e-12
+    )
 
 
 def test_hwp_sync_angle_hand_value():
@@ -351,8 +353,16 @@ def test_params_from_table(tmp_path):
 
 def test_mueller_from_header():
     hdr = fits.Header(
-        {"PA": 30.0, "ALTITUDE": 60.0, "AZIMUTH": 100.0, "RET-ANG1": 22.5, "D_IMRANG": 47.0,
-         "U_FLC": "B", "U_CAMERA": 2, "U_FLCST": "IN"}
+        {
+            "PA": 30.0,
+            "ALTITUDE": 60.0,
+            "AZIMUTH": 100.0,
+            "RET-ANG1": 22.5,
+            "D_IMRANG": 47.0,
+            "U_FLC": "B",
+            "U_CAMERA": 2,
+            "U_FLCST": "IN",
+        }
     )
     p = MuellerParams(m3_diat=0.01, dichroic_diat=0.02)
     expect = instrument_mueller(30.0, 60.0, 100.0, 22.5, 47.0, "B", 2, p, "cmos")

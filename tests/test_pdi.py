@@ -50,9 +50,20 @@ def forward_members(mode="triplediff", params=None, sigma=1.0, rng=None, rotate=
         if rng is not None:
             img = img + rng.normal(0, sigma, img.shape)
         h = fits.Header()
-        h.update({"PA": pa, "ALTITUDE": alt, "AZIMUTH": az, "RET-ANG1": hwp, "D_IMRANG": imr, "U_CAMERA": cam,
-                  "DEROTANG": der, "MJD": 60000 + j * 1e-4, "TINT": 1.0,
-                  "U_FLCST": "IN" if len(slot) == 3 else "OUT"})
+        h.update(
+            {
+                "PA": pa,
+                "ALTITUDE": alt,
+                "AZIMUTH": az,
+                "RET-ANG1": hwp,
+                "D_IMRANG": imr,
+                "U_CAMERA": cam,
+                "DEROTANG": der,
+                "MJD": 60000 + j * 1e-4,
+                "TINT": 1.0,
+                "U_FLCST": "IN" if len(slot) == 3 else "OUT",
+            }
+        )
         if len(slot) == 3:
             h["U_FLC"] = flc
         out.append(Member(f"m{i}.fits", img[None].astype(np.float32), np.full((1, N, N), sigma, np.float32), h, ["F"]))
@@ -137,8 +148,13 @@ def test_errors_match_monte_carlo_through_mm_inversion():
 def test_inconsistent_members_rejected():
     cfg = pcfg()
     members = forward_members()
-    members[3] = Member("odd.fits", np.zeros((1, N - 2, N - 2), np.float32), np.ones((1, N - 2, N - 2), np.float32),
-                        members[3].header, ["F"])
+    members[3] = Member(
+        "odd.fits",
+        np.zeros((1, N - 2, N - 2), np.float32),
+        np.ones((1, N - 2, N - 2), np.float32),
+        members[3].header,
+        ["F"],
+    )
     with pytest.raises(SetInvalid, match="inconsistent shape: odd.fits"):
         make_set_stokes(members, cfg.polarimetry, "triplediff", cfg.analysis)
 
@@ -181,9 +197,19 @@ def _run_night(tmp_path, ip=0.0, shuffle=False):
 
     raw = tmp_path / "sim"
     truth = simulate_night(
-        raw, SimConfig(size=96, nframes=4, ncycles=1, noise_free=True, calib=False, ip=ip,
-                       strehl_range=(0.9, 0.9), jitter_rms_px=0.0, flux_rms=0.0,
-                       scene=Scene(ring_radius_mas=120.0, ring_width_mas=30.0))
+        raw,
+        SimConfig(
+            size=96,
+            nframes=4,
+            ncycles=1,
+            noise_free=True,
+            calib=False,
+            ip=ip,
+            strehl_range=(0.9, 0.9),
+            jitter_rms_px=0.0,
+            flux_rms=0.0,
+            scene=Scene(ring_radius_mas=120.0, ring_width_mas=30.0),
+        ),
     )
     cfg = preset_config("pdi-triplediff")
     cfg.name = "t"

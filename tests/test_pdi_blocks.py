@@ -29,8 +29,19 @@ from vampd.simulate.truthmaps import annulus_sum, read_truth_stokes
 
 RING = Scene(ring_radius_mas=70.0, ring_width_mas=20.0, ring_flux=2e5)  # inside the 48-px crop
 # 3 cubes per camera/FLC at each HWP position, 2 cycles: 96 cubes of 64², 2 frames each
-NIGHT = SimConfig(size=64, nframes=2, ncycles=2, cubes_per_hwp=3, noise_free=True, calib=False, scene=RING,
-                  identical_cameras=True, strehl_range=(0.5, 0.5), jitter_rms_px=0.0, flux_rms=0.0)
+NIGHT = SimConfig(
+    size=64,
+    nframes=2,
+    ncycles=2,
+    cubes_per_hwp=3,
+    noise_free=True,
+    calib=False,
+    scene=RING,
+    identical_cameras=True,
+    strehl_range=(0.5, 0.5),
+    jitter_rms_px=0.0,
+    flux_rms=0.0,
+)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,8 +71,9 @@ def write_config(path: Path, combine: str, complete_timeout: float | None = None
 
 
 def vampd(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "vampd", *map(str, args)], env=env(), capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "vampd", *map(str, args)], env=env(), capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -94,8 +106,10 @@ def qphi_ratio(sim: Path, stokes_file: Path) -> float:
     data, _ = stokes_products(st, er)
     n = min(data.shape[-1], maps.shape[-1])
     o1, o2 = (data.shape[-1] - n) // 2, (maps.shape[-1] - n) // 2
-    q = annulus_sum(data[0, 4, o1:o1 + n, o1:o1 + n], *tm["annulus_px"])
-    assert abs(annulus_sum(maps[0, 3, o2:o2 + n, o2:o2 + n], *tm["annulus_px"]) - tm["qphi_sum"][tm["fields"][0]]) < 1e-3 * abs(q)
+    q = annulus_sum(data[0, 4, o1 : o1 + n, o1 : o1 + n], *tm["annulus_px"])
+    assert abs(
+        annulus_sum(maps[0, 3, o2 : o2 + n, o2 : o2 + n], *tm["annulus_px"]) - tm["qphi_sum"][tm["fields"][0]]
+    ) < 1e-3 * abs(q)
     return q / tm["qphi_sum"][tm["fields"][0]]
 
 
@@ -113,8 +127,19 @@ def night(tmp_path_factory):
 
 
 def _recs(hwps, cam=1, flc="A"):
-    return [{"path": f"/r/c{cam}{flc}{i:03d}.fits", "camera": cam, "flc": flc, "hwp": h, "mjd": 60000 + i * 1e-4,
-             "target": "T", "filter": "F", "t_complete": 1.0} for i, h in enumerate(hwps)]
+    return [
+        {
+            "path": f"/r/c{cam}{flc}{i:03d}.fits",
+            "camera": cam,
+            "flc": flc,
+            "hwp": h,
+            "mjd": 60000 + i * 1e-4,
+            "target": "T",
+            "filter": "F",
+            "t_complete": 1.0,
+        }
+        for i, h in enumerate(hwps)
+    ]
 
 
 def test_blocks_from_stream_time_order():
@@ -165,9 +190,12 @@ def test_pdi_blocks_batch_and_daemon(night, tmp_path):
             per_cube[p] = fits.getheader(prod)["HIERARCH DPP COADD NCOADD"]
     block_n = [fits.getheader(b["product"])["HIERARCH DPP COADD NCOADD"] for b in bl]
     assert sum(block_n) == sum(per_cube.values()) == 96 * NIGHT.nframes
-    set_n = [fits.getheader(out / "pdi" / "stokes" / f"t_stokes_{i:03d}.fits")["HIERARCH DPP COADD NCOADD"]
-             for i in range(2)]
-    assert 2 * sum(set_n) == sum(per_cube.values())  # the two cameras are simultaneous: halved (docs/instrument.md §9.3)
+    set_n = [
+        fits.getheader(out / "pdi" / "stokes" / f"t_stokes_{i:03d}.fits")["HIERARCH DPP COADD NCOADD"] for i in range(2)
+    ]
+    assert 2 * sum(set_n) == sum(
+        per_cube.values()
+    )  # the two cameras are simultaneous: halved (docs/instrument.md §9.3)
     for i in range(2):
         ratio = qphi_ratio(root / "sim", out / "pdi" / "stokes" / f"t_stokes_{i:03d}.fits")
         assert abs(ratio - 1) < 0.01, (i, ratio)
@@ -189,8 +217,9 @@ def test_pdi_blocks_batch_and_daemon(night, tmp_path):
     names = lambda rows: [[Path(m["path"]).name for m in json.loads(r["members"])] for r in rows]  # noqa: E731
     assert names(drows) == names(rows)
     dbl = blocks(dout)
-    assert [[Path(p).name for p in json.loads(b["members"])] for b in dbl] == \
-        [[Path(p).name for p in json.loads(b["members"])] for b in bl]
+    assert [[Path(p).name for p in json.loads(b["members"])] for b in dbl] == [
+        [Path(p).name for p in json.loads(b["members"])] for b in bl
+    ]
     for a, b in zip(dbl, bl, strict=True):
         assert np.array_equal(fits.getdata(a["product"]), fits.getdata(b["product"]), equal_nan=True)
     status = json.loads(vampd("status", dout, "--json").stdout)
@@ -212,8 +241,11 @@ def test_cube_sets_kth_cube(night, tmp_path):
         fs = [by_path[m["path"]] for m in json.loads(r["members"])]
         assert len({(f["cycle"], f["cube"]) for f in fs}) == 1  # one cycle, one cube index
     # uneven: cube 2 of HWP 45 FLC A cam1 of cycle 0 is missing
-    gone = next(p for p in files if (lambda f: (f["cycle"], f["hwp"], f["flc"], f["camera"], f["cube"])
-                                     == (0, 45.0, "A", 1, 2))(by_path[p]))
+    gone = next(
+        p
+        for p in files
+        if (lambda f: (f["cycle"], f["hwp"], f["flc"], f["camera"], f["cube"]) == (0, 45.0, "A", 1, 2))(by_path[p])
+    )
     out2 = tmp_path / "uneven"
     vampd("run", cfg, *[p for p in files if p != gone], "-o", out2, "-j", "2")
     vampd("finalize", cfg, "-o", out2)
@@ -230,8 +262,12 @@ def test_uneven_pdi_blocks_reported(night, tmp_path):
     says which block is short."""
     root, truth, files = night
     by_path = {str(root / "sim" / f["path"]): f for f in truth["files"]}
-    gone = next(p for p in files if (by_path[p]["cycle"], by_path[p]["hwp"], by_path[p]["flc"], by_path[p]["camera"],
-                                     by_path[p]["cube"]) == (1, 22.5, "B", 2, 1))
+    gone = next(
+        p
+        for p in files
+        if (by_path[p]["cycle"], by_path[p]["hwp"], by_path[p]["flc"], by_path[p]["camera"], by_path[p]["cube"])
+        == (1, 22.5, "B", 2, 1)
+    )
     cfg = write_config(tmp_path / "p.toml", "pdi")
     out = tmp_path / "run"
     vampd("run", cfg, *[p for p in files if p != gone], "-o", out, "-j", "2")
@@ -247,8 +283,12 @@ def test_uneven_pdi_blocks_reported(night, tmp_path):
 
 def start_daemon(cfg: Path, raw: Path, out: Path) -> subprocess.Popen:
     raw.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out)],
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out)],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def feed(files, raw: Path, pause: float = 0.05) -> None:
@@ -292,8 +332,16 @@ def test_faults_break_only_their_sets(tmp_path):
     """4 cycles streamed to the daemon; truncated + corrupt files in cycle 1, non-FITS + missing
     keyword in cycle 3: cycles 0 and 2 complete, each fault breaks only its cycle's set and is
     named; no set has an empty target; the report shows I and Q_φ."""
-    sim = SimConfig(size=64, nframes=2, ncycles=4, noise_free=True, calib=False, scene=RING,
-                    faults=("truncated", "corrupt", "nonfits", "missing_keyword"), fault_files=(18, 27, 50, 61))
+    sim = SimConfig(
+        size=64,
+        nframes=2,
+        ncycles=4,
+        noise_free=True,
+        calib=False,
+        scene=RING,
+        faults=("truncated", "corrupt", "nonfits", "missing_keyword"),
+        fault_files=(18, 27, 50, 61),
+    )
     truth = simulate_night(tmp_path / "sim", sim)
     files = [str(tmp_path / "sim" / f["path"]) for f in truth["files"]]
     bad = {Path(f["path"]).name: f["fault"] for f in truth["faults"]}
@@ -387,8 +435,9 @@ def test_kill9_mid_block_same_block_products(night, tmp_path):
     want = {b["key"]: b for b in blocks(ref)}
     assert set(got) == set(want) and len(want) == 16
     for k, b in want.items():
-        assert got[k]["members"] == b["members"].replace(str(Path(files[0]).parent), str(raw)) or \
-            [Path(p).name for p in json.loads(got[k]["members"])] == [Path(p).name for p in json.loads(b["members"])]
+        assert got[k]["members"] == b["members"].replace(str(Path(files[0]).parent), str(raw)) or [
+            Path(p).name for p in json.loads(got[k]["members"])
+        ] == [Path(p).name for p in json.loads(b["members"])]
         assert got[k]["state"] == "done" and Path(got[k]["product"]).name == Path(b["product"]).name
         a, c = fits.open(got[k]["product"]), fits.open(b["product"])
         try:
@@ -420,6 +469,7 @@ def test_trigger_never_reads_parked_inputs(tmp_path):
     led = Ledger(out)
     for p in (fifo, zero):
         led.record_failure(str(p), f"{p}: not a regular file", max_tries=1, permanent=True)
+
     def hung(*_):
         raise TimeoutError("the PDI trigger blocked on a parked input")
 

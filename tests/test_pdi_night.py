@@ -274,9 +274,18 @@ def _cycle_records(ncycles=3):
         for k, h in enumerate((0.0, 45.0, 22.5, 67.5)):
             for j, flc in enumerate("AB"):
                 for cam in (1, 2):
-                    recs.append({"path": f"/r/VMP{'AB'[cam - 1]}{100 + 8 * c + 2 * k + j:08d}.fits", "camera": cam,
-                                 "flc": flc, "hwp": h, "mjd": 60000 + (c * 4 + k) * 1e-4 + j * 1e-6,
-                                 "target": "T", "filter": "F", "state": "done"})
+                    recs.append(
+                        {
+                            "path": f"/r/VMP{'AB'[cam - 1]}{100 + 8 * c + 2 * k + j:08d}.fits",
+                            "camera": cam,
+                            "flc": flc,
+                            "hwp": h,
+                            "mjd": 60000 + (c * 4 + k) * 1e-4 + j * 1e-6,
+                            "target": "T",
+                            "filter": "F",
+                            "state": "done",
+                        }
+                    )
     return recs
 
 
@@ -347,9 +356,21 @@ def _uniform_members(chi_deg, p=0.1, sync=False, n=32):
         pa, alt, az, imr = -40 + 3 * j, 55 + 0.5 * j, 120 + 2 * j, 30 + 1.5 * j
         m = instrument_mueller(pa, alt, az, hwp, imr, flc, cam, None, "cmos", flc_in=True, hwp_adi_sync=sync)
         val = m[0, 0] + m[0, 1] * q0 + m[0, 2] * u0
-        h = fits.Header({"PA": pa, "ALTITUDE": alt, "AZIMUTH": az, "RET-ANG1": hwp, "D_IMRANG": imr,
-                         "U_CAMERA": cam, "U_FLC": flc, "U_FLCST": "IN", "DEROTANG": 0.0,
-                         "MJD": 60000 + j * 1e-4, "TINT": 1.0})
+        h = fits.Header(
+            {
+                "PA": pa,
+                "ALTITUDE": alt,
+                "AZIMUTH": az,
+                "RET-ANG1": hwp,
+                "D_IMRANG": imr,
+                "U_CAMERA": cam,
+                "U_FLC": flc,
+                "U_FLCST": "IN",
+                "DEROTANG": 0.0,
+                "MJD": 60000 + j * 1e-4,
+                "TINT": 1.0,
+            }
+        )
         out.append(Member(f"m{i}.fits", np.full((1, n, n), val, np.float32), np.ones((1, n, n), np.float32), h, ["F"]))
     return out
 

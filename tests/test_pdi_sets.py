@@ -24,8 +24,13 @@ def night(ncycles=2, mode="triplediff", hwp_values=None, target="T", start=0):
                     recs.append(
                         {
                             "path": f"/raw/VMP{'AB'[cam - 1]}{fid + j:08d}.fits",
-                            "camera": cam, "flc": flc, "hwp": hv, "mjd": t0 + j * 1e-6,
-                            "target": target, "filter": "750-50", "state": "done",
+                            "camera": cam,
+                            "flc": flc,
+                            "hwp": hv,
+                            "mjd": t0 + j * 1e-6,
+                            "target": target,
+                            "filter": "750-50",
+                            "state": "done",
                         }
                     )
             fid += len(flcs)
@@ -159,8 +164,7 @@ def test_kth_cube_sets_and_horizon():
     recs = []
     for r in night(1):
         for k in range(2):
-            recs.append(dict(r, path=r["path"].replace(".fits", f"_{k}.fits"), mjd=r["mjd"] + k * 1e-5,
-                             t_complete=1.0))
+            recs.append(dict(r, path=r["path"].replace(".fits", f"_{k}.fits"), mjd=r["mjd"] + k * 1e-5, t_complete=1.0))
     random.Random(4).shuffle(recs)
     ci = cube_index(recs)
     a = assemble_sets(recs, cube_of=ci)

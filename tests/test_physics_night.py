@@ -47,7 +47,9 @@ def _config(path: Path, **pol) -> Path:
 
 
 def _vampd(*args) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "vampd", *map(str, args)], capture_output=True, text=True, timeout=600, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "vampd", *map(str, args)], capture_output=True, text=True, timeout=600, check=False
+    )
     assert r.returncode == 0, f"vampd {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -85,7 +87,11 @@ def _final(run) -> tuple[np.ndarray, fits.Header]:
 
 def _products(run) -> list[Path]:
     red = run["red"]
-    return sorted(red.glob("coadded/*.fits")) + sorted(red.glob("pdi/stokes/*.fits")) + [red / "pdi" / "phys_stokes_coll.fits"]
+    return (
+        sorted(red.glob("coadded/*.fits"))
+        + sorted(red.glob("pdi/stokes/*.fits"))
+        + [red / "pdi" / "phys_stokes_coll.fits"]
+    )
 
 
 def _ring_numbers(run):
@@ -210,8 +216,10 @@ def test_flc_b_at_45_deg_would_leak_qphi_into_uphi(high_night, tmp_path):
     from vampd.pdi.stokes import stokes_products
 
     table = tmp_path / "mm.csv"
-    cols = ("m3_diat,m3_theta,hwp_delta,hwp_phi,imr_delta,imr_phi,optics_diat,optics_theta,optics_phi,"
-            "flc_theta,flc_phi,flc_theta_a,flc_theta_b")
+    cols = (
+        "m3_diat,m3_theta,hwp_delta,hwp_phi,imr_delta,imr_phi,optics_diat,optics_theta,optics_phi,"
+        "flc_theta,flc_phi,flc_theta_a,flc_theta_b"
+    )
     table.write_text(f"filter,{cols}\n675,0,0,0,0.5,0,0.5,0,0,0,0,0.5,0,45\n")
     from vampd.config.io import load_config
 

@@ -182,7 +182,9 @@ def test_intermediates_and_no_coadd(tmp_path):
     cfg2 = _cfg(tmp_path, crop=48, coadd={"coadd": False})
     r2 = process_file(_raw(tmp_path, truth, 1)[0], cfg2, tmp_path / "out2")
     kinds2 = dict(r2.products)
-    assert "aligned" in kinds2 and "coadded" not in kinds2  # the reference wrote nothing here (docs/instrument.md §13.11)
+    assert (
+        "aligned" in kinds2 and "coadded" not in kinds2
+    )  # the reference wrote nothing here (docs/instrument.md §13.11)
     assert Path(kinds2["aligned"]).exists()
 
 

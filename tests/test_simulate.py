@@ -25,10 +25,44 @@ SMALL = SimConfig().replace(size=64, nframes=3, calib_nframes=2)
 
 # raw keys of docs/instrument.md §1.3 the pipeline reads from CMOS archive files
 RAW_KEYS = [
-    "U_CAMERA", "U_DETMOD", "EXPTIME", "FILTER01", "FILTER02", "RET-ANG1", "RET-MOD1", "U_FLC", "U_FLCST",
-    "U_MBI", "OBS-MOD", "DATA-TYP", "OBJECT", "DATE-OBS", "UT-STR", "UT-END", "UT", "HST-STR", "HST-END",
-    "HST", "MJD-STR", "MJD-END", "MJD", "RA", "DEC", "RADESYS", "EQUINOX", "ALTITUDE", "AZIMUTH", "AIRMASS",
-    "D_IMRANG", "D_IMRPAP", "PRD-MIN1", "PRD-MIN2", "PRD-RNG1", "PRD-RNG2", "X_GRDAMP", "X_GRDSEP",
+    "U_CAMERA",
+    "U_DETMOD",
+    "EXPTIME",
+    "FILTER01",
+    "FILTER02",
+    "RET-ANG1",
+    "RET-MOD1",
+    "U_FLC",
+    "U_FLCST",
+    "U_MBI",
+    "OBS-MOD",
+    "DATA-TYP",
+    "OBJECT",
+    "DATE-OBS",
+    "UT-STR",
+    "UT-END",
+    "UT",
+    "HST-STR",
+    "HST-END",
+    "HST",
+    "MJD-STR",
+    "MJD-END",
+    "MJD",
+    "RA",
+    "DEC",
+    "RADESYS",
+    "EQUINOX",
+    "ALTITUDE",
+    "AZIMUTH",
+    "AIRMASS",
+    "D_IMRANG",
+    "D_IMRPAP",
+    "PRD-MIN1",
+    "PRD-MIN2",
+    "PRD-RNG1",
+    "PRD-RNG2",
+    "X_GRDAMP",
+    "X_GRDSEP",
 ]
 
 
@@ -97,8 +131,9 @@ def test_calibration_files_match_science(night):
 
 def test_flip_convention_and_star_position():
     for pre_nbs, flipped in ((False, 2), (True, 1)):
-        cfg = SMALL.replace(noise_free=True, write_float=True, calib=False, pre_nbs=pre_nbs, nframes=2,
-                            scene={"ring_flux": 0.0})
+        cfg = SMALL.replace(
+            noise_free=True, write_float=True, calib=False, pre_nbs=pre_nbs, nframes=2, scene={"ring_flux": 0.0}
+        )
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +173,15 @@ def _triple(get, h1, h2):
 def test_noise_free_triple_difference_recovers_injected_qu(tmp_path):
     """Acceptance: calibrate by hand, triple difference (docs/instrument.md §9.3), ideal Mueller inversion (§9.4)."""
     cfg = SMALL.replace(
-        nframes=3, noise_free=True, write_float=True, rotation=False, identical_cameras=True,
-        jitter_rms_px=0.0, flux_rms=0.0, strehl_range=(0.5, 0.5), calib=False,
+        nframes=3,
+        noise_free=True,
+        write_float=True,
+        rotation=False,
+        identical_cameras=True,
+        jitter_rms_px=0.0,
+        flux_rms=0.0,
+        strehl_range=(0.5, 0.5),
+        calib=False,
         scene={"ring_radius_mas": 120.0, "ring_width_mas": 30.0, "star_flux": 2e5, "ring_flux": 4e5},
     )
     truth = simulate_night(tmp_path, cfg)
@@ -242,8 +284,11 @@ def test_stream_stop_event(tmp_path):
     from vampd.simulate.stream import stream_night
 
     stop = threading.Event()
-    th = threading.Thread(target=stream_night, args=(tmp_path, SMALL.replace(nframes=1, calib=False)),
-                          kwargs={"cadence": 0.2, "stop_event": stop})
+    th = threading.Thread(
+        target=stream_night,
+        args=(tmp_path, SMALL.replace(nframes=1, calib=False)),
+        kwargs={"cadence": 0.2, "stop_event": stop},
+    )
     th.start()
     while not list((tmp_path / "raw").glob("*.txt")):
         th.join(0.05)
@@ -269,7 +314,15 @@ def test_seeded_reproducibility(tmp_path):
 def test_chunked_writer_roundtrip(tmp_path):
     cube = np.random.default_rng(3).integers(0, 65536, size=(7, 5, 6)).astype(np.uint16)
     hdr = fits.Header()
-    for key, val in (("SIMPLE", True), ("BITPIX", 16), ("NAXIS", 3), ("NAXIS1", 6), ("NAXIS2", 5), ("NAXIS3", 7), ("BZERO", 32768)):
+    for key, val in (
+        ("SIMPLE", True),
+        ("BITPIX", 16),
+        ("NAXIS", 3),
+        ("NAXIS1", 6),
+        ("NAXIS2", 5),
+        ("NAXIS3", 7),
+        ("BZERO", 32768),
+    ):
         hdr[key] = val
     path = write_cube(tmp_path / "x.fits", hdr, (cube[i : i + 3] for i in range(0, 7, 3)))
     assert path.stat().st_size % 2880 == 0
@@ -280,15 +333,24 @@ def test_chunked_writer_roundtrip(tmp_path):
 
 
 def test_modes_doublediff_mbi_coronagraphic_targets(tmp_path):
-    dd = simulate_night(tmp_path / "dd", SMALL.replace(doublediff=True, ncycles=2, nframes=1, calib=False,
-                                                        targets=("ABAUR", "MWC480")))
+    dd = simulate_night(
+        tmp_path / "dd", SMALL.replace(doublediff=True, ncycles=2, nframes=1, calib=False, targets=("ABAUR", "MWC480"))
+    )
     assert len(dd["files"]) == 2 * 2 * 4 * 2
     h = fits.getheader(tmp_path / "dd" / dd["files"][0]["path"])
     assert h["U_FLCST"] == "OUT" and "U_FLC" not in h
     assert {t["target"] for t in dd["files"]} == {"ABAUR", "MWC480"}
 
-    cfg = SMALL.replace(size=48, mbi=True, coronagraphic=True, nframes=1, calib=False, noise_free=True,
-                        write_float=True, scene={"ring_flux": 0.0, "coronagraph_leak": 1.0})
+    cfg = SMALL.replace(
+        size=48,
+        mbi=True,
+        coronagraphic=True,
+        nframes=1,
+        calib=False,
+        noise_free=True,
+        write_float=True,
+        scene={"ring_flux": 0.0, "coronagraph_leak": 1.0},
+    )
     mb = simulate_night(tmp_path / "mb", cfg)
     t = mb["files"][1]  # camera 2
     h = fix_header(fits.getheader(tmp_path / "mb" / t["path"]))

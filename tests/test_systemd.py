@@ -25,17 +25,26 @@ def _service(name: str) -> dict:
     cp.optionxform = str
     text = (UNITS / name).read_text()
     cp.read_string(text)
-    return {s: dict(cp[s]) for s in cp.sections()} | {"_env": [l for l in text.splitlines() if l.startswith("Environment=")]}
+    return {s: dict(cp[s]) for s in cp.sections()} | {
+        "_env": [ln for ln in text.splitlines() if ln.startswith("Environment=")]
+    }
 
 
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
-@pytest.mark.parametrize("unit,instance", [("vampd.service", "vampd.service"), ("vampd@.service", "vampd@night1.service")])
+@pytest.mark.parametrize(
+    "unit,instance", [("vampd.service", "vampd.service"), ("vampd@.service", "vampd@night1.service")]
+)
 def test_systemd_analyze_verify_is_silent(tmp_path, unit, instance):
     # ExecStart must name an existing executable for verify: point it at this environment's vampd
     text = (UNITS / unit).read_text().replace("/usr/local/bin/vampd", _vampd_exe())
     (tmp_path / instance).write_text(text)
-    p = subprocess.run([ANALYZE, "verify", "--man=no", str(tmp_path / instance)], capture_output=True, text=True,
-                       timeout=60, cwd=tmp_path)
+    p = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(tmp_path / instance)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     out = (p.stdout + p.stderr).strip()
     assert p.returncode == 0 and out == "", out
 
@@ -46,8 +55,9 @@ def test_verify_catches_unknown_keys(tmp_path):
         pytest.skip("systemd-analyze not installed")
     text = (UNITS / "vampd.service").read_text().replace("/usr/local/bin/vampd", _vampd_exe())
     (tmp_path / "vampd.service").write_text(text.replace("Restart=on-failure", "Restart=on-failure\nRestartt=always"))
-    p = subprocess.run([ANALYZE, "verify", "--man=no", str(tmp_path / "vampd.service")], capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(tmp_path / "vampd.service")], capture_output=True, text=True, timeout=60
+    )
     assert "Unknown key 'Restartt'" in p.stdout + p.stderr
 
 
@@ -85,8 +95,13 @@ def test_sd_notify_protocol(tmp_path):
 
 
 HARDENING = {
-    "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-    "PrivateDevices": "yes", "RestrictAddressFamilies": "AF_UNIX", "UMask": "0022",
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "RestrictAddressFamilies": "AF_UNIX",
+    "UMask": "0022",
 }
 
 
@@ -104,12 +119,19 @@ def test_units_are_hardened(unit):
 
 
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
-@pytest.mark.parametrize("unit,instance", [("vampd.service", "vampd.service"), ("vampd@.service", "vampd@night1.service")])
+@pytest.mark.parametrize(
+    "unit,instance", [("vampd.service", "vampd.service"), ("vampd@.service", "vampd@night1.service")]
+)
 def test_systemd_analyze_security_exposure(tmp_path, unit, instance):
     text = (UNITS / unit).read_text().replace("/usr/local/bin/vampd", _vampd_exe())
     (tmp_path / instance).write_text(text)
-    p = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager", instance], capture_output=True,
-                       text=True, timeout=60, cwd=tmp_path)
+    p = subprocess.run(
+        [ANALYZE, "security", "--offline=yes", "--no-pager", instance],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     import re
 
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout + p.stderr)

@@ -183,7 +183,9 @@ def test_overflow_warning_triggers_rescan_that_finds_everything(tmp_path):
     try:
         paths = {write_raw(tmp_path / f"VMPA{i:08d}.fits", tmp_rename=False) for i in range(20)}
         assert not w.take_rescan()
-        logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
+        logging.getLogger("watchdog.observers.inotify_c").warning(
+            "Inotify queue overflowed; filesystem events were lost"
+        )
         assert w.take_rescan() and w.overflows == 1
         assert set(w.scan()) == paths
     finally:

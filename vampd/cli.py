@@ -36,8 +36,7 @@ def _add_new(p: argparse.ArgumentParser) -> None:
     # the preset names are checked by `vampd new` itself: importing the config models here would
     # slow every `vampd --help` (tests/test_config.py checks this list against PRESETS)
     p.add_argument("path", help="where to write the TOML file")
-    p.add_argument("--preset", default="quicklook", metavar="PRESET",
-                   help="starting point: " + ", ".join(PRESET_NAMES))
+    p.add_argument("--preset", default="quicklook", metavar="PRESET", help="starting point: " + ", ".join(PRESET_NAMES))
     p.add_argument("--name", default=None, help="the config's `name` (default: the file's stem)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
 
@@ -55,8 +54,12 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="raw dark/sky and flat files")
     p.add_argument("-o", "--outdir", required=True, help="calibration directory to write masters into")
-    p.add_argument("--method", default="median", choices=["median", "mean", "varmean", "biweight"],
-                   help="how the frames of the input files are combined")
+    p.add_argument(
+        "--method",
+        default="median",
+        choices=["median", "mean", "varmean", "biweight"],
+        help="how the frames of the input files are combined",
+    )
     p.add_argument("--force", action="store_true", help="rebuild masters that are newer than their inputs")
 
 
@@ -64,23 +67,33 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="configuration TOML file")
     p.add_argument("files", nargs="+", help="raw FITS files")
     p.add_argument("-o", "--outdir", default=None, help="output directory (default: the config's directory)")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: the config's watch.workers)")
+    p.add_argument(
+        "-j", "--jobs", type=int, default=None, help="worker processes (default: the config's watch.workers)"
+    )
     p.add_argument("--force", action="store_true", help="redo work even if products are up to date")
 
 
 def _add_watch(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="configuration TOML file")
     p.add_argument("-i", "--input", action="append", default=None, help="directory to watch (repeatable)")
-    p.add_argument("-o", "--outdir", default=None, help="output directory (default: watch.outdir, else the config's directory)")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: the config's watch.workers)")
+    p.add_argument(
+        "-o", "--outdir", default=None, help="output directory (default: watch.outdir, else the config's directory)"
+    )
+    p.add_argument(
+        "-j", "--jobs", type=int, default=None, help="worker processes (default: the config's watch.workers)"
+    )
     p.add_argument("--poll", action="store_true", help="poll instead of inotify (NFS/CIFS)")
 
 
 def _add_retry(p: argparse.ArgumentParser) -> None:
     p.add_argument("outdir", help="output directory holding vampd.sqlite")
     p.add_argument("files", nargs="*", help="only these raw files (default: every parked file)")
-    p.add_argument("--kind", action="append", choices=["permanent", "transient", "rejected", "memory"],
-                   help="only files parked for this kind of error (repeatable)")
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=["permanent", "transient", "rejected", "memory"],
+        help="only files parked for this kind of error (repeatable)",
+    )
 
 
 def _add_status(p: argparse.ArgumentParser) -> None:
@@ -97,7 +110,9 @@ def _add_live(p: argparse.ArgumentParser) -> None:
 
 def _add_finalize(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="configuration TOML file")
-    p.add_argument("-o", "--outdir", default=None, help="output directory (default: watch.outdir, else the config's directory)")
+    p.add_argument(
+        "-o", "--outdir", default=None, help="output directory (default: watch.outdir, else the config's directory)"
+    )
     p.add_argument("--mean", action="store_true", help="collapse sets by their mean instead of the median")
     p.add_argument("--ivar", action="store_true", help="collapse sets by the inverse-variance weighted mean")
 
@@ -174,15 +189,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Night-time quicklook daemon for VAMPIRES (SCExAO/Subaru).",
         formatter_class=_HelpFormatter,
         epilog="example:\n  vampd new night.toml && vampd check night.toml && vampd watch night.toml -i /data/tonight\n\n"
-               "`vampd COMMAND --help` shows each command's options, defaults and an example.",
+        "`vampd COMMAND --help` shows each command's options, defaults and an example.",
     )
     parser.add_argument("--version", action="version", version=f"vampd {__version__}")
     _verbosity_options(parser, 0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_mod, _fn, help_) in COMMANDS.items():
         example = EXAMPLES.get(name)
-        p = sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter,
-                           epilog=f"example:\n  {example}" if example else None)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            formatter_class=_HelpFormatter,
+            epilog=f"example:\n  {example}" if example else None,
+        )
         _verbosity_options(p, argparse.SUPPRESS)  # -v/-q after the command too
         if only is not None and name != only:
             continue  # sub-command arguments may import (presets, simulator): only the one used

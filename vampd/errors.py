@@ -77,8 +77,17 @@ EXIT_BUSY = 6  # another live daemon owns the output directory
 #: errno values that mean "the output side cannot take a write now"
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 #: errno values of a machine under pressure (retry later)
-_TRANSIENT_ERRNOS = OUTPUT_ERRNOS | {errno.EIO, errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
-                                     errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE}
+_TRANSIENT_ERRNOS = OUTPUT_ERRNOS | {
+    errno.EIO,
+    errno.EAGAIN,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOMEM,
+    errno.EINTR,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ESTALE,
+}
 
 # the stages' own verdicts on an input (module, class): permanent
 _DOMAIN_ERRORS = (

@@ -52,8 +52,25 @@ __all__ = [
 BLOCK = 2880
 CARD = 80
 _END = b"END" + b" " * 5
-_KEEP = frozenset({"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "BLANK",
-                   "ZIMAGE", "ZBITPIX", "ZNAXIS", "EXTEND", "GROUPS", "EXTNAME"})
+_KEEP = frozenset(
+    {
+        "SIMPLE",
+        "XTENSION",
+        "BITPIX",
+        "NAXIS",
+        "PCOUNT",
+        "GCOUNT",
+        "BZERO",
+        "BSCALE",
+        "BLANK",
+        "ZIMAGE",
+        "ZBITPIX",
+        "ZNAXIS",
+        "EXTEND",
+        "GROUPS",
+        "EXTNAME",
+    }
+)
 _BITPIX = {8: "u1", 16: "i2", 32: "i4", 64: "i8", -32: "f4", -64: "f8"}
 
 
@@ -223,8 +240,11 @@ def layouts_from_reader(read: Reader, size: int, upto: int) -> list[HDULayout]:
                 raise NotFitsError("not a FITS file (no SIMPLE card)")
             raise IncompleteFits(f"HDU {index} header missing ({size} bytes on disk)")
         if not first.startswith(want):
-            raise NotFitsError("not a FITS file (no SIMPLE card)" if index == 0
-                               else f"no XTENSION card where HDU {index} should start (byte {pos})")
+            raise NotFitsError(
+                "not a FITS file (no SIMPLE card)"
+                if index == 0
+                else f"no XTENSION card where HDU {index} should start (byte {pos})"
+            )
         buf, parsed = b"", None
         while parsed is None:
             chunk = read(pos + len(buf), 4 * BLOCK)
@@ -268,9 +288,15 @@ def open_regular(path: os.PathLike | str) -> int:
 
 def kind_of(mode: int) -> str:
     """A word for a file type (``FIFO``, ``directory``, ``character device``...)."""
-    for test, word in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink"),
-                       (stat.S_ISREG, "regular file")):
+    for test, word in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISREG, "regular file"),
+    ):
         if test(mode):
             return word
     return "unknown file type"
@@ -332,7 +358,7 @@ def structure_complete(path: os.PathLike | str) -> tuple[bool, str]:
     except (IncompleteFits, NotFitsError, UnreadableError, VanishedError) as exc:
         msg = str(exc)
         prefix = os.fsdecode(path) + ": "
-        return False, msg[len(prefix):] if msg.startswith(prefix) else msg
+        return False, msg[len(prefix) :] if msg.startswith(prefix) else msg
     return True, "complete"
 
 

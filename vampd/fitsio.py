@@ -140,12 +140,30 @@ def save_npz_atomic(
 
 #: keys that describe the HDU layout; written by :func:`write_hdus_atomic` itself
 _LAYOUT_KEYS = frozenset(
-    ["SIMPLE", "XTENSION", "BITPIX", "NAXIS", "EXTEND", "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "BLANK",
-     "CHECKSUM", "DATASUM", "END"]
+    [
+        "SIMPLE",
+        "XTENSION",
+        "BITPIX",
+        "NAXIS",
+        "EXTEND",
+        "PCOUNT",
+        "GCOUNT",
+        "BZERO",
+        "BSCALE",
+        "BLANK",
+        "CHECKSUM",
+        "DATASUM",
+        "END",
+    ]
 )
 _NAXIS_KEY = re.compile(r"^NAXIS\d+$")
-_BITPIX = {np.dtype(np.float32): -32, np.dtype(np.float64): -64, np.dtype(np.int16): 16, np.dtype(np.int32): 32,
-           np.dtype(np.uint8): 8}
+_BITPIX = {
+    np.dtype(np.float32): -32,
+    np.dtype(np.float64): -64,
+    np.dtype(np.int16): 16,
+    np.dtype(np.int32): 32,
+    np.dtype(np.uint8): 8,
+}
 
 
 def _hdu_bytes(header: fits.Header | None, data: np.ndarray | None, primary: bool, extend: bool) -> bytes:
@@ -154,8 +172,11 @@ def _hdu_bytes(header: fits.Header | None, data: np.ndarray | None, primary: boo
     dtype = np.dtype(np.uint8) if data is None else np.dtype(data.dtype).newbyteorder("=")
     if dtype not in _BITPIX:
         raise ValueError(f"write_hdus_atomic: unsupported data type {data.dtype}")
-    cards = [fits.Card("SIMPLE", True, "conforms to FITS standard") if primary
-             else fits.Card("XTENSION", "IMAGE", "Image extension")]
+    cards = [
+        fits.Card("SIMPLE", True, "conforms to FITS standard")
+        if primary
+        else fits.Card("XTENSION", "IMAGE", "Image extension")
+    ]
     cards.append(fits.Card("BITPIX", _BITPIX[dtype], "array data type"))
     cards.append(fits.Card("NAXIS", len(shape), "number of array dimensions"))
     for i, n in enumerate(reversed(shape)):
@@ -243,7 +264,7 @@ def _checked_layout(path):
     except (IncompleteFits, NotFitsError, UnreadableError, VanishedError) as exc:
         msg = str(exc)
         prefix = os.fsdecode(path) + ": "
-        raise InputError(path, msg[len(prefix):] if msg.startswith(prefix) else msg) from None
+        raise InputError(path, msg[len(prefix) :] if msg.startswith(prefix) else msg) from None
 
 
 def read_header(path: os.PathLike | str) -> fits.Header:

@@ -16,14 +16,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``vampd reprocess`` (imports nothing optional)."""
     p.add_argument("config", help="configuration TOML file")
     p.add_argument("nights", nargs="+", metavar="NIGHT_DIR", help="directories of raw files, one per night")
-    p.add_argument("-o", "--outroot", default=None,
-                   help="one output directory per night below this (default: [watch].outdir or the config's directory)")
+    p.add_argument(
+        "-o",
+        "--outroot",
+        default=None,
+        help="one output directory per night below this (default: [watch].outdir or the config's directory)",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="join a running Dask scheduler, e.g. tcp://host:8786 (default: [cluster].scheduler)")
-    g.add_argument("--local", type=int, default=None, metavar="N",
-                   help="start a local cluster of N worker processes "
-                        "(default: [cluster].local_workers or [watch].workers)")
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="join a running Dask scheduler, e.g. tcp://host:8786 (default: [cluster].scheduler)",
+    )
+    g.add_argument(
+        "--local",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start a local cluster of N worker processes (default: [cluster].local_workers or [watch].workers)",
+    )
     p.add_argument("--force", action="store_true", help="redo work even if products are up to date")
     p.add_argument("--no-finalize", action="store_true", help="do not finalize the nights at the end")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of the progress display")
@@ -48,8 +60,11 @@ def _check_workers(client, process: str, nights: list, outroot) -> str | None:
             problems.append(f"worker {addr}: cannot write {d}")
     loose = sorted(addr for addr, a in answers.items() if a.get("blas") != "1")
     if loose:  # not fatal: slower (threads fight over the cores), same products
-        log.warning("%d worker(s) without OPENBLAS_NUM_THREADS=1 (e.g. %s): set it in the workers' environment",
-                    len(loose), loose[0])
+        log.warning(
+            "%d worker(s) without OPENBLAS_NUM_THREADS=1 (e.g. %s): set it in the workers' environment",
+            len(loose),
+            loose[0],
+        )
     return "\n".join(problems) or None
 
 
@@ -101,14 +116,29 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
             return 2
         try:
             if args.no_progress:
-                nights = reprocess(cfg, args.config, list(args.nights), outroot, shared,
-                                   force=args.force, finalize=not args.no_finalize)
+                nights = reprocess(
+                    cfg,
+                    args.config,
+                    list(args.nights),
+                    outroot,
+                    shared,
+                    force=args.force,
+                    finalize=not args.no_finalize,
+                )
             else:
                 if not getattr(args, "verbose", 0):  # per-file lines would scroll the bars away
                     logging.getLogger("vampd.engine.runner").setLevel(logging.WARNING)
                 with NightProgress() as display:
-                    nights = reprocess(cfg, args.config, list(args.nights), outroot, shared,
-                                       force=args.force, finalize=not args.no_finalize, progress=display)
+                    nights = reprocess(
+                        cfg,
+                        args.config,
+                        list(args.nights),
+                        outroot,
+                        shared,
+                        force=args.force,
+                        finalize=not args.no_finalize,
+                        progress=display,
+                    )
                     display(nights, force=True)
         except (ValueError, FileNotFoundError) as exc:
             print(f"vampd reprocess: {exc}", file=sys.stderr)

@@ -113,8 +113,7 @@ class ClusterPool:
         The per-file entry point (``module:function``), as for the local pool.
     """
 
-    def __init__(self, client, oversubscribe: int = 2, memory_fraction: float = 0.5,
-                 process: str = DEFAULT_PROCESS):
+    def __init__(self, client, oversubscribe: int = 2, memory_fraction: float = 0.5, process: str = DEFAULT_PROCESS):
         self.client = client
         self.oversubscribe = max(1, int(oversubscribe))
         self.memory_fraction = float(memory_fraction)
@@ -269,8 +268,9 @@ class NightPool:
         self.cpu.append(float(r.get("cpu", 0.0)))
         self.elapsed.append(float(r.get("elapsed", 0.0)))
         if r["ok"]:
-            return _job_result(path, True, products=r["products"], summary=r["summary"], metrics=r["metrics"],
-                               elapsed=r["elapsed"])
+            return _job_result(
+                path, True, products=r["products"], summary=r["summary"], metrics=r["metrics"], elapsed=r["elapsed"]
+            )
         if r.get("trace"):
             log.debug("worker traceback for %s:\n%s", path, r["trace"])
         kind = r.get("kind", "permanent" if r["permanent"] else "transient")

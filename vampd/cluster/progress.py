@@ -27,8 +27,10 @@ def summary_line(night) -> str:
     fin = " finalized" if night.finalized and night.final and "error" not in night.final else ""
     if night.stopped:
         fin = f" STOPPED ({night.stopped}; rerun to finish)"
-    return (f"{night.label}: {n['done']}/{n['total']} done, {n['failed']} failed, "
-            f"{n['sets']} set(s) complete, {n['broken']} broken, {wall:.1f} s{fin} -> {night.outdir}")
+    return (
+        f"{night.label}: {n['done']}/{n['total']} done, {n['failed']} failed, "
+        f"{n['sets']} set(s) complete, {n['broken']} broken, {wall:.1f} s{fin} -> {night.outdir}"
+    )
 
 
 class NightProgress:
@@ -44,8 +46,10 @@ class NightProgress:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("files  {task.fields[running]} running  [green]{task.fields[sets]} sets[/]"
-                       "  [red]{task.fields[failed]} failed[/]  {task.fields[state]}"),
+            TextColumn(
+                "files  {task.fields[running]} running  [green]{task.fields[sets]} sets[/]"
+                "  [red]{task.fields[failed]} failed[/]  {task.fields[state]}"
+            ),
             TimeRemainingColumn(),
             console=console,
         )
@@ -66,10 +70,24 @@ class NightProgress:
             if not night.closed:
                 night.update_counts()
             n = _numbers(night)
-            state = ("finalized" if night.finalized else "STOPPED" if night.stopped
-                     else "running" if n["running"] else "queued")
+            state = (
+                "finalized"
+                if night.finalized
+                else "STOPPED"
+                if night.stopped
+                else "running"
+                if n["running"]
+                else "queued"
+            )
             if night.label not in self.tasks:
-                self.tasks[night.label] = self.progress.add_task(night.label, total=n["total"], running=0,
-                                                                 sets=0, failed=0, state="")
-            self.progress.update(self.tasks[night.label], completed=n["finished"], running=n["running"],
-                                 sets=n["sets"], failed=n["failed"], state=state)
+                self.tasks[night.label] = self.progress.add_task(
+                    night.label, total=n["total"], running=0, sets=0, failed=0, state=""
+                )
+            self.progress.update(
+                self.tasks[night.label],
+                completed=n["finished"],
+                running=n["running"],
+                sets=n["sets"],
+                failed=n["failed"],
+                state=state,
+            )

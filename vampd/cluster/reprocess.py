@@ -101,8 +101,9 @@ def night_inputs(night_dir: os.PathLike | str, cfg: Any) -> list[str]:
     return sorted(found)
 
 
-def open_nights(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, shared,
-                force: bool = False) -> list[Night]:
+def open_nights(
+    cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, shared, force: bool = False
+) -> list[Night]:
     """A ledger, a night pool and a runner per night (refusing a ledger a live daemon owns)."""
     labels = check_labels(night_dirs)
     nights: list[Night] = []
@@ -180,8 +181,18 @@ def _output_stuck(night: Night) -> bool:
     return True
 
 
-def reprocess(cfg: Any, config_path: str, night_dirs: list[str], outroot: Path, shared, *,
-              force: bool = False, finalize: bool = True, poll: float = 0.2, progress=None) -> list[Night]:
+def reprocess(
+    cfg: Any,
+    config_path: str,
+    night_dirs: list[str],
+    outroot: Path,
+    shared,
+    *,
+    force: bool = False,
+    finalize: bool = True,
+    poll: float = 0.2,
+    progress=None,
+) -> list[Night]:
     """Reprocess ``night_dirs`` on the cluster behind ``shared`` (a :class:`ClusterPool`).
 
     ``progress(nights)`` is called after every scheduling round (display). Returns the nights,

@@ -43,8 +43,13 @@ def probe(process: str, paths: list[str], outroots: list[str]) -> dict:
     """
     import importlib
 
-    out: dict = {"vampd": None, "missing": [], "unwritable": [], "error": "",
-                 "blas": os.environ.get("OPENBLAS_NUM_THREADS")}
+    out: dict = {
+        "vampd": None,
+        "missing": [],
+        "unwritable": [],
+        "error": "",
+        "blas": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
     try:
         import vampd
 

@@ -235,6 +235,9 @@ class _Model(BaseModel):
                     where = f"{cls._section}.{key}" if cls._section else str(key)
                     kind = "section" if isinstance(data[key], dict) and not cls._section else "key"
                     shown = f"[{where}]" if kind == "section" else where
-                    warnings.warn(f"unknown {kind} {shown} ignored{_did_you_mean(str(key), cls.model_fields)}",
-                                  ConfigWarning, stacklevel=2)
+                    warnings.warn(
+                        f"unknown {kind} {shown} ignored{_did_you_mean(str(key), cls.model_fields)}",
+                        ConfigWarning,
+                        stacklevel=2,
+                    )
         return data

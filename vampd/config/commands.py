@@ -100,9 +100,14 @@ def data_needs(cfg: PipelineConfig) -> list[tuple[str, str, bool]]:
 
     sp = cfg.specphot
     synthetic = sp.unit != "e-/s" and sp.source_kind in ("pickles", "file")
-    needs = [("vampires_filters.csv", "VAMPIRES filter curves" + ("" if synthetic else "; nominal top-hat bands are used"),
-              synthetic),
-             (ZEROPOINT_TABLE_NAME, "zero points; the built-in table is used", False)]
+    needs = [
+        (
+            "vampires_filters.csv",
+            "VAMPIRES filter curves" + ("" if synthetic else "; nominal top-hat bands are used"),
+            synthetic,
+        ),
+        (ZEROPOINT_TABLE_NAME, "zero points; the built-in table is used", False),
+    ]
     if synthetic:
         if sp.source_kind == "pickles":
             needs.append((PICKLES_INDEX, f"the Pickles atlas (spectral type {sp.sptype})", True))
@@ -144,9 +149,12 @@ def _fix_data(name: str, purpose: str) -> str:
     from vampd.specphot.data import PICKLES_DIR, VEGA_FILE
 
     cdbs = name.startswith(PICKLES_DIR) or name == VEGA_FILE
-    return (f"{purpose}: {name} not found. Set `data_dir` in the configuration or $VAMPD_DATA_DIR to a "
-            f"directory holding it" + (" (or $PYSYN_CDBS to a synphot data tree: grid/pickles/dat_uvk/, calspec/)"
-                                      if cdbs else "") + "; vampd never downloads it")
+    return (
+        f"{purpose}: {name} not found. Set `data_dir` in the configuration or $VAMPD_DATA_DIR to a "
+        f"directory holding it"
+        + (" (or $PYSYN_CDBS to a synphot data tree: grid/pickles/dat_uvk/, calspec/)" if cdbs else "")
+        + "; vampd never downloads it"
+    )
 
 
 def diagnose(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
@@ -154,10 +162,12 @@ def diagnose(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     errors, warns = [], []
     cal = cfg.calibrate
     if cal.calib_directory is not None and (cal.back_subtract or cal.flat_correct) and not cal.calib_directory.is_dir():
-        errors.append(f"calibrate.calib_directory = {cal.calib_directory} does not exist (needed for "
-                      f"{'background subtraction' if cal.back_subtract else 'flat correction'}): build it with "
-                      f"`vampd calib DARKS... FLATS... -o {cal.calib_directory}`, point calib_directory at the "
-                      "directory holding background/ and flat/, or set back_subtract = flat_correct = false")
+        errors.append(
+            f"calibrate.calib_directory = {cal.calib_directory} does not exist (needed for "
+            f"{'background subtraction' if cal.back_subtract else 'flat correction'}): build it with "
+            f"`vampd calib DARKS... FLATS... -o {cal.calib_directory}`, point calib_directory at the "
+            "directory holding background/ and flat/, or set back_subtract = flat_correct = false"
+        )
     if cfg.data_dir is not None and not cfg.data_dir.is_dir():
         warns.append(f"data_dir = {cfg.data_dir} does not exist")
     from vampd.specphot.data import PICKLES_INDEX, VEGA_FILE, locate, pickles_file, vega_file
@@ -171,7 +181,7 @@ def diagnose(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
                 continue
             except FileNotFoundError:
                 pass
-        errors.append(f"specphot.source = \"{cfg.specphot.source_kind}\" needs " + _fix_data(name, purpose))
+        errors.append(f'specphot.source = "{cfg.specphot.source_kind}" needs ' + _fix_data(name, purpose))
     sp = cfg.specphot
     if sp.unit != "e-/s" and sp.source_kind == "pickles" and locate(PICKLES_INDEX, cfg)[0] is not None:
         try:
@@ -179,10 +189,18 @@ def diagnose(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
         except (ValueError, FileNotFoundError) as exc:
             errors.append(str(exc))
     if sp.source_kind == "file" and not Path(sp.source).is_file():
-        errors.append(f"specphot.source = {sp.source}: spectrum file not found (give an existing FITS/ASCII "
-                      "spectrum, or use source = \"pickles\" or \"zeropoints\")")
+        errors.append(
+            f"specphot.source = {sp.source}: spectrum file not found (give an existing FITS/ASCII "
+            'spectrum, or use source = "pickles" or "zeropoints")'
+        )
     po = cfg.polarimetry
-    if po is not None and po.mm_correct and not po.use_ideal_mm and po.mm_table is not None and not po.mm_table.exists():
+    if (
+        po is not None
+        and po.mm_correct
+        and not po.use_ideal_mm
+        and po.mm_table is not None
+        and not po.mm_table.exists()
+    ):
         warns.append(f"polarimetry.mm_table = {po.mm_table} not found: the ideal Mueller model will be used")
     return errors, warns
 
@@ -213,10 +231,15 @@ def _polarimetry_text(po) -> str:
             mm = "ideal (no mm_table)"
     ip = "off"
     if po.ip_correct:
-        ip = (f"aperture r={po.ip_radius:g} px" if po.ip_method == "aperture"
-              else f"annulus {po.ip_radius:g}-{po.ip_radius2:g} px")
-    return (f"{po.method}, derotate {_onoff(po.derotate)}, MM {mm}, IP {ip}, {po.cyl_stokes}; "
-            f"HWP tolerance {po.hwp_tolerance:g} deg, set timeout {po.set_timeout:g} s")
+        ip = (
+            f"aperture r={po.ip_radius:g} px"
+            if po.ip_method == "aperture"
+            else f"annulus {po.ip_radius:g}-{po.ip_radius2:g} px"
+        )
+    return (
+        f"{po.method}, derotate {_onoff(po.derotate)}, MM {mm}, IP {ip}, {po.cyl_stokes}; "
+        f"HWP tolerance {po.hwp_tolerance:g} deg, set timeout {po.set_timeout:g} s"
+    )
 
 
 def _science_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -275,9 +298,7 @@ def _science_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
     if cfg.polarimetry:
         rows.append(("polarimetry", _polarimetry_text(cfg.polarimetry)))
     di = cfg.diff_images
-    rows.append(
-        ("diff_images", "off" if not di.make_diff else "single" + (" + double" if di.save_double else ""))
-    )
+    rows.append(("diff_images", "off" if not di.make_diff else "single" + (" + double" if di.save_double else "")))
     return rows
 
 
@@ -317,10 +338,12 @@ def summarize(cfg: PipelineConfig, path: str | Path | None = None, ok: bool = Tr
         (
             "",
             f"outdir {w.outdir or '(config directory)'}; {w.workers} workers, "
-            f"{'poll every %gs' % w.poll_interval if w.poll else 'inotify'}, patterns {' '.join(w.patterns)}, "
+            f"{f'poll every {w.poll_interval:g}s' if w.poll else 'inotify'}, patterns {' '.join(w.patterns)}, "
             f"memory {mem}",
         )
     )
     width = max(len(k) for k, _ in rows)
-    verdict = "OK: configuration is valid" if ok else "NOT OK: the configuration is valid but cannot run (see the errors)"
+    verdict = (
+        "OK: configuration is valid" if ok else "NOT OK: the configuration is valid but cannot run (see the errors)"
+    )
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n" + verdict

@@ -79,7 +79,7 @@ def check_config_versions(data: dict[str, Any], source: str | os.PathLike | None
         if not ok:
             if key == "vampd_version":
                 hint = (
-                    f'install a vampd compatible with {value}, or review the file against vampd {installed} '
+                    f"install a vampd compatible with {value}, or review the file against vampd {installed} "
                     f'(`vampd new` shows the current template) and set vampd_version = "{installed}"'
                 )
             else:

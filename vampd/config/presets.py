@@ -99,8 +99,7 @@ _SECTION_NOTES: dict[str, str] = {
         "from the per-file products as the HWP cycles; Stokes products update after each complete set."
     ),
     "no_polarimetry": (
-        "[polarimetry] -- absent: no PDI. Add the section to enable it (see `vampd new --preset\n"
-        "pdi-triplediff`)."
+        "[polarimetry] -- absent: no PDI. Add the section to enable it (see `vampd new --preset\npdi-triplediff`)."
     ),
     "watch": "vampd: directory watcher and worker pool (`vampd watch` options override these).",
     "alerts": "vampd: thresholds of the alerts shown by `vampd live`.",
@@ -129,12 +128,12 @@ _COMMENTS: dict[tuple[str, str], str] = {
     ("calibrate", "flat_correct"): "divide by the matching flat, if one is found",
     ("calibrate", "fix_bad_pixels"): "sigma-clip and replace bad pixels (costs time)",
     ("calibrate", "save_intermediate"): "write calibrated cubes to calibrated/ (large!)",
-    ("analysis", "fit_psf_model"): "fit a Moffat model to every frame (slow; needed for method \"model\")",
+    ("analysis", "fit_psf_model"): 'fit a Moffat model to every frame (slow; needed for method "model")',
     ("analysis", "psf_model"): 'only "moffat"',
     ("analysis", "photometry"): "aperture photometry of each PSF (needed for flux trends and specphot)",
     ("analysis", "phot_aper_rad"): "aperture radius, pixels",
     ("analysis", "phot_ann_rad"): "false, or [r_in, r_out] in pixels for a local-background annulus",
-    ("analysis", "strehl"): "Strehl ratio against the synthetic PSF (needed for metric \"strehl\")",
+    ("analysis", "strehl"): 'Strehl ratio against the synthetic PSF (needed for metric "strehl")',
     ("analysis", "window_size"): "cutout side around each PSF, pixels (21 avoids most of the halo)",
     ("frame_select", "frame_select"): "turn frame selection on",
     ("frame_select", "metric"): '"strehl", "max" (= "peak"), "l2norm" or "normvar"; higher is better',
@@ -152,7 +151,7 @@ _COMMENTS: dict[tuple[str, str], str] = {
     ("coadd", "recenter_method"): '"dft", "com" or "peak" ("model" needs fit_psf_model)',
     ("specphot", "unit"): '"e-/s", "contrast", "Jy" or "Jy/arcsec^2"',
     ("specphot", "source"): '"zeropoints" (tabulated), "pickles" (model for sptype) or a spectrum file',
-    ("specphot", "sptype"): "spectral type for pickles, e.g. \"G2V\"",
+    ("specphot", "sptype"): 'spectral type for pickles, e.g. "G2V"',
     ("specphot", "mag"): "reference magnitude of the star (Vega)",
     ("specphot", "mag_band"): '"U", "B", "V", "r", "i", "J", "H" or "K"',
     ("specphot", "flux_metric"): '"photometry" (aperture sum) or "sum" (window sum)',

@@ -149,8 +149,10 @@ class AnalysisConfig(_Model):
     def _check_ann(cls, v: Any) -> Any:
         if v is False:
             return v
-        if isinstance(v, (list, tuple)) and len(v) == 2 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+        if (
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
         ):
             r_in, r_out = float(v[0]), float(v[1])
             if not (math.isfinite(r_in) and math.isfinite(r_out)) or r_in < 0 or r_in >= r_out:
@@ -210,9 +212,7 @@ class AlignConfig(_Model):
         description='Centroid used for registration: "dft" (cross-correlation with the synthetic PSF), '
         '"com", "peak" or "model" (needs analysis.fit_psf_model)',
     )
-    crop_width: PositiveInt = Field(
-        536, description="Post-alignment crop width in pixels, roughly the field of view"
-    )
+    crop_width: PositiveInt = Field(536, description="Post-alignment crop width in pixels, roughly the field of view")
     reproject: bool = Field(False, description="Reproject cam2 astrometry onto cam1 for better differences")
     save_intermediate: bool = Field(False, description="Save the registered cubes into aligned/ (large!)")
 
@@ -226,7 +226,7 @@ class CoaddConfig(_Model):
     method: Literal["median", "mean", "varmean", "biweight"] = Field("median", description="Collapse method")
     recenter: bool = Field(True, description="Measure the PSF centre in the coadded image and re-align it")
     recenter_method: _CentroidMethod = Field(
-        "dft", description="Centroid method used by recenter (\"model\" needs analysis.fit_psf_model)"
+        "dft", description='Centroid method used by recenter ("model" needs analysis.fit_psf_model)'
     )
 
 
@@ -290,9 +290,7 @@ class SpecphotConfig(_Model):
             missing = [k for k in ("sptype", "mag", "mag_band") if getattr(self, k) is None]
             if missing:
                 src = "pickles" if kind == "pickles" else "a spectrum file"
-                problems.append(
-                    f"specphot.source = {src} needs " + ", ".join(f"specphot.{k}" for k in missing)
-                )
+                problems.append(f"specphot.source = {src} needs " + ", ".join(f"specphot.{k}" for k in missing))
         if problems:
             raise _rule("\n".join(problems))
         return self
@@ -359,8 +357,9 @@ class PolarimetryConfig(_Model):
     )
     # least squares (method = "leastsq")
     leastsq_max_cond: PositiveFloat = Field(
-        100.0, description="vampd leastsq: pixels whose normal matrix has a (Frobenius) condition number above "
-        "this are NaN (degenerate HWP coverage)"
+        100.0,
+        description="vampd leastsq: pixels whose normal matrix has a (Frobenius) condition number above "
+        "this are NaN (degenerate HWP coverage)",
     )
     leastsq_refresh_files: PositiveInt = Field(
         8, description="vampd leastsq: re-solve and rewrite the running products after this many new cubes"
@@ -369,8 +368,9 @@ class PolarimetryConfig(_Model):
         60.0, description="vampd leastsq: ... or when this many seconds passed since the last refresh"
     )
     leastsq_weights: Literal["equal", "ivar"] = Field(
-        "equal", description='vampd leastsq: "equal" (unit weights, errors by the sandwich estimator; unbiased '
-        'with signal-dependent errors) or "ivar" (1/sigma^2 per pixel)'
+        "equal",
+        description='vampd leastsq: "equal" (unit weights, errors by the sandwich estimator; unbiased '
+        'with signal-dependent errors) or "ivar" (1/sigma^2 per pixel)',
     )
     leastsq_snr_annulus: tuple[PositiveFloat, PositiveFloat] | None = Field(
         None, description="vampd leastsq: (r_in, r_out) px of the Q_phi S/N region; default (ip_radius, N/2)"

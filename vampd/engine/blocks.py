@@ -73,9 +73,18 @@ def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
     blocks = split_blocks(cands, _tol(cfg), cfg.polarimetry.set_timeout, final, ledger.unfinished_horizon())
     closed, current = [], set()
     for b in blocks:
-        row = {"camera": b.camera, "flc": b.flc, "hwp": b.hwp, "target": b.target, "filter": b.filter,
-               "members": b.paths, "nframes": _nframes(b), "mjd": b.mjd, "t_complete": b.t_complete,
-               "mtime_ns": max(int(m.get("mtime_ns") or 0) for m in b.members) or None}
+        row = {
+            "camera": b.camera,
+            "flc": b.flc,
+            "hwp": b.hwp,
+            "target": b.target,
+            "filter": b.filter,
+            "members": b.paths,
+            "nframes": _nframes(b),
+            "mjd": b.mjd,
+            "t_complete": b.t_complete,
+            "mtime_ns": max(int(m.get("mtime_ns") or 0) for m in b.members) or None,
+        }
         if b.closed:
             run = ledger.next_block_run(b.camera, b.flc)
             product = Path(outdir) / "coadded" / block_name(_name(cfg), run, b.camera, b.flc)
@@ -115,9 +124,16 @@ def _spec_path(outdir, key: str) -> Path:
 def _spec(ledger, row, outdir) -> Path:
     """Write the job description of a block (members' products, output path) for a worker."""
     paths = json.loads(row["members"] or "[]")
-    spec = {"key": row["key"], "product": row["product"], "run": row["run"], "camera": row["camera"],
-            "flc": row["flc"], "aligned": _products_of(ledger, paths, "aligned"),
-            "coadded": _products_of(ledger, paths, "coadded"), "members": paths}
+    spec = {
+        "key": row["key"],
+        "product": row["product"],
+        "run": row["run"],
+        "camera": row["camera"],
+        "flc": row["flc"],
+        "aligned": _products_of(ledger, paths, "aligned"),
+        "coadded": _products_of(ledger, paths, "coadded"),
+        "members": paths,
+    }
     path = _spec_path(outdir, row["key"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -158,10 +174,11 @@ def _failed(ledger, key: str, error: str) -> None:
 def record_block(runner, result) -> None:
     """Record a finished block job (``result``: a :class:`vampd.engine.pool.JobResult`), then
     rebuild the sets (the block is now a set member)."""
-    spec = json.loads(Path(result.path[len(BLOCK_PREFIX):]).read_text())
+    spec = json.loads(Path(result.path[len(BLOCK_PREFIX) :]).read_text())
     if result.ok:
-        runner.ledger.upsert_block(spec["key"], {"state": "done", "nframes": int(result.summary.get("ncoadd", 0)),
-                                                 "error": None})
+        runner.ledger.upsert_block(
+            spec["key"], {"state": "done", "nframes": int(result.summary.get("ncoadd", 0)), "error": None}
+        )
         log.info("HWP block %s coadded: %s", spec["key"], Path(spec["product"]).name)
     else:
         _failed(runner.ledger, spec["key"], result.error)
@@ -201,11 +218,24 @@ def block_members(ledger) -> list[dict]:
     break their set, named)."""
     out = []
     for r in ledger.block_members_rows(_WINDOW_DAYS):
-        out.append({"path": r["product"], "product": r["product"], "camera": r["camera"], "flc": r["flc"],
-                    "hwp": r["hwp"], "mjd": r["mjd"], "target": r["target"], "filter": r["filter"],
-                    "t_complete": r["t_complete"], "mtime_ns": r["mtime_ns"],
-                    "ncubes": len(json.loads(r["members"] or "[]")),
-                    "state": "done" if r["state"] == "done" else "parked", "block": r["key"], "taken": r["taken"]})
+        out.append(
+            {
+                "path": r["product"],
+                "product": r["product"],
+                "camera": r["camera"],
+                "flc": r["flc"],
+                "hwp": r["hwp"],
+                "mjd": r["mjd"],
+                "target": r["target"],
+                "filter": r["filter"],
+                "t_complete": r["t_complete"],
+                "mtime_ns": r["mtime_ns"],
+                "ncubes": len(json.loads(r["members"] or "[]")),
+                "state": "done" if r["state"] == "done" else "parked",
+                "block": r["key"],
+                "taken": r["taken"],
+            }
+        )
     return out
 
 
@@ -222,7 +252,7 @@ class _BlockResult:
 
 def coadd_block_job(path: str, cfg, outdir, force: bool = False) -> _BlockResult:
     """Pool job: ``path`` is ``block:{spec file}`` (see :func:`pump_blocks`)."""
-    spec = json.loads(Path(path[len(BLOCK_PREFIX):]).read_text())
+    spec = json.loads(Path(path[len(BLOCK_PREFIX) :]).read_text())
     res = coadd_block(spec, cfg)
     return _BlockResult([("block", spec["product"])], {"ncoadd": res["ncoadd"]}, {})
 
@@ -235,7 +265,7 @@ def _add_aligned(coadder, path: str) -> None:
             data, err = data[:, None], err[:, None]
         step = max(1, _CHUNK_BYTES // max(1, data[0].nbytes * 2))
         for i in range(0, len(data), step):
-            coadder.add(np.asarray(data[i:i + step], np.float32), np.asarray(err[i:i + step], np.float32))
+            coadder.add(np.asarray(data[i : i + step], np.float32), np.asarray(err[i : i + step], np.float32))
 
 
 def coadd_block(spec: dict, cfg) -> dict:

@@ -121,8 +121,12 @@ class FileContext:
         """Aligned frames are written (no coadd, or an aligned/selected intermediate)."""
         c = self.cfg
         fs = c.frame_select
-        return (not c.coadd.coadd or c.align.save_intermediate or (fs.frame_select and fs.save_intermediate)
-                or pdi_blocks(c))
+        return (
+            not c.coadd.coadd
+            or c.align.save_intermediate
+            or (fs.frame_select and fs.save_intermediate)
+            or pdi_blocks(c)
+        )
 
 
 class _Scratch(threading.local):
@@ -232,8 +236,14 @@ class Calibrate(Stage):
         raw = read_frames(ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16))
         first = ctx.cal_header is None
         ctx.data, ctx.err, hdr = calibrate_cube(
-            raw, ctx.header, ctx.back, ctx.flat, ctx.cfg.calibrate.fix_bad_pixels, out=self._out(ctx, (n, ny, nx)),
-            path=ctx.path, with_header=first,
+            raw,
+            ctx.header,
+            ctx.back,
+            ctx.flat,
+            ctx.cfg.calibrate.fix_bad_pixels,
+            out=self._out(ctx, (n, ny, nx)),
+            path=ctx.path,
+            with_header=first,
         )
         if hdr is not None:
             ctx.cal_header = hdr
@@ -261,7 +271,9 @@ class Analyze(Stage):
         if ctx.centers is None:
             ctx.centers = _find_centers(ctx)
         cfg = ctx.cfg
-        ctx.metric_parts.append(analyze_cube(ctx.data, ctx.err, ctx.centers, cfg.analysis, psf=ctx.psfs, planetary=cfg.planetary))
+        ctx.metric_parts.append(
+            analyze_cube(ctx.data, ctx.err, ctx.centers, cfg.analysis, psf=ctx.psfs, planetary=cfg.planetary)
+        )
         if ctx.hold:
             ctx.held.append((ctx.data, ctx.err))
 
@@ -277,7 +289,9 @@ def _find_centers(ctx: FileContext) -> dict[str, list]:
         if not np.isfinite(ref).all():
             ref = np.nanmean(first, axis=0)
     cfile = centroid_file(ctx.cfg, ctx.outdir, int(ctx.header["U_CAMERA"]))
-    centers = resolve_centers(ctx.header, ref.shape, cfile, image=ref, coronagraphic=ctx.cfg.coronagraphic, psf=ctx.psfs)
+    centers = resolve_centers(
+        ctx.header, ref.shape, cfile, image=ref, coronagraphic=ctx.cfg.coronagraphic, psf=ctx.psfs
+    )
     missing = [f for f in ctx.fields if f not in centers]
     if missing:
         raise InputError(ctx.path, f"no PSF found for field(s) {missing}")
@@ -306,11 +320,17 @@ class Select(Stage):
         fs = ctx.cfg.frame_select
         key = METRIC_KEYS[fs.metric]
         if key not in ctx.metrics:
-            raise InputError(ctx.path, f"frame_select.metric = {fs.metric!r} needs metric {key!r}, which was not measured")
+            raise InputError(
+                ctx.path, f"frame_select.metric = {fs.metric!r} needs metric {key!r}, which was not measured"
+            )
         ctx.keep = select_frames(ctx.metrics, fs.metric, fs.cutoff)
         cuts = frame_cutoffs(ctx.metrics, fs.metric, fs.cutoff)
         cuts = cuts[np.isfinite(cuts)]
-        ctx.selection = {"metric": fs.metric, "quantile": fs.cutoff, "cutoff": float(np.median(cuts)) if cuts.size else None}
+        ctx.selection = {
+            "metric": fs.metric,
+            "quantile": fs.cutoff,
+            "cutoff": float(np.median(cuts)) if cuts.size else None,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,8 +367,12 @@ class PlanAlignment(Stage):
         if not in_ram:
             scratch.mkdir(parents=True, exist_ok=True)
         limit = ctx.limits.coadd_ram_bytes
-        ctx.coadder = Coadder(cfg.coadd.method, tmpdir=None if in_ram else scratch, capacity=nkept if in_ram else None,
-                              alloc=lambda shape, dtype: _SCRATCH.get("coadd", shape, limit))
+        ctx.coadder = Coadder(
+            cfg.coadd.method,
+            tmpdir=None if in_ram else scratch,
+            capacity=nkept if in_ram else None,
+            alloc=lambda shape, dtype: _SCRATCH.get("coadd", shape, limit),
+        )
 
 
 class KeepCalibrated(Stage):
@@ -489,7 +513,10 @@ class FinishCoadd(Stage):
             float(ctx.header["EXPTIME"]),
             selection=ctx.selection,
             recenter_method=cfg.coadd.recenter_method if cfg.coadd.recenter else None,
-            calib_files={"BACKFILE": ctx.back.name if ctx.back else None, "FLATFILE": ctx.flat.name if ctx.flat else None},
+            calib_files={
+                "BACKFILE": ctx.back.name if ctx.back else None,
+                "FLATFILE": ctx.flat.name if ctx.flat else None,
+            },
             config_hash=cfg.config_hash(),
             copy=False,  # out_header is not used after this
         )

@@ -60,17 +60,25 @@ def close_sequences(ledger, cfg, outdir, since: float = 0.0) -> dict:
     rows = ledger.specphot_rows("done")
     where = [str(Path(outdir) / "specphot")] if rows else []
     # the running Stokes products' companions in the unit, if this run brought them up to date
-    where += sorted(str(p) for p in (Path(outdir) / "pdi").glob(f"*_{slug(cfg.specphot.unit)}.fits")
-                    if p.stat().st_mtime >= since)
-    return {"sequences": len(rows), "new": sum(d.get("state") == "done" for d in done),
-            "failed": sum(d.get("state") == "failed" for d in done), "unit": cfg.specphot.unit, "where": where}
+    where += sorted(
+        str(p) for p in (Path(outdir) / "pdi").glob(f"*_{slug(cfg.specphot.unit)}.fits") if p.stat().st_mtime >= since
+    )
+    return {
+        "sequences": len(rows),
+        "new": sum(d.get("state") == "done" for d in done),
+        "failed": sum(d.get("state") == "failed" for d in done),
+        "unit": cfg.specphot.unit,
+        "where": where,
+    }
 
 
 def _summary_line(summary: dict, states: list[str], ledger_path, interrupted: bool) -> str:
     parked = sum(s == "parked" for s in states)
     retry = sum(s == "failed" for s in states)
-    line = (f"vampd run: {summary['given']} file(s), {summary['processed']} processed, "
-            f"{summary['done']} done, {parked} parked")
+    line = (
+        f"vampd run: {summary['given']} file(s), {summary['processed']} processed, "
+        f"{summary['done']} done, {parked} parked"
+    )
     if retry:
         line += f", {retry} to retry"
     if interrupted:
@@ -106,16 +114,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             runner.drain(cfg.watch.stop_timeout)
         except KeyboardInterrupt:
             runner.drain(0)
-        summary = {"given": len(args.files), "processed": runner.n_done + runner.n_failed, "done": runner.n_done,
-                   "seconds": time.time() - t0}
+        summary = {
+            "given": len(args.files),
+            "processed": runner.n_done + runner.n_failed,
+            "done": runner.n_done,
+            "seconds": time.time() - t0,
+        }
     finally:
         pool.shutdown(timeout=0)
     states = [(ledger.get(os.path.abspath(p)) or {"state": "missing"})["state"] for p in args.files]
     print(_summary_line(summary, states, ledger.path, interrupted))
     if sp:
-        print(f"vampd run: spectrophotometry ({sp['unit']}): {sp['sequences']} sequence(s) calibrated"
-              + (f", {sp['failed']} failed (see the ledger events)" if sp["failed"] else "")
-              + (f"; products in {', '.join(sp['where'])}" if sp["where"] else ""))
+        print(
+            f"vampd run: spectrophotometry ({sp['unit']}): {sp['sequences']} sequence(s) calibrated"
+            + (f", {sp['failed']} failed (see the ledger events)" if sp["failed"] else "")
+            + (f"; products in {', '.join(sp['where'])}" if sp["where"] else "")
+        )
     ledger.close()
     if interrupted:
         return 130

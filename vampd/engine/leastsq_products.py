@@ -39,16 +39,33 @@ from vampd.pdi.stokes import product_names, star_polarization
 __all__ = ["refresh_group", "product_paths", "write_products"]
 
 log = logging.getLogger("vampd.pdi")
-_STRUCTURAL = ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "BZERO", "BSCALE", "EXTEND", "SIMPLE",
-               "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME")
+_STRUCTURAL = (
+    "BITPIX",
+    "NAXIS",
+    "NAXIS1",
+    "NAXIS2",
+    "NAXIS3",
+    "NAXIS4",
+    "BZERO",
+    "BSCALE",
+    "EXTEND",
+    "SIMPLE",
+    "PCOUNT",
+    "GCOUNT",
+    "XTENSION",
+    "EXTNAME",
+)
 
 
 def product_paths(outdir, name: str, label: str | None) -> dict[str, Path]:
     """``pdi/{name}[_{label}]_stokes_coll.fits``, ``_stokes_cube.fits``, ``_footprint.fits``."""
     stem = name if not label else f"{name}_{label}"
     pdi = Path(outdir) / "pdi"
-    return {"coll": pdi / f"{stem}_stokes_coll.fits", "cube": pdi / f"{stem}_stokes_cube.fits",
-            "footprint": pdi / f"{stem}_footprint.fits"}
+    return {
+        "coll": pdi / f"{stem}_stokes_coll.fits",
+        "cube": pdi / f"{stem}_stokes_cube.fits",
+        "footprint": pdi / f"{stem}_footprint.fits",
+    }
 
 
 def _header(ledger, key: str, pcfg) -> fits.Header:
@@ -72,16 +89,22 @@ def _header(ledger, key: str, pcfg) -> fits.Header:
     return h
 
 
-def _cards(h: fits.Header, res: LeastSqProducts, fields, pcfg, ncubes: int, coverage: dict, tint: float,
-           star: dict) -> None:
+def _cards(
+    h: fits.Header, res: LeastSqProducts, fields, pcfg, ncubes: int, coverage: dict, tint: float, star: dict
+) -> None:
     h["CTYPE3"] = ("STOKES", "plane axis")
     h["STOKES"] = (",".join(product_names(pcfg.cyl_stokes)), "Stokes product planes")
     set_card(h, "BUNIT", "e-/s", "per camera; I_Q = I_U = I/2; AOLP in rad")
     set_card(h, "HIERARCH DPP PDI METHOD", "leastsq", "per-pixel least squares over every cube")
     set_card(h, "HIERARCH DPP PDI MMCORR", True, "Mueller model inverted per cube")
-    set_card(h, "HIERARCH DPP PDI MM MODEL", "ideal" if pcfg.use_ideal_mm else
-             (f"table {Path(pcfg.mm_table).name}" if pcfg.mm_table else "ideal (no mm_table given)"),
-             "Mueller-model parameters")
+    set_card(
+        h,
+        "HIERARCH DPP PDI MM MODEL",
+        "ideal"
+        if pcfg.use_ideal_mm
+        else (f"table {Path(pcfg.mm_table).name}" if pcfg.mm_table else "ideal (no mm_table given)"),
+        "Mueller-model parameters",
+    )
     set_card(h, "HIERARCH DPP PDI HWPSYNC", bool(pcfg.hwp_adi_sync), "HWP pupil-tracking")
     set_card(h, "HIERARCH DPP PDI IPCORR", bool(pcfg.ip_correct), "residual IP removed")
     set_card(h, "HIERARCH DPP PDI LSQ NCUBES", int(ncubes), "cubes in the least-squares solution")
@@ -115,8 +138,17 @@ def _finite(v) -> float:
     return float(v) if v is not None and math.isfinite(v) else -999.0
 
 
-def write_products(outdir, name: str, label: str | None, res: LeastSqProducts, header: fits.Header, fields,
-                   pcfg, footprint: np.ndarray, unit_factors=None) -> dict[str, Path]:
+def write_products(
+    outdir,
+    name: str,
+    label: str | None,
+    res: LeastSqProducts,
+    header: fits.Header,
+    fields,
+    pcfg,
+    footprint: np.ndarray,
+    unit_factors=None,
+) -> dict[str, Path]:
     """Write coll (+ cube for MBI), footprint and specphot companions; returns the paths."""
     from vampd.pdi.calibrated import write_calibrated
 
@@ -135,21 +167,44 @@ def write_products(outdir, name: str, label: str | None, res: LeastSqProducts, h
     out: dict[str, Path] = {}
     chdr = header.copy()
     if len(fields) > 1:
-        out["cube"] = write_fits_atomic(paths["cube"], fits.HDUList(
-            [fits.PrimaryHDU(res.data8, header=header), fits.ImageHDU(res.err8, name="ERR"),
-             *[h.copy() for h in fhdus]]))
+        out["cube"] = write_fits_atomic(
+            paths["cube"],
+            fits.HDUList(
+                [
+                    fits.PrimaryHDU(res.data8, header=header),
+                    fits.ImageHDU(res.err8, name="ERR"),
+                    *[h.copy() for h in fhdus],
+                ]
+            ),
+        )
         chdr["FIELD"] = ("COMB", "mean over fields")
-    out["coll"] = write_fits_atomic(paths["coll"], fits.HDUList(
-        [fits.PrimaryHDU(res.coll, header=chdr), fits.ImageHDU(res.ecoll, name="ERR"), *fhdus]))
+    out["coll"] = write_fits_atomic(
+        paths["coll"],
+        fits.HDUList([fits.PrimaryHDU(res.coll, header=chdr), fits.ImageHDU(res.ecoll, name="ERR"), *fhdus]),
+    )
     fhdr = fits.Header()
     fhdr["COMMENT"] = "fraction of the least-squares cubes covering each pixel"
-    out["footprint"] = write_fits_atomic(paths["footprint"], fits.HDUList(
-        [fits.PrimaryHDU(footprint[0] if len(fields) == 1 else footprint, header=fhdr)]))
+    out["footprint"] = write_fits_atomic(
+        paths["footprint"],
+        fits.HDUList([fits.PrimaryHDU(footprint[0] if len(fields) == 1 else footprint, header=fhdr)]),
+    )
     if unit_factors is not None and unit_factors[1]:
         unit, factors = unit_factors
         try:
-            out.update(write_calibrated(paths["coll"], paths["cube"], res.data8, res.err8, chdr, fhdus, fields,
-                                        unit, factors, pcfg.cyl_stokes))
+            out.update(
+                write_calibrated(
+                    paths["coll"],
+                    paths["cube"],
+                    res.data8,
+                    res.err8,
+                    chdr,
+                    fhdus,
+                    fields,
+                    unit,
+                    factors,
+                    pcfg.cyl_stokes,
+                )
+            )
         except ValueError as exc:
             log.warning("%s: no calibrated companion: %s", paths["coll"].name, exc)
     return out
@@ -206,12 +261,21 @@ def refresh_group(ledger, cfg, outdir, key: str, force: bool = False) -> dict:
     if force and len(groups) > 1:
         labels = [_label(target, filt)]  # the night's final products: one file per group
     for lab in labels:
-        written.update({(k if lab is None else f"{k}_group"): str(p) for k, p in
-                        write_products(outdir, name, lab, res, hdr, fields, pcfg, foot, unit).items()})
-    stats = {"gen": gen, "ndegenerate": dict(zip(fields, res.ndegenerate, strict=True)),
-             "ncovered": dict(zip(fields, res.ncovered, strict=True)),
-             "coverage": coverage, "written": written, "star_dolp": {f: s["DOLP"] for f, s in star.items()},
-             "ip": dict(zip(fields, res.ip, strict=False))}  # no IP entries with ip_correct off
+        written.update(
+            {
+                (k if lab is None else f"{k}_group"): str(p)
+                for k, p in write_products(outdir, name, lab, res, hdr, fields, pcfg, foot, unit).items()
+            }
+        )
+    stats = {
+        "gen": gen,
+        "ndegenerate": dict(zip(fields, res.ndegenerate, strict=True)),
+        "ncovered": dict(zip(fields, res.ncovered, strict=True)),
+        "coverage": coverage,
+        "written": written,
+        "star_dolp": {f: s["DOLP"] for f, s in star.items()},
+        "ip": dict(zip(fields, res.ip, strict=False)),
+    }  # no IP entries with ip_correct off
     ledger.lsq_solved(key, acc.ncubes, res.snr, stats)
     return {"key": key, "ncubes": acc.ncubes, "snr": res.snr, "written": written, "ndegenerate": res.ndegenerate}
 
@@ -234,12 +298,20 @@ def final_info(outdir, cfg) -> list[dict]:
     for r in rows:
         stats = json.loads(r["stats"] or "{}")
         w = stats.get("written", {})
-        paths = {k.replace("_group", ""): v for k, v in w.items() if k.endswith("_group")} or \
-            {k: v for k, v in w.items() if not k.endswith("_group")}
+        paths = {k.replace("_group", ""): v for k, v in w.items() if k.endswith("_group")} or {
+            k: v for k, v in w.items() if not k.endswith("_group")
+        }
         if "coll" not in paths or not Path(paths["coll"]).exists():
             continue
         hdr = fits.getheader(paths["coll"])
-        out.append({"target": r["target"], "fields": json.loads(r["fields"] or "[]"), "nsets": 0,
-                    "nfiles": int(r["solved_ncubes"] or 0), "paths": paths,
-                    "sets": [{"key": r["key"], "path": paths["coll"], "mjd": None, "header": hdr}]})
+        out.append(
+            {
+                "target": r["target"],
+                "fields": json.loads(r["fields"] or "[]"),
+                "nsets": 0,
+                "nfiles": int(r["solved_ncubes"] or 0),
+                "paths": paths,
+                "sets": [{"key": r["key"], "path": paths["coll"], "mjd": None, "header": hdr}],
+            }
+        )
     return out

@@ -227,8 +227,17 @@ def _apply(ledger, cfg, outdir, key: str, want: dict, have: dict) -> dict | None
     rows, errors, fields = [], [], None
     for f in add:
         rec = want[f]
-        row = {"file": f, "token": rec["token"], "gen": gen + 1, "camera": rec["camera"], "flc": rec["flc"],
-               "hwp": rec["hwp"], "mjd": rec["mjd"], "contrib": None, "error": None}
+        row = {
+            "file": f,
+            "token": rec["token"],
+            "gen": gen + 1,
+            "camera": rec["camera"],
+            "flc": rec["flc"],
+            "hwp": rec["hwp"],
+            "mjd": rec["mjd"],
+            "contrib": None,
+            "error": None,
+        }
         try:
             c, fields_f, _h = cube_contribution(rec["product"], pcfg)
             if work.shape is not None and work.shape != c.w.shape:
@@ -248,9 +257,22 @@ def _apply(ledger, cfg, outdir, key: str, want: dict, have: dict) -> dict | None
         fields = json.loads(old["fields"]) if old is not None and old["fields"] else []
     path = _gen_path(outdir, name, label, gen + 1)
     save_npz_atomic(path, compress=False, **work.arrays())
-    ledger.lsq_commit(key, {"name": name, "target": target, "filter": filt, "gen": gen + 1, "path": str(path),
-                            "digest": work.digest(), "ncubes": work.ncubes, "fields": json.dumps(fields),
-                            "shape": json.dumps(work.shape)}, rows, [f for f in remove if f not in add])
+    ledger.lsq_commit(
+        key,
+        {
+            "name": name,
+            "target": target,
+            "filter": filt,
+            "gen": gen + 1,
+            "path": str(path),
+            "digest": work.digest(),
+            "ncubes": work.ncubes,
+            "fields": json.dumps(fields),
+            "shape": json.dumps(work.shape),
+        },
+        rows,
+        [f for f in remove if f not in add],
+    )
     _CACHE[(str(outdir), key)] = (gen + 1, work)
     _gc(outdir, name, label, path, [c for c in dropped if c])
     return {"key": key, "added": len(add), "removed": len(remove), "errors": errors, "ncubes": work.ncubes}
@@ -317,7 +339,8 @@ def tick(ledger, cfg, outdir, idle: bool = False) -> list[dict]:
     try:
         for r in ledger.lsq_accumulators(_name(cfg)):
             if r["gen"] != json.loads(r["stats"] or "{}").get("gen") and (
-                    idle or accumulator_age(r) >= cfg.polarimetry.leastsq_refresh_seconds):
+                idle or accumulator_age(r) >= cfg.polarimetry.leastsq_refresh_seconds
+            ):
                 out.append(refresh_group(ledger, cfg, outdir, r["key"], force=True))
     except Exception as exc:  # noqa: BLE001 -- advisory refresh; the next file or tick retries
         log.exception("least squares refresh failed")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from astropy.io import fits
 
+from vampd.pdi.calibrated import update_calibrated_running
 from vampd.pdi.diffimages import (
     diff_paths,
     match_double,
@@ -38,7 +39,6 @@ from vampd.pdi.diffimages import (
 )
 from vampd.pdi.mmfiles import file_mueller, mm_path, write_mm_file
 from vampd.pdi.process import SetInvalid, load_member, make_set_stokes, write_set_file
-from vampd.pdi.calibrated import update_calibrated_running
 from vampd.pdi.running import RunningStokes, append_table_row, running_paths, write_running_products
 from vampd.pdi.sets import HWPSet, all_slots, assemble_sets, slot_label
 
@@ -73,9 +73,7 @@ def write_file_mm(cfg, outdir, product: str) -> Path | None:
     """Per-file Mueller matrices ``pdi/mm/…_mm.fits`` of one coadded product."""
     with fits.open(product) as hdul:
         header = hdul[0].header.copy()
-        fields = [h.name for h in hdul[1:] if h.name != "ERR" and h.data is None] or [
-            str(header.get("FILTER01", "F0"))
-        ]
+        fields = [h.name for h in hdul[1:] if h.name != "ERR" and h.data is None] or [str(header.get("FILTER01", "F0"))]
     mm, desc = file_mueller(header, fields, cfg.polarimetry, path=product)
     return write_mm_file(mm_path(outdir, product), mm, header, fields, desc)
 
@@ -89,14 +87,19 @@ def write_diff_images(ledger, cfg, outdir, path: str) -> list[Path]:
     written = []
     for a, b in pairs:
         if str(path) in (a["path"], b["path"]):
-            written.append(write_single_diff(diff_paths(outdir, name, a["product"])["single"], a["product"], b["product"]))
+            written.append(
+                write_single_diff(diff_paths(outdir, name, a["product"])["single"], a["product"], b["product"])
+            )
     if cfg.diff_images.save_double:
         for pa, pb in match_double(pairs, tol):
             if str(path) in (pa[0]["path"], pa[1]["path"], pb[0]["path"], pb[1]["path"]):
                 written.append(
                     write_double_diff(
                         diff_paths(outdir, name, pa[0]["product"])["double"],
-                        pa[0]["product"], pa[1]["product"], pb[0]["product"], pb[1]["product"],
+                        pa[0]["product"],
+                        pa[1]["product"],
+                        pb[0]["product"],
+                        pb[1]["product"],
                     )
                 )
     return written
@@ -142,8 +145,11 @@ def _process_set(ledger, cfg, outdir, key: str, products: list[str], acc: Runnin
 
 def _locked_keys(rows: dict) -> set:
     """Permanent sets: complete, or found invalid."""
-    return {k for k, r in rows.items()
-            if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID))}
+    return {
+        k
+        for k, r in rows.items()
+        if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID))
+    }
 
 
 def _backfill_taken(ledger, rows: dict, locked: set) -> None:
@@ -206,8 +212,9 @@ def _blame(asm, unplaced: list[dict]) -> None:
         spans.append((min(t), max(t), s))
     for f in sorted(unplaced, key=lambda r: (_written(r), r["path"])):
         t = _written(f)
-        _lo, _hi, s = min(spans, key=lambda sp: (0.0 if sp[0] <= t <= sp[1] else min(abs(t - sp[0]), abs(t - sp[1])),
-                                                 sp[0]))
+        _lo, _hi, s = min(
+            spans, key=lambda sp: (0.0 if sp[0] <= t <= sp[1] else min(abs(t - sp[0]), abs(t - sp[1])), sp[0])
+        )
         err = str(f.get("error") or "unreadable").split(": ", 1)[-1][:120]
         note = f"bad file {Path(f['path']).name} ({err})"
         s.reason = f"{s.reason}; {note}" if s.reason else note
@@ -282,8 +289,9 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     _backfill_taken(ledger, rows, permanent)
     members, locked, cube_of, unplaced = _candidates(ledger, cfg, outdir, final)
     by_path = {m["path"]: m for m in members}
-    asm = assemble_sets(members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked, cube_of,
-                        ledger.unfinished_horizon())
+    asm = assemble_sets(
+        members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked, cube_of, ledger.unfinished_horizon()
+    )
     _blame(asm, unplaced)
     acc = RunningStokes.load(running_paths(outdir, _name(cfg))["accumulator"])
     summary = {"processed": [], "invalid": []}
@@ -294,13 +302,19 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
         current.add(s.key)
         r = rows.get(s.key)
         reason = _reason(s)
-        if r is not None and r["state"] == s.state and r["reason"] == reason and r["members"] == json.dumps(s.member_list()):
+        if (
+            r is not None
+            and r["state"] == s.state
+            and r["reason"] == reason
+            and r["members"] == json.dumps(s.member_list())
+        ):
             continue
         if s.key in permanent:
             continue
         ledger.upsert_set(s.key, mode, s.state, s.member_list(), reason)
-    ledger.delete_sets(k for k, r in rows.items()
-                       if k not in current and k not in permanent and r["state"] in ("open", "broken"))
+    ledger.delete_sets(
+        k for k, r in rows.items() if k not in current and k not in permanent and r["state"] in ("open", "broken")
+    )
     summary.update(complete=len(asm.complete), open=len(asm.open), broken=len(asm.broken), rejected=asm.rejected)
     cal = refresh_calibrated(cfg, outdir)
     if cal:

@@ -124,7 +124,9 @@ def _context(path: str, cfg, outdir: Path, header: fits.Header, paths: dict) -> 
     """Check a science header and gather what the stages need (shape, fields, masters, PSFs)."""
     datatype = str(header.get("DATA-TYP", "OBJECT")).upper()
     if datatype not in ("OBJECT", "ACQUISITION", "TEST"):
-        raise InputError(path, f"DATA-TYP = {datatype!r} is a calibration frame, not science; build masters with `vampd calib`")
+        raise InputError(
+            path, f"DATA-TYP = {datatype!r} is a calibration frame, not science; build masters with `vampd calib`"
+        )
     detector_from_header(header, path)  # fail early on an unknown detector
     nframes = int(header["NAXIS3"]) if int(header.get("NAXIS", 0)) == 3 else 1
     ny, nx = int(header["NAXIS2"]), int(header["NAXIS1"])
@@ -205,8 +207,15 @@ def _warm_coordinates() -> None:
     from astropy.coordinates import SkyCoord
     from astropy.time import Time
 
-    c = SkyCoord("05:30:00.000", "+25:00:00.00", unit=(u.hourangle, u.deg), frame="icrs",
-                 pm_ra_cosdec=1.0 * u.mas / u.yr, pm_dec=1.0 * u.mas / u.yr, obstime=Time("J2016"))
+    c = SkyCoord(
+        "05:30:00.000",
+        "+25:00:00.00",
+        unit=(u.hourangle, u.deg),
+        frame="icrs",
+        pm_ra_cosdec=1.0 * u.mas / u.yr,
+        pm_dec=1.0 * u.mas / u.yr,
+        obstime=Time("J2016"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c = c.apply_space_motion(new_obstime=Time(60000.0, format="mjd", scale="utc"))

@@ -31,8 +31,14 @@ __all__ = ["DEFAULT_PROCESS", "BLAS_ENV", "JobResult", "WorkerPool", "run_job", 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROCESS = "vampd.engine.pipeline:process_file"
-BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-            "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
+BLAS_ENV = (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
 
 
 def estimate_bytes(naxis1: int, naxis2: int, naxis3: int, factor: float) -> int:
@@ -198,8 +204,15 @@ class WorkerPool:
             return False
         return not self.jobs or self.running_bytes + nbytes <= self.memory_limit
 
-    def submit(self, path: str, nbytes: int, cfg: Any, outdir: os.PathLike | str, force: bool = False,
-               process: str | None = None) -> None:
+    def submit(
+        self,
+        path: str,
+        nbytes: int,
+        cfg: Any,
+        outdir: os.PathLike | str,
+        force: bool = False,
+        process: str | None = None,
+    ) -> None:
         """Run ``process`` (default: the pool's) on ``path`` in a worker (``path`` keys the job)."""
         if self._executor is None:
             self.start()
@@ -222,6 +235,7 @@ class WorkerPool:
         if not self.wait_warm(0):
             return True  # still spawning
         return len(multiprocessing.active_children()) >= self.workers
+
     # -- results ------------------------------------------------------------------------------
     def collect(self, timeout: float = 0.0) -> list[JobResult]:
         """Results of the jobs that finished (waiting up to ``timeout`` s for the first)."""
@@ -241,8 +255,15 @@ class WorkerPool:
                 r = job.future.result()
             except BrokenProcessPool:
                 broken = True
-                out.append(JobResult(path, False, error=f"{path}: worker process died (killed or out of memory)",
-                                     kind="crash", in_flight=in_flight))
+                out.append(
+                    JobResult(
+                        path,
+                        False,
+                        error=f"{path}: worker process died (killed or out of memory)",
+                        kind="crash",
+                        in_flight=in_flight,
+                    )
+                )
                 continue
             except Exception as exc:  # pickling errors and the like
                 out.append(JobResult(path, False, error=f"{type(exc).__name__}: {exc}"))
@@ -252,8 +273,16 @@ class WorkerPool:
             else:
                 if r.get("trace"):
                     log.debug("worker traceback for %s:\n%s", path, r["trace"])
-                out.append(JobResult(path, False, error=r["error"], permanent=r["permanent"], elapsed=r["elapsed"],
-                                     kind=r.get("kind", "permanent" if r["permanent"] else "transient")))
+                out.append(
+                    JobResult(
+                        path,
+                        False,
+                        error=r["error"],
+                        permanent=r["permanent"],
+                        elapsed=r["elapsed"],
+                        kind=r.get("kind", "permanent" if r["permanent"] else "transient"),
+                    )
+                )
         if broken:
             self._broken = True
             self.crashes += 1

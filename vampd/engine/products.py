@@ -98,8 +98,9 @@ def _field_headers(header: fits.Header, fields: list[str]) -> list[fits.Header]:
     return hdrs
 
 
-def write_product(path: Path, data: np.ndarray, err: np.ndarray, header: fits.Header, fields: list[str],
-                  sync_dir: bool = False) -> None:
+def write_product(
+    path: Path, data: np.ndarray, err: np.ndarray, header: fits.Header, fields: list[str], sync_dir: bool = False
+) -> None:
     """PRIMARY (data) + ERR + one header HDU per field, written atomically.
 
     Our own headers are valid by construction: they are written card by card by

@@ -38,6 +38,7 @@ __all__ = ["Runner", "config_hash_of", "resolve_outdir", "watch_settings"]
 
 log = logging.getLogger(__name__)
 
+
 def watch_settings(cfg: Any) -> dict:
     """The ``[watch]`` section as a dict; the defaults are the config model's
     (:class:`vampd.config.models.WatchConfig`), defined there only."""
@@ -158,8 +159,9 @@ class Runner:
         not FITS): one parked row with its identity, so this version is judged once."""
         path = os.path.abspath(path)
         ident = stat_identity(path)
-        self.ledger.record_failure(path, f"{printable(path)}: {reason}", max_tries=1, permanent=True,
-                                   kind="rejected", identity=ident)
+        self.ledger.record_failure(
+            path, f"{printable(path)}: {reason}", max_tries=1, permanent=True, kind="rejected", identity=ident
+        )
         self.n_failed += 1
         log.error("%s: %s", printable(os.path.basename(path)), reason)
         self.triggers(ledger_key(path))
@@ -236,15 +238,25 @@ class Runner:
             path = row["path"]
             if not os.path.exists(path):
                 # no identity kept: the file coming back (same content or not) is judged anew
-                self.ledger.record_failure(path, f"{printable(path)}: file vanished before processing", 1,
-                                           permanent=True, kind="rejected", identity=(None, None, None))
+                self.ledger.record_failure(
+                    path,
+                    f"{printable(path)}: file vanished before processing",
+                    1,
+                    permanent=True,
+                    kind="rejected",
+                    identity=(None, None, None),
+                )
                 continue
             nbytes = self._nbytes(row)
             if nbytes > limit:
                 self.ledger.record_failure(
-                    path, f"{printable(path)}: needs {nbytes / 1024**3:.2f} GB (decompressed image x memory_factor), "
+                    path,
+                    f"{printable(path)}: needs {nbytes / 1024**3:.2f} GB (decompressed image x memory_factor), "
                     f"over the memory limit of {limit / 1024**3:.2f} GB ([watch].memory_limit_gb)",
-                    1, permanent=True, kind="memory")
+                    1,
+                    permanent=True,
+                    kind="memory",
+                )
                 log.error("parked %s: over the memory limit", printable(os.path.basename(path)))
                 continue
             if path in self.suspects and self.pool.jobs:
@@ -324,8 +336,13 @@ class Runner:
             self.suspects.add(r.path)
             log.warning("%s was running when a worker died; it will run alone", name)
             return
-        state = self.ledger.record_failure(r.path, r.error, self.settings["max_tries"], permanent=r.permanent,
-                                           kind="permanent" if r.permanent else "transient")
+        state = self.ledger.record_failure(
+            r.path,
+            r.error,
+            self.settings["max_tries"],
+            permanent=r.permanent,
+            kind="permanent" if r.permanent else "transient",
+        )
         self.suspects.discard(r.path)
         self.n_failed += state == "parked"
         (log.error if state == "parked" else log.warning)("%s %s: %s", state, name, printable(r.error))
@@ -396,8 +413,11 @@ class Runner:
             self.pump()
             if not self.pool.jobs:
                 if self.output_blocked:  # nothing more can be written: report, keep them pending
-                    log.error("run: output blocked, %d file(s) left pending: %s",
-                              len(self.ledger.next_pending(10**6)), self.output_blocked)
+                    log.error(
+                        "run: output blocked, %d file(s) left pending: %s",
+                        len(self.ledger.next_pending(10**6)),
+                        self.output_blocked,
+                    )
                     break
                 if self.ledger.next_pending(1):
                     continue
@@ -408,8 +428,13 @@ class Runner:
         from vampd.engine import leastsq_trigger
 
         leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
-        return {"given": len(paths), "processed": todo, "done": self.n_done, "failed": self.n_failed,
-                "seconds": time.time() - t0}
+        return {
+            "given": len(paths),
+            "processed": todo,
+            "done": self.n_done,
+            "failed": self.n_failed,
+            "seconds": time.time() - t0,
+        }
 
     def _end_of_batch(self) -> bool:
         """End of ``vampd run``: close the open HWP blocks; True if block coadds are left to run."""

@@ -116,8 +116,10 @@ def split_sequences(keys: list, sequence_files: int | None = None, final: bool =
 
 
 def _stream(ledger, camera: int) -> list[Member]:
-    return [Member(r["path"], r["target"], r["filter"], int(r["camera"]), r["mjd"], r["t_done"], prods)
-            for r, prods in ledger.camera_stream(int(camera))]
+    return [
+        Member(r["path"], r["target"], r["filter"], int(r["camera"]), r["mjd"], r["t_done"], prods)
+        for r, prods in ledger.camera_stream(int(camera))
+    ]
 
 
 def _fingerprint(cfg, members: list[Member]) -> str:
@@ -202,9 +204,16 @@ def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, 
                     flux = [None] * len(fields)
             results = [
                 conversion_factor(
-                    fld, flux[j], header, sp.unit, str(sp.source),
-                    sptype=sp.sptype, mag=sp.mag, mag_band=sp.mag_band,
-                    coronagraphic=coronagraphic, data_dir=data_dir,
+                    fld,
+                    flux[j],
+                    header,
+                    sp.unit,
+                    str(sp.source),
+                    sptype=sp.sptype,
+                    mag=sp.mag,
+                    mag_band=sp.mag_band,
+                    coronagraphic=coronagraphic,
+                    data_dir=data_dir,
                 )
                 for j, fld in enumerate(fields)
             ]
@@ -232,13 +241,24 @@ def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, 
         "factors": factors,
         "results": results_out,
     }
-    jpath = outdir / FACTOR_DIR / factor_file_name(name, first.target or "unknown", first.filter or "unknown", first.camera, first.stem)
+    jpath = (
+        outdir
+        / FACTOR_DIR
+        / factor_file_name(name, first.target or "unknown", first.filter or "unknown", first.camera, first.stem)
+    )
     save_factor_file(jpath, record)
     row = {
-        "camera": first.camera, "target": first.target, "filter": first.filter, "unit": sp.unit,
-        "source": sp.source_kind, "state": "done", "members": record["members"],
-        "factors": {"json": str(jpath), "per_file": factors}, "products": [p[2] for p in products] + [str(jpath)],
-        "mjd": first.mjd, "error": None,
+        "camera": first.camera,
+        "target": first.target,
+        "filter": first.filter,
+        "unit": sp.unit,
+        "source": sp.source_kind,
+        "state": "done",
+        "members": record["members"],
+        "factors": {"json": str(jpath), "per_file": factors},
+        "products": [p[2] for p in products] + [str(jpath)],
+        "mjd": first.mjd,
+        "error": None,
     }
     return row, products
 
@@ -258,7 +278,9 @@ def _process_camera(ledger, cfg, outdir: Path, camera: int, final: bool, check_f
         fp = _fingerprint(cfg, members)
         rec = recorded.get(key)
         if rec is not None and rec["fingerprint"] == fp:
-            if rec["state"] == "done" and not (check_files and not all(os.path.exists(p) for p in json.loads(rec["products"] or "[]"))):
+            if rec["state"] == "done" and not (
+                check_files and not all(os.path.exists(p) for p in json.loads(rec["products"] or "[]"))
+            ):
                 continue
             if rec["state"] == "failed" and not final:
                 continue  # already reported; finalize retries once
@@ -267,11 +289,21 @@ def _process_camera(ledger, cfg, outdir: Path, camera: int, final: bool, check_f
         except Exception as exc:  # noqa: BLE001 - one bad sequence must not stop the night
             msg = f"specphot {key} ({members[0].target}, {members[0].filter}): {exc}"
             log.error("%s", msg)
-            ledger.record_specphot(key, {
-                "camera": camera, "target": members[0].target, "filter": members[0].filter,
-                "unit": cfg.specphot.unit, "source": cfg.specphot.source_kind, "state": "failed",
-                "fingerprint": fp, "members": [m.path for m in members], "mjd": members[0].mjd, "error": str(exc),
-            })
+            ledger.record_specphot(
+                key,
+                {
+                    "camera": camera,
+                    "target": members[0].target,
+                    "filter": members[0].filter,
+                    "unit": cfg.specphot.unit,
+                    "source": cfg.specphot.source_kind,
+                    "state": "failed",
+                    "fingerprint": fp,
+                    "members": [m.path for m in members],
+                    "mjd": members[0].mjd,
+                    "error": str(exc),
+                },
+            )
             ledger.event("error", msg)
             done_now.append({"key": key, "state": "failed", "error": str(exc)})
             continue

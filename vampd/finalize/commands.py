@@ -115,9 +115,15 @@ def read_night(led) -> dict:
     for s in sets:
         s["members"] = json.loads(s["members"] or "[]")
     daemon = led.daemon_info()
-    return {"files": files, "products": [dict(r) for r in led.product_rows()], "sets": sets,
-            "specphot": [dict(r) for r in led.specphot_rows()], "daemon": dict(daemon) if daemon else None,
-            "state_table": led.state_table(), "target_table": led.target_table()}
+    return {
+        "files": files,
+        "products": [dict(r) for r in led.product_rows()],
+        "sets": sets,
+        "specphot": [dict(r) for r in led.specphot_rows()],
+        "daemon": dict(daemon) if daemon else None,
+        "state_table": led.state_table(),
+        "target_table": led.target_table(),
+    }
 
 
 def finalize(cfg, config_path, outdir, method: str = "median", jobs: int | None = None, do_flush: bool = True) -> dict:
@@ -206,20 +212,43 @@ def _final_pdi(cfg, outdir: Path, name: str, night: dict, method: str, provenanc
         groups.setdefault((s.target, tuple(s.fields)), []).append(s)
     for (target, fields), members in sorted(groups.items()):
         label = None if len(groups) == 1 else P.group_label(target, fields)
-        files = sorted({m["path"] for s in members if s.key in complete for m in complete[s.key]["members"]
-                        if isinstance(m, dict) and "path" in m})
+        files = sorted(
+            {
+                m["path"]
+                for s in members
+                if s.key in complete
+                for m in complete[s.key]["members"]
+                if isinstance(m, dict) and "path" in m
+            }
+        )
         unit = None
         if specphot_enabled(cfg):
             from vampd.specphot import pdi_unit_factor
 
             unit = pdi_unit_factor(outdir, target, ",".join(fields))
-        w = P.write_final_pdi(outdir, name, members, method, cfg.polarimetry.cyl_stokes,
-                              nfiles=len(files) or None, provenance=provenance, label=label, unit_factors=unit)
+        w = P.write_final_pdi(
+            outdir,
+            name,
+            members,
+            method,
+            cfg.polarimetry.cyl_stokes,
+            nfiles=len(files) or None,
+            provenance=provenance,
+            label=label,
+            unit_factors=unit,
+        )
         for k, p in w.items():
             written.setdefault(k, []).append(str(p))
-        pdi_info.append({"target": target, "fields": list(fields), "nsets": len(members), "nfiles": len(files),
-                         "paths": {k: str(v) for k, v in w.items()},
-                         "sets": [{"key": s.key, "path": s.path, "mjd": s.mjd, "header": s.header} for s in members]})
+        pdi_info.append(
+            {
+                "target": target,
+                "fields": list(fields),
+                "nsets": len(members),
+                "nfiles": len(files),
+                "paths": {k: str(v) for k, v in w.items()},
+                "sets": [{"key": s.key, "path": s.path, "mjd": s.mjd, "header": s.header} for s in members],
+            }
+        )
     return pdi_info
 
 
@@ -242,8 +271,15 @@ def specphot_summary(rows: list[dict]) -> list[dict]:
                 a["factors"].setdefault(fld, []).append(float(v))
     out = []
     for (target, filt, cam, unit), a in sorted(acc.items()):
-        row = {"target": target, "filter": filt, "camera": cam, "unit": unit, "source": a["source"],
-               "sequences": a["nseq"], "files": len(a["files"])}
+        row = {
+            "target": target,
+            "filter": filt,
+            "camera": cam,
+            "unit": unit,
+            "source": a["source"],
+            "sequences": a["nseq"],
+            "files": len(a["files"]),
+        }
         for fld, v in sorted(a["factors"].items()):
             row[f"factor_{fld}"] = f"{float(np.median(v)):.6g}"
         out.append(row)

@@ -25,14 +25,23 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "PreviewMeta", "preview_planes", "stokes_limit", "preview_figure", "write_previews",
-    "trends_figure", "timeline_figure", "ip_figure", "summary_figure", "save_figure", "mjd_to_datetime",
+    "PreviewMeta",
+    "preview_planes",
+    "stokes_limit",
+    "preview_figure",
+    "write_previews",
+    "trends_figure",
+    "timeline_figure",
+    "ip_figure",
+    "summary_figure",
+    "save_figure",
+    "mjd_to_datetime",
 ]
 
 _PNG_META = {"Software": None}
 _DPI = 100
 _BAD = "0.82"  # masked pixels: light grey, never a colour of the map
-_MJD0 = _dt.datetime(1858, 11, 17, tzinfo=_dt.timezone.utc)
+_MJD0 = _dt.datetime(1858, 11, 17, tzinfo=_dt.UTC)
 
 
 @dataclass
@@ -112,8 +121,16 @@ def _decorate(ax, half: float, color: str = "k") -> None:
 
     halo = "w" if color == "k" else "k"
     fx = [patheffects.withStroke(linewidth=1.5, foreground=halo)]
-    kw = dict(xycoords="axes fraction", textcoords="axes fraction", color=color, fontsize=8, ha="center",
-              va="center", path_effects=fx, arrowprops=dict(arrowstyle="<-", color=color, lw=1.2, path_effects=fx))
+    kw = dict(
+        xycoords="axes fraction",
+        textcoords="axes fraction",
+        color=color,
+        fontsize=8,
+        ha="center",
+        va="center",
+        path_effects=fx,
+        arrowprops=dict(arrowstyle="<-", color=color, lw=1.2, path_effects=fx),
+    )
     ax.annotate("N", xy=(0.12, 0.78), xytext=(0.12, 0.95), **kw)
     ax.annotate("E", xy=(0.12, 0.78), xytext=(0.0 + 0.02, 0.78), **kw)
     bar = _nice(0.4 * half)
@@ -147,8 +164,9 @@ def preview_figure(img: np.ndarray, plane: str, meta: PreviewMeta, limit: float 
         cmap = colormaps["RdBu_r"].with_extremes(bad=_BAD)
     fig = _figure(5.2, 4.6)
     ax = fig.add_axes((0.15, 0.11, 0.64, 0.73))
-    im = ax.imshow(np.ma.masked_invalid(img), origin="lower", extent=extent, cmap=cmap, norm=norm,
-                   interpolation="nearest")
+    im = ax.imshow(
+        np.ma.masked_invalid(img), origin="lower", extent=extent, cmap=cmap, norm=norm, interpolation="nearest"
+    )
     ax.set_xlabel(r"$\Delta$RA [arcsec] (East left)")
     ax.set_ylabel(r"$\Delta$Dec [arcsec]")
     ax.set_title(meta.title(plane), fontsize=9)
@@ -169,8 +187,9 @@ def save_figure(fig, path) -> Path:
     return path
 
 
-def write_previews(coll: np.ndarray, names: list[str], outdir, stem: str, meta: PreviewMeta,
-                   footprint: np.ndarray | None = None) -> dict[str, Path]:
+def write_previews(
+    coll: np.ndarray, names: list[str], outdir, stem: str, meta: PreviewMeta, footprint: np.ndarray | None = None
+) -> dict[str, Path]:
     """``report/{stem}_{plane}.png`` for I and the two polarised planes (same ``±limit``)."""
     planes = preview_planes(coll, names, footprint)
     qk = "Q_PHI" if "Q_PHI" in planes else "Q_R"
@@ -186,9 +205,9 @@ def write_previews(coll: np.ndarray, names: list[str], outdir, stem: str, meta: 
 def _time_axis(ax, mjds) -> None:
     from matplotlib.dates import AutoDateLocator, DateFormatter
 
-    loc = AutoDateLocator(minticks=3, maxticks=7, tz=_dt.timezone.utc)
+    loc = AutoDateLocator(minticks=3, maxticks=7, tz=_dt.UTC)
     ax.xaxis.set_major_locator(loc)
-    ax.xaxis.set_major_formatter(DateFormatter("%H:%M:%S", tz=_dt.timezone.utc))
+    ax.xaxis.set_major_formatter(DateFormatter("%H:%M:%S", tz=_dt.UTC))
     day = mjd_to_datetime(min(mjds))[0]
     ax.set_xlabel(f"UT on {day:%Y-%m-%d}")
 
@@ -199,8 +218,9 @@ def _metric_points(done: list[dict], cam, key: str):
     return ([], []) if not pts else (mjd_to_datetime([p[0] for p in pts]), [p[1] for p in pts])
 
 
-def trends_figure(files: list[dict], keys=(("strehl", "Strehl"), ("fwhm", "FWHM [px]"), ("flux", "flux [e-/s]")),
-                  fig=None, axes=None):
+def trends_figure(
+    files: list[dict], keys=(("strehl", "Strehl"), ("fwhm", "FWHM [px]"), ("flux", "flux [e-/s]")), fig=None, axes=None
+):
     """Metrics per camera against UT clock time (done files with an MJD); ``None`` if none."""
     done = [f for f in files if f["state"] == "done" and f.get("mjd") is not None]
     if not done:
@@ -266,8 +286,12 @@ def ip_figure(rows: list[dict]):
     fig = _figure(7, 3)
     ax = fig.add_axes((0.1, 0.18, 0.86, 0.72))
     x = np.array([r.get("index", i) for i, r in enumerate(rows)], float)
-    for key, mk, label in (("model_pq", "o", "model q"), ("model_pu", "s", "model u"),
-                           ("resid_pq", "x", "residual q"), ("resid_pu", "+", "residual u")):
+    for key, mk, label in (
+        ("model_pq", "o", "model q"),
+        ("model_pu", "s", "model u"),
+        ("resid_pq", "x", "residual q"),
+        ("resid_pu", "+", "residual u"),
+    ):
         v = np.array([r[key] if isinstance(r[key], (int, float)) else np.nan for r in rows], float)
         ax.plot(x, 100 * v, mk, label=label)
     _integer_axis(ax.xaxis, x)
@@ -280,8 +304,9 @@ def ip_figure(rows: list[dict]):
     return fig
 
 
-def summary_figure(title: str, planes: dict[str, np.ndarray] | None, meta: PreviewMeta | None,
-                   files: list[dict], sets: list[dict]):
+def summary_figure(
+    title: str, planes: dict[str, np.ndarray] | None, meta: PreviewMeta | None, files: list[dict], sets: list[dict]
+):
     """The one-page night summary. With PDI: I and Q_phi, Strehl per camera and the set timeline
     against UT; without: Strehl, FWHM and flux per camera against UT."""
     if not planes or meta is None:
@@ -311,8 +336,14 @@ def _copy_image(src_fig, ax, fig) -> None:
     """Re-draw the image of a preview figure on ``ax`` of ``fig`` (same data, norm, map, labels)."""
     sax = src_fig.axes[0]
     im = sax.images[0]
-    new = ax.imshow(im.get_array(), origin="lower", extent=im.get_extent(), cmap=im.get_cmap(), norm=im.norm,
-                    interpolation="nearest")
+    new = ax.imshow(
+        im.get_array(),
+        origin="lower",
+        extent=im.get_extent(),
+        cmap=im.get_cmap(),
+        norm=im.norm,
+        interpolation="nearest",
+    )
     ax.set_xlabel(sax.get_xlabel(), fontsize=8)
     ax.set_ylabel(sax.get_ylabel(), fontsize=8)
     ax.set_title(sax.get_title(), fontsize=8)

@@ -54,8 +54,26 @@ __all__ = [
 ]
 
 COLLAPSE_METHODS = ("median", "mean", "ivar")
-_STRUCTURAL = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "NAXIS5", "EXTEND", "BZERO",
-               "BSCALE", "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "CHECKSUM", "DATASUM", "DATE")
+_STRUCTURAL = (
+    "SIMPLE",
+    "BITPIX",
+    "NAXIS",
+    "NAXIS1",
+    "NAXIS2",
+    "NAXIS3",
+    "NAXIS4",
+    "NAXIS5",
+    "EXTEND",
+    "BZERO",
+    "BSCALE",
+    "XTENSION",
+    "PCOUNT",
+    "GCOUNT",
+    "EXTNAME",
+    "CHECKSUM",
+    "DATASUM",
+    "DATE",
+)
 _SET_KEYS = ("DPP PDI SET INDEX", "DPP PDI SET KEY", "DPP PDI NMEMBERS")
 
 
@@ -103,7 +121,9 @@ def load_set_file(path) -> StokesSet:
     return StokesSet(str(path), data, err, header, fhs, fields)
 
 
-def collapse_sets(stokes: np.ndarray, err: np.ndarray, method: str = "median") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def collapse_sets(
+    stokes: np.ndarray, err: np.ndarray, method: str = "median"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Collapse ``(nsets, …)`` Stokes cubes over sets.
 
     Parameters
@@ -145,7 +165,9 @@ def collapse_sets(stokes: np.ndarray, err: np.ndarray, method: str = "median") -
     return data.astype(np.float32), e.astype(np.float32), n.astype(np.int32)
 
 
-def collapse_fields(data8: np.ndarray, err8: np.ndarray, cyl_stokes: str = "azimuthal") -> tuple[np.ndarray, np.ndarray]:
+def collapse_fields(
+    data8: np.ndarray, err8: np.ndarray, cyl_stokes: str = "azimuthal"
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean over MBI fields of ``(nfields, 8, N, N)`` products (error RSS / n), polar products
     recomputed from the mean I_Q, I_U, Q, U → ``(8, N, N)``."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -451,7 +473,11 @@ def write_adi_cubes(outdir, name: str, rows: Sequence[dict], label: str | None =
     h["HIERARCH DPP ADI NGROUPS"] = (len(groups), "groups of (MJD, U_FLC)")
     h["HIERARCH DPP VERSION"] = (__version__, "vampd version")
     out = {
-        "adi_cube": write_fits_atomic(adi / f"{base}_adi_cube.fits", fits.HDUList([fits.PrimaryHDU(np.stack(cube).astype(np.float32), header=h)])),
-        "adi_angles": write_fits_atomic(adi / f"{base}_adi_angles.fits", fits.HDUList([fits.PrimaryHDU(np.asarray(angles, np.float32))])),
+        "adi_cube": write_fits_atomic(
+            adi / f"{base}_adi_cube.fits", fits.HDUList([fits.PrimaryHDU(np.stack(cube).astype(np.float32), header=h)])
+        ),
+        "adi_angles": write_fits_atomic(
+            adi / f"{base}_adi_angles.fits", fits.HDUList([fits.PrimaryHDU(np.asarray(angles, np.float32))])
+        ),
     }
     return out

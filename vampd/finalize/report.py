@@ -66,16 +66,21 @@ def _set_records(night: dict) -> list[dict]:
 
 # -- sections (each returns markdown lines) -------------------------------------------------------------
 def _provenance(outdir: Path, cfg, night: dict, provenance: dict, method: str, config_path) -> list[str]:
-    L = ["## Provenance", "",
-         f"* vampd version: {__version__}",
-         f"* configuration: `{Path(config_path).name}`, hash `{cfg.config_hash()}`",
-         f"* output directory: `{outdir}`",
-         f"* final collapse over sets: {method}"]
+    L = [
+        "## Provenance",
+        "",
+        f"* vampd version: {__version__}",
+        f"* configuration: `{Path(config_path).name}`, hash `{cfg.config_hash()}`",
+        f"* output directory: `{outdir}`",
+        f"* final collapse over sets: {method}",
+    ]
     calib = [v[0] for k, v in sorted(provenance.items()) if k.startswith("DPP FINAL CALIB")]
     L.append("* calibration files: " + (", ".join(f"`{c}`" for c in calib) if calib else "none (bias only)"))
     if night["flush"].get("daemon"):
-        L.append(f"* **daemon pid {night['flush']['daemon']} was still running**: this report is a snapshot; "
-                 "pending files were not processed and open sets were not closed")
+        L.append(
+            f"* **daemon pid {night['flush']['daemon']} was still running**: this report is a snapshot; "
+            "pending files were not processed and open sets were not closed"
+        )
     else:
         L.append(f"* files processed by the flush: {night['flush'].get('processed', 0)}")
     return L + [""]
@@ -93,21 +98,29 @@ def _counts(night: dict, sets: list[dict]) -> list[str]:
 
 def _targets(night: dict) -> list[str]:
     rows = night["target_table"]
-    L = ["## Targets", "",
-         "| target | filter | camera | files done | parked | unfinished | open-shutter [s] | frames kept | span (UT) |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    L = [
+        "## Targets",
+        "",
+        "| target | filter | camera | files done | parked | unfinished | open-shutter [s] | frames kept | span (UT) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         span = f"{_ut(r['mjd0'])} – {_ut(r['mjd1'])[11:]}" if r["mjd0"] is not None else "–"
-        L.append(f"| {_cell(r['target'])} | {_cell(r['filter'])} | {r['camera'] or '?'} | {r['done']} | {r['parked']} | "
-                 f"{r['unfinished']} | {r['shutter']:.2f} | {int(r['nkept'])}/{int(r['nframes'])} | {span} |")
+        L.append(
+            f"| {_cell(r['target'])} | {_cell(r['filter'])} | {r['camera'] or '?'} | {r['done']} | {r['parked']} | "
+            f"{r['unfinished']} | {r['shutter']:.2f} | {int(r['nkept'])}/{int(r['nframes'])} | {span} |"
+        )
     mj = [m for r in rows for m in (r["mjd0"], r["mjd1"]) if m is not None]
     if mj:
         total_open = sum(r["shutter"] for r in rows)
         span_s = (max(mj) - min(mj)) * 86400.0
         ncam = max(1, len({r["camera"] for r in rows if r["camera"]}))
         eff = (total_open / ncam) / span_s if span_s > 0 else float("nan")
-        L += ["", f"Observing efficiency: open-shutter time {total_open:.2f} s over {ncam} camera(s) in "
-              f"{span_s:.1f} s between the first and last file midpoints → {100 * eff:.1f} % per camera."]
+        L += [
+            "",
+            f"Observing efficiency: open-shutter time {total_open:.2f} s over {ncam} camera(s) in "
+            f"{span_s:.1f} s between the first and last file midpoints → {100 * eff:.1f} % per camera.",
+        ]
     return L + [""]
 
 
@@ -120,10 +133,14 @@ def preview_meta(header, group: dict, sets: list[dict]):
     span = [t for s in sets if s["key"] in keys for t in (s["t0"], s["t1"]) if t is not None]
     span = span or [s["mjd"] for s in group["sets"] if s.get("mjd") is not None]
     return PreviewMeta(
-        target=str(header.get("OBJECT", group["target"])), filter=", ".join(group["fields"]),
-        pixel_scale_mas=float(header.get("PXSCALE", 6.0)), unit=str(header.get("BUNIT", "e-/s")),
-        mjd0=min(span) if span else None, mjd1=max(span) if span else None,
-        nsets=int(group["nsets"]), nfiles=int(group["nfiles"]),
+        target=str(header.get("OBJECT", group["target"])),
+        filter=", ".join(group["fields"]),
+        pixel_scale_mas=float(header.get("PXSCALE", 6.0)),
+        unit=str(header.get("BUNIT", "e-/s")),
+        mjd0=min(span) if span else None,
+        mjd1=max(span) if span else None,
+        nsets=int(group["nsets"]),
+        nfiles=int(group["nfiles"]),
     )
 
 
@@ -156,13 +173,20 @@ def _polarimetry(outdir: Path, rdir: Path, pdi_info: list[dict], sets: list[dict
         stem = Path(coll).name.replace("_stokes_coll.fits", "")
         qk = "Q_PHI" if "Q_PHI" in planes else "Q_R"
         limit = stokes_limit(planes[qk])
-        prev = {k: save_figure(preview_figure(img, k, meta, None if k == "I" else limit),
-                               rdir / f"{stem}_{k.lower()}.png") for k, img in planes.items()}
-        L += [f"### {g['target']} ({', '.join(g['fields'])}): {g['nsets']} sets, {g['nfiles']} files", "",
-              " ".join(f"![{k}]({_rel(p, rdir)})" for k, p in prev.items()), "",
-              f"North up, East left; offsets from the star in arcsec. I on an asinh stretch; {qk} and its "
-              f"partner on a diverging map centred on zero, both within ±{limit:.3g} {meta.unit} (positive red); "
-              f"grey: outside the derotated footprint. Data: `{_rel(coll, outdir)}`.", ""]
+        prev = {
+            k: save_figure(preview_figure(img, k, meta, None if k == "I" else limit), rdir / f"{stem}_{k.lower()}.png")
+            for k, img in planes.items()
+        }
+        L += [
+            f"### {g['target']} ({', '.join(g['fields'])}): {g['nsets']} sets, {g['nfiles']} files",
+            "",
+            " ".join(f"![{k}]({_rel(p, rdir)})" for k, p in prev.items()),
+            "",
+            f"North up, East left; offsets from the star in arcsec. I on an asinh stretch; {qk} and its "
+            f"partner on a diverging map centred on zero, both within ±{limit:.3g} {meta.unit} (positive red); "
+            f"grey: outside the derotated footprint. Data: `{_rel(coll, outdir)}`.",
+            "",
+        ]
     return L, first
 
 
@@ -173,12 +197,18 @@ def _ip_rows(pdi_info: list[dict]) -> list[dict]:
             h = s["header"]
             m = re.search(r"_stokes_(\d+)\.fits$", str(s["path"]))
             for f in g["fields"]:
-                rows.append({
-                    "set": Path(s["path"]).name, "field": f, "index": int(m.group(1)) if m else None,
-                    "model_pq": h.get(f"HIERARCH DPP PDI MM IP_PQ {f}"), "model_pu": h.get(f"HIERARCH DPP PDI MM IP_PU {f}"),
-                    "resid_pq": h.get(f"HIERARCH DPP PDI IP_PQ {f}"), "resid_pu": h.get(f"HIERARCH DPP PDI IP_PU {f}"),
-                    "dolp": h.get(f"HIERARCH DPP PDI DOLP {f}"),
-                })
+                rows.append(
+                    {
+                        "set": Path(s["path"]).name,
+                        "field": f,
+                        "index": int(m.group(1)) if m else None,
+                        "model_pq": h.get(f"HIERARCH DPP PDI MM IP_PQ {f}"),
+                        "model_pu": h.get(f"HIERARCH DPP PDI MM IP_PU {f}"),
+                        "resid_pq": h.get(f"HIERARCH DPP PDI IP_PQ {f}"),
+                        "resid_pu": h.get(f"HIERARCH DPP PDI IP_PU {f}"),
+                        "dolp": h.get(f"HIERARCH DPP PDI DOLP {f}"),
+                    }
+                )
     return rows
 
 
@@ -189,12 +219,19 @@ def _ip(rdir: Path, pdi_info: list[dict]) -> list[str]:
     if not rows:
         return []
     p = save_figure(ip_figure(rows), rdir / "ip_per_set.png")
-    L = ["### Instrumental polarisation per set", "", f"![IP]({_rel(p, rdir)})", "",
-         "| set | field | model IP_PQ | model IP_PU | residual IP_PQ | residual IP_PU | star DoLP |",
-         "|---|---|---:|---:|---:|---:|---:|"]
+    L = [
+        "### Instrumental polarisation per set",
+        "",
+        f"![IP]({_rel(p, rdir)})",
+        "",
+        "| set | field | model IP_PQ | model IP_PU | residual IP_PQ | residual IP_PU | star DoLP |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        L.append(f"| {r['set']} | {r['field']} | {_fmt(r['model_pq'])} | {_fmt(r['model_pu'])} | "
-                 f"{_fmt(r['resid_pq'])} | {_fmt(r['resid_pu'])} | {_fmt(r['dolp'])} |")
+        L.append(
+            f"| {r['set']} | {r['field']} | {_fmt(r['model_pq'])} | {_fmt(r['model_pu'])} | "
+            f"{_fmt(r['resid_pq'])} | {_fmt(r['resid_pu'])} | {_fmt(r['dolp'])} |"
+        )
     return L + [""]
 
 
@@ -209,7 +246,9 @@ def _timeline(rdir: Path, sets: list[dict]) -> list[str]:
         L += [f"![sets]({_rel(save_figure(fig, rdir / 'sets_timeline.png'), rdir)})", ""]
     L += ["| # | state | start (UT) | members | key | reason |", "|---:|---|---|---:|---|---|"]
     for i, s in enumerate(sets):
-        L.append(f"| {i} | {s['state']} | {_ut(s['t0'])} | {len(s['members'])} | `{s['key']}` | {_cell(s.get('reason') or '')} |")
+        L.append(
+            f"| {i} | {s['state']} | {_ut(s['t0'])} | {len(s['members'])} | `{s['key']}` | {_cell(s.get('reason') or '')} |"
+        )
     return L + [""]
 
 
@@ -270,8 +309,17 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(outdir, cfg, night: dict, pdi_info: list[dict], written: dict, specphot_rows: list[dict],
-                 provenance: dict, method: str, config_path) -> Path:
+def write_report(
+    outdir,
+    cfg,
+    night: dict,
+    pdi_info: list[dict],
+    written: dict,
+    specphot_rows: list[dict],
+    provenance: dict,
+    method: str,
+    config_path,
+) -> Path:
     """Write ``report/report.md``, ``report/report.html`` and the PNGs; return the markdown's path."""
     outdir = Path(outdir)
     rdir = outdir / "report"
@@ -279,9 +327,17 @@ def write_report(outdir, cfg, night: dict, pdi_info: list[dict], written: dict, 
     name = cfg.name or "vampd"
     sets = _set_records(night)
     pol, first = _polarimetry(outdir, rdir, pdi_info, sets)
-    body = (_provenance(outdir, cfg, night, provenance, method, config_path) + _counts(night, sets)
-            + _targets(night) + pol + _ip(rdir, pdi_info) + _timeline(rdir, sets) + _trends(rdir, night["files"])
-            + _specphot(specphot_rows) + _parked(night))
+    body = (
+        _provenance(outdir, cfg, night, provenance, method, config_path)
+        + _counts(night, sets)
+        + _targets(night)
+        + pol
+        + _ip(rdir, pdi_info)
+        + _timeline(rdir, sets)
+        + _trends(rdir, night["files"])
+        + _specphot(specphot_rows)
+        + _parked(night)
+    )
     summary = _summary(rdir, name, night, sets, first)
     head = [f"# vampd night report: {name}", "", f"![night summary]({_rel(summary, rdir)})", ""]
     link = ["HTML version: [report.html](report.html)", ""]
@@ -293,9 +349,11 @@ def write_report(outdir, cfg, night: dict, pdi_info: list[dict], written: dict, 
 
 
 # -- markdown → HTML (the subset the report uses) -----------------------------------------------------------
-_CSS = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;font-size:90%}"
-        "th{background:#eee}code{background:#f4f4f4;padding:0 2px}img{max-width:100%;vertical-align:top}")
+_CSS = (
+    "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;font-size:90%}"
+    "th{background:#eee}code{background:#f4f4f4;padding:0 2px}img{max-width:100%;vertical-align:top}"
+)
 
 
 def _inline(text: str) -> str:
@@ -315,8 +373,11 @@ def _table(rows: list[str]) -> list[str]:
 
 def markdown_to_html(text: str, title: str) -> str:
     """A standalone HTML page of the report's markdown (headings, tables, lists, images, paragraphs)."""
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+    ]
     lines, i = text.splitlines(), 0
     while i < len(lines):
         line = lines[i]

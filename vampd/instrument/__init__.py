@@ -21,7 +21,6 @@ _EXPORTS: dict[str, str] = {
     "target_coord": "angles",
     "update_angles": "angles",
     "wrap": "angles",
-
     # detectors
     "Detector": "detectors",
     "NBS_INSTALL_MJD": "detectors",
@@ -30,7 +29,6 @@ _EXPORTS: dict[str, str] = {
     "emccd_detector": "detectors",
     "flipped_camera": "detectors",
     "is_post_nbs": "detectors",
-
     # fields
     "calibrated_to_raw_yx": "fields",
     "default_field_centers": "fields",
@@ -38,7 +36,6 @@ _EXPORTS: dict[str, str] = {
     "flip_cube": "fields",
     "is_flipped": "fields",
     "raw_to_calibrated_yx": "fields",
-
     # headers
     "HeaderError": "headers",
     "camera_number": "headers",
@@ -48,10 +45,8 @@ _EXPORTS: dict[str, str] = {
     "missing_keywords": "headers",
     "normalize_flc": "headers",
     "required_keywords": "headers",
-
     # wcs
     "apply_wcs": "wcs",
-
     # filters
     "FilterError": "filters",
     "FilterInfo": "filters",
@@ -60,7 +55,6 @@ _EXPORTS: dict[str, str] = {
     "filter_info": "filters",
     "load_filter_curve": "filters",
     "resolve_data_dir": "filters",
-
     # mueller
     "MuellerParams": "mueller",
     "MuellerTableError": "mueller",
@@ -72,7 +66,6 @@ _EXPORTS: dict[str, str] = {
     "mueller_from_header": "mueller",
     "rotator": "mueller",
     "wollaston": "mueller",
-
     # pupil
     "airy_strehl_peak": "pupil",
     "psf_model": "pupil",

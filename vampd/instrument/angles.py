@@ -245,8 +245,9 @@ def target_coord(header, target=None, path=None) -> SkyCoord:
         equinox = float(header.get("EQUINOX", 2000.0)) if frame in ("fk5", "fk4") else None
         ra, dec = header["RA"], header["DEC"]
         try:
-            return _header_coord(ra if isinstance(ra, str) else float(ra), dec if isinstance(ra, str) else float(dec),
-                                 frame, equinox)
+            return _header_coord(
+                ra if isinstance(ra, str) else float(ra), dec if isinstance(ra, str) else float(dec), frame, equinox
+            )
         except ValueError as err:
             raise HeaderError("RA/DEC", f"values {ra!r}/{dec!r} not parsed: {err}", path) from None
 
@@ -349,9 +350,7 @@ def update_angles(header, target=None, path=None, copy: bool = True) -> fits.Hea
     coord = target_coord(h, target, path)
     ra_icrs, dec_icrs = _icrs_radec(coord)
     mjd = header_mjd(h, path)
-    times = np.array(
-        [float(h.get("MJD-STR", mjd)), mjd, float(h.get("MJD-END", mjd))], dtype=float
-    )
+    times = np.array([float(h.get("MJD-STR", mjd)), mjd, float(h.get("MJD-END", mjd))], dtype=float)
     (pa_str, pa, pa_end), alt, az = sky_angles(ra_icrs, dec_icrs, times)
 
     det = detector_from_header(h, path)
@@ -403,5 +402,8 @@ def refresh_angles(header, path=None) -> fits.Header:
     if "PA-ROT" in header:
         header["PA-ROT"] = (float(wrap(pa_end - pa_str)), "[deg] parallactic angle rotation")
     if "DEROTANG" in header and "PAOFFSET" in header:
-        header["DEROTANG"] = (float(derotation_angle(pa, float(header["PAOFFSET"]))), "[deg] derotation angle for North up")
+        header["DEROTANG"] = (
+            float(derotation_angle(pa, float(header["PAOFFSET"]))),
+            "[deg] derotation angle for North up",
+        )
     return header

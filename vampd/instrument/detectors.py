@@ -219,9 +219,7 @@ def detector_from_header(header, path=None) -> Detector:
         try:
             emgain = float(header["U_EMGAIN"])
         except (TypeError, ValueError):
-            raise HeaderError(
-                "U_EMGAIN", f"value {header['U_EMGAIN']!r}, expected a number", path
-            ) from None
+            raise HeaderError("U_EMGAIN", f"value {header['U_EMGAIN']!r}, expected a number", path) from None
         mjd = header_mjd(header, path, required=False)
         return emccd_detector(cam, emgain, 0.0 if mjd is None else mjd)
     if "U_DETMOD" in header:
@@ -230,6 +228,4 @@ def detector_from_header(header, path=None) -> Detector:
             return cmos_detector(cam, header["U_DETMOD"], mjd)
         except HeaderError as err:
             raise HeaderError(err.keyword, err.problem, path) from None
-    raise HeaderError(
-        "U_EMGAIN/U_DETMOD", "could not determine detector: neither U_EMGAIN nor U_DETMOD", path
-    )
+    raise HeaderError("U_EMGAIN/U_DETMOD", "could not determine detector: neither U_EMGAIN nor U_DETMOD", path)

@@ -71,10 +71,7 @@ def default_field_centers(header, shape) -> dict[str, tuple[float, float]]:
         hy *= 2
     elif not mode.endswith("MBI"):
         return {names[0]: (float(hy), float(hx))}
-    return {
-        name: (float(_MBI_MULTIPLES[name][0] * hy), float(_MBI_MULTIPLES[name][1] * hx))
-        for name in names
-    }
+    return {name: (float(_MBI_MULTIPLES[name][0] * hy), float(_MBI_MULTIPLES[name][1] * hx)) for name in names}
 
 
 def is_flipped(header, path=None) -> bool:

@@ -257,9 +257,7 @@ def _filter_info(name: str, directory: str | None) -> FilterInfo:
     wmin, wmax = band_edges(wave, thr)
     sel = (wave >= wmin) & (wave <= wmax)
     if sel.sum() > 1:
-        waveave = float(
-            np.trapezoid(thr[sel] * wave[sel], wave[sel]) / np.trapezoid(thr[sel], wave[sel])
-        )
+        waveave = float(np.trapezoid(thr[sel] * wave[sel], wave[sel]) / np.trapezoid(thr[sel], wave[sel]))
     else:
         waveave = float(wave[sel][0])
     try:

@@ -188,9 +188,7 @@ def _fix_times(h: fits.Header, path) -> None:
     elif "MJD" in h:
         mjd = _float(h, "MJD", path)
     else:
-        raise HeaderError(
-            "MJD", "missing, and neither MJD-STR/MJD-END nor UT-STR/UT-END to derive it", path
-        )
+        raise HeaderError("MJD", "missing, and neither MJD-STR/MJD-END nor UT-STR/UT-END to derive it", path)
     h["MJD"] = (mjd, "[d] MJD (UTC) of exposure midpoint")
 
 

@@ -129,9 +129,7 @@ def wollaston(eta: float = 1.0, ordinary: bool = True) -> np.ndarray:
     with ``r = sqrt(1 - η²)``; "+" is the ordinary beam (camera 1)."""
     sign = 1.0 if ordinary else -1.0
     r = math.sqrt(max(0.0, 1.0 - eta * eta))
-    return 0.5 * np.array(
-        [[1, sign * eta, 0, 0], [sign * eta, 1, 0, 0], [0, 0, r, 0], [0, 0, 0, r]], dtype=float
-    )
+    return 0.5 * np.array([[1, sign * eta, 0, 0], [sign * eta, 1, 0, 0], [0, 0, r, 0], [0, 0, 0, r]], dtype=float)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +188,7 @@ class MuellerParams:
         return cls(flc_theta_b=FLC_THETA_B[_check_kind(detector_kind)])
 
     @classmethod
-    def from_table(
-        cls, path: str | os.PathLike, key: str, detector_kind: str = "cmos"
-    ) -> MuellerParams:
+    def from_table(cls, path: str | os.PathLike, key: str, detector_kind: str = "cmos") -> MuellerParams:
         """Fitted parameters: the row ``key`` (see :func:`mm_table_key`) of a CSV table.
 
         The first column holds the key; the others are the docs/instrument.md §9.5 columns ``m3_diat, m3_theta,
@@ -235,9 +231,7 @@ class MuellerParams:
                 values[_TABLE_COLUMNS[name]] = float(row[i])
             except (ValueError, IndexError):
                 cell = row[i] if i < len(row) else "<missing>"
-                raise MuellerTableError(
-                    f"{path}: row {key!r} column {name} = {cell!r}, expected a number"
-                ) from None
+                raise MuellerTableError(f"{path}: row {key!r} column {name} = {cell!r}, expected a number") from None
         flc_theta = values.pop("flc_theta")
         flc_phi = values.pop("flc_phi")
         if kind == "emccd":
@@ -386,9 +380,7 @@ def instrument_mueller(
         theta_hwp = theta_hwp + hwp_sync_angle(az, alt)
     hwp_m = linear_retarder(theta_hwp, 2 * math.pi * p.hwp_phi)
     imr_m = linear_retarder(np.deg2rad(imr + p.imr_offset), 2 * math.pi * p.imr_phi)
-    optics = diattenuating_retarder(
-        math.radians(p.optics_theta), p.optics_diat, 2 * math.pi * p.optics_phi
-    )
+    optics = diattenuating_retarder(math.radians(p.optics_theta), p.optics_diat, 2 * math.pi * p.optics_phi)
     common = optics @ imr_m @ hwp_m @ telescope
     pbs = wollaston(1.0, ordinary=int(camera) == 1)
     if kind == "emccd" or flc_in:
@@ -397,9 +389,7 @@ def instrument_mueller(
         flc = np.eye(4)
     if kind == "emccd":
         return pbs @ flc @ common
-    dichroic = diattenuating_retarder(
-        math.radians(p.dichroic_theta), p.dichroic_diat, 2 * math.pi * p.dichroic_phi
-    )
+    dichroic = diattenuating_retarder(math.radians(p.dichroic_theta), p.dichroic_diat, 2 * math.pi * p.dichroic_phi)
     return pbs @ dichroic @ flc @ common
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "cached_synthetic_psf",
 ]
 
+
 def _segments():
     """Spiders as (x0, y0, x1, y1, width) rectangles (no rounded ends, as hcipy's make_spider)."""
     c = math.cos(math.radians(SPIDER_ANGLE)) * PUPIL_DIAMETER
@@ -156,6 +157,7 @@ def pupil_area_fraction() -> float:
         area -= w * (t_out - t_in)
     r_act = ACTUATOR_DIAMETER / 2
     area -= len(ACTUATOR_CENTERS) * math.pi * r_act**2
+
     # Dead-actuator discs sit on spiders (one on a main spider, one on the actuator spider):
     # add back each disc-strip overlap, the integral of the disc chord across the strip width.
     def chord_integral(u):
@@ -398,8 +400,18 @@ def _model_fingerprint() -> str:
 def _psf_key(filter_name, pixel_scale_mas, pupil_offset_deg, npix, data_dir, nwave) -> str:
     waves, weights = psf_wavelengths(filter_name, data_dir, nwave)  # the filter curve's effect, exactly
     h = hashlib.sha256()
-    h.update(repr((_model_fingerprint(), str(filter_name), float(pixel_scale_mas), float(pupil_offset_deg),
-                   int(npix), int(nwave))).encode())
+    h.update(
+        repr(
+            (
+                _model_fingerprint(),
+                str(filter_name),
+                float(pixel_scale_mas),
+                float(pupil_offset_deg),
+                int(npix),
+                int(nwave),
+            )
+        ).encode()
+    )
     h.update(np.ascontiguousarray(waves, np.float64).tobytes())
     h.update(np.ascontiguousarray(weights, np.float64).tobytes())
     return h.hexdigest()[:24]

@@ -114,9 +114,17 @@ def compute_alerts(snap: Snapshot, cfg: Any = None, now: float | None = None) ->
         cam = camera_of(f)
         if cam in (1, 2):
             cams.setdefault(cam, []).append(f)
-    out = (_daemon_rules(snap, t, now) + _camera_rules(cams, t) + _flc_rules(cams, t) + _hwp_rule(snap, t)
-           + _idle_rule(snap, t, now) + _frame_rule(cams) + _drop_rules(snap, t) + _calibration_rule(snap)
-           + _problem_rules(snap))
+    out = (
+        _daemon_rules(snap, t, now)
+        + _camera_rules(cams, t)
+        + _flc_rules(cams, t)
+        + _hwp_rule(snap, t)
+        + _idle_rule(snap, t, now)
+        + _frame_rule(cams)
+        + _drop_rules(snap, t)
+        + _calibration_rule(snap)
+        + _problem_rules(snap)
+    )
     out.sort(key=lambda a: LEVELS.index(a.level) if a.level in LEVELS else len(LEVELS))
     return out
 
@@ -129,20 +137,31 @@ def _daemon_rules(snap: Snapshot, t, now: float) -> list[Alert]:
         ago = f", last heartbeat {now - hb:.0f} s ago" if hb else ""
         out.append(Alert("error", "daemon_down", f"daemon not running (pid {d['pid']} gone{ago})"))
     if snap.disk_free_gb is not None and snap.disk_free_gb < t.disk_free_gb:
-        out.append(Alert("error", "disk_full", f"output disk nearly full: {snap.disk_free_gb:.1f} GB free "
-                                               f"(< {t.disk_free_gb:g} GB)"))
+        out.append(
+            Alert(
+                "error",
+                "disk_full",
+                f"output disk nearly full: {snap.disk_free_gb:.1f} GB free (< {t.disk_free_gb:g} GB)",
+            )
+        )
     return out
 
 
 def _camera_rules(cams: dict[int, list[FileRow]], t) -> list[Alert]:
     """One camera missing from the sequence, or lagging the other."""
     if len(cams) == 1:
-        (have, rows), = cams.items()
+        ((have, rows),) = cams.items()
         if len(rows) < _SEQ_MIN:
             return []
         other = 3 - have
-        return [Alert("warning", "camera_missing",
-                      f"camera {other} missing: no files in this sequence (camera {have} has {len(rows)})", f"cam{other}")]
+        return [
+            Alert(
+                "warning",
+                "camera_missing",
+                f"camera {other} missing: no files in this sequence (camera {have} has {len(rows)})",
+                f"cam{other}",
+            )
+        ]
     if len(cams) != 2:
         return []
     newest = {c: max((f.t_arrival or 0.0) for f in rows) for c, rows in cams.items()}
@@ -152,9 +171,15 @@ def _camera_rules(cams: dict[int, list[FileRow]], t) -> list[Alert]:
     if lag <= t.lag_seconds:
         return []
     n_extra = sum((f.t_arrival or 0.0) > newest[behind] for f in cams[ahead])
-    return [Alert("warning", "camera_lag",
-                  f"camera {behind} lags camera {ahead} by {lag:.0f} s ({n_extra} newer camera {ahead} "
-                  f"file(s) without a camera {behind} partner; threshold {t.lag_seconds:g} s)", f"cam{behind}")]
+    return [
+        Alert(
+            "warning",
+            "camera_lag",
+            f"camera {behind} lags camera {ahead} by {lag:.0f} s ({n_extra} newer camera {ahead} "
+            f"file(s) without a camera {behind} partner; threshold {t.lag_seconds:g} s)",
+            f"cam{behind}",
+        )
+    ]
 
 
 def _flc_rules(cams: dict[int, list[FileRow]], t) -> list[Alert]:
@@ -169,29 +194,51 @@ def _flc_rules(cams: dict[int, list[FileRow]], t) -> list[Alert]:
             ma, mb = statistics.median(fa), statistics.median(fb)
             mean = 0.5 * (ma + mb)
             if mean > 0 and abs(ma - mb) / mean > imb:
-                out.append(Alert("warning", "flc_imbalance",
-                                 f"camera {cam}: FLC A/B flux imbalance {abs(ma - mb) / mean:.0%} "
-                                 f"(A {ma:.4g}, B {mb:.4g} e-/s; threshold {imb:.0%})", f"cam{cam}:flux"))
+                out.append(
+                    Alert(
+                        "warning",
+                        "flc_imbalance",
+                        f"camera {cam}: FLC A/B flux imbalance {abs(ma - mb) / mean:.0%} "
+                        f"(A {ma:.4g}, B {mb:.4g} e-/s; threshold {imb:.0%})",
+                        f"cam{cam}:flux",
+                    )
+                )
         na, nb = len(a), len(b)
         if max(na, nb) >= 5 and abs(na - nb) / max(na, nb) > imb:
-            out.append(Alert("warning", "flc_imbalance",
-                             f"camera {cam}: FLC A/B file counts {na}/{nb} differ by more than {imb:.0%}",
-                             f"cam{cam}:count"))
+            out.append(
+                Alert(
+                    "warning",
+                    "flc_imbalance",
+                    f"camera {cam}: FLC A/B file counts {na}/{nb} differ by more than {imb:.0%}",
+                    f"cam{cam}:count",
+                )
+            )
     return out
 
 
 def _hwp_rule(snap: Snapshot, t) -> list[Alert]:
     """HWP angles off the grid (polarimetric files only)."""
     tol = t.hwp_grid_tolerance
-    off = [f for f in snap.recent if f.hwp is not None and (f.flc or "NA").upper() in ("A", "B", "NA")
-           and ((f.flc or "").upper() in ("A", "B") or "POL" in (f.obs_mod or "").upper())
-           and hwp_grid_offset(f.hwp) > tol]
+    off = [
+        f
+        for f in snap.recent
+        if f.hwp is not None
+        and (f.flc or "NA").upper() in ("A", "B", "NA")
+        and ((f.flc or "").upper() in ("A", "B") or "POL" in (f.obs_mod or "").upper())
+        and hwp_grid_offset(f.hwp) > tol
+    ]
     if not off:
         return []
     worst = max(off, key=lambda f: hwp_grid_offset(f.hwp))
-    return [Alert("warning", "hwp_off_grid",
-                  f"HWP angle off the 0/22.5/45/67.5 grid: {_names(off)} (e.g. {worst.name} RET-ANG1 = "
-                  f"{worst.hwp:g}°, {hwp_grid_offset(worst.hwp):.2f}° off; tolerance {tol:g}°)", worst.name)]
+    return [
+        Alert(
+            "warning",
+            "hwp_off_grid",
+            f"HWP angle off the 0/22.5/45/67.5 grid: {_names(off)} (e.g. {worst.name} RET-ANG1 = "
+            f"{worst.hwp:g}°, {hwp_grid_offset(worst.hwp):.2f}° off; tolerance {tol:g}°)",
+            worst.name,
+        )
+    ]
 
 
 def _idle_rule(snap: Snapshot, t, now: float) -> list[Alert]:
@@ -214,18 +261,28 @@ def _frame_rule(cams: dict[int, list[FileRow]]) -> list[Alert]:
             continue
         half = max(1.0, 0.5 * (f1.exptime or 0.0) * f1.nframes) / 86400.0
         for f2 in cams[2]:
-            if (f2.mjd is not None and f2.nframes is not None and abs(f2.mjd - f1.mjd) < half
-                    and (f2.flc or "") == (f1.flc or "")
-                    and (f1.hwp is None or f2.hwp is None or abs(f1.hwp - f2.hwp) < 1e-3)):
+            if (
+                f2.mjd is not None
+                and f2.nframes is not None
+                and abs(f2.mjd - f1.mjd) < half
+                and (f2.flc or "") == (f1.flc or "")
+                and (f1.hwp is None or f2.hwp is None or abs(f1.hwp - f2.hwp) < 1e-3)
+            ):
                 if f2.nframes != f1.nframes:
                     bad.append((f1, f2))
                 break
     if not bad:
         return []
     f1, f2 = bad[-1]
-    return [Alert("warning", "frame_mismatch",
-                  f"different frame counts between the cameras in {len(bad)} pair(s): e.g. {f1.name} has "
-                  f"{f1.nframes}, {f2.name} has {f2.nframes}", f2.name)]
+    return [
+        Alert(
+            "warning",
+            "frame_mismatch",
+            f"different frame counts between the cameras in {len(bad)} pair(s): e.g. {f1.name} has "
+            f"{f1.nframes}, {f2.name} has {f2.nframes}",
+            f2.name,
+        )
+    ]
 
 
 def _drop_rules(snap: Snapshot, t) -> list[Alert]:
@@ -236,29 +293,46 @@ def _drop_rules(snap: Snapshot, t) -> list[Alert]:
             continue
         last = trend[-1]
         same = [f for f in trend if f.target == last.target and f.filter == last.filter]
-        for attr, thr, code, label in (("strehl", t.strehl_drop, "strehl_drop", "Strehl"),
-                                       ("flux", t.flux_drop, "flux_drop", "flux")):
+        for attr, thr, code, label in (
+            ("strehl", t.strehl_drop, "strehl_drop", "Strehl"),
+            ("flux", t.flux_drop, "flux_drop", "flux"),
+        ):
             vals = [getattr(f, attr) for f in same if getattr(f, attr) is not None]
             if len(vals) < 6:
                 continue
             now_v = statistics.median(vals[-3:])
             ref = statistics.median(vals[-33:-3])
             if ref > 0 and now_v < (1 - thr) * ref:
-                out.append(Alert("warning", code,
-                                 f"camera {cam}: {label} dropped {1 - now_v / ref:.0%} (last 3 files {now_v:.3g} vs "
-                                 f"{ref:.3g} before; threshold {thr:.0%})", f"cam{cam}"))
+                out.append(
+                    Alert(
+                        "warning",
+                        code,
+                        f"camera {cam}: {label} dropped {1 - now_v / ref:.0%} (last 3 files {now_v:.3g} vs "
+                        f"{ref:.3g} before; threshold {thr:.0%})",
+                        f"cam{cam}",
+                    )
+                )
     return out
 
 
 def _calibration_rule(snap: Snapshot) -> list[Alert]:
     out = []
     for cam, info in sorted(snap.calibration.items()):
-        missing = [k for k, exp in (("background", info.get("back_expected")), ("flat", info.get("flat_expected")))
-                   if exp and not info.get("back" if k == "background" else "flat")]
+        missing = [
+            k
+            for k, exp in (("background", info.get("back_expected")), ("flat", info.get("flat_expected")))
+            if exp and not info.get("back" if k == "background" else "flat")
+        ]
         if missing:
-            out.append(Alert("warning", "no_calibration",
-                             f"camera {cam}: no {' or '.join(missing)} master for the current detector configuration "
-                             f"({info.get('detector') or '?'}; {info.get('file')})", f"cam{cam}"))
+            out.append(
+                Alert(
+                    "warning",
+                    "no_calibration",
+                    f"camera {cam}: no {' or '.join(missing)} master for the current detector configuration "
+                    f"({info.get('detector') or '?'}; {info.get('file')})",
+                    f"cam{cam}",
+                )
+            )
     return out
 
 
@@ -299,8 +373,11 @@ class AlertMonitor:
         from vampd.live.snapshot import take_snapshot
 
         snap = take_snapshot(self.outdir, now=now, config_path=self.config_path)
-        cur = {a.key: a for a in compute_alerts(snap, cfg if cfg is not None else alerts_config_for(snap), now)
-               if a.code != "daemon_down"}  # the daemon polling itself is alive by definition
+        cur = {
+            a.key: a
+            for a in compute_alerts(snap, cfg if cfg is not None else alerts_config_for(snap), now)
+            if a.code != "daemon_down"
+        }  # the daemon polling itself is alive by definition
         raised = [a for k, a in cur.items() if k not in self.active]
         cleared = [a for k, a in self.active.items() if k not in cur]
         for a in raised:

@@ -81,8 +81,17 @@ def cmd_live(args: argparse.Namespace) -> int:
     logging.captureWarnings(True)
     keys = _Keys()
     try:
-        with keys, Live(console=console, screen=True, auto_refresh=False, redirect_stdout=True,
-                        redirect_stderr=True, transient=False) as live:
+        with (
+            keys,
+            Live(
+                console=console,
+                screen=True,
+                auto_refresh=False,
+                redirect_stdout=True,
+                redirect_stderr=True,
+                transient=False,
+            ) as live,
+        ):
             while True:
                 width, height = console.size
                 _snap, view = frame(width, height)

@@ -212,7 +212,7 @@ def night_label(mjd: float | None) -> str | None:
     """The HST date on which the night began (noon to noon HST) of an MJD (UT)."""
     if mjd is None or not math.isfinite(mjd):
         return None
-    ut = _dt.datetime(1858, 11, 17, tzinfo=_dt.timezone.utc) + _dt.timedelta(days=float(mjd))
+    ut = _dt.datetime(1858, 11, 17, tzinfo=_dt.UTC) + _dt.timedelta(days=float(mjd))
     return (ut - _dt.timedelta(hours=22)).date().isoformat()
 
 
@@ -232,13 +232,30 @@ def _file_row(r: sqlite3.Row) -> FileRow:
         except (TypeError, ValueError):
             m = {}
     return FileRow(
-        path=r["path"], state=r["state"], camera=r["camera"], flc=r["flc"], hwp=_num(r["hwp"]),
-        filter=r["filter"], target=r["target"], exptime=_num(r["exptime"]), mjd=_num(r["mjd"]),
-        nframes=r["nframes"] if r["nframes"] is not None else m.get("nframes"), obs_mod=r["obs_mod"],
-        stage=r["stage"], tries=r["tries"] or 0, error=r["error"], nkept=m.get("nkept"),
-        strehl=_num(m.get("strehl")), fwhm=_num(m.get("fwhm")), flux=_num(m.get("flux")),
-        offset=_num(m.get("offset")), nsat=m.get("nsat"), latency=_num(r["latency"]), t_seen=r["t_seen"],
-        t_complete=r["t_complete"], t_done=r["t_done"],
+        path=r["path"],
+        state=r["state"],
+        camera=r["camera"],
+        flc=r["flc"],
+        hwp=_num(r["hwp"]),
+        filter=r["filter"],
+        target=r["target"],
+        exptime=_num(r["exptime"]),
+        mjd=_num(r["mjd"]),
+        nframes=r["nframes"] if r["nframes"] is not None else m.get("nframes"),
+        obs_mod=r["obs_mod"],
+        stage=r["stage"],
+        tries=r["tries"] or 0,
+        error=r["error"],
+        nkept=m.get("nkept"),
+        strehl=_num(m.get("strehl")),
+        fwhm=_num(m.get("fwhm")),
+        flux=_num(m.get("flux")),
+        offset=_num(m.get("offset")),
+        nsat=m.get("nsat"),
+        latency=_num(r["latency"]),
+        t_seen=r["t_seen"],
+        t_complete=r["t_complete"],
+        t_done=r["t_done"],
     )
 
 
@@ -267,7 +284,8 @@ def _calib_header(path: str) -> dict:
 
     h = fits.getheader(path)
     return {
-        "back": h.get("BACKFILE"), "flat": h.get("FLATFILE"),
+        "back": h.get("BACKFILE"),
+        "flat": h.get("FLATFILE"),
         "detector": f"{h.get('U_DETMOD', h.get('DETMODE', '?'))} mode, EXPTIME {h.get('EXPTIME', '?')} s",
         "product": os.path.basename(path),
     }
@@ -286,7 +304,7 @@ def _pdi_file(path: str) -> list[PdiSet]:
     if data.ndim == 3:
         data = data[None]
         err = err[None] if err is not None else None
-    fields = [k[len("DPP PDI DOLP "):] for k in hdr if k.startswith("DPP PDI DOLP ") and "_ERR" not in k]
+    fields = [k[len("DPP PDI DOLP ") :] for k in hdr if k.startswith("DPP PDI DOLP ") and "_ERR" not in k]
     if not fields:
         fields = [str(hdr.get("FIELD", hdr.get("FILTER01", "")))]
     idx = hdr.get("DPP PDI SET INDEX")
@@ -298,15 +316,23 @@ def _pdi_file(path: str) -> list[PdiSet]:
 
     for j, f in enumerate(fields):
         ps = PdiSet(
-            path=path, index=int(idx) if idx is not None else None, key=key, field=f,
-            dolp=g(f"DPP PDI DOLP {f}"), dolp_err=g(f"DPP PDI DOLP_ERR {f}"),
-            aolp=g(f"DPP PDI AOLP {f}"), aolp_err=g(f"DPP PDI AOLP_ERR {f}"),
-            ip_pq=g(f"DPP PDI IP_PQ {f}"), ip_pu=g(f"DPP PDI IP_PU {f}"),
-            mm_ip_pq=g(f"DPP PDI MM IP_PQ {f}"), mm_ip_pu=g(f"DPP PDI MM IP_PU {f}"),
+            path=path,
+            index=int(idx) if idx is not None else None,
+            key=key,
+            field=f,
+            dolp=g(f"DPP PDI DOLP {f}"),
+            dolp_err=g(f"DPP PDI DOLP_ERR {f}"),
+            aolp=g(f"DPP PDI AOLP {f}"),
+            aolp_err=g(f"DPP PDI AOLP_ERR {f}"),
+            ip_pq=g(f"DPP PDI IP_PQ {f}"),
+            ip_pu=g(f"DPP PDI IP_PU {f}"),
+            mm_ip_pq=g(f"DPP PDI MM IP_PQ {f}"),
+            mm_ip_pu=g(f"DPP PDI MM IP_PU {f}"),
         )
         if j < data.shape[0] and data.shape[1] >= 4:
-            s, v = qphi_annulus(data[j, 2], data[j, 3], None if err is None else err[j, 2],
-                                None if err is None else err[j, 3])
+            s, v = qphi_annulus(
+                data[j, 2], data[j, 3], None if err is None else err[j, 2], None if err is None else err[j, 3]
+            )
             ps.qphi_sum, ps.qphi_var = s, v
         out.append(ps)
     return out
@@ -396,12 +422,21 @@ def _sets_from_ledger(led: Ledger, files: dict[str, FileRow], tolerance: float) 
         except ValueError:
             slots = list(present)
         parts = (r["key"] or "").split(":")
-        out.append(SetView(
-            key=r["key"], mode=mode, state=r["state"], members=present,
-            missing=[s for s in slots if s not in present],
-            target=parts[1] if len(parts) > 2 else None, filter=parts[2] if len(parts) > 3 else None,
-            reason=r["reason"], created=r["created"], updated=r["updated"], source="ledger",
-        ))
+        out.append(
+            SetView(
+                key=r["key"],
+                mode=mode,
+                state=r["state"],
+                members=present,
+                missing=[s for s in slots if s not in present],
+                target=parts[1] if len(parts) > 2 else None,
+                filter=parts[2] if len(parts) > 3 else None,
+                reason=r["reason"],
+                created=r["created"],
+                updated=r["updated"],
+                source="ledger",
+            )
+        )
     return out
 
 
@@ -413,8 +448,18 @@ def _sets_from_files(files: dict[str, FileRow], mode: str, tolerance: float, tim
     for f in files.values():
         if f.state not in ("done", "parked", "failed", "running", "queued", "pending") or f.mjd is None:
             continue
-        recs.append({"path": f.path, "camera": camera_of(f), "flc": f.flc, "hwp": f.hwp, "mjd": f.mjd,
-                     "target": f.target, "filter": f.filter, "state": "parked" if f.state == "parked" else "done"})
+        recs.append(
+            {
+                "path": f.path,
+                "camera": camera_of(f),
+                "flc": f.flc,
+                "hwp": f.hwp,
+                "mjd": f.mjd,
+                "target": f.target,
+                "filter": f.filter,
+                "state": "parked" if f.state == "parked" else "done",
+            }
+        )
     if not recs:
         return []
     asm = assemble_sets(recs, mode, tolerance=tolerance, timeout=timeout)
@@ -422,15 +467,27 @@ def _sets_from_files(files: dict[str, FileRow], mode: str, tolerance: float, tim
     for s in asm.open:
         present = {slot_label(k): (os.path.basename(m["path"]), files[m["path"]].state) for k, m in s.members.items()}
         arr = [files[m["path"]].t_arrival for m in s.members.values() if files[m["path"]].t_arrival is not None]
-        out.append(SetView(key=s.key, mode=mode, state="open", members=present, missing=list(s.missing),
-                           target=s.target, filter=s.filter, created=min(arr) if arr else None,
-                           updated=max(arr) if arr else None, source="files"))
+        out.append(
+            SetView(
+                key=s.key,
+                mode=mode,
+                state="open",
+                members=present,
+                missing=list(s.missing),
+                target=s.target,
+                filter=s.filter,
+                created=min(arr) if arr else None,
+                updated=max(arr) if arr else None,
+                source="files",
+            )
+        )
     return out
 
 
 # -- the snapshot -----------------------------------------------------------------------------------
-def take_snapshot(outdir: os.PathLike | str, now: float | None = None, config_path: str | None = None,
-                  read_products: bool = True) -> Snapshot:
+def take_snapshot(
+    outdir: os.PathLike | str, now: float | None = None, config_path: str | None = None, read_products: bool = True
+) -> Snapshot:
     """Read everything the live view shows, in one read transaction on a read-only ledger.
 
     Parameters
@@ -481,8 +538,11 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
     snap.daemon["alive"] = daemon_alive(info, now=now)
     snap.config_path = config_path or snap.daemon.get("config") or None
     cfg = _load_config(snap.config_path)
-    snap.config_name = (getattr(cfg, "name", None) or None) if cfg is not None else (
-        Path(snap.config_path).stem if snap.config_path else None)
+    snap.config_name = (
+        (getattr(cfg, "name", None) or None)
+        if cfg is not None
+        else (Path(snap.config_path).stem if snap.config_path else None)
+    )
     snap.queue = snap.counts["pending"] + snap.counts["queued"] + snap.counts["running"]
     snap.set_counts = led.set_counts()
     snap.leastsq = led.lsq_status()
@@ -511,8 +571,9 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
         first = min(f.t_done for f in done if f.t_done is not None) if any(f.t_done for f in done) else now
         window = min(_THROUGHPUT_WINDOW, max(now - first, 1.0))
         snap.throughput = 60.0 * len(recent_done) / window
-    snap.problems = sorted((f for f in rows if f.state in ("failed", "parked")),
-                           key=lambda f: (f.t_arrival or 0.0, f.path), reverse=True)
+    snap.problems = sorted(
+        (f for f in rows if f.state in ("failed", "parked")), key=lambda f: (f.t_arrival or 0.0, f.path), reverse=True
+    )
     snap.events = [{k: e[k] for k in e.keys()} for e in led.events(30)]
 
     # sets: the PDI trigger's rows when there are any, else assembled from the files
@@ -520,16 +581,21 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
     from vampd.config.models import PolarimetryConfig
     from vampd.live.alerts import thresholds
 
-    tol = float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0) or thresholds(
-        getattr(cfg, "alerts", None) if cfg is not None else None).hwp_grid_tolerance
+    tol = (
+        float(getattr(pcfg, "hwp_tolerance", 0.0) or 0.0)
+        or thresholds(getattr(cfg, "alerts", None) if cfg is not None else None).hwp_grid_tolerance
+    )
     if sum(snap.set_counts.values()):
         snap.open_sets = _sets_from_ledger(led, files, tol)
         snap.set_mode = snap.open_sets[0].mode if snap.open_sets else (pcfg.method if pcfg else None)
     else:
         pol = [f for f in done if (f.flc or "NA").upper() in ("A", "B") or "POL" in (f.obs_mod or "").upper()]
         if pol:
-            mode = pcfg.method if pcfg is not None else (
-                "triplediff" if any((f.flc or "").upper() in ("A", "B") for f in pol) else "doublediff")
+            mode = (
+                pcfg.method
+                if pcfg is not None
+                else ("triplediff" if any((f.flc or "").upper() in ("A", "B") for f in pol) else "doublediff")
+            )
             timeout = float(getattr(pcfg, "set_timeout", None) or PolarimetryConfig.model_fields["set_timeout"].default)
             snap.set_mode = mode
             snap.open_sets = _sets_from_files(files, mode, tol, timeout)
@@ -546,9 +612,12 @@ def _read(led: Ledger, snap: Snapshot, now: float, config_path: str | None, read
             if prod is not None:
                 info = _cached(_HEADER_CACHE, prod, _calib_header)
                 if info is not None:
-                    snap.calibration[cam] = dict(info, file=newest.name,
-                                                 back_expected=bool(cal and cal.calib_directory and cal.back_subtract),
-                                                 flat_expected=bool(cal and cal.calib_directory and cal.flat_correct))
+                    snap.calibration[cam] = dict(
+                        info,
+                        file=newest.name,
+                        back_expected=bool(cal and cal.calib_directory and cal.back_subtract),
+                        flat_expected=bool(cal and cal.calib_directory and cal.flat_correct),
+                    )
         snap.pdi = _pdi_summary(snap.outdir, snap.set_counts)
 
 

@@ -10,8 +10,9 @@ __all__ = ["BARS", "sparkline"]
 BARS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: Sequence[float | None], width: int | None = None, lo: float | None = None,
-              hi: float | None = None) -> str:
+def sparkline(
+    values: Sequence[float | None], width: int | None = None, lo: float | None = None, hi: float | None = None
+) -> str:
     """One character per value (the last ``width`` values), scaled between ``lo`` and ``hi``.
 
     Missing or non-finite values are a space; a constant series is drawn at mid-height.

@@ -15,7 +15,7 @@ __all__ = ["collect_status", "format_status"]
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds")
 
 
 def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: Ledger | None = None) -> dict:
@@ -35,8 +35,10 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         pending = counts["pending"] + counts["queued"] + counts["running"] + missing
         info = led.daemon_info()
         last = led.last_done()
-        errors = [{"path": r["path"], "state": r["state"], "tries": r["tries"], "error": r["error"]}
-                  for r in led.problem_files()]
+        errors = [
+            {"path": r["path"], "state": r["state"], "tries": r["tries"], "error": r["error"]}
+            for r in led.problem_files()
+        ]
         lat = led.done_latencies()
         sets = led.set_counts()
         lsq = led.lsq_status()  # least-squares accumulators (issue 13); [] without
@@ -74,9 +76,15 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
         out["leastsq"] = lsq
     if last is not None:
         out["last_file"] = {
-            "path": last["path"], "done": _iso(last["t_done"]), "latency": last["latency"],
-            "target": last["target"], "filter": last["filter"], "camera": last["camera"],
-            "flc": last["flc"], "hwp": last["hwp"], "mjd": last["mjd"],
+            "path": last["path"],
+            "done": _iso(last["t_done"]),
+            "latency": last["latency"],
+            "target": last["target"],
+            "filter": last["filter"],
+            "camera": last["camera"],
+            "flc": last["flc"],
+            "hwp": last["hwp"],
+            "mjd": last["mjd"],
         }
     return out
 
@@ -104,18 +112,22 @@ def format_status(st: dict) -> str:
     for a in st.get("leastsq", []):
         cov = " ".join(f"{h}:{n}" for h, n in a["coverage"].items())
         snr = f"{a['snr']:.1f}" if a["snr"] is not None else "-"
-        lines.append(f"lsq     {a['target']} {a['filter']}: {a['ncubes']} cubes ({a['rejected']} rejected), "
-                     f"Q_phi S/N {snr}, HWP {cov}")
+        lines.append(
+            f"lsq     {a['target']} {a['filter']}: {a['ncubes']} cubes ({a['rejected']} rejected), "
+            f"Q_phi S/N {snr}, HWP {cov}"
+        )
     if st["latency"]["median"] is not None:
         lines.append(f"latency median {st['latency']['median']:.2f} s, p95 {st['latency']['p95']:.2f} s")
     if st["last_file"]:
         lf = st["last_file"]
-        lines.append(f"last    {os.path.basename(lf['path'])} done at {lf['done']} (wall clock; "
-                     f"{lf['target'] or '?'}, {lf['filter'] or '?'})")
+        lines.append(
+            f"last    {os.path.basename(lf['path'])} done at {lf['done']} (wall clock; "
+            f"{lf['target'] or '?'}, {lf['filter'] or '?'})"
+        )
     for e in st["errors"][:10]:
         name = os.path.basename(e["path"])
         err = _one_line(e["error"]).replace(e["path"], name)
-        err = err[len(name) + 2:] if err.startswith(f"{name}: ") else err
+        err = err[len(name) + 2 :] if err.startswith(f"{name}: ") else err
         lines.append(f"{e['state']:<7} {name} (tries {e['tries']}): {err}")
     if len(st["errors"]) > 10:
         lines.append(f"        … and {len(st['errors']) - 10} more")

@@ -28,8 +28,13 @@ from vampd.live.sparkline import sparkline
 __all__ = ["render", "STATE_STYLES", "render_text"]
 
 STATE_STYLES = {
-    "done": "green", "failed": "red", "parked": "magenta", "pending": "dim", "queued": "dim",
-    "running": "cyan", "ignored": "dim",
+    "done": "green",
+    "failed": "red",
+    "parked": "magenta",
+    "pending": "dim",
+    "queued": "dim",
+    "running": "cyan",
+    "ignored": "dim",
 }
 LEVEL_STYLES = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _WIDE = 100
@@ -50,7 +55,7 @@ def _dur(s: float | None) -> str:
 def _ut(t: float | None) -> str:
     if t is None:
         return "–"
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%H:%M:%S")
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%H:%M:%S")
 
 
 def _mjd_ut(mjd: float | None) -> str | None:
@@ -104,18 +109,31 @@ def _daemon_segments(snap: Snapshot, compact: bool) -> list[Text]:
     if d.get("alive"):
         up = _dur(snap.taken - (d.get("started") or snap.taken))
         beat = _dur(snap.taken - (d.get("heartbeat") or snap.taken))
-        return [_seg("● daemon running", "bold green"),
-                _seg(f"pid {d.get('pid')} up {up}, beat {beat} ago" if compact else
-                     f"pid {d.get('pid')} up {up}, last beat {beat} ago")]
+        return [
+            _seg("● daemon running", "bold green"),
+            _seg(
+                f"pid {d.get('pid')} up {up}, beat {beat} ago"
+                if compact
+                else f"pid {d.get('pid')} up {up}, last beat {beat} ago"
+            ),
+        ]
     if d.get("pid") is None:
-        return [_seg("■ DAEMON NOT RUNNING", "bold red reverse"),
-                _seg("batch ledger" if compact else "last recorded state (batch ledger: no daemon has run here)", "red")]
+        return [
+            _seg("■ DAEMON NOT RUNNING", "bold red reverse"),
+            _seg("batch ledger" if compact else "last recorded state (batch ledger: no daemon has run here)", "red"),
+        ]
     how = "stopped" if d.get("stopped") else "gone"
     last = d.get("stopped") or d.get("heartbeat")
     ago = _dur(snap.taken - last) if last else "?"
-    return [_seg("■ DAEMON NOT RUNNING", "bold red reverse"),
-            _seg(f"pid {d.get('pid')} {how} {ago} ago" if compact else
-                 f"last recorded state: pid {d.get('pid')} {how} at {_ut(last)} UT (wall clock), {ago} ago", "red")]
+    return [
+        _seg("■ DAEMON NOT RUNNING", "bold red reverse"),
+        _seg(
+            f"pid {d.get('pid')} {how} {ago} ago"
+            if compact
+            else f"last recorded state: pid {d.get('pid')} {how} at {_ut(last)} UT (wall clock), {ago} ago",
+            "red",
+        ),
+    ]
 
 
 def _count_segments(snap: Snapshot, compact: bool) -> list[Text]:
@@ -124,29 +142,43 @@ def _count_segments(snap: Snapshot, compact: bool) -> list[Text]:
     lat = (snap.status or {}).get("latency", {})
     files = Text(f"files {f.get('total', 0)}: ")
     files.append(f"{f.get('done', 0)} done", style="green")
-    files.append(f", {c.get('running', 0)} run, {f.get('pending', 0)} pend, " if compact else
-                 f", {c.get('running', 0)} running, {f.get('pending', 0)} pending, ")
+    files.append(
+        f", {c.get('running', 0)} run, {f.get('pending', 0)} pend, "
+        if compact
+        else f", {c.get('running', 0)} running, {f.get('pending', 0)} pending, "
+    )
     files.append(f"{c.get('parked', 0)} parked", style="magenta" if c.get("parked") else "")
     if c.get("failed"):
         files.append(f", {c['failed']} to retry", style="red")
     sc = snap.set_counts
     if snap.leastsq:  # least squares: cubes, Q_phi S/N and coverage per HWP angle of the latest group
         a = max(snap.leastsq, key=lambda x: x.get("updated") or 0.0)
-        sets = _seg(f"lsq {a['ncubes']} cubes S/N {_g(a['snr'], '.1f')} HWP "
-                    + " ".join(f"{h}:{n}" for h, n in a["coverage"].items()), "bold")
+        sets = _seg(
+            f"lsq {a['ncubes']} cubes S/N {_g(a['snr'], '.1f')} HWP "
+            + " ".join(f"{h}:{n}" for h, n in a["coverage"].items()),
+            "bold",
+        )
     else:
-        sets = _seg(f"sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken",
-                    "bold")
+        sets = _seg(
+            f"sets {sc.get('complete', 0)} complete, {sc.get('open', 0)} open, {sc.get('broken', 0)} broken", "bold"
+        )
     bc = snap.block_counts or {}
     if sum(bc.values()):  # combine.method = "pdi": HWP blocks
-        sets.append(f" │ blocks {bc.get('done', 0)} done, {bc.get('open', 0)} open" if compact else
-                    f" │ HWP blocks {bc.get('done', 0)} done, {bc.get('open', 0)} open,"
-                    f" {bc.get('ready', 0) + bc.get('running', 0)} coadding, {bc.get('failed', 0)} failed")
+        sets.append(
+            f" │ blocks {bc.get('done', 0)} done, {bc.get('open', 0)} open"
+            if compact
+            else f" │ HWP blocks {bc.get('done', 0)} done, {bc.get('open', 0)} open,"
+            f" {bc.get('ready', 0) + bc.get('running', 0)} coadding, {bc.get('failed', 0)} failed"
+        )
     p50, p95 = _g(lat.get("median"), ".1f"), _g(lat.get("p95"), ".1f")
     if compact:
         return [files, sets, _seg(f"{_g(snap.throughput, '.1f')}/min q{snap.queue} p50 {p50} s p95 {p95} s")]
-    segs = [files, sets, _seg(f"{_g(snap.throughput, '.1f')} files/min, queue {snap.queue}"),
-            _seg(f"latency p50 {p50} s, p95 {p95} s")]
+    segs = [
+        files,
+        sets,
+        _seg(f"{_g(snap.throughput, '.1f')} files/min, queue {snap.queue}"),
+        _seg(f"latency p50 {p50} s, p95 {p95} s"),
+    ]
     if snap.disk_free_gb is not None:
         segs.append(_seg(f"disk {snap.disk_free_gb:.0f} GB free"))
     return segs
@@ -156,12 +188,20 @@ def header_lines(snap: Snapshot, width: int) -> list[Text]:
     """The header's lines for an inner width of ``width`` cells (wrapped, never cut)."""
     compact = width < _WIDE - 4
     if compact:
-        first = [_seg("vampd live", "bold"), _seg(f"{snap.target or '?'}", "bold"), _seg(f"night {snap.night or '?'}"),
-                 _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim")]
+        first = [
+            _seg("vampd live", "bold"),
+            _seg(f"{snap.target or '?'}", "bold"),
+            _seg(f"night {snap.night or '?'}"),
+            _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim"),
+        ]
     else:
-        first = [_seg("vampd live", "bold"), _seg(f"night {snap.night or '?'} HST"),
-                 _seg(f"target {snap.target or '?'}", "bold"), _seg(f"config {snap.config_name or '–'}"),
-                 _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim")]
+        first = [
+            _seg("vampd live", "bold"),
+            _seg(f"night {snap.night or '?'} HST"),
+            _seg(f"target {snap.target or '?'}", "bold"),
+            _seg(f"config {snap.config_name or '–'}"),
+            _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim"),
+        ]
     if not snap.ledger_found:
         return _pack([first, [_seg(f"no ledger yet: {snap.problem}", "bold red")]], width)
     return _pack([first, _daemon_segments(snap, compact), _count_segments(snap, compact)], width)
@@ -207,22 +247,56 @@ def _alerts_panel(alerts: list[Alert], nlines: int) -> Panel:
 
 
 _FILE_COLUMNS = [  # (name, width priority: lower is kept longer)
-    ("obs UT", 0), ("file", 1), ("cam", 0), ("FLC", 2), ("HWP", 2), ("filter", 7), ("kept", 5),
-    ("Strehl", 3), ("FWHM", 6), ("flux", 4), ("offset", 8), ("sat", 9), ("latency", 6), ("state", 0),
+    ("obs UT", 0),
+    ("file", 1),
+    ("cam", 0),
+    ("FLC", 2),
+    ("HWP", 2),
+    ("filter", 7),
+    ("kept", 5),
+    ("Strehl", 3),
+    ("FWHM", 6),
+    ("flux", 4),
+    ("offset", 8),
+    ("sat", 9),
+    ("latency", 6),
+    ("state", 0),
 ]
-_COL_WIDTH = {"obs UT": 9, "file": 17, "cam": 3, "FLC": 3, "HWP": 5, "filter": 6, "kept": 5, "Strehl": 6,
-              "FWHM": 5, "flux": 6, "offset": 6, "sat": 3, "latency": 7, "state": 7}
+_COL_WIDTH = {
+    "obs UT": 9,
+    "file": 17,
+    "cam": 3,
+    "FLC": 3,
+    "HWP": 5,
+    "filter": 6,
+    "kept": 5,
+    "Strehl": 6,
+    "FWHM": 5,
+    "flux": 6,
+    "offset": 6,
+    "sat": 3,
+    "latency": 7,
+    "state": 7,
+}
 
 
 def _file_cells(f: FileRow) -> dict:
     cam = camera_of(f)
     return {
         # observation time; a file without one shows its arrival on the wall clock, marked "~"
-        "obs UT": _mjd_ut(f.mjd) or ("~" + _ut(f.t_arrival) if f.t_arrival else "–"), "file": f.name, "cam": str(cam) if cam else "?",
-        "FLC": f.flc or "–", "HWP": _g(f.hwp, "g"), "filter": f.filter or "–",
+        "obs UT": _mjd_ut(f.mjd) or ("~" + _ut(f.t_arrival) if f.t_arrival else "–"),
+        "file": f.name,
+        "cam": str(cam) if cam else "?",
+        "FLC": f.flc or "–",
+        "HWP": _g(f.hwp, "g"),
+        "filter": f.filter or "–",
         "kept": f"{f.nkept}/{f.nframes}" if f.nkept is not None else (str(f.nframes) if f.nframes else "–"),
-        "Strehl": _g(f.strehl, ".2f"), "FWHM": _g(f.fwhm, ".2f"), "flux": _flux(f.flux),
-        "offset": _g(f.offset, ".2f"), "latency": _g(f.latency, ".1f"), "state": f.state,
+        "Strehl": _g(f.strehl, ".2f"),
+        "FWHM": _g(f.fwhm, ".2f"),
+        "flux": _flux(f.flux),
+        "offset": _g(f.offset, ".2f"),
+        "latency": _g(f.latency, ".1f"),
+        "state": f.state,
         "sat": "–" if f.nsat is None else Text(str(f.nsat), style="bold red" if f.nsat else ""),
     }
 
@@ -237,12 +311,19 @@ def _latest_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
             cols.remove(c)
     t = Table(box=None, padding=(0, 1), show_edge=False, pad_edge=False, header_style="bold underline")
     for c in cols:
-        t.add_column(c, justify="right" if c in ("HWP", "kept", "Strehl", "FWHM", "flux", "offset", "sat", "latency") else "left",
-                     no_wrap=True, overflow="ellipsis", width=_COL_WIDTH[c])
+        t.add_column(
+            c,
+            justify="right" if c in ("HWP", "kept", "Strehl", "FWHM", "flux", "offset", "sat", "latency") else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            width=_COL_WIDTH[c],
+        )
     for f in snap.latest[: max(nrows, 0)]:
         cells = _file_cells(f)
-        t.add_row(*[_state(cells[c]) if c == "state" else cells[c] for c in cols],
-                  style="" if f.state == "done" else STATE_STYLES.get(f.state, ""))
+        t.add_row(
+            *[_state(cells[c]) if c == "state" else cells[c] for c in cols],
+            style="" if f.state == "done" else STATE_STYLES.get(f.state, ""),
+        )
     n = len(snap.latest)
     title = f"latest files by observation time ({min(n, nrows)} of {snap.status.get('files', {}).get('total', n)})"
     if any(f.mjd is None for f in snap.latest[: max(nrows, 0)]):
@@ -276,8 +357,9 @@ def _sets_panel(snap: Snapshot, width: int) -> Panel:
     if not snap.open_sets:
         sc = snap.set_counts
         if sum(sc.values()):
-            body: RenderableType = Text(f"no open set ({sc.get('complete', 0)} complete, "
-                                        f"{sc.get('broken', 0)} broken)", style="dim")
+            body: RenderableType = Text(
+                f"no open set ({sc.get('complete', 0)} complete, {sc.get('broken', 0)} broken)", style="dim"
+            )
         elif snap.set_mode is None:
             body = Text("no polarimetric data (no HWP sets)", style="dim")
         else:
@@ -289,14 +371,17 @@ def _sets_panel(snap: Snapshot, width: int) -> Panel:
     missing.append(", ".join(s.missing) if s.missing else "none", style="bold yellow" if s.missing else "green")
     parts: list[RenderableType] = [_set_table(s, snap.taken), missing]
     if len(snap.open_sets) > 1:
-        others = ", ".join(f"{o.target} {o.filter} {len(o.members)}/{len(o.members) + len(o.missing)}"
-                           for o in snap.open_sets[:-1][-3:])
+        others = ", ".join(
+            f"{o.target} {o.filter} {len(o.members)}/{len(o.members) + len(o.missing)}"
+            for o in snap.open_sets[:-1][-3:]
+        )
         parts.append(Text(f"also open: {others}", style="dim"))
     have, total = len(s.members), len(s.members) + len(s.missing)
     age = _dur(snap.taken - s.created) if s.created else "?"
     title = f"HWP set filling: {s.target or '?'} {s.filter or ''} {have}/{total} · age {age}"
-    return Panel(Group(*parts), title=title, title_align="left", box=box.ROUNDED,
-                 border_style="yellow" if s.missing else "green")
+    return Panel(
+        Group(*parts), title=title, title_align="left", box=box.ROUNDED, border_style="yellow" if s.missing else "green"
+    )
 
 
 def _trends_panel(snap: Snapshot, width: int) -> Panel:
@@ -310,8 +395,12 @@ def _trends_panel(snap: Snapshot, width: int) -> Panel:
     for cam in cams:
         t.add_column(f"cam{cam}", no_wrap=True, overflow="crop", width=spark_w)
         t.add_column("last", justify="right", no_wrap=True, min_width=6)
-    for attr, label, fmt in (("strehl", "Strehl", ".2f"), ("fwhm", "FWHM", ".2f"), ("flux", "flux", None),
-                             ("offset", "offset", ".2f")):
+    for attr, label, fmt in (
+        ("strehl", "Strehl", ".2f"),
+        ("fwhm", "FWHM", ".2f"),
+        ("flux", "flux", None),
+        ("offset", "offset", ".2f"),
+    ):
         row: list = [label]
         for cam in cams:
             vals = [getattr(f, attr) for f in snap.trends[cam]]
@@ -337,11 +426,18 @@ def _pdi_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
     def pct(v):
         return _g(None if v is None else 100 * v, "+.2f")
 
-    shown = p.sets[-max(nrows, 1):]
-    rows = [[str(s.index if s.index is not None else "?"), s.field or "",
-             f"{pct(s.dolp)}±{_g(None if s.dolp_err is None else 100 * s.dolp_err, '.2f')}",
-             f"{_g(s.aolp, '.1f')}±{'>90' if (s.aolp_err or 0) > 90 else _g(s.aolp_err, '.1f')}",
-             f"{pct(s.ip_pq)}/{pct(s.ip_pu)}", f"{pct(s.mm_ip_pq)}/{pct(s.mm_ip_pu)}"] for s in shown]
+    shown = p.sets[-max(nrows, 1) :]
+    rows = [
+        [
+            str(s.index if s.index is not None else "?"),
+            s.field or "",
+            f"{pct(s.dolp)}±{_g(None if s.dolp_err is None else 100 * s.dolp_err, '.2f')}",
+            f"{_g(s.aolp, '.1f')}±{'>90' if (s.aolp_err or 0) > 90 else _g(s.aolp_err, '.1f')}",
+            f"{pct(s.ip_pq)}/{pct(s.ip_pu)}",
+            f"{pct(s.mm_ip_pq)}/{pct(s.mm_ip_pu)}",
+        ]
+        for s in shown
+    ]
     names = ["set", "field", "DoLP %", "AoLP °", "IP q/u %", "model q/u %"]
     need = [max([len(n)] + [len(r[j]) for r in rows]) + 2 for j, n in enumerate(names)]  # + cell padding
     ncol = len(names)
@@ -360,7 +456,7 @@ def problem_reason(f: FileRow) -> str:
     err = " ".join((f.error or "no reason recorded").replace(f.path, f.name).split())
     for prefix in (f"{f.name}: ", f"{f.name} "):
         if err.startswith(prefix):
-            err = err[len(prefix):]
+            err = err[len(prefix) :]
     return err
 
 
@@ -390,8 +486,7 @@ def _problems_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
     """Parked and failed files with their reasons in full; ``nrows`` rows inside the borders
     (whole entries only: the title says how many are not shown)."""
     if not snap.problems:
-        return Panel(Text("no parked files", style="green"), title="parked files", title_align="left",
-                     box=box.ROUNDED)
+        return Panel(Text("no parked files", style="green"), title="parked files", title_align="left", box=box.ROUNDED)
     inner = width - 4
     shown: list[Text] = []
     nfiles = 0
@@ -421,8 +516,10 @@ def _compact_lines(snap: Snapshot, width: int, max_parked: int) -> list[Text]:
     sets.append(f", {sc.get('open', 0)} open, {sc.get('broken', 0)} broken")
     if snap.open_sets:
         o = snap.open_sets[-1]
-        sets.append(f"; filling {o.target or '?'} {len(o.members)}/{len(o.members) + len(o.missing)}",
-                    style="yellow" if o.missing else "green")
+        sets.append(
+            f"; filling {o.target or '?'} {len(o.members)}/{len(o.members) + len(o.missing)}",
+            style="yellow" if o.missing else "green",
+        )
         if o.missing:
             sets.append(f", missing: {', '.join(o.missing)}", style="yellow")
     p = snap.pdi
@@ -526,15 +623,19 @@ def _wide_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]
     bot_h = max(pdi_h, _problems_height(snap, width - left_w, max(avail - mid_h, 3)))
     if avail >= mid_h + bot_h or avail >= mid_h:
         mid = Layout(size=mid_h)
-        mid.split_row(Layout(_sets_panel(snap, width // 2), ratio=11), Layout(_trends_panel(snap, width * 9 // 20), ratio=9))
+        mid.split_row(
+            Layout(_sets_panel(snap, width // 2), ratio=11), Layout(_trends_panel(snap, width * 9 // 20), ratio=9)
+        )
         extra.append(("middle", mid))
         avail -= mid_h
     bot_h = max(pdi_h, _problems_height(snap, width - left_w, max(avail, 3)))
     if avail >= bot_h:
         bot = Layout(size=bot_h)
         # the set table needs more room than the parked-files list (3:2)
-        bot.split_row(Layout(_pdi_panel(snap, left_w, bot_h - 5), size=left_w),
-                      Layout(_problems_panel(snap, width - left_w, bot_h - 2), ratio=1))
+        bot.split_row(
+            Layout(_pdi_panel(snap, left_w, bot_h - 5), size=left_w),
+            Layout(_problems_panel(snap, width - left_w, bot_h - 2), ratio=1),
+        )
         extra.append(("bottom", bot))
         avail -= bot_h
     latest_h = latest_min + avail
@@ -555,13 +656,21 @@ def _stack(rows: list[tuple[str, Layout]], last: Layout | None = None) -> Layout
     return root
 
 
-def render_text(snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Alert] | None = None,
-                color: bool = False) -> str:
+def render_text(
+    snap: Snapshot, width: int = 120, height: int = 40, alerts: list[Alert] | None = None, color: bool = False
+) -> str:
     """The screen as text (``color`` → with ANSI styles): what ``vampd live --once`` prints."""
     from rich.console import Console
 
-    console = Console(width=width, height=height, record=True, file=open(os.devnull, "w"),
-                      force_terminal=color, color_system="standard" if color else None, legacy_windows=False)
+    console = Console(
+        width=width,
+        height=height,
+        record=True,
+        file=open(os.devnull, "w"),
+        force_terminal=color,
+        color_system="standard" if color else None,
+        legacy_windows=False,
+    )
     console.print(render(snap, width, height, alerts))
     text = console.export_text(styles=color)
     console.file.close()

@@ -157,8 +157,9 @@ def split_blocks(
     out = []
     for blocks in streams.values():
         for i, b in enumerate(blocks):
-            b.reason = _close_reason(b, blocks[i + 1] if i + 1 < len(blocks) else None, recs, later, newest,
-                                     timeout, final, horizon)
+            b.reason = _close_reason(
+                b, blocks[i + 1] if i + 1 < len(blocks) else None, recs, later, newest, timeout, final, horizon
+            )
             b.closed = b.reason is not None
             out.append(b)
     out.sort(key=lambda b: (b.mjd, b.key))

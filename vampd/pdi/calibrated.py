@@ -72,7 +72,9 @@ def calibrated_path(path: os.PathLike | str, unit: str) -> Path:
     return p.with_name(f"{p.name[: -len('.fits')] if p.name.endswith('.fits') else p.stem}_{slug(unit)}.fits")
 
 
-def scale_stokes(data8: np.ndarray, err8: np.ndarray, factors: Sequence[float] | float) -> tuple[np.ndarray, np.ndarray]:
+def scale_stokes(
+    data8: np.ndarray, err8: np.ndarray, factors: Sequence[float] | float
+) -> tuple[np.ndarray, np.ndarray]:
     """Multiply ``(…, nfields, 8, N, N)`` (or ``(8, N, N)``) product planes by per-field factors.
 
     Planes 0–6 (I_Q, I_U, Q, U, Q_φ, U_φ, LP_I) are fluxes and are scaled; ``AOLP`` is an angle
@@ -109,7 +111,9 @@ def scale_stokes(data8: np.ndarray, err8: np.ndarray, factors: Sequence[float] |
     return (d * g).astype(np.float32), (e * np.abs(g)).astype(np.float32)
 
 
-def mean_over_fields(cube8: np.ndarray, ecube8: np.ndarray, cyl_stokes: str = "azimuthal") -> tuple[np.ndarray, np.ndarray]:
+def mean_over_fields(
+    cube8: np.ndarray, ecube8: np.ndarray, cyl_stokes: str = "azimuthal"
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean over fields of ``(nfields, 8, N, N)`` (NaN-aware, error RSS / n); the polar products
     are recomputed from the mean I_Q, I_U, Q, U → ``(8, N, N)`` (same as the e-/s collapse)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -133,7 +137,9 @@ def calibrated_stokes(cube8, ecube8, factors: Sequence[float], cyl_stokes: str =
     return {"cube": cube, "ecube": ecube, "coll": coll, "ecoll": ecoll}
 
 
-def _unit_header(h: fits.Header, unit: str, fields: Sequence[str], factors: Sequence[float], field: str | None = None) -> fits.Header:
+def _unit_header(
+    h: fits.Header, unit: str, fields: Sequence[str], factors: Sequence[float], field: str | None = None
+) -> fits.Header:
     h = h.copy()
     set_card(h, "BUNIT", unit, "specphot unit; AOLP in rad")
     set_card(h, "HIERARCH DPP FLUX UNIT", unit, "specphot unit")
@@ -180,22 +186,31 @@ def write_calibrated(
     """
     missing = [f for f in fields if f not in factors or not math.isfinite(float(factors[f]))]
     if missing:
-        raise ValueError(f"no {unit} factor for field(s) {', '.join(missing)} (factors for {', '.join(factors) or 'none'})")
+        raise ValueError(
+            f"no {unit} factor for field(s) {', '.join(missing)} (factors for {', '.join(factors) or 'none'})"
+        )
     fac = [float(factors[f]) for f in fields]
     prods = calibrated_stokes(cube8, ecube8, fac, cyl_stokes)
     hdr = _unit_header(header, unit, fields, fac)
     for k, v in (extra or {}).items():
         set_card(hdr, k, *(v if isinstance(v, tuple) else (v,)))
-    fh = [fits.ImageHDU(header=_unit_header(h.header, unit, fields, fac, field=f), name=h.name)
-          for f, h in zip(fields, field_hdus, strict=True)]
+    fh = [
+        fits.ImageHDU(header=_unit_header(h.header, unit, fields, fac, field=f), name=h.name)
+        for f, h in zip(fields, field_hdus, strict=True)
+    ]
     out: dict[str, Path] = {}
     if len(fields) > 1 and path_cube is not None:
         chdr = hdr.copy()
         chdr.remove("FIELD", ignore_missing=True)
         out["cube_unit"] = write_fits_atomic(
             calibrated_path(path_cube, unit),
-            fits.HDUList([fits.PrimaryHDU(prods["cube"], header=chdr), fits.ImageHDU(prods["ecube"], name="ERR"),
-                          *[h.copy() for h in fh]]),
+            fits.HDUList(
+                [
+                    fits.PrimaryHDU(prods["cube"], header=chdr),
+                    fits.ImageHDU(prods["ecube"], name="ERR"),
+                    *[h.copy() for h in fh],
+                ]
+            ),
         )
     out["coll_unit"] = write_fits_atomic(
         calibrated_path(path_coll, unit),
@@ -274,8 +289,23 @@ def update_calibrated_running(outdir: os.PathLike | str, name: str, cyl_stokes: 
         fhdus = [fits.ImageHDU(header=x.header.copy(), name=x.name) for x in h[1:] if x.name != "ERR"]
     for k in ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "EXTEND", "SIMPLE"):
         hdr.remove(k, ignore_missing=True, remove_all=True)
-    written = write_calibrated(coll_p, cube_p, cube, ecube, hdr, fhdus, fields, unit, factors, cyl_stokes,
-                               extra={_FP_KEY: (fp, "inputs of this companion")})
-    log.info("running Stokes products of %s in %s (factor %s)", target, unit,
-             ", ".join(f"{f} {factors[f]:.4g}" for f in fields))
+    written = write_calibrated(
+        coll_p,
+        cube_p,
+        cube,
+        ecube,
+        hdr,
+        fhdus,
+        fields,
+        unit,
+        factors,
+        cyl_stokes,
+        extra={_FP_KEY: (fp, "inputs of this companion")},
+    )
+    log.info(
+        "running Stokes products of %s in %s (factor %s)",
+        target,
+        unit,
+        ", ".join(f"{f} {factors[f]:.4g}" for f in fields),
+    )
     return written

@@ -34,8 +34,16 @@ from vampd.instrument.wcs import apply_wcs
 from vampd.pdi.differences import double_difference, single_difference
 from vampd.pdi.sets import nominal_hwp
 
-__all__ = ["overlap", "match_single", "match_double", "write_single_diff", "write_double_diff", "diff_paths",
-           "span_of", "near_records"]
+__all__ = [
+    "overlap",
+    "match_single",
+    "match_double",
+    "write_single_diff",
+    "write_double_diff",
+    "diff_paths",
+    "span_of",
+    "near_records",
+]
 
 #: candidates of a new file: done files whose MJD is within this many spans of its own (and ≤ 0.02 d)
 _SPANS_AROUND = 4.0

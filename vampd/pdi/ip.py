@@ -26,7 +26,9 @@ __all__ = ["region_weights", "weighted_median", "measure_ip", "ip_correct_weight
 
 
 @lru_cache(maxsize=16)
-def _region(shape: tuple[int, int], center: tuple[float, float], method: str, r1: float, r2: float | None) -> np.ndarray:
+def _region(
+    shape: tuple[int, int], center: tuple[float, float], method: str, r1: float, r2: float | None
+) -> np.ndarray:
     from photutils.aperture import CircularAnnulus, CircularAperture
 
     pos = (center[1], center[0])  # photutils takes (x, y)
@@ -45,7 +47,9 @@ def _region(shape: tuple[int, int], center: tuple[float, float], method: str, r1
     return w
 
 
-def region_weights(shape, method: str = "aperture", r1: float = 15.0, r2: float | None = None, center=None) -> np.ndarray:
+def region_weights(
+    shape, method: str = "aperture", r1: float = 15.0, r2: float | None = None, center=None
+) -> np.ndarray:
     """Fractional-overlap weights ``(ny, nx)`` of the IP region (frame centre by default)."""
     shape = (int(shape[-2]), int(shape[-1]))
     c = frame_center(shape) if center is None else (float(center[0]), float(center[1]))

@@ -71,13 +71,18 @@ class Contribution:
 
     @classmethod
     def from_arrays(cls, z) -> Contribution:
-        return cls(np.asarray(z["w"], np.float32), np.asarray(z["wd"], np.float32),
-                   np.asarray(z["rows"], np.float64), float(z["tint"]),
-                   np.asarray(z["v"], np.float32) if "v" in getattr(z, "files", z) else None)
+        return cls(
+            np.asarray(z["w"], np.float32),
+            np.asarray(z["wd"], np.float32),
+            np.asarray(z["rows"], np.float64),
+            float(z["tint"]),
+            np.asarray(z["v"], np.float32) if "v" in getattr(z, "files", z) else None,
+        )
 
 
-def contribution(data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: float = 0.0,
-                 weights: str = "equal") -> Contribution:
+def contribution(
+    data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: float = 0.0, weights: str = "equal"
+) -> Contribution:
     """The least-squares terms of one derotated cube.
 
     ``weights = "ivar"``: ``w = 1/σ²`` (covariance ``A⁻¹``); ``"equal"``: ``w = 1`` on valid pixels
@@ -97,8 +102,9 @@ def contribution(data: np.ndarray, var: np.ndarray, rows: np.ndarray, tint: floa
     if r.ndim == 3:
         r = r[:, 0, :3]
     if d.ndim != 3 or v.shape != d.shape or r.shape != (d.shape[0], 3):
-        raise ValueError(f"contribution: data {d.shape}, var {v.shape}, rows {r.shape}; "
-                         "expected (nf, N, N) twice and (nf, 3)")
+        raise ValueError(
+            f"contribution: data {d.shape}, var {v.shape}, rows {r.shape}; expected (nf, N, N) twice and (nf, 3)"
+        )
     ok = np.isfinite(d) & np.isfinite(v) & (v > 0)
     vv = None
     if weights == "equal":
@@ -217,8 +223,9 @@ def _frob(a6: np.ndarray) -> np.ndarray:
     return np.sqrt(a * a + d * d + f * f + 2.0 * (b * b + c * c + e * e))
 
 
-def solve_normal(a: np.ndarray, b: np.ndarray, n: np.ndarray | None = None, max_cond: float = 100.0,
-                 c: np.ndarray | None = None) -> Solution:
+def solve_normal(
+    a: np.ndarray, b: np.ndarray, n: np.ndarray | None = None, max_cond: float = 100.0, c: np.ndarray | None = None
+) -> Solution:
     """``S = A⁻¹ b`` per pixel with the covariance ``A⁻¹`` (vectorised over fields and pixels).
 
     Parameters
@@ -363,8 +370,18 @@ def solve_products(acc: LeastSqAccumulator, pcfg) -> LeastSqProducts:
         coll, ecoll = data8[0], err8[0]
     r_in, r_out = snr_annulus(coll.shape, pcfg)
     snr = qphi_snr(coll[4] if pcfg.cyl_stokes == "azimuthal" else -coll[4], ecoll[4], r_in, r_out)
-    return LeastSqProducts(stokes.astype(np.float32), err.astype(np.float32), data8, err8, coll, ecoll, ips,
-                           sol.ndegenerate, sol.ncovered, snr)
+    return LeastSqProducts(
+        stokes.astype(np.float32),
+        err.astype(np.float32),
+        data8,
+        err8,
+        coll,
+        ecoll,
+        ips,
+        sol.ndegenerate,
+        sol.ncovered,
+        snr,
+    )
 
 
 def solve_snr(acc: LeastSqAccumulator, pcfg) -> float:

@@ -34,8 +34,22 @@ log = logging.getLogger("vampd.pdi")
 
 __all__ = ["SetInvalid", "Member", "SetResult", "load_member", "check_members", "make_set_stokes", "write_set_file"]
 
-_STRUCTURAL = ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "BZERO", "BSCALE", "EXTEND", "SIMPLE",
-               "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME")
+_STRUCTURAL = (
+    "BITPIX",
+    "NAXIS",
+    "NAXIS1",
+    "NAXIS2",
+    "NAXIS3",
+    "NAXIS4",
+    "BZERO",
+    "BSCALE",
+    "EXTEND",
+    "SIMPLE",
+    "PCOUNT",
+    "GCOUNT",
+    "XTENSION",
+    "EXTNAME",
+)
 
 
 class SetInvalid(ValueError):

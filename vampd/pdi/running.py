@@ -154,8 +154,22 @@ class RunningStokes:
 
 def _strip(h: fits.Header) -> fits.Header:
     h = h.copy()
-    for key in ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "BZERO", "BSCALE", "EXTEND", "SIMPLE",
-                "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME"):
+    for key in (
+        "BITPIX",
+        "NAXIS",
+        "NAXIS1",
+        "NAXIS2",
+        "NAXIS3",
+        "NAXIS4",
+        "BZERO",
+        "BSCALE",
+        "EXTEND",
+        "SIMPLE",
+        "XTENSION",
+        "PCOUNT",
+        "GCOUNT",
+        "EXTNAME",
+    ):
         h.remove(key, ignore_missing=True, remove_all=True)
     return h
 

@@ -307,8 +307,10 @@ def assemble_sets(
         if kcube > 0:  # a slot of cube k is empty: its HWP block had fewer cubes than the others
             for b in out.broken[nbroken:]:
                 if b.missing:
-                    b.reason = (f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)}"
-                                f" (cube without partners); {b.reason}")
+                    b.reason = (
+                        f"uneven HWP blocks: no cube {kcube + 1} at {', '.join(b.missing)}"
+                        f" (cube without partners); {b.reason}"
+                    )
     for lst in (out.complete, out.open, out.broken):
         lst.sort(key=lambda s: (s.mjd_range[0], s.key))
     return out
@@ -370,8 +372,10 @@ def _walk_group(g: _Group, ms: list, locked_at: dict, out: SetAssembly) -> None:
         if isinstance(slot, str):
             out.rejected.append((str(m["path"]), slot))
             continue
-        twin = next((stem for t, stem in locked_at.get((g.target, g.filt, slot), ())
-                     if abs(t - float(m["mjd"])) < _DUP_MJD), None)
+        twin = next(
+            (stem for t, stem in locked_at.get((g.target, g.filt, slot), ()) if abs(t - float(m["mjd"])) < _DUP_MJD),
+            None,
+        )
         if twin is not None:  # a duplicate of a member of a set already made permanent
             out.rejected.append((str(m["path"]), f"duplicate of {twin} (already in a complete set)"))
             continue
@@ -386,10 +390,22 @@ def _walk_group(g: _Group, ms: list, locked_at: dict, out: SetAssembly) -> None:
             # the HWP moved on: this angle again (a slot repeated in time order, or the angle came
             # back after another one) starts a new cycle; the unfinished set breaks once
             kept, dropped = _new_cycle(cur, slot[0])
-            why = (f"{slot_label(slot)} again in {output_stem(m['path'])}" if prev is not None
-                   else f"HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP {last_slot[0]:g}")
-            out.broken.append(_finish(g.mode, g.target, g.filt, dropped, "broken",
-                                      f"hwp moved on: {why} (next cycle) before the set completed", g.dups))
+            why = (
+                f"{slot_label(slot)} again in {output_stem(m['path'])}"
+                if prev is not None
+                else f"HWP {slot[0]:g} again in {output_stem(m['path'])} after HWP {last_slot[0]:g}"
+            )
+            out.broken.append(
+                _finish(
+                    g.mode,
+                    g.target,
+                    g.filt,
+                    dropped,
+                    "broken",
+                    f"hwp moved on: {why} (next cycle) before the set completed",
+                    g.dups,
+                )
+            )
             g.current, g.dups = kept, []
         g.current[slot] = m
         if len(g.current) == nslots:
@@ -399,8 +415,9 @@ def _walk_group(g: _Group, ms: list, locked_at: dict, out: SetAssembly) -> None:
                 return
             if bad:
                 names = ", ".join(output_stem(r["path"]) for r in bad)
-                out.broken.append(_finish(g.mode, g.target, g.filt, g.current, "broken", f"member failed: {names}",
-                                          g.dups))
+                out.broken.append(
+                    _finish(g.mode, g.target, g.filt, g.current, "broken", f"member failed: {names}", g.dups)
+                )
             else:
                 out.complete.append(_finish(g.mode, g.target, g.filt, g.current, "complete", None, g.dups))
             g.current, g.dups = {}, []

@@ -33,8 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames-chunk", type=int, default=32, help="frames generated and written per chunk")
     p.add_argument("--stream", action="store_true", help="write files at a cadence, like the instrument's logger")
     p.add_argument("--cadence", type=float, default=1.0, help="seconds between files with --stream (default 1)")
-    p.add_argument("--cubes-per-hwp", type=int, default=1,
-                   help="consecutive cubes per camera and FLC state at each HWP position (default 1)")
+    p.add_argument(
+        "--cubes-per-hwp",
+        type=int,
+        default=1,
+        help="consecutive cubes per camera and FLC state at each HWP position (default 1)",
+    )
     p.add_argument("--faults", default="", help="comma-separated: truncated,corrupt,nonfits,missing_keyword,zero_byte")
     p.add_argument("--data-dir", default=None, help="data directory with filter curves (default: $VAMPD_DATA_DIR)")
 
@@ -92,9 +96,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     nraw = len(truth["files"])
     ncal = len(truth["calib_files"])
     print(f"vampd simulate: {nraw} raw files in {out / 'raw'}, {ncal} calibration files in {out / 'calib'}")
-    print(f"  frames {cfg.nframes} × {cfg.frame_shape[0]}×{cfg.frame_shape[1]}, targets {', '.join(cfg.targets)}, "
-          f"{cfg.ncycles} HWP cycle(s), {'double' if cfg.doublediff else 'triple'}-diff{', MBI' if cfg.mbi else ''}"
-          f"{', coronagraphic' if cfg.coronagraphic else ''}")
+    print(
+        f"  frames {cfg.nframes} × {cfg.frame_shape[0]}×{cfg.frame_shape[1]}, targets {', '.join(cfg.targets)}, "
+        f"{cfg.ncycles} HWP cycle(s), {'double' if cfg.doublediff else 'triple'}-diff{', MBI' if cfg.mbi else ''}"
+        f"{', coronagraphic' if cfg.coronagraphic else ''}"
+    )
     if truth["faults"]:
         print("  faults: " + ", ".join(f"{f['name']} ({f['fault']})" for f in truth["faults"]))
     print(f"  truth: {out / 'truth.json'}   ({dt:.1f} s)")

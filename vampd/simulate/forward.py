@@ -109,7 +109,12 @@ class FieldModel:
         key = (round(float(center_yx[0]), 9), round(float(center_yx[1]), 9))
         if key not in self.psf_cache:
             self.psf_cache[key] = psf_model(
-                self.filter_name, self.pixel_scale, self.pupil_offset, self.cell_shape, center=key, data_dir=self.data_dir
+                self.filter_name,
+                self.pixel_scale,
+                self.pupil_offset,
+                self.cell_shape,
+                center=key,
+                data_dir=self.data_dir,
             ).astype(np.float64)
         return self.psf_cache[key]
 

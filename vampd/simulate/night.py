@@ -231,9 +231,18 @@ def _write_calibration(cfg: SimConfig, outdir: Path, det_models, first_mjd: floa
             name = _name(cam, frameid)
             path = write_cube(calib_dir / f"{name}.fits", hdr, chunks())
             write_sidecar(path.with_suffix(".txt"), sidecar_lines(t0 + np.arange(n) * dt, cfg.exptime))
-            out.append({"name": name, "path": str(path.relative_to(outdir)), "data_typ": kind, "camera": cam,
-                        "mjd_str": t0, "mjd_end": t0 + n * dt, "nframes": n,
-                        "flat_level_e_per_frame": cfg.flat_level_e if kind == "FLAT" else 0.0})
+            out.append(
+                {
+                    "name": name,
+                    "path": str(path.relative_to(outdir)),
+                    "data_typ": kind,
+                    "camera": cam,
+                    "mjd_str": t0,
+                    "mjd_end": t0 + n * dt,
+                    "nframes": n,
+                    "flat_level_e_per_frame": cfg.flat_level_e if kind == "FLAT" else 0.0,
+                }
+            )
     return out
 
 
@@ -256,9 +265,32 @@ def _jsonable(obj):
 def _file_truth(f: dict, outdir: Path, cfg: SimConfig, star_fields: dict, blocks) -> dict:
     b = blocks[f["block"]]
     k = f["block_frames"]
-    keep = ("name", "path", "target", "cycle", "cube", "hwp", "flc", "camera", "frameid", "mjd_str", "mjd_end", "mjd",
-            "pa", "paoffset", "derotang", "altitude", "azimuth", "imrang", "imrpap", "fault", "fault_description",
-            "mueller", "spots_cal_yx", "spots_raw_yx")
+    keep = (
+        "name",
+        "path",
+        "target",
+        "cycle",
+        "cube",
+        "hwp",
+        "flc",
+        "camera",
+        "frameid",
+        "mjd_str",
+        "mjd_end",
+        "mjd",
+        "pa",
+        "paoffset",
+        "derotang",
+        "altitude",
+        "azimuth",
+        "imrang",
+        "imrpap",
+        "fault",
+        "fault_description",
+        "mueller",
+        "spots_cal_yx",
+        "spots_raw_yx",
+    )
     t = {key: f.get(key) for key in keep}
     t["nframes"] = len(k)
     t["frames"] = {
@@ -273,8 +305,15 @@ def _file_truth(f: dict, outdir: Path, cfg: SimConfig, star_fields: dict, blocks
     return t
 
 
-def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = False, cadence: float = 0.0,
-                   stop_event=None, progress=None) -> dict:
+def simulate_night(
+    outdir,
+    config: SimConfig | None = None,
+    *,
+    stream: bool = False,
+    cadence: float = 0.0,
+    stop_event=None,
+    progress=None,
+) -> dict:
     """Write a simulated night to ``outdir`` and return its truth dictionary.
 
     Parameters
@@ -346,22 +385,32 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
         "mueller_params": params.as_dict(),
         "hwp_adi_sync": True,
         "detectors": det_truth,
-        "fields": [{"name": f["name"], "filter": f["filter"], "center_cal_yx": f["center"], "cell_origin_yx": f["origin"],
-                    "cell_shape": f["cell"], "strehl_ideal_ratio": {str(c): field_models[c, f["name"]].core_peak_ideal for c in (1, 2)}}
-                   for f in layout],
+        "fields": [
+            {
+                "name": f["name"],
+                "filter": f["filter"],
+                "center_cal_yx": f["center"],
+                "cell_origin_yx": f["origin"],
+                "cell_shape": f["cell"],
+                "strehl_ideal_ratio": {str(c): field_models[c, f["name"]].core_peak_ideal for c in (1, 2)},
+            }
+            for f in layout
+        ],
         "calib_files": calib_truth,
         "files": [],
         "faults": [],
-        "units": {"flux": "e-/s detected (calibrated units), star_flux/ring_flux summed over both cameras",
-                  "positions": "pixels (y, x), (0,0) = centre of the first pixel; *_cal = calibrated (flipped) "
-                               "frame, *_raw = raw file rows; jitter is given in calibrated orientation",
-                  "pdi_scale": "Q, U, I_Q from the triple/double difference + Mueller inversion (docs/instrument.md §9.3-9.4) are on "
-                               "the single-beam scale: half of this truth's total-intensity scale"},
+        "units": {
+            "flux": "e-/s detected (calibrated units), star_flux/ring_flux summed over both cameras",
+            "positions": "pixels (y, x), (0,0) = centre of the first pixel; *_cal = calibrated (flipped) "
+            "frame, *_raw = raw file rows; jitter is given in calibrated orientation",
+            "pdi_scale": "Q, U, I_Q from the triple/double difference + Mueller inversion (docs/instrument.md §9.3-9.4) are on "
+            "the single-beam scale: half of this truth's total-intensity scale",
+        },
         "definitions": {
             "frame_model": "f_t * shift_t[S_t * (K_core (x) X_core) + (1 - S_t) * (K_halo (x) X_halo)], X = sum_j M[0,j] S_j",
             "strehl": "S_t: weight of the diffraction-limited core (the injected Strehl)",
             "strehl_metric": "(continuous peak / aperture sum) of the star image / the same for the ideal PSF, "
-                             "aperture radius aper_radius (docs/instrument.md §3.2); star only (no ring/spots)",
+            "aperture radius aper_radius (docs/instrument.md §3.2); star only (no ring/spots)",
             "aper_flux": "star flux [e-/s] inside the aperture centred on the true star position, calibrated units",
             "star_flux_e_per_s": "total star flux reaching this camera and field [e-/s] (incl. M[0,0] and f_t)",
             "mueller": "first row of the instrument Mueller matrix per field (instrument_mueller at the file midpoint)",
@@ -369,7 +418,9 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
     }
 
     # per-file work ----------------------------------------------------------------------
-    halo_fwhm = {cam: cfg.halo_fwhm_mas / (dets[1] if cfg.identical_cameras else dets[cam]).pixel_scale for cam in (1, 2)}
+    halo_fwhm = {
+        cam: cfg.halo_fwhm_mas / (dets[1] if cfg.identical_cameras else dets[cam]).pixel_scale for cam in (1, 2)
+    }
     file_records = []
     for i, f in enumerate(files):
         f["name"] = _name(f["camera"], f["frameid"])
@@ -386,16 +437,41 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
         mrows = {}
         for fl in layout:
             fm = field_models[cam, fl["name"]]
-            m = instrument_mueller(f["pa"], f["altitude"], f["azimuth"], f["hwp"], f["imrang"],
-                                   f["flc"] or "A", cam, params, "cmos", flc_in=not cfg.doublediff, hwp_adi_sync=True)
+            m = instrument_mueller(
+                f["pa"],
+                f["altitude"],
+                f["azimuth"],
+                f["hwp"],
+                f["imrang"],
+                f["flc"] or "A",
+                cam,
+                params,
+                "cmos",
+                flc_in=not cfg.doublediff,
+                hwp_adi_sync=True,
+            )
             m0 = np.asarray(m)[0]
             mrows[fl["name"]] = m0
             oy, ox = fl["origin"]
             star_cal = (fl["center"][0] + cfg.star_offset[0], fl["center"][1] + cfg.star_offset[1])
             star_cell = (star_cal[0] - oy, star_cal[1] - ox)
-            offs = spot_offsets_px(cfg.grid_sep_lamd, fm.wavelength_nm, fm.pixel_scale, cfg.spot_angle_deg) if cfg.coronagraphic else None
-            st = render_field(fm, cfg.scene, m0, star_cell, f["derotang"], halo_fwhm[cam], cfg.halo_beta,
-                              cfg.coronagraphic, offs, cfg.aper_radius)
+            offs = (
+                spot_offsets_px(cfg.grid_sep_lamd, fm.wavelength_nm, fm.pixel_scale, cfg.spot_angle_deg)
+                if cfg.coronagraphic
+                else None
+            )
+            st = render_field(
+                fm,
+                cfg.scene,
+                m0,
+                star_cell,
+                f["derotang"],
+                halo_fwhm[cam],
+                cfg.halo_beta,
+                cfg.coronagraphic,
+                offs,
+                cfg.aper_radius,
+            )
             statics.append((st, (oy, ox)))
             if cfg.coronagraphic:
                 sc = st.spots_yx + np.array([oy, ox])
@@ -418,8 +494,12 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
         f["mueller"] = {name: row for name, row in mrows.items()}
         if cfg.coronagraphic:
             f["spots_cal_yx"] = {d["field"]: d["yx"] for d in spots_cal}
-            f["spots_raw_yx"] = {d["field"]: np.stack([(ny - 1) - d["yx"][:, 0] if cam == flipped else d["yx"][:, 0], d["yx"][:, 1]], axis=1)
-                                 for d in spots_cal}
+            f["spots_raw_yx"] = {
+                d["field"]: np.stack(
+                    [(ny - 1) - d["yx"][:, 0] if cam == flipped else d["yx"][:, 0], d["yx"][:, 1]], axis=1
+                )
+                for d in spots_cal
+            }
         truth["files"].append(_file_truth(f, outdir, cfg, star_fields, blocks))
         if f["fault"]:
             truth["faults"].append({"name": f["name"], "path": f["path"], "fault": f["fault"]})
@@ -427,17 +507,23 @@ def simulate_night(outdir, config: SimConfig | None = None, *, stream: bool = Fa
         # they are recomputed when the file is written)
         cached = None
         if (i + 1) * 2 * 8 * shape[0] * shape[1] <= _STATIC_CACHE_BYTES:
-            cached = (place_fields(shape, [(st.core, o) for st, o in statics]),
-                      place_fields(shape, [(st.halo, o) for st, o in statics]))
+            cached = (
+                place_fields(shape, [(st.core, o) for st, o in statics]),
+                place_fields(shape, [(st.halo, o) for st, o in statics]),
+            )
         file_records.append((f, cached))
 
     # noise-free sky-frame Stokes truth of the ring on the product grid (truthmaps docstring)
     from vampd.simulate.truthmaps import truth_stokes_maps, write_truth_stokes
 
-    frames = [(blocks[f["block"]]["strehl"][f["block_frames"]], blocks[f["block"]]["flux"][f["block_frames"]])
-              for f in files]
+    frames = [
+        (blocks[f["block"]]["strehl"][f["block_frames"]], blocks[f["block"]]["flux"][f["block_frames"]]) for f in files
+    ]
     maps, tinfo = truth_stokes_maps(
-        cfg.scene, cfg.size, [fl["name"] for fl in layout], field_models,
+        cfg.scene,
+        cfg.size,
+        [fl["name"] for fl in layout],
+        field_models,
         {cam: [f["derotang"] for f in files if f["camera"] == cam] for cam in (1, 2)},
         np.concatenate([s for s, _ in frames]) if frames else np.ones(1),
         np.concatenate([x for _, x in frames]) if frames else np.ones(1),
@@ -476,7 +562,9 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, halo_fwhm, illum, flipped, cached=None) -> None:
+def _write_science(
+    cfg, outdir, f, blocks, layout, field_models, det_models, halo_fwhm, illum, flipped, cached=None
+) -> None:
     cam = f["camera"]
     b = blocks[f["block"]]
     k = f["block_frames"]
@@ -487,9 +575,23 @@ def _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, hal
         m0 = f["mueller"][fl["name"]]
         oy, ox = fl["origin"]
         star_cal = (fl["center"][0] + cfg.star_offset[0], fl["center"][1] + cfg.star_offset[1])
-        offs = spot_offsets_px(cfg.grid_sep_lamd, fm.wavelength_nm, fm.pixel_scale, cfg.spot_angle_deg) if cfg.coronagraphic else None
-        st = render_field(fm, cfg.scene, m0, (star_cal[0] - oy, star_cal[1] - ox), f["derotang"], halo_fwhm[cam],
-                          cfg.halo_beta, cfg.coronagraphic, offs, cfg.aper_radius)
+        offs = (
+            spot_offsets_px(cfg.grid_sep_lamd, fm.wavelength_nm, fm.pixel_scale, cfg.spot_angle_deg)
+            if cfg.coronagraphic
+            else None
+        )
+        st = render_field(
+            fm,
+            cfg.scene,
+            m0,
+            (star_cal[0] - oy, star_cal[1] - ox),
+            f["derotang"],
+            halo_fwhm[cam],
+            cfg.halo_beta,
+            cfg.coronagraphic,
+            offs,
+            cfg.aper_radius,
+        )
         core_cells.append((st.core, (oy, ox)))
         halo_cells.append((st.halo, (oy, ox)))
     if cached is None:
@@ -530,16 +632,26 @@ def _write_science(cfg, outdir, f, blocks, layout, field_models, det_models, hal
     rng = np.random.default_rng([cfg.seed, 404, f["frameid"], cam])
 
     def chunks():
-        for eps in frame_chunks(core, halo, b["flux"][k], b["strehl"][k], b["dy"][k], b["dx"][k], cfg.frames_chunk, illum,
-                                   double=cfg.write_float):
+        for eps in frame_chunks(
+            core,
+            halo,
+            b["flux"][k],
+            b["strehl"][k],
+            b["dy"][k],
+            b["dx"][k],
+            cfg.frames_chunk,
+            illum,
+            double=cfg.write_float,
+        ):
             if cam == flipped:
                 eps = eps[:, ::-1, :]
             yield dm.counts(eps, cfg.exptime, rng, cfg.write_float)
 
     def finalize(tmp, head_bytes, data_bytes):
         if f["fault"]:
-            f["fault_description"] = apply_fault(f["fault"], tmp, head_bytes, data_bytes,
-                                                 np.random.default_rng([cfg.seed, 505, f["frameid"]]))
+            f["fault_description"] = apply_fault(
+                f["fault"], tmp, head_bytes, data_bytes, np.random.default_rng([cfg.seed, 505, f["frameid"]])
+            )
 
     path = outdir / f["path"]
     write_cube(path, hdr, chunks(), finalize=finalize)

@@ -77,8 +77,9 @@ def plan_files(cfg: SimConfig) -> tuple[list[dict], list[dict]]:
             for hwp in HWP_ORDER:
                 b = len(blocks)
                 ncubes = max(1, int(cfg.cubes_per_hwp))
-                blocks.append({"index": b, "target": target, "cycle": cycle, "hwp": hwp, "t0": t,
-                               "nframes": n * step * ncubes})
+                blocks.append(
+                    {"index": b, "target": target, "cycle": cycle, "hwp": hwp, "t0": t, "nframes": n * step * ncubes}
+                )
                 for c in range(ncubes):
                     for j, flc in enumerate(flcs):
                         k = c * n * step + j + step * np.arange(n)

@@ -107,7 +107,9 @@ def apply_fault(fault: str, tmp: Path, header_bytes: int, data_bytes: int, rng: 
     raise ValueError(f"unknown fault {fault!r}")
 
 
-def stream_night(outdir, config=None, cadence: float = 1.0, stop_event: threading.Event | None = None, **overrides) -> dict:
+def stream_night(
+    outdir, config=None, cadence: float = 1.0, stop_event: threading.Event | None = None, **overrides
+) -> dict:
     """Write a simulated night file by file at ``cadence`` seconds, like the logger.
 
     Parameters

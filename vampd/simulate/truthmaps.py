@@ -75,8 +75,9 @@ def _polar(q: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return -q * c2 - u * s2, q * s2 - u * c2
 
 
-def truth_stokes_maps(scene, size: int, fields: list[str], field_models: dict, derotangs: dict,
-                      strehl: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, dict]:
+def truth_stokes_maps(
+    scene, size: int, fields: list[str], field_models: dict, derotangs: dict, strehl: np.ndarray, flux: np.ndarray
+) -> tuple[np.ndarray, dict]:
     """Truth maps ``(nfields, 5, N, N)`` (planes :data:`PLANES`, pipeline scale) and their record.
 
     Parameters
@@ -127,7 +128,7 @@ def truth_stokes_maps(scene, size: int, fields: list[str], field_models: dict, d
         "scale_note": "pipeline Stokes scale: maps = 0.5 x sky (I_Q = I/2, Q and U likewise), e-/s per pixel",
         "content": "polarised ring only (the unpolarised star is not included)",
         "psf": "a*K_core (rotated by each file's DEROTANG, mean) + b*K_halo, mean over cameras; "
-               "exact for coadd.method = 'mean'",
+        "exact for coadd.method = 'mean'",
         "psf_weights": {"a_mean_f_strehl": a, "b_mean_f_1_minus_strehl": b},
         "ring_radius_px": r_px,
         "annulus_px": [r_in, r_out],

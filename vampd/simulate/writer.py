@@ -70,7 +70,9 @@ def write_cube(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path) if tmp is None else Path(tmp)
     head = header.tostring(padding=True).encode("ascii")
-    expected = int(header["NAXIS1"]) * int(header["NAXIS2"]) * int(header.get("NAXIS3", 1)) * abs(int(header["BITPIX"])) // 8
+    expected = (
+        int(header["NAXIS1"]) * int(header["NAXIS2"]) * int(header.get("NAXIS3", 1)) * abs(int(header["BITPIX"])) // 8
+    )
     written = 0
     try:
         with open(tmp, "wb") as fh:

@@ -52,7 +52,9 @@ class SpecphotError(ValueError):
     """A calibration that cannot be made (missing metric or header keyword, unsupported unit)."""
 
 
-def instrumental_flux(metrics: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]], flux_metric: str = "photometry") -> np.ndarray:
+def instrumental_flux(
+    metrics: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]], flux_metric: str = "photometry"
+) -> np.ndarray:
     """Instrumental flux per field [e-/s]: median over PSFs and frames, non-positive values excluded.
 
     Parameters
@@ -83,7 +85,9 @@ def instrumental_flux(metrics: Mapping[str, np.ndarray] | Sequence[Mapping[str, 
     for i, m in enumerate(parts):
         if key not in m:
             hint = " (enable analysis.photometry)" if key == "photf" else ""
-            raise SpecphotError(f"specphot.flux_metric = {flux_metric!r} needs metric {key!r}, absent from metrics #{i}{hint}")
+            raise SpecphotError(
+                f"specphot.flux_metric = {flux_metric!r} needs metric {key!r}, absent from metrics #{i}{hint}"
+            )
         a = np.asarray(m[key], dtype=float)
         if a.ndim != 3:
             raise SpecphotError(f"metric {key!r} #{i} has shape {a.shape}, expected (nfields, npsfs, nframes)")
@@ -299,7 +303,9 @@ def _g4(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def specphot_header(header: fits.Header, results: Sequence[SpecphotResult], unit: str, data_dir=None, field_hdu: str | None = None) -> fits.Header:
+def specphot_header(
+    header: fits.Header, results: Sequence[SpecphotResult], unit: str, data_dir=None, field_hdu: str | None = None
+) -> fits.Header:
     """A copy of ``header`` with ``BUNIT`` and the ``DPP FLUX`` keys of every field (docs/instrument.md §1.3, §8).
 
     Parameters
@@ -377,7 +383,13 @@ def apply_units(data: np.ndarray, err: np.ndarray | None, factor) -> tuple[np.nd
     return out, eout
 
 
-def calibrate_hdul(hdul: fits.HDUList, results: Sequence[SpecphotResult], unit: str, data_dir=None, extra: Mapping[str, Any] | None = None) -> fits.HDUList:
+def calibrate_hdul(
+    hdul: fits.HDUList,
+    results: Sequence[SpecphotResult],
+    unit: str,
+    data_dir=None,
+    extra: Mapping[str, Any] | None = None,
+) -> fits.HDUList:
     """A calibrated copy of a vampd product (primary data, ``ERR``, one header HDU per field).
 
     Data and error are multiplied by the field factors; every HDU gets ``BUNIT`` and the

@@ -126,7 +126,7 @@ def _cdbs_path(name: str) -> Path | None:
         return None
     for prefix, sub in _CDBS_TREE.items():
         if name == prefix or name.startswith(prefix + "/"):
-            rest = name[len(prefix):].lstrip("/") or name
+            rest = name[len(prefix) :].lstrip("/") or name
             path = Path(root).expanduser() / sub / rest
             if name == VEGA_FILE and not path.is_file():  # another CALSPEC version of Vega
                 found = sorted(path.parent.glob("alpha_lyr_stis_*.fits"))

@@ -58,7 +58,9 @@ def _json_default(v):
     return str(v)
 
 
-def load_factor_files(outdir, target: str | None = None, filt: str | None = None, camera: int | None = None) -> list[dict]:
+def load_factor_files(
+    outdir, target: str | None = None, filt: str | None = None, camera: int | None = None
+) -> list[dict]:
     """Sequence records of ``outdir/specphot`` matching target, filter and camera (any if None)."""
     out = []
     for p in sorted((Path(outdir) / FACTOR_DIR).glob("*.json")):
@@ -112,7 +114,13 @@ def pdi_unit_factor(outdir, target: str, filt: str, camera: int | None = None) -
     return unit, {f: float(np.median(v)) for f, v in per_field.items()}
 
 
-def scale_hdul(hdul: fits.HDUList, unit: str, factors: Mapping[str, float] | float, fields: Sequence[str] | None = None, field_axis: int = -3) -> fits.HDUList:
+def scale_hdul(
+    hdul: fits.HDUList,
+    unit: str,
+    factors: Mapping[str, float] | float,
+    fields: Sequence[str] | None = None,
+    field_axis: int = -3,
+) -> fits.HDUList:
     """Multiply a product's data and ``ERR`` by per-field factors and set ``BUNIT`` (in place).
 
     Parameters

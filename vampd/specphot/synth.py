@@ -138,7 +138,9 @@ class SynthPhot:
 
 
 @functools.lru_cache(maxsize=256)
-def _synth(filter_name: str, source: str, sptype: str | None, mag: float, band: str, directory: str | None) -> SynthPhot:
+def _synth(
+    filter_name: str, source: str, sptype: str | None, mag: float, band: str, directory: str | None
+) -> SynthPhot:
     from synphot import Observation
     from synphot.units import VEGAMAG
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vampd.instrument.filters import FilterError, canonical_filter_name
-from vampd.specphot.data import DataFileError, ZEROPOINT_TABLE_NAME, load_zeropoint_table
+from vampd.specphot.data import ZEROPOINT_TABLE_NAME, DataFileError, load_zeropoint_table
 
 __all__ = ["BUILTIN_ZEROPOINTS", "ZeroPoint", "zeropoint", "zeropoint_c_fd"]
 

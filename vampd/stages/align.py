@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 from astropy.io import fits
 
-from vampd.stages.centroids import intersect_diagonals  # one implementation (docs/instrument.md §3.4)
 from vampd.imaging import frame_center, shift_window, warp_similarity
+from vampd.stages.centroids import intersect_diagonals  # one implementation (docs/instrument.md §3.4)
 
 __all__ = [
     "ALIGN_METHODS",
@@ -427,9 +427,7 @@ def similarity_from_spots(spots_cam1, spots_cam2) -> tuple[float, float]:
     p1 = np.asarray(spots_cam1, dtype=np.float64).reshape(-1, 2)
     p2 = np.asarray(spots_cam2, dtype=np.float64).reshape(-1, 2)
     if len(p1) != len(p2) or len(p1) < 2:
-        raise ValueError(
-            f"reprojection needs the same number (>= 2) of spots per camera, got {len(p1)} and {len(p2)}"
-        )
+        raise ValueError(f"reprojection needs the same number (>= 2) of spots per camera, got {len(p1)} and {len(p2)}")
     if not (np.isfinite(p1).all() and np.isfinite(p2).all()):
         raise ValueError("reprojection: non-finite spot positions")
     d1, d2 = p1 - _spot_center(p1), p2 - _spot_center(p2)

@@ -378,7 +378,9 @@ def analyze_cube(
     return {k: np.array([[r[k] for r in row] for row in results], dtype=np.float64) for k in keys}
 
 
-def save_metrics(path: os.PathLike | str, metrics: Mapping[str, np.ndarray], fields: Sequence[str], sync_dir: bool = True):
+def save_metrics(
+    path: os.PathLike | str, metrics: Mapping[str, np.ndarray], fields: Sequence[str], sync_dir: bool = True
+):
     """Atomically write the metrics NPZ (docs/instrument.md §3.3) with an extra ``fields`` array of field names.
 
     ``sync_dir``: also fsync the directory (see :func:`vampd.fitsio.atomic_write`).

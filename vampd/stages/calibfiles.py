@@ -192,9 +192,7 @@ class CalibLibrary:
         """
         directory = Path(directory)
         if not directory.is_dir():
-            raise CalibrationError(
-                "calibrate.calib_directory", f"{str(directory)!r} is not an existing directory"
-            )
+            raise CalibrationError("calibrate.calib_directory", f"{str(directory)!r} is not an existing directory")
         lib = cls(directory)
         lib.refresh()
         return lib
@@ -263,6 +261,7 @@ class CalibLibrary:
 
 # ---------------------------------------------------------------------------------------
 # loading
+
 
 @functools.lru_cache(maxsize=32)
 def _read_master(path: Path, mtime_ns: int = 0) -> CalibFrame:
@@ -517,7 +516,9 @@ def make_flat(
     return flat, err, hdr
 
 
-def master_hdulist(data: np.ndarray, err: np.ndarray, header: fits.Header, badpix: np.ndarray | None = None) -> fits.HDUList:
+def master_hdulist(
+    data: np.ndarray, err: np.ndarray, header: fits.Header, badpix: np.ndarray | None = None
+) -> fits.HDUList:
     """PRIMARY (float32 master) + ``ERR`` (+ ``BADPIX`` uint8 when given)."""
     hdus = [
         fits.PrimaryHDU(np.asarray(data, np.float32), header=header),

@@ -168,7 +168,9 @@ def _flipped(header: fits.Header, path=None) -> bool:
     try:
         return bool(is_flipped(header, path))
     except ValueError as exc:  # HeaderError: missing/invalid U_CAMERA or MJD
-        raise CalibrationError(getattr(exc, "keyword", "U_CAMERA/MJD"), getattr(exc, "problem", str(exc)), path) from None
+        raise CalibrationError(
+            getattr(exc, "keyword", "U_CAMERA/MJD"), getattr(exc, "problem", str(exc)), path
+        ) from None
 
 
 def calibration_header(

@@ -196,8 +196,9 @@ class Coadder:
     >>> image, err, ncoadd = c.result()                 # doctest: +SKIP
     """
 
-    def __init__(self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20, capacity: int | None = None,
-                 alloc=None):
+    def __init__(
+        self, method: str = "median", tmpdir=None, block_bytes: int = 128 << 20, capacity: int | None = None, alloc=None
+    ):
         self.method = _check_method(method)
         self.alloc = alloc or np.empty  # (shape, dtype) -> array for the frame store (reused memory)
         self.tmpdir = tmpdir

@@ -45,8 +45,23 @@ _RESERVED = re.compile(
 _WCS = re.compile(r"^(WCSAXES|CTYPE\d|CUNIT\d|CRPIX\d|CRVAL\d|CDELT\d|PC\d_\d|CD\d_\d[A-D]?|LONPOLE|LATPOLE)$")
 _SUMMED = ("TINT", "NCOADD", "DPP COADD TINT", "DPP COADD NCOADD")
 _SPECIAL = {
-    "PA-STR", "PA-END", "PA-ROT", "PA", "DEROTANG", "RA", "DEC",
-    "MJD", "MJD-STR", "MJD-END", "UT", "UT-STR", "UT-END", "HST", "HST-STR", "HST-END", "DATE-OBS",
+    "PA-STR",
+    "PA-END",
+    "PA-ROT",
+    "PA",
+    "DEROTANG",
+    "RA",
+    "DEC",
+    "MJD",
+    "MJD-STR",
+    "MJD-END",
+    "UT",
+    "UT-STR",
+    "UT-END",
+    "HST",
+    "HST-STR",
+    "HST-END",
+    "DATE-OBS",
 }
 _COMMENTARY = ("COMMENT", "HISTORY", "")
 
@@ -113,11 +128,7 @@ def group_key(header, path, method: str = "cube", previous: tuple[str, fits.Head
     cam, flc = _camera(header), _flc(header)
     if previous is not None:
         prev_key, prev_header = previous
-        if (
-            _camera(prev_header) == cam
-            and _flc(prev_header) == flc
-            and _same_hwp(_hwp(prev_header), _hwp(header))
-        ):
+        if _camera(prev_header) == cam and _flc(prev_header) == flc and _same_hwp(_hwp(prev_header), _hwp(header)):
             return prev_key
     return f"{stem}_cam{cam}_FLC{flc}"
 

@@ -19,9 +19,7 @@ import numpy as np
 __all__ = ["dft_centroid", "dft_shift", "upsampled_peak", "upsampled_dft"]
 
 
-def upsampled_dft(
-    spectrum: np.ndarray, y0: np.ndarray, x0: np.ndarray, gy: np.ndarray, gx: np.ndarray
-) -> np.ndarray:
+def upsampled_dft(spectrum: np.ndarray, y0: np.ndarray, x0: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
     """Evaluate the inverse DFT of ``spectrum`` on a small grid around per-frame points.
 
     Parameters
@@ -44,9 +42,10 @@ def upsampled_dft(
     fx = np.fft.fftfreq(w)
     # the per-frame origin is a phase ramp on the spectrum; the grid matrices are then common to
     # all frames, so both products are single large matrix multiplications
-    ramp = np.exp(2j * np.pi * (np.asarray(y0)[:, None] * fy[None, :]))[:, :, None] * np.exp(
-        2j * np.pi * (np.asarray(x0)[:, None] * fx[None, :])
-    )[:, None, :]
+    ramp = (
+        np.exp(2j * np.pi * (np.asarray(y0)[:, None] * fy[None, :]))[:, :, None]
+        * np.exp(2j * np.pi * (np.asarray(x0)[:, None] * fx[None, :]))[:, None, :]
+    )
     shifted = spectrum * ramp  # (n, h, w)
     my_ = np.exp(2j * np.pi * np.outer(gy, fy))  # (my, h)
     mx_ = np.exp(2j * np.pi * np.outer(fx, gx))  # (w, mx)
@@ -110,9 +109,7 @@ def _prepare(windows: np.ndarray) -> np.ndarray:
     return win
 
 
-def dft_shift(
-    windows: np.ndarray, template: np.ndarray, upsample: int = 100
-) -> tuple[np.ndarray, np.ndarray]:
+def dft_shift(windows: np.ndarray, template: np.ndarray, upsample: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Shift ``(dy, dx)`` per frame that maps ``template`` onto each window.
 
     ``windows[t] ≈ template`` translated by ``(dy[t], dx[t])`` (content at ``(y, x)`` of the template is
@@ -138,9 +135,7 @@ def dft_shift(
         windows = windows[None]
     template = np.asarray(template, dtype=np.float64)
     if template.shape != windows.shape[1:]:
-        raise ValueError(
-            f"dft_shift: template shape {template.shape} differs from window shape {windows.shape[1:]}"
-        )
+        raise ValueError(f"dft_shift: template shape {template.shape} differs from window shape {windows.shape[1:]}")
     win = _prepare(windows)
     tmpl = np.nan_to_num(template)
     # a constant offset only adds a constant to the circular cross-correlation: remove the means
@@ -161,9 +156,7 @@ def dft_shift(
     return py, px
 
 
-def dft_centroid(
-    windows: np.ndarray, template: np.ndarray, upsample: int = 100
-) -> tuple[np.ndarray, np.ndarray]:
+def dft_centroid(windows: np.ndarray, template: np.ndarray, upsample: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """PSF position per frame, in window coordinates, by cross-correlation with a centred template.
 
     The template's PSF is assumed centred at its geometric centre ``((h-1)/2, (w-1)/2)``; the

@@ -88,9 +88,7 @@ def measure_center(image2d, centers, method: str, window_size: int, psf=None) ->
 
         psf = np.asarray(psf, dtype=np.float64)
         if psf.shape != (size, size):
-            raise ValueError(
-                f"recenter: synthetic PSF shape {psf.shape} differs from analysis.window_size = {size}"
-            )
+            raise ValueError(f"recenter: synthetic PSF shape {psf.shape} differs from analysis.window_size = {size}")
         y, x = dft_centroid(wins, psf)
         pos = np.stack([np.asarray(y), np.asarray(x)], axis=-1).reshape(-1, 2)
     elif method in ("com", "dft"):

@@ -71,7 +71,11 @@ class Daemon:
         s = self.runner.settings
         roots = [Path(p) for p in (inputs or s["inputs"])]
         self.watcher = Watcher(
-            roots, s["patterns"], s["recursive"], poll or s["poll"], s["poll_interval"],
+            roots,
+            s["patterns"],
+            s["recursive"],
+            poll or s["poll"],
+            s["poll_interval"],
             queue_size=16 * s["queue_size"],  # full → dropped events become a rescan
         )
         self.tracker = CompletenessTracker(s["settle_time"], s["complete_timeout"], s["expect_sidecar"])
@@ -158,8 +162,10 @@ class Daemon:
     def status_line(self) -> str:
         c = self.ledger.counts()
         pending = c["pending"] + c["queued"] + c["running"]
-        line = (f"{c['done']} done, {c['parked']} parked, {c['failed']} to retry, {pending} pending, "
-                f"{len(self.tracker)} arriving, {len(self.pool.jobs)} running")
+        line = (
+            f"{c['done']} done, {c['parked']} parked, {c['failed']} to retry, {pending} pending, "
+            f"{len(self.tracker)} arriving, {len(self.pool.jobs)} running"
+        )
         if self.runner.output_blocked:
             line += "; PAUSED: output blocked"
         if self._missing_inputs:
@@ -258,7 +264,9 @@ class Daemon:
                 self._guard("reload", self.reload)
                 s = runner.settings
             if watcher.take_rescan() or now >= next_reconcile:
-                found = (self._guard("rescan", self.rescan) or 0) + (self._guard("product check", runner.recheck_products) or 0)
+                found = (self._guard("rescan", self.rescan) or 0) + (
+                    self._guard("product check", runner.recheck_products) or 0
+                )
                 if found:
                     log.info("rescan: %d file(s) not in the ledger", found)
                 if runner.cfg.polarimetry is not None and runner.cfg.polarimetry.method == "leastsq":
@@ -369,5 +377,7 @@ def check_startup(config_path: str, inputs, outdir) -> None:
             raise StartupError(f"{out / LEDGER_NAME}: cannot create the ledger ({exc})", 75) from None
         raise StartupError(f"{out / LEDGER_NAME}: ledger not usable ({exc})", EXIT_OUTPUT) from None
     except (sqlite3.DatabaseError, RuntimeError) as exc:
-        raise StartupError(f"{out / LEDGER_NAME}: ledger corrupt or from a newer vampd ({exc}); "
-                           "move it aside to start a new one", EXIT_LEDGER) from None
+        raise StartupError(
+            f"{out / LEDGER_NAME}: ledger corrupt or from a newer vampd ({exc}); move it aside to start a new one",
+            EXIT_LEDGER,
+        ) from None

@@ -34,7 +34,12 @@ def prepare_demo(workdir: Path, nfiles: int, size: int = 128, nframes: int = 10)
     ncycles = max(1, -(-nfiles // 16))
     # a bright, strongly polarised ring so that the Q_phi preview shows it after a few sets
     sim = SimConfig(
-        size=size, nframes=nframes, ncycles=ncycles, seed=7, exptime=0.05, max_files=nfiles,
+        size=size,
+        nframes=nframes,
+        ncycles=ncycles,
+        seed=7,
+        exptime=0.05,
+        max_files=nfiles,
         scene=Scene(ring_flux=6e5, pol_fraction=0.5),
     )
     # calibration frames come first at the telescope too: simulate them (no science) and build masters
@@ -137,7 +142,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  daemon started (pid {daemon.pid}; log {workdir / 'daemon.log'})")
     stop = threading.Event()
     streamer = threading.Thread(
-        target=stream_night, args=(workdir / "night", sim), kwargs={"cadence": float(args.cadence), "stop_event": stop},
+        target=stream_night,
+        args=(workdir / "night", sim),
+        kwargs={"cadence": float(args.cadence), "stop_event": stop},
         daemon=True,
     )
     live = None

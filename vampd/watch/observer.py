@@ -21,9 +21,9 @@ import logging
 import os
 import queue
 import stat
-from collections import deque
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,9 +255,7 @@ class CompletenessTracker:
                 return Completeness(path, "complete", "complete", nbytes, now)
         e.reason = reason if not ok else "settling"
         if now - e.first_seen > self.complete_timeout:
-            return Completeness(
-                path, "error", f"incomplete after {self.complete_timeout:g} s: {e.reason}"
-            )
+            return Completeness(path, "error", f"incomplete after {self.complete_timeout:g} s: {e.reason}")
         return None
 
 

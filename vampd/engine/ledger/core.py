@@ -192,8 +192,17 @@ class LedgerCore:
                     "INSERT INTO files (path, size, mtime_ns, chash, state, config_hash, nbytes, t_seen, t_complete,"
                     " ino)"
                     " VALUES (?,?,?,?, 'pending', ?,?,?,?,?)",
-                    (path, identity.size, identity.mtime_ns, identity.chash, config_hash, nbytes, now, t_complete,
-                     identity.ino),
+                    (
+                        path,
+                        identity.size,
+                        identity.mtime_ns,
+                        identity.chash,
+                        config_hash,
+                        nbytes,
+                        now,
+                        t_complete,
+                        identity.ino,
+                    ),
                 )
             return "new"
         reason = None
@@ -227,8 +236,17 @@ class LedgerCore:
                 "UPDATE files SET size=?, mtime_ns=?, chash=?, ino=?, state='pending',"
                 " nbytes=COALESCE(?, nbytes), t_complete=?, error=CASE WHEN ? THEN NULL ELSE error END,"
                 " tries=CASE WHEN ? THEN 0 ELSE tries END, t_retry=NULL WHERE path=?",
-                (identity.size, identity.mtime_ns, identity.chash, identity.ino, nbytes, t_complete,
-                 reset_tries, reset_tries, path),
+                (
+                    identity.size,
+                    identity.mtime_ns,
+                    identity.chash,
+                    identity.ino,
+                    nbytes,
+                    t_complete,
+                    reset_tries,
+                    reset_tries,
+                    path,
+                ),
             )
         return reason
 
@@ -446,9 +464,7 @@ class LedgerCore:
     def reset_interrupted(self) -> int:
         """Rows left ``queued``/``running`` by a crash go back to ``pending``; returns how many."""
         with self.transaction():
-            return self.conn.execute(
-                "UPDATE files SET state='pending' WHERE state IN ('queued', 'running')"
-            ).rowcount
+            return self.conn.execute("UPDATE files SET state='pending' WHERE state IN ('queued', 'running')").rowcount
 
     def requeue_config(self, config_hash: str) -> int:
         """Finished or failed files processed with another config hash go back to ``pending``."""
@@ -490,10 +506,23 @@ class LedgerCore:
         """Record a sequence calibration (``row``: columns of ``specphot``) and, in the same
         transaction, its calibrated products as ``(file, kind, path)`` (replacing that kind's rows)."""
         now = time.time()
-        cols = ("camera", "target", "filter", "unit", "source", "state", "fingerprint", "members",
-                "factors", "products", "mjd", "error")
-        vals = [json.dumps(_plain(row.get(c))) if isinstance(row.get(c), (list, dict)) else _plain(row.get(c))
-                for c in cols]
+        cols = (
+            "camera",
+            "target",
+            "filter",
+            "unit",
+            "source",
+            "state",
+            "fingerprint",
+            "members",
+            "factors",
+            "products",
+            "mjd",
+            "error",
+        )
+        vals = [
+            json.dumps(_plain(row.get(c))) if isinstance(row.get(c), (list, dict)) else _plain(row.get(c)) for c in cols
+        ]
         prods = []
         for file, kind, ppath in products:
             st = os.stat(ppath)

@@ -111,9 +111,19 @@ class LeastSquaresMixin:
         out = []
         for r in self.lsq_accumulators():
             nrej = self._lsq_rows("SELECT COUNT(*) FROM lsq_members WHERE key=? AND error IS NOT NULL", (r["key"],))
-            out.append({"key": r["key"], "name": r["name"], "target": r["target"], "filter": r["filter"],
-                        "ncubes": r["ncubes"], "rejected": int(nrej[0][0]) if nrej else 0, "snr": r["snr"],
-                        "solved_ncubes": r["solved_ncubes"], "coverage": self.lsq_coverage(r["key"]),
-                        "updated": r["updated"],
-                        "stats": json.loads(r["stats"] or "{}")})
+            out.append(
+                {
+                    "key": r["key"],
+                    "name": r["name"],
+                    "target": r["target"],
+                    "filter": r["filter"],
+                    "ncubes": r["ncubes"],
+                    "rejected": int(nrej[0][0]) if nrej else 0,
+                    "snr": r["snr"],
+                    "solved_ncubes": r["solved_ncubes"],
+                    "coverage": self.lsq_coverage(r["key"]),
+                    "updated": r["updated"],
+                    "stats": json.loads(r["stats"] or "{}"),
+                }
+            )
         return out

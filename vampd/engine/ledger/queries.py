@@ -101,8 +101,12 @@ class QueriesMixin:
 
     def done_latencies(self) -> list[float]:
         """Latencies of the done files, sorted."""
-        return [r[0] for r in self.conn.execute(
-            "SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL ORDER BY latency")]
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT latency FROM files WHERE state='done' AND latency IS NOT NULL ORDER BY latency"
+            )
+        ]
 
     def set_rows(self, state: str | None = None) -> list[sqlite3.Row]:
         """HWP sets (all, or those in ``state``) in creation order."""
@@ -115,14 +119,19 @@ class QueriesMixin:
 
     def product_path(self, file: str, kind: str) -> str | None:
         """Path of ``file``'s product of ``kind`` (the first, if several)."""
-        row = self.conn.execute("SELECT path FROM products WHERE file=? AND kind=? ORDER BY path LIMIT 1",
-                                (str(file), kind)).fetchone()
+        row = self.conn.execute(
+            "SELECT path FROM products WHERE file=? AND kind=? ORDER BY path LIMIT 1", (str(file), kind)
+        ).fetchone()
         return row[0] if row else None
 
     def done_cameras(self) -> list[int]:
         """Cameras that have done files."""
-        return [int(r[0]) for r in self.conn.execute(
-            "SELECT DISTINCT camera FROM files WHERE state='done' AND camera IS NOT NULL ORDER BY camera")]
+        return [
+            int(r[0])
+            for r in self.conn.execute(
+                "SELECT DISTINCT camera FROM files WHERE state='done' AND camera IS NOT NULL ORDER BY camera"
+            )
+        ]
 
     def camera_stream(self, camera: int) -> list[tuple[sqlite3.Row, dict[str, str]]]:
         """Done files of ``camera`` by MJD with their products ``{kind: path}`` (one query)."""
@@ -130,7 +139,9 @@ class QueriesMixin:
         for r in self.conn.execute(
             "SELECT f.path, f.target, f.filter, f.camera, f.mjd, f.t_done, p.kind, p.path AS product"
             " FROM files f LEFT JOIN products p ON p.file = f.path"
-            " WHERE f.state='done' AND f.camera=? ORDER BY f.mjd, f.path, p.kind", (int(camera),)):
+            " WHERE f.state='done' AND f.camera=? ORDER BY f.mjd, f.path, p.kind",
+            (int(camera),),
+        ):
             rec = out.setdefault(r["path"], (r, {}))
             if r["kind"] is not None:
                 rec[1][r["kind"]] = r["product"]

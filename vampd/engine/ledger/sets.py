@@ -70,8 +70,10 @@ class SetsMixin:
         )
         args: tuple = ()
         if window_days is not None:
-            q += (" AND (t.owner IS NULL OR f.mjd >= (SELECT MIN(g.mjd) FROM files g LEFT JOIN pdi_taken u"
-                  " ON u.path = g.path WHERE g.state = 'done' AND u.owner IS NULL) - ?)")
+            q += (
+                " AND (t.owner IS NULL OR f.mjd >= (SELECT MIN(g.mjd) FROM files g LEFT JOIN pdi_taken u"
+                " ON u.path = g.path WHERE g.state = 'done' AND u.owner IS NULL) - ?)"
+            )
             args = (float(window_days),)
         rows = self.conn.execute(q, args).fetchall()
         return [dict(r) for r in rows if r["state"] == "parked" or r["product"] is not None]
@@ -128,8 +130,27 @@ class SetsMixin:
     def upsert_block(self, key: str, row: dict, take: Iterable[str] | None = None) -> None:
         """Create or update an HWP block (``row``: columns of ``blocks``; absent ones kept); with
         ``take``, record those member paths as taken by the block in the same transaction."""
-        cols = [c for c in ("camera", "flc", "hwp", "target", "filter", "run", "state", "reason", "members",
-                            "product", "nframes", "mjd", "t_complete", "mtime_ns", "error") if c in row]
+        cols = [
+            c
+            for c in (
+                "camera",
+                "flc",
+                "hwp",
+                "target",
+                "filter",
+                "run",
+                "state",
+                "reason",
+                "members",
+                "product",
+                "nframes",
+                "mjd",
+                "t_complete",
+                "mtime_ns",
+                "error",
+            )
+            if c in row
+        ]
         vals = [json.dumps(row[c]) if isinstance(row[c], (list, dict)) else _plain(row[c]) for c in cols]
         with self.transaction():
             self.conn.execute(self._BLOCKS_SQL)
@@ -141,8 +162,9 @@ class SetsMixin:
             )
             if take is not None:
                 self.conn.execute(self._TAKEN_SQL)
-                self.conn.executemany("INSERT OR REPLACE INTO pdi_taken VALUES (?,?)",
-                                      [(str(p), "block:" + key) for p in take])
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO pdi_taken VALUES (?,?)", [(str(p), "block:" + key) for p in take]
+                )
 
     def delete_blocks(self, keys: Iterable[str]) -> None:
         """Remove open block rows that a rebuild no longer produces."""
