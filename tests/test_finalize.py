@@ -4,6 +4,7 @@ real chain on a simulated night (simulate → vampd run → vampd finalize, twic
 import hashlib
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,7 +145,7 @@ def night(tmp_path_factory):
     files = [f for f in files if int(f[-10:-5]) < 10012]
     # a file cut short by the logger: parked before its header is read (no target, no camera)
     bad = root / "sim" / "raw" / "VMPA00019999.fits"
-    bad.write_bytes(open(files[3], "rb").read()[:5000])
+    bad.write_bytes(Path(files[3]).read_bytes()[:5000])
     out = root / "red"
     assert main(["run", str(root / "n.toml"), *files, str(bad), "-o", str(out), "-j", "2"]) == 1
     assert main(["finalize", str(root / "n.toml"), "-o", str(out)]) == 0

@@ -48,7 +48,10 @@ def start(cfg: Path, raw: Path, out: Path, *extra, drop_dac: bool = False, **env
     cmd = [sys.executable, "-m", "vampd", "watch", str(cfg), "-i", str(raw), "-o", str(out), *extra]
     if drop_dac and os.geteuid() == 0 and SETPRIV:
         cmd = [SETPRIV, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
-    return subprocess.Popen(cmd, env=env(**envx), stdout=log, stderr=log)
+    try:
+        return subprocess.Popen(cmd, env=env(**envx), stdout=log, stderr=log)
+    finally:
+        log.close()  # the child has its own descriptor
 
 
 def heartbeat(out: Path) -> float:

@@ -285,7 +285,8 @@ def ip_figure(rows: list[dict]):
         return None
     fig = _figure(7, 3)
     ax = fig.add_axes((0.1, 0.18, 0.86, 0.72))
-    x = np.array([r.get("index", i) for i, r in enumerate(rows)], float)
+    # rows without a set number (least squares: one solved group, no sets) count in order
+    x = np.array([r["index"] if isinstance(r.get("index"), (int, float)) else i for i, r in enumerate(rows)], float)
     for key, mk, label in (
         ("model_pq", "o", "model q"),
         ("model_pu", "s", "model u"),
