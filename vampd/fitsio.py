@@ -373,6 +373,7 @@ def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.nd
 
 def output_stem(path: os.PathLike | str) -> str:
     """The file name with ``.fits`` and anything after it (``.fz``, ``.gz``) removed."""
-    name = Path(path).name
+    # os.path, not Path: the PDI trigger calls this for every block of the open night per file
+    name = os.path.basename(os.fspath(path))
     i = name.find(".fits")
-    return name[:i] if i >= 0 else Path(name).stem
+    return name[:i] if i >= 0 else os.path.splitext(name)[0]

@@ -73,7 +73,25 @@ CREATE TABLE IF NOT EXISTS daemon (
 """
 
 # columns added after schema 1 was released (added in place: older ledgers keep working)
-_ADDED_COLUMNS = {"ino": "INTEGER", "error_kind": "TEXT", "t_retry": "REAL", "mjd_str": "REAL", "mjd_end": "REAL"}
+_ADDED_COLUMNS = {
+    "ino": "INTEGER",
+    "error_kind": "TEXT",
+    "t_retry": "REAL",
+    "mjd_str": "REAL",
+    "mjd_end": "REAL",
+    "taken": "INTEGER",  # 1 once in ``pdi_taken`` (kept by triggers): indexes the free done files
+}
+
+# ``files.taken`` mirrors ``pdi_taken`` so that the oldest free done file is one index lookup:
+# the PDI trigger's window (``pdi_files``) then costs the same at file 50 and file 5000.
+_TAKEN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pdi_taken (path TEXT PRIMARY KEY, owner TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS pdi_taken_mark AFTER INSERT ON pdi_taken
+    BEGIN UPDATE files SET taken = 1 WHERE path = NEW.path; END;
+CREATE TRIGGER IF NOT EXISTS pdi_taken_unmark AFTER DELETE ON pdi_taken
+    BEGIN UPDATE files SET taken = NULL WHERE path = OLD.path; END;
+CREATE INDEX IF NOT EXISTS files_free ON files(mjd) WHERE state = 'done' AND taken IS NULL;
+"""
 
 _SUMMARY_KEYS = ("target", "filter", "camera", "flc", "hwp", "exptime", "mjd", "nframes", "obs_mod")
 
@@ -109,6 +127,9 @@ class LedgerCore:
         for col, typ in _ADDED_COLUMNS.items():
             if col not in have:
                 self.conn.execute(f"ALTER TABLE files ADD COLUMN {col} {typ}")
+        self.conn.executescript(_TAKEN_SCHEMA)
+        if "taken" not in have:  # a ledger from before the column: mark what it took
+            self.conn.execute("UPDATE files SET taken = 1 WHERE path IN (SELECT path FROM pdi_taken)")
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -443,7 +464,8 @@ class LedgerCore:
         rows = self.conn.execute(
             "SELECT f.path, p.path AS product, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd,"
             " f.mjd_str, f.mjd_end FROM files f JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
-            " WHERE f.state = 'done' AND f.mjd BETWEEN ? AND ? AND f.target IS ? AND f.filter IS ?"
+            # +f.state: the MJD index, not the state index (which would scan every done file)
+            " WHERE +f.state = 'done' AND f.mjd BETWEEN ? AND ? AND f.target IS ? AND f.filter IS ?"
             " ORDER BY f.mjd",
             (this["mjd"] - window, this["mjd"] + window, this["target"], this["filter"]),
         ).fetchall()

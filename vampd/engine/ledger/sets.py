@@ -4,6 +4,7 @@ triggers' candidates, their set/block rows and which files a permanent set or cl
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -62,28 +63,42 @@ class SetsMixin:
             with self.transaction():
                 self.conn.execute(self._TAKEN_SQL)
         q = (
-            "SELECT f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd, f.nframes,"
-            " f.t_complete, f.mtime_ns, f.error, p.path AS product, t.owner AS taken FROM files f"
+            "SELECT f.rowid AS _rid, f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd,"
+            " f.nframes, f.t_complete, f.mtime_ns, f.error, p.path AS product, t.owner AS taken FROM files f"
             " LEFT JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
-            " LEFT JOIN pdi_taken t ON t.path = f.path"
-            " WHERE f.state IN ('done', 'parked')"
+            " LEFT JOIN pdi_taken t ON t.path = f.path WHERE "
         )
-        args: tuple = ()
-        if window_days is not None:
-            q += (
-                " AND (t.owner IS NULL OR f.mjd >= (SELECT MIN(g.mjd) FROM files g LEFT JOIN pdi_taken u"
-                " ON u.path = g.path WHERE g.state = 'done' AND u.owner IS NULL) - ?)"
-            )
-            args = (float(window_days),)
-        rows = self.conn.execute(q, args).fetchall()
-        return [dict(r) for r in rows if r["state"] == "parked" or r["product"] is not None]
+        free = " AND t.owner IS NULL"
+        if window_days is None:
+            rows = self.conn.execute(q + "f.state IN ('done', 'parked')").fetchall()
+        else:
+            # every query below is an index range, so the cost follows the open part of the night
+            floor = self.conn.execute(
+                "SELECT MIN(mjd) FROM files INDEXED BY files_free WHERE state = 'done' AND taken IS NULL"
+            ).fetchone()
+            rows = self.conn.execute(
+                q + "f.state = 'parked' AND (f.mjd < ? OR f.mjd IS NULL)" + free,
+                (math.inf if floor[0] is None else floor[0] - window_days,),
+            ).fetchall()
+            rows += self.conn.execute(q + "+f.state = 'done' AND f.mjd IS NULL" + free).fetchall()
+            if floor[0] is not None:
+                lo = float(floor[0]) - float(window_days)
+                rows += self.conn.execute(q + "f.mjd >= ? AND +f.state IN ('done', 'parked')", (lo,)).fetchall()
+            rows.sort(key=lambda r: (r["state"], r["_rid"]))  # the order of a scan of the state index
+        out = []
+        for r in rows:
+            if r["state"] == "parked" or r["product"] is not None:
+                d = dict(r)
+                del d["_rid"]
+                out.append(d)
+        return out
 
     def done_near(self, mjd: float, half_window_days: float) -> list[dict]:
         """Done files with a coadded product within ``half_window_days`` of ``mjd`` (diff images)."""
         rows = self.conn.execute(
             "SELECT f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd, f.nframes, f.exptime,"
             " p.path AS product FROM files f JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
-            " WHERE f.state = 'done' AND f.mjd BETWEEN ? AND ?",
+            " WHERE +f.state = 'done' AND f.mjd BETWEEN ? AND ?",  # the MJD index, not a scan of every done file
             (float(mjd) - half_window_days, float(mjd) + half_window_days),
         ).fetchall()
         return [dict(r) for r in rows]
