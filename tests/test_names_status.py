@@ -1,0 +1,106 @@
+"""Header text in file names (one rule, :func:`vampd.filenames.safe_part`) and what
+``vampd status`` / ``vampd retry`` say about problem files. Real simulated nights, real
+ledgers, no mocks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from astropy.io import fits
+
+from vampd.filenames import MAX_PART, safe_part
+
+LONG = "V" * 600  # 605 characters with the suffixes below
+LONG_A, LONG_B = LONG + "-disk", LONG + "-star"  # differ only at the very end
+SLASHED = "HD 163296/b"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("HD 163296/b", "HD_163296_b"),
+        ("AB Aur", "AB_Aur"),
+        ("F610+F670", "F610+F670"),
+        ("../../etc/passwd", "etc_passwd"),
+        ("..", "unknown"),
+        ("", "unknown"),
+        (".hidden", "hidden"),
+        ("Ḩα band", "band"),
+    ],
+)
+def test_safe_part_short_values(text, expected):
+    assert safe_part(text) == expected
+
+
+def test_safe_part_long_values_keep_a_prefix_and_a_hash_of_the_whole():
+    a, b = safe_part(LONG_A), safe_part(LONG_B)
+    assert len(a) == len(b) == MAX_PART
+    assert a != b and a[:40] == b[:40] == "V" * 40
+    assert safe_part(LONG_A) == a  # stable
+    # a long value that sanitises like another still gets its own name (hash of the original)
+    assert safe_part("x y" * 40) != safe_part("x/y" * 40)
+    assert safe_part("", empty="none") == "none"
+
+
+def test_group_label_and_factor_file_name_are_bounded():
+    from vampd.finalize.products import group_label
+    from vampd.specphot.factors import factor_file_name, slug
+
+    lab = group_label(LONG_A, ["F610", "F670"])
+    assert lab.endswith("_F610-F670") and len(lab) <= 2 * MAX_PART + 1
+    assert group_label(SLASHED, []) == "HD_163296_b"
+    assert slug("Jy/arcsec^2") == "jyas2" and slug(SLASHED) == "HD_163296_b"
+    name = factor_file_name("n", LONG_B, "Open", 1, "VMPA00010000")
+    assert "/" not in name and len(name.encode()) <= 255
+
+
+# -- a simulated night with odd OBJECT values, run and finalize with ADI cubes -----------------
+
+
+@pytest.fixture(scope="module")
+def odd_night(tmp_path_factory):
+    from vampd.cli import main
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+    from vampd.simulate.night import SimConfig, simulate_night
+
+    root = tmp_path_factory.mktemp("names")
+    sim = SimConfig(size=64, nframes=2, ncycles=1, noise_free=True, calib=False, targets=("ABAUR", "MWC480", "HD34282"))
+    simulate_night(root / "sim", sim)
+    rename = {"ABAUR": LONG_A, "MWC480": LONG_B, "HD34282": SLASHED}
+    files = sorted((root / "sim" / "raw").glob("*.fits"))
+    for p in files:  # the telescope's OBJECT is free text (long-string CONTINUE cards)
+        with fits.open(p, mode="update") as h:
+            h[0].header["OBJECT"] = rename[h[0].header["OBJECT"]]
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "n"
+    cfg.align.crop_width = 56
+    cfg.polarimetry.use_ideal_mm = True
+    cfg.save_adi_cubes = True
+    save_config(cfg, root / "n.toml")
+    out = root / "red"
+    rc_run = main(["run", str(root / "n.toml"), *map(str, files), "-o", str(out), "-j", "2"])
+    rc_fin = main(["finalize", str(root / "n.toml"), "-o", str(out)])
+    return {"out": out, "rc": (rc_run, rc_fin), "nfiles": len(files)}
+
+
+def test_odd_objects_run_and_finalize(odd_night):
+    out = odd_night["out"]
+    assert odd_night["rc"] == (0, 0)
+    real = out.resolve()
+    every = [p for p in real.rglob("*")]
+    assert every
+    for p in every:
+        assert len(p.name.encode()) <= 255, p.name
+        assert p.resolve().is_relative_to(real)  # nothing escaped through "/" or ".."
+    adi = sorted(p.name for p in (out / "adi").glob("*_adi_cube.fits"))
+    labels = [safe_part(LONG_A), safe_part(LONG_B), "HD_163296_b"]
+    assert adi == sorted(f"n_{lab}_adi_cube.fits" for lab in labels)
+    assert len(set(adi)) == 3  # the two long objects differing at the end are two files
+    for lab, obj in zip(labels, (LONG_A, LONG_B, SLASHED), strict=True):
+        # the final Stokes product of each target keeps the full OBJECT; only its name is short
+        coll = out / "pdi" / f"n_{lab}_750-50_stokes_coll.fits"
+        assert fits.getheader(coll)["OBJECT"] == obj
+    assert not (out / "adi" / "HD 163296").exists() and not (out / "pdi" / "HD 163296").exists()
+    assert os.path.isdir(out / "report")
