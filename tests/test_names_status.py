@@ -104,3 +104,80 @@ def test_odd_objects_run_and_finalize(odd_night):
         assert fits.getheader(coll)["OBJECT"] == obj
     assert not (out / "adi" / "HD 163296").exists() and not (out / "pdi" / "HD 163296").exists()
     assert os.path.isdir(out / "report")
+
+
+# -- vampd status / vampd retry on a real ledger -------------------------------------------------
+
+
+@pytest.fixture
+def problem_night(tmp_path):
+    """A batch run with a truncated FITS (parked: rejected, its header is cut) and a file that failed transiently
+    (recorded through the ledger as the runner does, with a 10-minute backoff)."""
+    from vampd.cli import main
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+    from vampd.engine.ledger import Ledger
+    from vampd.simulate.night import SimConfig, simulate_night
+
+    simulate_night(tmp_path / "sim", SimConfig(size=32, nframes=1, ncycles=1, noise_free=True, calib=False))
+    files = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
+    bad = files[0].with_name("VMPA00019999.fits")
+    bad.write_bytes(files[0].read_bytes()[:5000])
+    save_config(preset_config("quicklook", "q"), tmp_path / "q.toml")
+    out = tmp_path / "red"
+    assert main(["run", str(tmp_path / "q.toml"), str(files[0]), str(bad), "-o", str(out), "-j", "1"]) == 1
+    flaky = str(files[1])
+    with Ledger(out) as led:
+        assert led.record_failure(flaky, f"{flaky}: worker lost", 3, kind="transient", backoff=600.0) == "failed"
+    return {"out": out, "bad": str(bad), "flaky": flaky}
+
+
+def test_status_shows_error_kind_and_next_retry(problem_night, capsys):
+    import json
+    import re
+
+    from vampd.cli import main
+
+    out = problem_night["out"]
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    parked = next(ln for ln in text.splitlines() if "VMPA00019999.fits" in ln)
+    assert (
+        parked
+        == "parked  VMPA00019999.fits (parked: rejected; tries 1): header incomplete: no END card in the first 5000 bytes"
+    )
+    name = os.path.basename(problem_night["flaky"])
+    failed = next(ln for ln in text.splitlines() if name in ln)
+    m = re.fullmatch(rf"failed  {name} \(transient, retry in (\d+) s; tries 1\): worker lost", failed)
+    assert m and 500 < int(m.group(1)) <= 600, failed
+
+    assert main(["status", str(out), "--json"]) == 0
+    errs = {os.path.basename(e["path"]): e for e in json.loads(capsys.readouterr().out)["errors"]}
+    assert set(errs) == {"VMPA00019999.fits", name}
+    p = errs["VMPA00019999.fits"]
+    assert (p["state"], p["error_kind"], p["t_retry"], p["retry_in"]) == ("parked", "rejected", None, None)
+    f = errs[name]
+    assert (f["state"], f["error_kind"]) == ("failed", "transient")
+    assert 500 < f["retry_in"] <= 600 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", f["t_retry"])
+
+
+def test_retry_lists_the_files_it_requeued(problem_night, capsys):
+    from vampd.cli import main
+    from vampd.engine.ledger import Ledger
+
+    out = problem_night["out"]
+    capsys.readouterr()
+    assert main(["retry", str(out), "--kind", "rejected"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("vampd retry: 1 file(s) back to pending in ")
+    assert lines[1:] == [f"  {problem_night['bad']}"]
+    assert main(["retry", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("vampd retry: 1 file(s) back to pending") and lines[1:] == [
+        f"  {problem_night['flaky']}"
+    ]
+    with Ledger(out, readonly=True) as led:
+        assert [led.get(p)["state"] for p in (problem_night["bad"], problem_night["flaky"])] == ["pending"] * 2
+    assert main(["retry", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == []  # nothing left to re-queue
