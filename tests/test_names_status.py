@@ -53,6 +53,12 @@ def test_group_label_and_factor_file_name_are_bounded():
     assert slug("Jy/arcsec^2") == "jyas2" and slug(SLASHED) == "HD_163296_b"
     name = factor_file_name("n", LONG_B, "Open", 1, "VMPA00010000")
     assert "/" not in name and len(name.encode()) <= 255
+    from vampd.engine.leastsq_products import product_paths
+    from vampd.engine.leastsq_trigger import _label
+
+    a, b = product_paths("/o", "n", _label(LONG_A, "Open")), product_paths("/o", "n", _label(LONG_B, "Open"))
+    assert a["coll"] != b["coll"] and all(len(p.name.encode()) <= 255 for p in a.values())
+    assert product_paths("/o", "n", _label(SLASHED, "Open"))["coll"].name == "n_HD_163296_b_Open_stokes_coll.fits"
 
 
 # -- a simulated night with odd OBJECT values, run and finalize with ADI cubes -----------------
@@ -181,3 +187,14 @@ def test_retry_lists_the_files_it_requeued(problem_night, capsys):
         assert [led.get(p)["state"] for p in (problem_night["bad"], problem_night["flaky"])] == ["pending"] * 2
     assert main(["retry", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == []  # nothing left to re-queue
+
+
+def test_demo_summary_counts_only_what_is_there():
+    from vampd.watch.demo import demo_summary
+
+    ok = {"files": {"total": 16, "done": 16, "failed": 0, "parked": 0}, "sets": {"complete": 1, "broken": 0}}
+    assert demo_summary(ok) == "vampd demo: 16 of 16 files reduced; 1 HWP set complete"
+    bad = {"files": {"total": 16, "done": 12, "failed": 4, "parked": 3}, "sets": {"complete": 0, "broken": 2}}
+    assert (
+        demo_summary(bad) == "vampd demo: 12 of 16 files reduced, 3 parked, 1 to retry; 0 HWP sets complete, 2 broken"
+    )
