@@ -156,7 +156,7 @@ def test_odd_paths_in_a_watched_pdi_night(night):
             assert names[odd]["state"] == "parked", odd
         assert "FIFO" in names["fifo.fits"]["error"] and "directory" in names["a.fits"]["error"]
         assert "character device" in names["zero.fits"]["error"] and "symlink loop" in names["loop.fits"]["error"]
-        assert "caf\\xe9.fits" in names and "UTF-8" in names["caf\\xe9.fits"]["error"]
+        assert names["caf\\xe9.fits"]["error"].endswith("caf\\xe9.fits: file name is not valid UTF-8: rename it")
         if SETPRIV and os.geteuid() == 0:
             assert "permission denied" in names["locked.fits"]["error"]
         assert "gone.fits" not in names
@@ -449,3 +449,23 @@ def test_config_change_does_not_requeue_rejected_paths(tmp_path):
     assert led.requeue_config("new-hash") == 0
     assert led.get(str(tmp_path / "fifo.fits"))["state"] == "parked"
     led.close()
+
+
+def test_non_utf8_name_one_message_from_observer_and_runner(tmp_path):
+    """The watcher's classification and a batch run give the same words for a name that is not
+    valid UTF-8 (the ledger keeps the escaped name)."""
+    from vampd.cli import main
+    from vampd.engine.ledger import Ledger
+    from vampd.watch.observer import classify_path
+
+    msg = "file name is not valid UTF-8: rename it"
+    src = simulate(tmp_path / "sim", size=32)[0]
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.fits")
+    shutil.copy(src, odd)
+    assert classify_path(odd)[1] == msg
+    cfg = write_config(tmp_path / "q.toml", preset="quicklook")
+    assert main(["run", str(cfg), odd, "-o", str(tmp_path / "out")]) == 1
+    with Ledger(tmp_path / "out", readonly=True) as led:
+        (row,) = led.problem_files()
+    assert row["path"].endswith("/caf\\xe9.fits") and row["error"] == f"{row['path']}: {msg}"
+    assert (row["state"], row["error_kind"]) == ("parked", "rejected")

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("vampd.engine.commands", "cmd_run", "reduce existing raw files (batch; same engine as watch)"),
     "watch": ("vampd.watch.commands", "cmd_watch", "watch directories and reduce files as they arrive"),
     "retry": ("vampd.watch.commands", "cmd_retry", "put parked files back to pending (tries reset)"),
-    "status": ("vampd.live.commands", "cmd_status", "one-shot summary of a night's ledger"),
+    "status": ("vampd.watch.commands", "cmd_status", "one-shot summary of a night's ledger"),
     "live": ("vampd.live.commands", "cmd_live", "full-screen live view of the night"),
     "finalize": ("vampd.finalize.commands", "cmd_finalize", "write the night's final products and report"),
     "demo": ("vampd.watch.demo", "cmd_demo", "stream a simulated night into a temp dir and reduce it live"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from vampd.config.io import ConfigFileError, load_config
 from vampd.config.models import ConfigError, ConfigWarning, PipelineConfig, resolve_data_dir
 from vampd.config.presets import PRESETS, render_preset
+from vampd.filenames import safe_part
 
 __all__ = ["cmd_new", "cmd_check", "summarize", "default_name"]
 
@@ -22,7 +22,7 @@ def default_name(path: str | Path) -> str:
     for suffix in (".toml", ".TOML"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", stem).strip("_") or "vampd"
+    return safe_part(stem, empty="vampd")
 
 
 def cmd_new(args: argparse.Namespace) -> int:

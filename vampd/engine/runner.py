@@ -137,7 +137,9 @@ class Runner:
         """
         path = os.path.abspath(path)
         if ledger_key(path) != path:
-            self.reject(path, "file name is not valid UTF-8 (rename it)")
+            from vampd.filenames import NOT_UTF8  # one wording with the watcher
+
+            self.reject(path, NOT_UTF8)
             return "rejected"
         try:
             decision = self.ledger.register(

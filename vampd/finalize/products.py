@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -232,8 +231,15 @@ def final_header(
 
 
 def group_label(target: str, fields: Sequence[str]) -> str:
-    """File-name-safe ``{target}_{fields}`` used when a night has several product groups."""
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{target}_{'-'.join(fields)}").strip("_")
+    """File-name-safe ``{target}_{fields}`` used when a night has several product groups.
+
+    Each part follows :func:`vampd.filenames.safe_part` (at most 64 characters, long values
+    hashed), so a 600-character OBJECT still gives a name the file system accepts.
+    """
+    from vampd.filenames import safe_part
+
+    parts = [safe_part(target)] + ([safe_part("-".join(fields))] if fields else [])
+    return "_".join(parts)
 
 
 def _final_paths(outdir, name: str, label: str | None) -> dict[str, Path]:

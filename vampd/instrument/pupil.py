@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vampd.filenames import safe_part
 from vampd.instrument.constants import (
     ACTUATOR_CENTERS,
     ACTUATOR_DIAMETER,
@@ -437,7 +438,7 @@ def cached_synthetic_psf(
     path = None
     if cache_dir is not None:
         key = _psf_key(filter_name, pixel_scale_mas, pupil_offset_deg, npix, data_dir, nwave)
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(filter_name))
+        safe = safe_part(str(filter_name))
         path = Path(cache_dir) / f"psf_{safe}_{int(npix)}_{key}.npy"
         try:
             psf = np.load(path, allow_pickle=False)

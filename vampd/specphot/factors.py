@@ -8,7 +8,6 @@ Stokes images carry the calibrated unit without the PDI code knowing how the fac
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from vampd.filenames import safe_part
 from vampd.fitsio import atomic_write
 
 __all__ = [
@@ -36,7 +36,7 @@ def slug(text: str) -> str:
     """File-name-safe form of a target/filter/unit (``"Jy/arcsec^2"`` → ``"jyas2"``)."""
     if text in _UNIT_SLUG:
         return _UNIT_SLUG[text]
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(text)).strip("_") or "none"
+    return safe_part(str(text), empty="none")
 
 
 def factor_file_name(name: str, target: str, filt: str, camera: int, first_stem: str) -> str:

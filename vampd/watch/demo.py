@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["cmd_demo", "prepare_demo"]
+__all__ = ["cmd_demo", "demo_summary", "prepare_demo"]
 
 
 def prepare_demo(workdir: Path, nfiles: int, size: int = 128, nframes: int = 10) -> tuple[Path, object]:
@@ -58,6 +58,26 @@ def prepare_demo(workdir: Path, nfiles: int, size: int = 128, nframes: int = 10)
     path = workdir / "demo.toml"
     save_config(cfg, path)
     return path, sim.replace(calib=False) if masters else sim
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def demo_summary(st: dict) -> str:
+    """The demo's last line, from the ledger's status (:func:`collect_status`), e.g.
+    ``vampd demo: 16 of 16 files reduced; 1 HWP set complete``.
+
+    Parked, to-retry and broken counts are added only when not zero.
+    """
+    f, s = st.get("files", {}), st.get("sets", {})
+    total, parked = f.get("total", 0), f.get("parked", 0)
+    files = f"{f.get('done', 0)} of {_plural(total, 'file')} reduced"
+    retry = f.get("failed", 0) - parked  # ``failed`` counts parked files too (kept for scripts)
+    files += "".join(f", {n} {w}" for n, w in ((parked, "parked"), (retry, "to retry")) if n)
+    sets = f"{_plural(s.get('complete', 0), 'HWP set')} complete"
+    sets += f", {s['broken']} broken" if s.get("broken") else ""
+    return f"vampd demo: {files}; {sets}"
 
 
 def _status(outdir: Path) -> dict:
@@ -170,11 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("  finalizing the night ...", flush=True)
     frc = cmd_finalize(argparse.Namespace(config=str(config), outdir=str(out), mean=False))
     st = _status(out)
-    f, s = st.get("files", {}), st.get("sets", {})
-    print(
-        f"vampd demo: {f.get('done', 0)} of {f.get('total', 0)} files reduced, {f.get('failed', 0)} failed; "
-        f"{s.get('complete', 0)} HWP sets complete, {s.get('broken', 0)} broken"
-    )
+    f = st.get("files", {})
     report = out / "report" / "report.md"
     if report.exists():
         print(f"  night report: {report}")
@@ -183,4 +199,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  polarimetric product: {coll[0]}")
     if not keep:
         print(f"  (the work directory stays at {workdir}; remove it when done)")
+    print(demo_summary(st))  # last: what a script or a glance at the terminal reads
     return 0 if (frc == 0 and drc == 0 and f.get("done", 0) == nfiles) else 1

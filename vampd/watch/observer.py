@@ -31,6 +31,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 
 from vampd.errors import VampdError
+from vampd.filenames import NOT_UTF8
 from vampd.fitsbytes import (
     IncompleteFits,
     NotFitsError,
@@ -135,7 +136,7 @@ def classify_path(path: str) -> tuple[tuple | None, str | None]:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        return sig, "file name is not valid UTF-8 (rename it)"
+        return sig, NOT_UTF8
     return sig, None
 
 

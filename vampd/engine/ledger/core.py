@@ -393,6 +393,10 @@ class LedgerCore:
     def retry_parked(self, paths: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> int:
         """Un-park files (all, the given ``paths``, or those whose ``error_kind`` is in
         ``kinds``): back to ``pending`` with their tries reset. Returns how many."""
+        return len(self.requeue_parked(paths, kinds))
+
+    def requeue_parked(self, paths: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> list[str]:
+        """:meth:`retry_parked`, returning the ledger keys (paths) of the files re-queued, sorted."""
         where, args = "state IN ('parked', 'failed')", []
         if paths is not None:
             keys = [ledger_key(p) for p in paths]
@@ -402,7 +406,8 @@ class LedgerCore:
             kinds = list(kinds)
             where += f" AND COALESCE(error_kind, 'permanent') IN ({','.join('?' * len(kinds))})"
             args += kinds
-        with self.transaction():
+        with self.transaction():  # one transaction: the list is exactly what was re-queued
+            queued = [r[0] for r in self.conn.execute(f"SELECT path FROM files WHERE {where} ORDER BY path", args)]
             n = self.conn.execute(
                 f"UPDATE files SET state='pending', tries=0, t_retry=NULL, chash=CASE WHEN error_kind='rejected'"
                 f" THEN NULL ELSE chash END WHERE {where}",
@@ -413,7 +418,7 @@ class LedgerCore:
                     "INSERT INTO events (time, level, message) VALUES (?,?,?)",
                     (time.time(), "info", f"retry: {n} parked file(s) back to pending"),
                 )
-        return n
+        return queued
 
     def parked_gone(self) -> list[str]:
         """Parked/failed rows whose file no longer exists (for clean-up)."""

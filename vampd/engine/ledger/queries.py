@@ -94,9 +94,11 @@ class QueriesMixin:
         ).fetchone()
 
     def problem_files(self) -> list[sqlite3.Row]:
-        """Failed (will retry) and parked (given up) files, by path."""
+        """Failed (will retry) and parked (given up) files, by path: ``path, state, tries,
+        error, error_kind, t_retry`` (``t_retry``: when a failed file is due again, epoch s)."""
         return self.conn.execute(
-            "SELECT path, state, tries, error FROM files WHERE state IN ('failed','parked') ORDER BY path"
+            "SELECT path, state, tries, error, error_kind, t_retry FROM files"
+            " WHERE state IN ('failed','parked') ORDER BY path"
         ).fetchall()
 
     def done_latencies(self) -> list[float]:
