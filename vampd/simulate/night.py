@@ -26,7 +26,7 @@ Observing sequence (documented choices):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -468,8 +468,3 @@ def simulate_night(
         entry["description"] = rec["fault_description"]
     write_json(truth_path, truth)
     return truth
-
-
-def config_fields() -> list[str]:
-    """Names of the :class:`SimConfig` fields (for the CLI and docs)."""
-    return [f.name for f in fields(SimConfig)]
