@@ -69,3 +69,58 @@ def offline():
     from vampd._offline import configure_offline
 
     configure_offline()
+
+
+#: ``[watch]`` options for daemons under test: short settle/complete/reconcile times, sidecars
+#: expected, two tries (so a fault parks quickly).
+FAST_WATCH = dict(
+    settle_time=0.1,
+    complete_timeout=3.0,
+    reconcile_interval=2.0,
+    stop_timeout=20.0,
+    expect_sidecar=True,
+    workers=2,
+    max_tries=2,
+)
+
+
+def apply_fast_watch(cfg, **watch):
+    """Set :data:`FAST_WATCH` on ``cfg.watch``, overridden by ``watch``; return ``cfg``."""
+    for k, v in {**FAST_WATCH, **watch}.items():
+        setattr(cfg.watch, k, v)
+    return cfg
+
+
+def simulate_pdi_night(sim_dir: Path, name: str, crop_width: int, steady_strehl: float | None = None, **sim):
+    """A noise-free simulated night without calibration files, and a ``pdi-triplediff`` config for it.
+
+    Parameters
+    ----------
+    sim_dir : Path
+        Where :func:`vampd.simulate.night.simulate_night` writes (``sim_dir/raw``).
+    name : str
+        The config's ``name`` (product file prefix).
+    crop_width : int
+        ``align.crop_width`` [px].
+    steady_strehl : float, optional
+        If given, a steady AO: this Strehl ratio for every frame, no jitter, no flux variation.
+    **sim
+        Further :class:`~vampd.simulate.night.SimConfig` fields.
+
+    Returns
+    -------
+    sim, truth, cfg
+        The simulator config, its truth dict, and the pipeline config (ideal Mueller matrices).
+    """
+    from vampd.config.presets import preset_config
+    from vampd.simulate.night import SimConfig, simulate_night
+
+    if steady_strehl is not None:
+        sim.update(strehl_range=(steady_strehl, steady_strehl), jitter_rms_px=0.0, flux_rms=0.0)
+    sim_cfg = SimConfig(noise_free=True, calib=False, **sim)
+    truth = simulate_night(sim_dir, sim_cfg)
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = name
+    cfg.align.crop_width = crop_width
+    cfg.polarimetry.use_ideal_mm = True
+    return sim_cfg, truth, cfg

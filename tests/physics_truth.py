@@ -7,6 +7,11 @@ typed in from docs/instrument.md §1.2. vampd is used only to format the raw hea
 (:func:`vampd.simulate.headers.raw_header`, which computes no physics: it writes the values it is
 given) and, by the tests, to run the real chain.
 
+The duplication with :mod:`vampd.instrument.mueller` is intentional: do not merge the two or import
+one from the other. The Mueller matrices below repeat the pipeline's on purpose (and ``duplicates``
+reports them) so that a mistake in the pipeline's copy cannot also make the expected values
+wrong; the tests compare two independent derivations.
+
 Conventions (stated here, independently of vampd's code):
 
 * Sky images are North up (+y), East left (−x); a position angle θ is East of North, so the offset

@@ -24,6 +24,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import apply_fast_watch
+
 pytestmark = pytest.mark.slow  # every test here runs real daemons in subprocesses (8-30 s each)
 
 FAULTS = ("truncated", "corrupt", "nonfits", "missing_keyword", "zero_byte")
@@ -85,18 +87,7 @@ def write_config(path: Path, preset: str | None = None, sections: dict | None = 
         from vampd.config.presets import preset_config
 
         cfg = preset_config(preset, "t")
-    w = dict(
-        settle_time=0.1,
-        complete_timeout=3.0,
-        reconcile_interval=2.0,
-        stop_timeout=20.0,
-        expect_sidecar=True,
-        workers=2,
-        max_tries=2,
-    )
-    w.update(watch)
-    for k, v in w.items():
-        setattr(cfg.watch, k, v)
+    apply_fast_watch(cfg, **watch)
     for key, v in (sections or {}).items():
         section, _, name = key.partition(".")
         if name:

@@ -13,6 +13,8 @@ from astropy.io import fits
 from vampd.finalize.products import collapse_sets, load_set_file, write_final_pdi
 from vampd.pdi.stokes import cylindrical_stokes
 
+from conftest import simulate_pdi_night
+
 # ------------------------------------------------------------------------------------------------
 # collapse over sets
 
@@ -116,28 +118,13 @@ def _digest(root):
 def night(tmp_path_factory):
     from vampd.cli import main
     from vampd.config.io import save_config
-    from vampd.config.presets import preset_config
-    from vampd.simulate.night import SimConfig, simulate_night
     from vampd.simulate.scene import Scene
 
     root = tmp_path_factory.mktemp("night")
-    sim = SimConfig(
-        size=128,
-        nframes=3,
-        ncycles=2,
-        noise_free=True,
-        calib=False,
-        identical_cameras=True,
-        strehl_range=(1.0, 1.0),
-        jitter_rms_px=0.0,
-        flux_rms=0.0,
-        scene=Scene(ring_radius_mas=150.0, ring_width_mas=40.0),
+    ring = Scene(ring_radius_mas=150.0, ring_width_mas=40.0)
+    sim, truth, cfg = simulate_pdi_night(
+        root / "sim", "n", 96, size=128, nframes=3, ncycles=2, identical_cameras=True, steady_strehl=1.0, scene=ring
     )
-    truth = simulate_night(root / "sim", sim)
-    cfg = preset_config("pdi-triplediff")
-    cfg.name = "n"
-    cfg.align.crop_width = 96
-    cfg.polarimetry.use_ideal_mm = True
     cfg.save_adi_cubes = True
     save_config(cfg, root / "n.toml")
     # the second HWP cycle is cut short: 24 of 32 files → one complete set, one broken at dawn
@@ -456,26 +443,13 @@ def test_finalize_while_the_daemon_runs(tmp_path, capsys):
 def mbi_night(tmp_path_factory):
     from vampd.cli import main
     from vampd.config.io import save_config
-    from vampd.config.presets import preset_config
-    from vampd.simulate.night import SimConfig, simulate_night
     from vampd.simulate.scene import Scene
 
     root = tmp_path_factory.mktemp("mbi")
-    sim = SimConfig(
-        size=64,
-        nframes=2,
-        ncycles=1,
-        noise_free=True,
-        calib=False,
-        mbi=True,
-        targets=("ABAUR", "MWC480"),
-        scene=Scene(ring_radius_mas=100.0, ring_width_mas=25.0, ring_flux=2e5),
+    ring = Scene(ring_radius_mas=100.0, ring_width_mas=25.0, ring_flux=2e5)
+    _sim, truth, cfg = simulate_pdi_night(
+        root / "sim", "m", 56, size=64, nframes=2, ncycles=1, mbi=True, targets=("ABAUR", "MWC480"), scene=ring
     )
-    truth = simulate_night(root / "sim", sim)
-    cfg = preset_config("pdi-triplediff")
-    cfg.name = "m"
-    cfg.align.crop_width = 56
-    cfg.polarimetry.use_ideal_mm = True
     cfg.diff_images.make_diff = False
     cfg.specphot.unit = "Jy"
     cfg.specphot.source = "zeropoints"

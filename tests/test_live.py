@@ -60,20 +60,11 @@ def _vampd(*args, check=True, **kw):
 def _config(path: Path, **watch) -> Path:
     from vampd.config import load_config, save_config
 
+    from conftest import apply_fast_watch
+
     _vampd("new", path, "-f")
     cfg = load_config(path)
-    w = dict(
-        settle_time=0.1,
-        complete_timeout=3.0,
-        reconcile_interval=2.0,
-        stop_timeout=10.0,
-        expect_sidecar=True,
-        workers=1,
-        max_tries=2,
-    )
-    w.update(watch)
-    for k, v in w.items():
-        setattr(cfg.watch, k, v)
+    apply_fast_watch(cfg, **{"stop_timeout": 10.0, "workers": 1, **watch})
     save_config(cfg, path)
     return path
 

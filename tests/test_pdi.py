@@ -15,6 +15,8 @@ from vampd.pdi.running import RunningStokes
 from vampd.pdi.sets import all_slots
 from vampd.pdi.stokes import star_polarization, stokes_products
 
+from conftest import simulate_pdi_night
+
 N = 64
 C = (N - 1) / 2
 P_RING = 0.3
@@ -192,29 +194,13 @@ def _run_night(tmp_path, ip=0.0, shuffle=False):
     from vampd.engine import pdi_trigger
     from vampd.engine.ledger import Ledger
     from vampd.engine.pipeline import process_file
-    from vampd.simulate.night import SimConfig, simulate_night
     from vampd.simulate.scene import Scene
 
     raw = tmp_path / "sim"
-    truth = simulate_night(
-        raw,
-        SimConfig(
-            size=96,
-            nframes=4,
-            ncycles=1,
-            noise_free=True,
-            calib=False,
-            ip=ip,
-            strehl_range=(0.9, 0.9),
-            jitter_rms_px=0.0,
-            flux_rms=0.0,
-            scene=Scene(ring_radius_mas=120.0, ring_width_mas=30.0),
-        ),
+    ring = Scene(ring_radius_mas=120.0, ring_width_mas=30.0)
+    _sim, truth, cfg = simulate_pdi_night(
+        raw, "t", 64, size=96, nframes=4, ncycles=1, ip=ip, steady_strehl=0.9, scene=ring
     )
-    cfg = preset_config("pdi-triplediff")
-    cfg.name = "t"
-    cfg.align.crop_width = 64
-    cfg.polarimetry.use_ideal_mm = True
     out = tmp_path / "red"
     led = Ledger(out)
     files = sorted((raw / "raw").glob("*.fits"))

@@ -68,29 +68,55 @@ def _check_workers(client, process: str, nights: list, outroot) -> str | None:
     return "\n".join(problems) or None
 
 
-def cmd_reprocess(args: argparse.Namespace) -> int:
-    """Reprocess whole nights on Dask; exit 0 if every file ends done, 1 if any failed, 2 on a problem."""
-    from vampd.cluster.executor import ClusterPool, MissingDistributed, connect, require_distributed
-    from vampd.cluster.progress import NightProgress, summary_line
-    from vampd.cluster.reprocess import check_labels, reprocess
+def _load_checked(args: argparse.Namespace):
+    """The configuration if it loads and every night directory is usable; else None (message printed)."""
+    from vampd.cluster.executor import MissingDistributed, require_distributed
+    from vampd.cluster.reprocess import check_labels
     from vampd.config import load_config
-    from vampd.engine.pool import DEFAULT_PROCESS
-    from vampd.engine.runner import resolve_outdir, watch_settings
 
     try:
         require_distributed()
         cfg = load_config(args.config)
     except (MissingDistributed, ValueError, OSError) as exc:
         print(f"vampd reprocess: {exc}", file=sys.stderr)
-        return 2
+        return None
     missing = [d for d in args.nights if not os.path.isdir(d)]
     if missing:
         print(f"vampd reprocess: night directory not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        return None
     try:
         check_labels(list(args.nights))
     except ValueError as exc:
         print(f"vampd reprocess: {exc}", file=sys.stderr)
+        return None
+    return cfg
+
+
+def _run_nights(args: argparse.Namespace, cfg, outroot, shared) -> list:
+    """Reprocess the nights on ``shared``, with the progress display unless ``--no-progress``."""
+    from vampd.cluster.progress import NightProgress
+    from vampd.cluster.reprocess import reprocess
+
+    kwargs = {"force": args.force, "finalize": not args.no_finalize}
+    if args.no_progress:
+        return reprocess(cfg, args.config, list(args.nights), outroot, shared, **kwargs)
+    if not getattr(args, "verbose", 0):  # per-file lines would scroll the bars away
+        logging.getLogger("vampd.engine.runner").setLevel(logging.WARNING)
+    with NightProgress() as display:
+        nights = reprocess(cfg, args.config, list(args.nights), outroot, shared, progress=display, **kwargs)
+        display(nights, force=True)
+    return nights
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    """Reprocess whole nights on Dask; exit 0 if every file ends done, 1 if any failed, 2 on a problem."""
+    from vampd.cluster.executor import ClusterPool, connect
+    from vampd.cluster.progress import summary_line
+    from vampd.engine.pool import DEFAULT_PROCESS
+    from vampd.engine.runner import resolve_outdir, watch_settings
+
+    cfg = _load_checked(args)
+    if cfg is None:
         return 2
     cc = cfg.cluster
     outroot = resolve_outdir(cfg, args.config, args.outroot)
@@ -115,31 +141,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
             print(f"vampd reprocess: {problem}", file=sys.stderr)
             return 2
         try:
-            if args.no_progress:
-                nights = reprocess(
-                    cfg,
-                    args.config,
-                    list(args.nights),
-                    outroot,
-                    shared,
-                    force=args.force,
-                    finalize=not args.no_finalize,
-                )
-            else:
-                if not getattr(args, "verbose", 0):  # per-file lines would scroll the bars away
-                    logging.getLogger("vampd.engine.runner").setLevel(logging.WARNING)
-                with NightProgress() as display:
-                    nights = reprocess(
-                        cfg,
-                        args.config,
-                        list(args.nights),
-                        outroot,
-                        shared,
-                        force=args.force,
-                        finalize=not args.no_finalize,
-                        progress=display,
-                    )
-                    display(nights, force=True)
+            nights = _run_nights(args, cfg, outroot, shared)
         except (ValueError, FileNotFoundError) as exc:
             print(f"vampd reprocess: {exc}", file=sys.stderr)
             return 2

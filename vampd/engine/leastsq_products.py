@@ -31,7 +31,7 @@ from astropy.io import fits
 
 from vampd.fitsio import write_fits_atomic
 from vampd.instrument.wcs import apply_wcs
-from vampd.pdi.cards import set_card
+from vampd.pdi.cards import set_card, strip_structural
 from vampd.pdi.ip import ip_header_values
 from vampd.pdi.leastsq import LeastSqProducts, solve_products, solve_snr
 from vampd.pdi.stokes import product_names, star_polarization
@@ -39,22 +39,6 @@ from vampd.pdi.stokes import product_names, star_polarization
 __all__ = ["refresh_group", "product_paths", "write_products"]
 
 log = logging.getLogger("vampd.pdi")
-_STRUCTURAL = (
-    "BITPIX",
-    "NAXIS",
-    "NAXIS1",
-    "NAXIS2",
-    "NAXIS3",
-    "NAXIS4",
-    "BZERO",
-    "BSCALE",
-    "EXTEND",
-    "SIMPLE",
-    "PCOUNT",
-    "GCOUNT",
-    "XTENSION",
-    "EXTNAME",
-)
 
 
 def product_paths(outdir, name: str, label: str | None) -> dict[str, Path]:
@@ -79,8 +63,7 @@ def _header(ledger, key: str, pcfg) -> fits.Header:
             break
     else:
         h = fits.Header()
-    for k in _STRUCTURAL + ("U_CAMERA", "U_FLC", "RET-ANG1", "DEROTANG"):
-        h.remove(k, ignore_missing=True, remove_all=True)
+    h = strip_structural(h, ("U_CAMERA", "U_FLC", "RET-ANG1", "DEROTANG"))
     if pcfg.derotate and "RA" in h:
         try:
             h = apply_wcs(h, 0.0)

@@ -172,6 +172,35 @@ def _sequence_metrics(members: list[Member]) -> tuple[list, list[str]]:
     return metrics, fields
 
 
+def _member_results(sp, header, metrics, seq_flux, fields: list[str], coronagraphic: bool, data_dir) -> list:
+    """One conversion result per field for a member file with primary ``header``.
+
+    ``seq_flux`` is the sequence's pooled flux (None when the source is ``zeropoints``, which
+    uses the member's own flux, or none if its metrics lack the flux metric)."""
+    if seq_flux is not None:
+        flux = seq_flux
+    else:
+        try:
+            flux = instrumental_flux(metrics, sp.flux_metric)
+        except ValueError:
+            flux = [None] * len(fields)
+    return [
+        conversion_factor(
+            fld,
+            flux[j],
+            header,
+            sp.unit,
+            str(sp.source),
+            sptype=sp.sptype,
+            mag=sp.mag,
+            mag_band=sp.mag_band,
+            coronagraphic=coronagraphic,
+            data_dir=data_dir,
+        )
+        for j, fld in enumerate(fields)
+    ]
+
+
 def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, list[tuple[str, str, str]]]:
     """Compute and write the calibration of one sequence; return (ledger row, products)."""
     from vampd.config import resolve_data_dir
@@ -194,29 +223,7 @@ def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, 
             raise FileNotFoundError(f"{m.path}: no coadded or aligned product recorded")
         with fits.open(img) as hdul:
             hdul.verify("silentfix")
-            header = hdul[0].header
-            if need_flux:
-                flux = seq_flux
-            else:
-                try:
-                    flux = instrumental_flux(mt, sp.flux_metric)
-                except ValueError:
-                    flux = [None] * len(fields)
-            results = [
-                conversion_factor(
-                    fld,
-                    flux[j],
-                    header,
-                    sp.unit,
-                    str(sp.source),
-                    sptype=sp.sptype,
-                    mag=sp.mag,
-                    mag_band=sp.mag_band,
-                    coronagraphic=coronagraphic,
-                    data_dir=data_dir,
-                )
-                for j, fld in enumerate(fields)
-            ]
+            results = _member_results(sp, hdul[0].header, mt, seq_flux, fields, coronagraphic, data_dir)
             extra = {"SEQUENCE": _seq_key(members), "NFILES": len(members)}
             cal = calibrate_hdul(hdul, results, sp.unit, data_dir, extra)
             out = outdir / FACTOR_DIR / f"{output_stem(img)}_{slug(sp.unit)}.fits"

@@ -30,7 +30,6 @@ _EXPORTS: dict[str, str] = {
     "flipped_camera": "detectors",
     "is_post_nbs": "detectors",
     # fields
-    "calibrated_to_raw_yx": "fields",
     "default_field_centers": "fields",
     "field_names": "fields",
     "flip_cube": "fields",
@@ -67,7 +66,6 @@ _EXPORTS: dict[str, str] = {
     "rotator": "mueller",
     "wollaston": "mueller",
     # pupil
-    "airy_strehl_peak": "pupil",
     "psf_model": "pupil",
     "psf_wavelengths": "pupil",
     "pupil_area_fraction": "pupil",

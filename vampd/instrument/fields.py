@@ -16,7 +16,6 @@ __all__ = [
     "is_flipped",
     "flip_cube",
     "raw_to_calibrated_yx",
-    "calibrated_to_raw_yx",
 ]
 
 MBI_FIELDS = ("F610", "F670", "F720", "F760")
@@ -95,14 +94,9 @@ def raw_to_calibrated_yx(y, x, ny: int, header, path=None):
     """Map raw (unflipped) pixel coordinates to calibrated (flipped) ones.
 
     For the flipped camera ``y → ny − 1 − y``; x is unchanged. Works on scalars or
-    arrays. The map is its own inverse (see :func:`calibrated_to_raw_yx`).
+    arrays. The map is its own inverse: applied again, it maps calibrated back to raw.
     """
     if not is_flipped(header, path):
         return y, x
     y_cal = (ny - 1) - np.asarray(y, dtype=float)
     return (y_cal if np.ndim(y) else float(y_cal)), x
-
-
-def calibrated_to_raw_yx(y, x, ny: int, header, path=None):
-    """Inverse of :func:`raw_to_calibrated_yx` (the same involution)."""
-    return raw_to_calibrated_yx(y, x, ny, header, path)

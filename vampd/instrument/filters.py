@@ -35,7 +35,6 @@ __all__ = [
     "data_dir",
     "resolve_data_dir",
     "filter_info",
-    "known_filters",
     "load_filter_curve",
     "nominal_filter_curve",
 ]
@@ -97,11 +96,6 @@ def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
 
 
 data_dir = resolve_data_dir  # public name of the design; functions below take a ``data_dir`` argument
-
-
-def known_filters() -> list[str]:
-    """Canonical filter names known to vampd (the columns of the reference table)."""
-    return list(NOMINAL_FILTERS)
 
 
 def canonical_filter_name(name: str, names=None) -> str:

@@ -55,7 +55,6 @@ __all__ = [
     "synthetic_psf",
     "psf_model",
     "psf_wavelengths",
-    "airy_strehl_peak",
     "psf_cache_dir",
     "cached_synthetic_psf",
 ]
@@ -366,17 +365,6 @@ def synthetic_psf(
         oversample,
         normalize="frame",
     )
-
-
-def airy_strehl_peak(psf: np.ndarray, flux: float | None = None) -> float:
-    """Peak-to-flux ratio of a (model) PSF: the denominator of a peak-ratio Strehl estimate.
-
-    ``Strehl ≈ (peak_obs / flux_obs) / airy_strehl_peak(model)``, with both fluxes measured the
-    same way. ``flux`` defaults to the sum of ``psf``.
-    """
-    psf = np.asarray(psf, dtype=float)
-    total = float(np.nansum(psf)) if flux is None else float(flux)
-    return float(np.nanmax(psf)) / total
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ downloaded); with neither, the ideal model is used and the header says so (``DPP
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from vampd.fitsio import output_stem, write_fits_atomic
 from vampd.instrument.mueller import MuellerParams, mm_table_key, mueller_from_header
 from vampd.pdi.cards import set_card
 
-__all__ = ["mm_params", "file_mueller", "mm_path", "write_mm_file", "read_mm_file"]
+__all__ = ["mm_params", "file_mueller", "mm_path", "write_mm_file"]
 
 
 def mm_params(pcfg, field: str, header) -> tuple[MuellerParams, str]:
@@ -79,12 +78,3 @@ def write_mm_file(path, mm: np.ndarray, header: fits.Header, fields: list[str], 
         set_card(h, "HIERARCH DPP PDI MM MODEL", desc[i], "Mueller-model parameters")
         hdus.append(fits.ImageHDU(np.asarray(mm[i], np.float32), header=h, name=f))
     return write_fits_atomic(path, fits.HDUList(hdus))
-
-
-def read_mm_file(path) -> np.ndarray:
-    """``(nfields, 4, 4)`` float64 from a per-file MM file."""
-    with fits.open(path) as hdul:
-        mm = np.asarray(hdul[0].data, dtype=np.float64)
-    if mm.ndim != 3 or mm.shape[1:] != (4, 4) or not np.all(np.isfinite(mm)) or math.prod(mm.shape) == 0:
-        raise ValueError(f"{path}: Mueller file has shape {mm.shape}, expected (nfields, 4, 4) finite")
-    return mm

@@ -22,7 +22,7 @@ from astropy.io import fits
 from vampd.fitsio import write_fits_atomic
 from vampd.imaging import derotate
 from vampd.instrument.wcs import apply_wcs
-from vampd.pdi.cards import set_card
+from vampd.pdi.cards import set_card, strip_structural
 from vampd.pdi.differences import STOKES_PLANES, difference_weights
 from vampd.pdi.ip import ip_correct_weights, ip_header_values, measure_ip, region_weights
 from vampd.pdi.mmfiles import file_mueller
@@ -33,23 +33,6 @@ from vampd.stages.combine import combine_headers
 log = logging.getLogger("vampd.pdi")
 
 __all__ = ["SetInvalid", "Member", "SetResult", "load_member", "check_members", "make_set_stokes", "write_set_file"]
-
-_STRUCTURAL = (
-    "BITPIX",
-    "NAXIS",
-    "NAXIS1",
-    "NAXIS2",
-    "NAXIS3",
-    "NAXIS4",
-    "BZERO",
-    "BSCALE",
-    "EXTEND",
-    "SIMPLE",
-    "PCOUNT",
-    "GCOUNT",
-    "XTENSION",
-    "EXTNAME",
-)
 
 
 class SetInvalid(ValueError):
@@ -135,13 +118,6 @@ def _derotated(members: list[Member], derotate_on: bool) -> tuple[np.ndarray, np
             imgs[i] = m.data
             vars_[i] = var
     return imgs, vars_
-
-
-def _clean_header(h: fits.Header) -> fits.Header:
-    h = h.copy()
-    for key in _STRUCTURAL:
-        h.remove(key, ignore_missing=True, remove_all=True)
-    return h
 
 
 def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coronagraphic: bool = False) -> SetResult:
@@ -238,7 +214,7 @@ def _set_header(hdr, pcfg, mode: str, model_desc: str) -> fits.Header:
     for key in ("U_CAMERA", "U_FLC", "RET-ANG1"):
         hdr.remove(key, ignore_missing=True)
     hdr = apply_wcs(hdr, 0.0) if pcfg.derotate and "RA" in hdr else hdr
-    hdr = _clean_header(hdr)
+    hdr = strip_structural(hdr)
     hdr["CTYPE3"] = ("STOKES", "plane axis")
     hdr["STOKES"] = (",".join(STOKES_PLANES), "Stokes planes")
     set_card(hdr, "HIERARCH DPP PDI METHOD", mode, "difference method")

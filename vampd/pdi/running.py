@@ -30,7 +30,7 @@ import numpy as np
 from astropy.io import fits
 
 from vampd.fitsio import atomic_write, write_fits_atomic
-from vampd.pdi.cards import set_card
+from vampd.pdi.cards import set_card, strip_structural
 from vampd.pdi.stokes import product_names, stokes_products
 
 __all__ = ["RunningStokes", "running_paths", "write_running_products", "append_table_row"]
@@ -152,28 +152,6 @@ class RunningStokes:
         return data.astype(np.float32), err.astype(np.float32), foot.astype(np.float32)
 
 
-def _strip(h: fits.Header) -> fits.Header:
-    h = h.copy()
-    for key in (
-        "BITPIX",
-        "NAXIS",
-        "NAXIS1",
-        "NAXIS2",
-        "NAXIS3",
-        "NAXIS4",
-        "BZERO",
-        "BSCALE",
-        "EXTEND",
-        "SIMPLE",
-        "XTENSION",
-        "PCOUNT",
-        "GCOUNT",
-        "EXTNAME",
-    ):
-        h.remove(key, ignore_missing=True, remove_all=True)
-    return h
-
-
 def set_exposure_cards(hdr: fits.Header, ncoadd: float, tint: float, what: str = "") -> fits.Header:
     """Write ``NCOADD``/``TINT`` and their ``DPP COADD`` twins with the same values (in place).
 
@@ -207,7 +185,7 @@ def write_running_products(
     stokes, err, foot = acc.mean(weighting)
     data, errs = stokes_products(stokes, err, cyl_stokes)  # (nf, 8, N, N)
     names = product_names(cyl_stokes)
-    hdr = _strip(header)
+    hdr = strip_structural(header)
     for key in ("HIERARCH DPP PDI SET INDEX", "HIERARCH DPP PDI SET KEY", "HIERARCH DPP PDI NMEMBERS"):
         hdr.remove(key.replace("HIERARCH ", ""), ignore_missing=True)
     hdr["CTYPE3"] = ("STOKES", "plane axis")
@@ -220,7 +198,7 @@ def write_running_products(
     set_exposure_cards(hdr, ncoadd, acc.tint, "(per camera, all sets)")
     fhs = []
     for f, fh in zip(fields, field_headers):
-        h = _strip(fh)
+        h = strip_structural(fh)
         h["CTYPE3"] = "STOKES"
         h["STOKES"] = ",".join(names)
         h["FIELD"] = f

@@ -20,7 +20,6 @@ from vampd.imaging import frame_center
 
 __all__ = [
     "product_names",
-    "azimuth_angle",
     "cylindrical_stokes",
     "stokes_products",
     "star_polarization",
@@ -46,15 +45,6 @@ def _cos_sin(shape: tuple[int, int], center: tuple[float, float], phi_deg: float
     c2.setflags(write=False)
     s2.setflags(write=False)
     return c2, s2
-
-
-def azimuth_angle(shape, center=None, phi_deg: float = 0.0) -> np.ndarray:
-    """``θ = atan2(c_x − x, y − c_y) + φ`` [rad] on a ``(ny, nx)`` grid."""
-    ny, nx = int(shape[-2]), int(shape[-1])
-    c = frame_center((ny, nx)) if center is None else center
-    y = np.arange(ny, dtype=float)[:, None]
-    x = np.arange(nx, dtype=float)[None, :]
-    return np.arctan2(c[1] - x, y - c[0]) + math.radians(phi_deg)
 
 
 def cylindrical_stokes(q, u, eq, eu, center=None, phi_deg: float = 0.0, mode: str = "azimuthal"):

@@ -47,7 +47,6 @@ __all__ = [
     "data_dir_of",
     "load_zeropoint_table",
     "pickles_file",
-    "pickles_types",
     "vega_file",
     "band_file",
 ]
@@ -227,11 +226,6 @@ def _pickles_index(path: str) -> dict[str, str]:
     with fits.open(path) as hdul:
         tab = hdul[1].data
         return {str(s).strip(): str(f).strip() for f, s in zip(tab["FILENAME"], tab["SPTYPE"])}
-
-
-def pickles_types(data_dir=None) -> list[str]:
-    """Spectral types available in the Pickles atlas of the data directory."""
-    return list(_pickles_index(str(data_path(PICKLES_INDEX, data_dir, "Pickles atlas index"))))
 
 
 def pickles_file(sptype: str, data_dir=None) -> Path:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from vampd.instrument.filters import FilterError, canonical_filter_name
 from vampd.specphot.data import ZEROPOINT_TABLE_NAME, DataFileError, load_zeropoint_table
 
-__all__ = ["BUILTIN_ZEROPOINTS", "ZeroPoint", "zeropoint", "zeropoint_c_fd"]
+__all__ = ["BUILTIN_ZEROPOINTS", "ZeroPoint", "zeropoint"]
 
 #: docs/instrument.md §8.2 (reference HEAD): filter → (C_FD [Jy/(e-/s)] at airmass 0, k [mag/airmass])
 BUILTIN_ZEROPOINTS: dict[str, tuple[float, float]] = {
@@ -88,8 +88,3 @@ def zeropoint(filter_name: str, data_dir=None) -> ZeroPoint:
         ) from None
     fac, k = BUILTIN_ZEROPOINTS[name]
     return ZeroPoint(name, fac, k, "builtin")
-
-
-def zeropoint_c_fd(filter_name: str, airmass: float, data_dir=None) -> float:
-    """c_fd = C_FD · 10^(0.4 k X) of ``filter_name`` at ``airmass`` X [Jy/(e-/s)]."""
-    return zeropoint(filter_name, data_dir).c_fd(airmass)

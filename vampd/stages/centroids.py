@@ -34,7 +34,6 @@ from vampd.imaging import frame_center
 __all__ = [
     "CentroidError",
     "centers_to_calibrated",
-    "centers_to_raw",
     "find_centers",
     "find_psf",
     "find_satellite_spots",
@@ -111,11 +110,6 @@ def centers_to_calibrated(centers_raw: Mapping[str, Sequence[tuple[float, float]
             conv.append((float(yc), float(xc)))
         out[field] = conv
     return out
-
-
-def centers_to_raw(centers_cal: Mapping[str, Sequence[tuple[float, float]]], header, shape) -> Centers:
-    """Inverse of :func:`centers_to_calibrated` (the flip is an involution)."""
-    return centers_to_calibrated(centers_cal, header, shape)
 
 
 # ----------------------------------------------------------------------------------------------

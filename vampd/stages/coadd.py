@@ -158,13 +158,6 @@ def biweight0(block: np.ndarray, c: float = _BIWEIGHT_C) -> np.ndarray:
     return np.where((mad == 0) | ~np.isfinite(loc), med, loc)
 
 
-def _collapse(block: np.ndarray, method: str) -> np.ndarray:
-    """Median or biweight location over axis 0, NaN-ignoring (all-NaN → NaN)."""
-    if method == "median":
-        return nanmedian0(block)
-    return biweight0(block)
-
-
 class Coadder:
     """Accumulate aligned chunks ``(nframes_chunk, nfields, N, N)`` and collapse them.
 

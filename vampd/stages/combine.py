@@ -31,7 +31,6 @@ __all__ = [
     "circular_mean",
     "combine_headers",
     "average_cameras",
-    "average_camera_headers",
 ]
 
 GROUP_METHODS = ("cube", "pdi")
@@ -336,14 +335,3 @@ def average_cameras(data1, err1, data2, err2) -> tuple[np.ndarray, np.ndarray]:
     d = 0.5 * (np.asarray(data1) + np.asarray(data2))
     e = 0.5 * np.sqrt(np.asarray(err1) ** 2 + np.asarray(err2) ** 2)
     return d, e
-
-
-def average_camera_headers(header1, header2) -> fits.Header:
-    """Combined header of a two-camera average (``U_CAMERA`` removed, TINT/NCOADD averaged)."""
-    h = combine_headers([header1, header2])
-    h.remove("U_CAMERA", ignore_missing=True)
-    # simultaneous exposures: the integration time is not doubled
-    for key in _SUMMED:
-        if key in h and key in header1 and key in header2:
-            h[key] = 0.5 * (header1[key] + header2[key])
-    return h

@@ -208,38 +208,9 @@ class LedgerCore:
             identity = file_identity(path)
         t_complete = now if t_complete is None else t_complete
         if row is None:
-            with self.transaction():
-                self.conn.execute(
-                    "INSERT INTO files (path, size, mtime_ns, chash, state, config_hash, nbytes, t_seen, t_complete,"
-                    " ino)"
-                    " VALUES (?,?,?,?, 'pending', ?,?,?,?,?)",
-                    (
-                        path,
-                        identity.size,
-                        identity.mtime_ns,
-                        identity.chash,
-                        config_hash,
-                        nbytes,
-                        now,
-                        t_complete,
-                        identity.ino,
-                    ),
-                )
+            self._insert_file(path, identity, config_hash, nbytes, now, t_complete)
             return "new"
-        reason = None
-        if identity.chash != row["chash"]:  # the hash covers the content's length
-            reason = "changed"
-        elif force:
-            reason = "forced"
-        elif row["state"] in ("done", "failed", "parked") and row["config_hash"] != config_hash:
-            reason = "config"
-        elif row["state"] == "done":
-            if not self.products_exist(path):
-                reason = "missing-product"
-        elif row["state"] == "failed":
-            reason = "retry" if (row["t_retry"] or 0.0) <= now else None  # backoff not over: wait
-        elif row["state"] in ("pending", "queued", "running"):
-            reason = "pending"
+        reason = self._redo_reason(row, path, identity, config_hash, force, now)
         if reason is None:
             if (identity.size, identity.mtime_ns, identity.ino) != (row["size"], row["mtime_ns"], row["ino"]):
                 # touched, or grown past its FITS structure: same content, new identity
@@ -270,6 +241,58 @@ class LedgerCore:
                 ),
             )
         return reason
+
+    def _insert_file(
+        self,
+        path: str,
+        identity: FileIdentity,
+        config_hash: str,
+        nbytes: int | None,
+        now: float,
+        t_complete: float,
+    ) -> None:
+        """Insert a first-seen file as ``pending``."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO files (path, size, mtime_ns, chash, state, config_hash, nbytes, t_seen, t_complete,"
+                " ino)"
+                " VALUES (?,?,?,?, 'pending', ?,?,?,?,?)",
+                (
+                    path,
+                    identity.size,
+                    identity.mtime_ns,
+                    identity.chash,
+                    config_hash,
+                    nbytes,
+                    now,
+                    t_complete,
+                    identity.ino,
+                ),
+            )
+
+    def _redo_reason(
+        self,
+        row: sqlite3.Row,
+        path: str,
+        identity: FileIdentity,
+        config_hash: str,
+        force: bool,
+        now: float,
+    ) -> str | None:
+        """Why a known file needs (re)work (see :meth:`register`), or None if it does not."""
+        if identity.chash != row["chash"]:  # the hash covers the content's length
+            return "changed"
+        if force:
+            return "forced"
+        if row["state"] in ("done", "failed", "parked") and row["config_hash"] != config_hash:
+            return "config"
+        if row["state"] == "done":
+            return None if self.products_exist(path) else "missing-product"
+        if row["state"] == "failed":
+            return "retry" if (row["t_retry"] or 0.0) <= now else None  # backoff not over: wait
+        if row["state"] in ("pending", "queued", "running"):
+            return "pending"
+        return None
 
     def next_pending(self, limit: int, exclude: Iterable[str] = ()) -> list[sqlite3.Row]:
         """Up to ``limit`` pending/failed-with-retry rows, oldest completion first."""
