@@ -29,7 +29,6 @@ __all__ = [
     "preview_planes",
     "stokes_limit",
     "preview_figure",
-    "write_previews",
     "trends_figure",
     "timeline_figure",
     "ip_figure",
@@ -185,20 +184,6 @@ def save_figure(fig, path) -> Path:
     fig.savefig(tmp, format="png", dpi=_DPI, metadata=_PNG_META)
     os.replace(tmp, path)
     return path
-
-
-def write_previews(
-    coll: np.ndarray, names: list[str], outdir, stem: str, meta: PreviewMeta, footprint: np.ndarray | None = None
-) -> dict[str, Path]:
-    """``report/{stem}_{plane}.png`` for I and the two polarised planes (same ``±limit``)."""
-    planes = preview_planes(coll, names, footprint)
-    qk = "Q_PHI" if "Q_PHI" in planes else "Q_R"
-    limit = stokes_limit(planes[qk])
-    out = {}
-    for key, img in planes.items():
-        fig = preview_figure(img, key, meta, None if key == "I" else limit)
-        out[key] = save_figure(fig, Path(outdir) / "report" / f"{stem}_{key.lower()}.png")
-    return out
 
 
 # -- trends, timeline, IP -------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from vampd.engine.ledger.identity import (
 from vampd.engine.ledger.leastsq import LeastSquaresMixin
 from vampd.engine.ledger.queries import QueriesMixin
 from vampd.engine.ledger.sets import SetsMixin
+from vampd.engine.ledger.specphot import SpecphotMixin
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 
-class Ledger(QueriesMixin, SetsMixin, LeastSquaresMixin, DaemonMixin, LedgerCore):
+class Ledger(QueriesMixin, SetsMixin, SpecphotMixin, LeastSquaresMixin, DaemonMixin, LedgerCore):
     """The SQLite ledger of one output directory.
 
     Parameters
@@ -74,6 +75,7 @@ class Ledger(QueriesMixin, SetsMixin, LeastSquaresMixin, DaemonMixin, LedgerCore
 
     The methods live in one mixin per concern: :class:`~vampd.engine.ledger.core.LedgerCore`
     (connection, schema, files, products, events), :mod:`~vampd.engine.ledger.sets`,
-    :mod:`~vampd.engine.ledger.leastsq`, :mod:`~vampd.engine.ledger.daemon` and
+    :mod:`~vampd.engine.ledger.specphot`, :mod:`~vampd.engine.ledger.leastsq`,
+    :mod:`~vampd.engine.ledger.daemon` and
     :mod:`~vampd.engine.ledger.queries`.
     """

@@ -552,45 +552,6 @@ class LedgerCore:
     def events(self, limit: int = 20) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()[::-1]
 
-    def record_specphot(self, key: str, row: dict, products: Iterable[tuple[str, str, str]] = ()) -> None:
-        """Record a sequence calibration (``row``: columns of ``specphot``) and, in the same
-        transaction, its calibrated products as ``(file, kind, path)`` (replacing that kind's rows)."""
-        now = time.time()
-        cols = (
-            "camera",
-            "target",
-            "filter",
-            "unit",
-            "source",
-            "state",
-            "fingerprint",
-            "members",
-            "factors",
-            "products",
-            "mjd",
-            "error",
-        )
-        vals = [
-            json.dumps(_plain(row.get(c))) if isinstance(row.get(c), (list, dict)) else _plain(row.get(c)) for c in cols
-        ]
-        prods = []
-        for file, kind, ppath in products:
-            st = os.stat(ppath)
-            prods.append((file, kind, str(ppath), st.st_mtime_ns, st.st_size, now))
-        with self.transaction():
-            self.conn.execute(
-                f"INSERT OR REPLACE INTO specphot (key, {', '.join(cols)}, updated) VALUES (?{',?' * len(cols)},?)",
-                (key, *vals, now),
-            )
-            for file, kind in {(p[0], p[1]) for p in prods}:
-                self.conn.execute("DELETE FROM products WHERE file=? AND kind=?", (file, kind))
-            self.conn.executemany("INSERT OR REPLACE INTO products VALUES (?,?,?,?,?,?)", prods)
-
-    def specphot_rows(self, state: str | None = None) -> list[sqlite3.Row]:
-        """Sequence calibrations (all, or those in ``state``), oldest sequence first."""
-        q = "SELECT * FROM specphot" + (" WHERE state=?" if state else "") + " ORDER BY mjd, key"
-        return self.conn.execute(q, (state,) if state else ()).fetchall()
-
 
 def _named(path: str, message: str) -> str:
     """``message`` prefixed with the file name unless it already names the file."""
