@@ -57,25 +57,38 @@ class RunningStokes:
     :meth:`save`; :meth:`mean` gives the current collapse.
     """
 
+    _ARRAYS = ("sum", "var_sum", "ivar_sum", "ivar_w", "count")
+
     def __init__(self, path: os.PathLike | str):
         self.path = Path(path)
         self.keys: list[str] = []
         self.sum = self.var_sum = self.ivar_sum = self.ivar_w = self.count = None
         self.tint = 0.0
+        self._unread = False  # sums still on disk (see load)
 
     # -- persistence ------------------------------------------------------------------------
     @classmethod
     def load(cls, path) -> RunningStokes:
+        """The accumulator at ``path`` (empty if absent). Only the set keys and the exposure are
+        read now: the sums (~10 MB per field at 536²) are read when first needed, so the
+        per-file trigger, which mostly only asks which sets are in, does not pay for them."""
         acc = cls(path)
         if acc.path.exists():
             with np.load(acc.path, allow_pickle=False) as z:
                 acc.keys = [str(k) for k in z["keys"]]
-                for name in ("sum", "var_sum", "ivar_sum", "ivar_w", "count"):
-                    setattr(acc, name, z[name])
                 acc.tint = float(z["tint"])
+            acc._unread = True
         return acc
 
+    def _read_sums(self) -> None:
+        if self._unread:
+            with np.load(self.path, allow_pickle=False) as z:
+                for name in self._ARRAYS:
+                    setattr(self, name, z[name])
+            self._unread = False
+
     def save(self) -> Path:
+        self._read_sums()
         arrays = {
             "keys": np.array(self.keys, dtype=str),
             "sum": self.sum,
@@ -105,6 +118,7 @@ class RunningStokes:
         already in, or raises ``ValueError`` if the shape differs from the sets already added."""
         if key in self.keys:
             return False
+        self._read_sums()
         x = np.asarray(stokes, np.float64)
         s = np.asarray(err, np.float64)
         if self.sum is None:
@@ -137,6 +151,7 @@ class RunningStokes:
         """
         if weighting not in _WEIGHTINGS:
             raise ValueError(f"weighting = {weighting!r}, expected one of {_WEIGHTINGS}")
+        self._read_sums()
         if self.sum is None:
             raise ValueError("no set has been added")
         with np.errstate(divide="ignore", invalid="ignore"):
