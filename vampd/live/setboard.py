@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 
 from rich import box
@@ -14,11 +15,29 @@ from rich.table import Table
 from rich.text import Text
 
 from vampd.engine.ledger import Ledger
-from vampd.live.common import STATE_STYLES, FileRow, camera_of, dur
+from vampd.live.common import FileRow, camera_of, dur
 
-__all__ = ["HWP_GRID", "SetView", "read_sets", "sets_panel", "board_height"]
+__all__ = ["HWP_GRID", "SetView", "SlotCell", "read_sets", "sets_panel", "board_height", "LEGEND"]
 
 HWP_GRID = (0.0, 45.0, 22.5, 67.5)
+MARKS = {"done": "✓", "failed": "✗", "filling": "…", "processing": "⚙"}
+CELL_STYLES = {"done": "green", "failed": "magenta", "filling": "yellow", "processing": "cyan"}
+LEGEND = "×n cubes: ✓ in set … filling ⚙ processing ✗ failed · empty"
+_BUSY = ("pending", "queued", "running", "failed")  # file states still to be reduced
+
+
+@dataclass
+class SlotCell:
+    """One slot of the board: ``kind`` is ``done``/``failed`` (a set member), ``filling`` (an open
+    HWP block) or ``processing`` (a closed block being coadded, or cubes being reduced), with
+    its number of cubes."""
+
+    kind: str
+    ncubes: int
+
+    def text(self) -> str:
+        """``✓×2``, ``…×1``, ``⚙×3``, ``✗×1``."""
+        return f"{MARKS.get(self.kind, '?')}×{self.ncubes}"
 
 
 @dataclass
@@ -26,8 +45,11 @@ class SetView:
     """An HWP set as the board shows it: which slots are present and which are missing.
 
     ``members`` maps a slot label (``"HWP 22.5 FLC A cam2"``) to ``(file name, state)``.
-    ``source`` is ``"ledger"`` (a ``sets`` row written by the PDI trigger) or ``"files"``
-    (assembled here from the ``files`` table because PDI recorded no sets).
+    ``source`` is ``"ledger"`` (a ``sets`` row written by the PDI trigger), ``"files"``
+    (assembled here from the ``files`` table because PDI recorded no sets) or ``"blocks"``
+    (``combine.method = "pdi"``: no open set yet, only HWP blocks filling). ``cells`` holds the
+    board's cell of every slot that is not empty (members, blocks filling or being coadded,
+    cubes being reduced).
     """
 
     key: str
@@ -41,6 +63,8 @@ class SetView:
     created: float | None = None
     updated: float | None = None
     source: str = "ledger"
+    cells: dict[str, SlotCell] = field(default_factory=dict)  # slot label → what the board shows
+    filling: list[str] = field(default_factory=list)  # the open HWP blocks: "HWP 22.5 FLC A cam1, 1 cube"
 
 
 def _slot_label_of(row: FileRow | dict | None, mode: str, tolerance: float) -> str | None:
@@ -65,6 +89,7 @@ def _sets_from_ledger(led: Ledger, files: dict[str, FileRow], tolerance: float) 
         except ValueError:
             members = []
         present: dict[str, tuple[str, str]] = {}
+        cells: dict[str, SlotCell] = {}
         for m in members if isinstance(members, list) else []:
             path = m.get("path") if isinstance(m, dict) else str(m)
             fr = files.get(path) if path else None
@@ -75,6 +100,9 @@ def _sets_from_ledger(led: Ledger, files: dict[str, FileRow], tolerance: float) 
                 continue
             state = (m.get("state") if isinstance(m, dict) else None) or (fr.state if fr else "done")
             present[label] = (os.path.basename(path or "?"), state)
+            # an HWP block member records its cubes (combine.method = "pdi"); a cube is one
+            ncubes = int(m.get("cubes") or 1) if isinstance(m, dict) else 1
+            cells[label] = SlotCell("failed" if state in ("parked", "failed") else "done", ncubes)
         try:
             slots = [slot_label(s) for s in all_slots(mode)]
         except ValueError:
@@ -93,6 +121,7 @@ def _sets_from_ledger(led: Ledger, files: dict[str, FileRow], tolerance: float) 
                 created=r["created"],
                 updated=r["updated"],
                 source="ledger",
+                cells=cells,
             )
         )
     return out
@@ -137,6 +166,10 @@ def _sets_from_files(files: dict[str, FileRow], mode: str, tolerance: float, tim
                 created=min(arr) if arr else None,
                 updated=max(arr) if arr else None,
                 source="files",
+                cells={
+                    k: SlotCell("failed" if st in ("parked", "failed") else "done", 1)
+                    for k, (_n, st) in present.items()
+                },
             )
         )
     return out
@@ -154,9 +187,14 @@ def read_sets(led: Ledger, cfg, files: dict[str, FileRow], set_counts: dict) -> 
     )
     open_sets: list[SetView] = []
     set_mode = None
+    blocks = led.block_rows(("open", "ready", "running"))  # HWP blocks not yet set members
     if sum(set_counts.values()):
         open_sets = _sets_from_ledger(led, files, tol)
         set_mode = open_sets[0].mode if open_sets else (pcfg.method if pcfg else None)
+    elif sum(led.block_counts().values()):  # combine.method = "pdi": the sets are made of blocks
+        set_mode = (
+            pcfg.method if pcfg else ("triplediff" if any(b["flc"] in ("A", "B") for b in blocks) else "doublediff")
+        )
     else:
         pol = [
             f
@@ -172,8 +210,66 @@ def read_sets(led: Ledger, cfg, files: dict[str, FileRow], set_counts: dict) -> 
             timeout = float(getattr(pcfg, "set_timeout", None) or PolarimetryConfig.model_fields["set_timeout"].default)
             set_mode = mode
             open_sets = _sets_from_files(files, mode, tol, timeout)
-
+    if set_mode in ("triplediff", "doublediff"):
+        if not open_sets and blocks:  # every set complete (or none yet), the next one's blocks filling
+            open_sets = [_set_of_blocks(blocks, set_mode)]
+        if open_sets:
+            _pending_cells(open_sets[-1], blocks, files, tol)
     return open_sets, set_mode
+
+
+def _block_label(b, mode: str) -> str:
+    from vampd.pdi.sets import slot_label
+
+    return slot_label(
+        (float(b["hwp"]), b["flc"], int(b["camera"])) if mode == "triplediff" else (float(b["hwp"]), int(b["camera"]))
+    )
+
+
+def _set_of_blocks(blocks: list, mode: str) -> SetView:
+    """The set the newest HWP blocks fill, before the PDI trigger recorded it (no member yet)."""
+    from vampd.pdi.sets import all_slots, slot_label
+
+    newest = max(blocks, key=lambda b: (b["mjd"] or 0.0, b["key"]))
+    arr = [b["t_complete"] for b in blocks if b["t_complete"] is not None]
+    return SetView(
+        key="blocks",
+        mode=mode,
+        state="open",
+        missing=[slot_label(x) for x in all_slots(mode)],
+        target=newest["target"],
+        filter=newest["filter"],
+        created=min(arr) if arr else None,
+        updated=max(arr) if arr else None,
+        source="blocks",
+    )
+
+
+def _same_group(s: SetView, target, filt) -> bool:
+    return (s.target is None or str(target or "") == s.target) and (s.filter is None or str(filt or "") == s.filter)
+
+
+def _pending_cells(s: SetView, blocks: list, files: dict[str, FileRow], tol: float) -> None:
+    """The empty slots of ``s``: an open HWP block there is ``filling``, a closed one being
+    coadded or cubes of that slot still being reduced are ``processing``."""
+    for b in blocks:
+        if not _same_group(s, b["target"], b["filter"]):
+            continue
+        label = _block_label(b, s.mode)
+        ncubes = len(json.loads(b["members"] or "[]"))
+        if label in s.cells or label not in s.missing:
+            continue
+        s.cells[label] = SlotCell("filling" if b["state"] == "open" else "processing", ncubes)
+        if b["state"] == "open":
+            s.filling.append(f"{label}, {ncubes} cube{'s' if ncubes != 1 else ''} so far")
+    busy: dict[str, int] = {}
+    for f in files.values():
+        if f.state in _BUSY and f.hwp is not None and _same_group(s, f.target, f.filter):
+            label = _slot_label_of(f, s.mode, tol)
+            if label is not None and label in s.missing and label not in s.cells:
+                busy[label] = busy.get(label, 0) + 1
+    for label, n in busy.items():
+        s.cells[label] = SlotCell("processing", n)
 
 
 def _set_table(s: SetView, now: float) -> Table:
@@ -187,11 +283,9 @@ def _set_table(s: SetView, now: float) -> Table:
         row = [f"{h:g}"]
         for flc, cam in cols:
             label = f"HWP {h:g} FLC {flc} cam{cam}" if flc else f"HWP {h:g} cam{cam}"
-            if label in s.members:
-                name, state = s.members[label]
-                tag = os.path.splitext(name)[0][-4:]
-                mark = "✗" if state in ("parked", "failed") else "✓"
-                row.append(Text(f"{mark}{tag}", style=STATE_STYLES.get(state, "green")))
+            cell = s.cells.get(label)
+            if cell is not None:
+                row.append(Text(cell.text(), style=CELL_STYLES.get(cell.kind, "")))
             else:
                 row.append(Text("·", style="bold yellow"))
         t.add_row(*row)
@@ -211,16 +305,7 @@ def sets_panel(snap, width: int) -> Panel:
             body = Text("no open set (waiting for the next HWP cycle)", style="dim")
         return Panel(body, title="HWP sets", title_align="left", box=box.ROUNDED)
     s = snap.open_sets[-1]  # the newest open set
-    missing = Text()
-    missing.append("missing: ", style="yellow")
-    missing.append(", ".join(s.missing) if s.missing else "none", style="bold yellow" if s.missing else "green")
-    parts: list[RenderableType] = [_set_table(s, snap.taken), missing]
-    if len(snap.open_sets) > 1:
-        others = ", ".join(
-            f"{o.target} {o.filter} {len(o.members)}/{len(o.members) + len(o.missing)}"
-            for o in snap.open_sets[:-1][-3:]
-        )
-        parts.append(Text(f"also open: {others}", style="dim"))
+    parts: list[RenderableType] = [_set_table(s, snap.taken), *_board_lines(snap)]
     have, total = len(s.members), len(s.members) + len(s.missing)
     age = dur(snap.taken - s.created) if s.created else "?"
     title = f"HWP set filling: {s.target or '?'} {s.filter or ''} {have}/{total} · age {age}"
@@ -229,6 +314,33 @@ def sets_panel(snap, width: int) -> Panel:
     )
 
 
-def board_height(snap) -> int:
-    """Rows the set board needs (0 without an open set)."""
-    return len(HWP_GRID) + 5 + (1 if len(snap.open_sets) > 1 else 0) if snap.open_sets else 0
+def _board_lines(snap) -> list[Text]:
+    """The lines under the table: empty slots, the blocks filling, other open sets, the legend."""
+    s = snap.open_sets[-1]
+    empty = [m for m in s.missing if m not in s.cells]
+    missing = Text()
+    missing.append("missing: ", style="yellow")
+    if empty:
+        missing.append(", ".join(empty) if len(empty) <= 4 else f"{len(empty)} slots (·)", style="bold yellow")
+    else:
+        missing.append("none" if not s.missing else f"none empty, {len(s.missing)} in progress", style="green")
+    out = [missing]
+    if s.filling:  # the HWP blocks still taking cubes
+        out.append(Text("block filling: " + "; ".join(s.filling), style="yellow"))
+    if len(snap.open_sets) > 1:
+        others = ", ".join(
+            f"{o.target} {o.filter} {len(o.members)}/{len(o.members) + len(o.missing)}"
+            for o in snap.open_sets[:-1][-3:]
+        )
+        out.append(Text(f"also open: {others}", style="dim"))
+    out.append(Text(LEGEND, style="dim"))
+    return out
+
+
+def board_height(snap, width: int) -> int:
+    """Rows the set board needs at ``width`` (outer, borders included; 0 without an open set)."""
+    if not snap.open_sets:
+        return 0
+    inner = max(width - 4, 10)
+    # borders 2, table header and the HWP rows, then the lines under it as rich wraps them
+    return 2 + 1 + len(HWP_GRID) + sum(len(textwrap.wrap(t.plain, inner)) or 1 for t in _board_lines(snap))

@@ -452,7 +452,7 @@ def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layo
     sum_h = min(len(lines) + 2, max(left - latest_min, 3))
     out = [("summary", Layout(Panel(Group(*lines[: sum_h - 2]), box=box.ROUNDED, padding=(0, 1)), size=sum_h))]
     left -= sum_h
-    sets_h = board_height(snap)
+    sets_h = board_height(snap, width)
     extra = []
     if sets_h and left - sets_h >= 7:
         extra.append(("sets", Layout(sets_panel(snap, width), size=sets_h)))
@@ -464,7 +464,7 @@ def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layo
 def _wide_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]]:
     latest_min = 7
     avail = left - latest_min
-    open_h = board_height(snap)
+    open_h = board_height(snap, width * 11 // 20)
     mid_h = max(open_h or 3, 7 if snap.trends else 3)
     pdi_rows = len(snap.pdi.sets) if snap.pdi and snap.pdi.sets else 0
     pdi_h = (1 + 2 + min(pdi_rows, 4) + 2) if pdi_rows else 3
