@@ -512,5 +512,9 @@ def trigger_work(ledger: Ledger, item: tuple) -> None:
         from vampd.engine import leastsq_trigger
 
         leastsq_trigger.tick(ledger, cfg, outdir)
+    elif what == "timeouts":  # wall-clock set timeout: stale HWP blocks and sets close (issue 12)
+        from vampd.engine import pdi_trigger
+
+        pdi_trigger.check_timeouts(ledger, cfg, outdir)
     else:
         run_file_triggers(ledger, cfg, outdir, path)
