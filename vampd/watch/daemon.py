@@ -7,7 +7,10 @@ heartbeat the ledger, supervise the observer and the pool, and ping systemd's wa
 only when both are healthy.
 
 Set and sequence work (PDI, specphot) runs in a separate thread with its own ledger
-connection (:mod:`vampd.engine.triggers`): the ping never waits on science.
+connection (:mod:`vampd.engine.triggers`): the ping never waits on science. Every 2 s the
+wall-clock set timeout is queued there too (:func:`vampd.engine.pdi_trigger.check_timeouts`):
+HWP blocks and sets close ``polarimetry.set_timeout`` s after their last cube even when no
+further file arrives.
 
 Degrade, don't die: every step of a tick is guarded; an error about one file is recorded
 for that file; a full or read-only output (a worker's product write or the ledger itself)
