@@ -200,7 +200,8 @@ def _failed(ledger, key: str, error: str) -> None:
 
 def record_block(runner, result) -> None:
     """Record a finished block job (``result``: a :class:`vampd.engine.pool.JobResult`), then
-    rebuild the sets (the block is now a set member)."""
+    rebuild the sets (the block is now a set member): in the daemon on its trigger thread, where
+    every other set rebuild runs (two rebuilds at once could process one set twice)."""
     spec = json.loads(Path(result.path[len(BLOCK_PREFIX) :]).read_text())
     if result.ok:
         runner.ledger.upsert_block(
@@ -209,6 +210,9 @@ def record_block(runner, result) -> None:
         log.info("HWP block %s coadded: %s", spec["key"], Path(spec["product"]).name)
     else:
         _failed(runner.ledger, spec["key"], result.error)
+    if getattr(runner, "trigger_thread", None) is not None:  # the daemon: all set work on one thread
+        runner.trigger_thread.put(("sets", None, runner.cfg))
+        return
     from vampd.engine import pdi_trigger
 
     try:

@@ -366,7 +366,8 @@ def check_timeouts(ledger, cfg, outdir, now: float | None = None) -> dict:
             out["blocks"] = res
     last = ledger.last_arrival()
     quiet = last is not None and now - last > pc.set_timeout
-    if quiet and ledger.set_counts().get("open"):  # the stream stopped: stale sets are given up
+    # the stream stopped: stale sets are given up (not while a block may still complete one)
+    if quiet and ledger.set_counts().get("open") and not ledger.block_rows(("open", "ready", "running")):
         out["sets"] = update_sets(ledger, cfg, outdir, now=now)
     return out
 

@@ -512,9 +512,12 @@ def trigger_work(ledger: Ledger, item: tuple) -> None:
         from vampd.engine import leastsq_trigger
 
         leastsq_trigger.tick(ledger, cfg, outdir)
-    elif what == "timeouts":  # wall-clock set timeout: stale HWP blocks and sets close (issue 12)
+    elif what in ("timeouts", "sets"):  # wall-clock set timeout (issue 12); sets after an HWP block
         from vampd.engine import pdi_trigger
 
-        pdi_trigger.check_timeouts(ledger, cfg, outdir)
+        if what == "timeouts":
+            pdi_trigger.check_timeouts(ledger, cfg, outdir)
+        else:
+            pdi_trigger.update_sets(ledger, cfg, outdir)
     else:
         run_file_triggers(ledger, cfg, outdir, path)
