@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from vampd.engine.ledger import Ledger
+from vampd.pdi.blocks import split_blocks
+from vampd.pdi.sets import WALL_TIMEOUT, assemble_sets
 from vampd.simulate.night import SimConfig, simulate_night
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +101,54 @@ def _products(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha1(p.read_bytes()).hexdigest() for p in files}
 
 
+# -- the pure rules ----------------------------------------------------------------------------------
+def _cube(i: int, hwp: float, t: float, cam: int = 1, flc: str = "A") -> dict:
+    """Cube ``i`` (MJD 60000 + i s) that arrived at wall-clock time ``t``."""
+    return {
+        "path": f"/raw/VMP{'AB'[cam - 1]}{i:08d}.fits",
+        "camera": cam,
+        "flc": flc,
+        "hwp": hwp,
+        "mjd": 60000.0 + i / 86400.0,
+        "target": "T",
+        "filter": "F",
+        "t_complete": t,
+    }
+
+
+def test_block_closes_on_the_wall_clock_only_when_every_earlier_file_is_known():
+    recs = [_cube(0, 0.0, 100.0), _cube(1, 0.0, 101.0)]
+
+    def reason(**kw):
+        (b,) = split_blocks(recs, 0.1, TIMEOUT, **kw)
+        return b.reason
+
+    assert reason() is None  # observation time only: no newer cube, the block stays open
+    assert reason(now=109.0) is None  # 8 s after its last cube, not more
+    assert reason(now=110.0) == "timeout: no cube arrived for 9 s (> 8 s, wall clock)"
+    # a file that arrived 4 s after the last cube is still being reduced: it may be the block's
+    assert reason(now=120.0, horizon=105.0) is None
+    assert reason(now=120.0, horizon=109.5).startswith("timeout: no cube arrived for 19 s")
+    # the next cube of the stream closes it the usual way, whatever the clock
+    recs.append(_cube(2, 45.0, 102.0))
+    assert split_blocks(recs, 0.1, TIMEOUT, now=200.0)[0].reason == "hwp moved on: VMPA00000002 at HWP 45"
+
+
+def test_set_given_up_on_the_wall_clock():
+    members = [_cube(0, 0.0, 100.0), _cube(1, 0.0, 101.0, cam=2), _cube(2, 45.0, 102.0)]
+
+    def one(**kw):
+        asm = assemble_sets(members, "triplediff", 0.1, TIMEOUT, **kw)
+        assert len(asm.open) + len(asm.broken) == 1 and not asm.complete
+        return (asm.open + asm.broken)[0]
+
+    assert one(now=110.0).state == "open" and one().state == "open"
+    s = one(now=111.0)
+    assert s.state == "broken" and s.reason == f"{WALL_TIMEOUT}no member arrived for 9 s (> 8 s)"
+    assert one(now=111.0, horizon=103.0).state == "open"  # an earlier file is still being reduced
+
+
+# -- the daemon ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_wall_clock_timeout_closes_blocks_and_set(tmp_path):
     truth = simulate_night(
