@@ -148,6 +148,30 @@ def test_set_given_up_on_the_wall_clock():
     assert one(now=111.0, horizon=103.0).state == "open"  # an earlier file is still being reduced
 
 
+def test_late_member_of_a_given_up_set_is_named():
+    from vampd.engine.pdi_trigger import late_members
+
+    old = [_cube(0, 0.0, 100.0), _cube(1, 0.0, 100.0, cam=2)]
+    row = {
+        "key": "triplediff:T:F:VMPA00000000",
+        "state": "broken",
+        "reason": f"{WALL_TIMEOUT}no member arrived for 9 s (> 8 s)",
+        "members": json.dumps(
+            [{"slot": "HWP 0 FLC A cam1", "path": old[0]["path"]}, {"slot": "HWP 0 FLC A cam2", "path": old[1]["path"]}]
+        ),
+    }
+    by_path = {m["path"]: m for m in old}
+
+    def late(cube):
+        return late_members([row], assemble_sets([cube], "triplediff", 0.1, TIMEOUT).open, by_path, TIMEOUT)
+
+    assert late(_cube(5, 45.0, 120.0)) == [("/raw/VMPA00000005.fits", row["key"])]  # an empty slot, 5 s later
+    assert late(_cube(5, 0.0, 120.0)) == []  # its slot was filled: the next cycle
+    assert late(_cube(30, 45.0, 120.0)) == []  # observed 30 s after: not late, later
+    new = assemble_sets([_cube(5, 45.0, 120.0)], "triplediff", 0.1, TIMEOUT).open
+    assert late_members([dict(row, reason="end of night")], new, by_path, TIMEOUT) == []  # not given up
+
+
 # -- the daemon ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_wall_clock_timeout_closes_blocks_and_set(tmp_path):

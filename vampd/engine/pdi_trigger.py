@@ -47,6 +47,7 @@ __all__ = [
     "on_finalize",
     "update_sets",
     "check_timeouts",
+    "late_members",
     "set_members",
     "stokes_path",
     "refresh_calibrated",
@@ -315,6 +316,12 @@ def update_sets(ledger, cfg, outdir, final: bool = False, now: float | None = No
     summary = {"processed": [], "invalid": []}
     _resume_recorded(ledger, cfg, outdir, rows, by_path, acc, summary)
     _process_complete(ledger, cfg, outdir, asm, acc, summary)
+    for path, key in late_members(
+        rows.values(), [s for s in asm.open + asm.broken if s.key not in rows], by_path, pc.set_timeout
+    ):
+        msg = f"late member {Path(path).name}: HWP set {key} was already given up by the timeout; not added to it"
+        log.warning(msg)
+        ledger.event("warning", msg)
     current = {s.key for s in asm.complete}
     for s in asm.open + asm.broken:
         current.add(s.key)
@@ -342,6 +349,29 @@ def update_sets(ledger, cfg, outdir, final: bool = False, now: float | None = No
     if cal:
         summary["calibrated"] = cal
     return summary
+
+
+def late_members(rows, new_sets: list[HWPSet], by_path: dict, timeout: float) -> list[tuple[str, str]]:
+    """``[(path, key)]``: members of newly formed sets that would have filled an empty slot of a
+    set given up by the wall-clock timeout (same target and filter, observed within its time
+    span plus ``timeout``). That set stays as it was; the member is only named."""
+    out = []
+    for r in rows:
+        if r["state"] != "broken" or not str(r["reason"] or "").startswith(WALL_TIMEOUT):
+            continue
+        mem = json.loads(r["members"] or "[]")
+        mjds = [float(by_path[m["path"]]["mjd"]) for m in mem if m["path"] in by_path]
+        if not mjds:
+            continue
+        filled = {m["slot"] for m in mem}
+        for s in new_sets:
+            if r["key"].split(":")[1:3] != [s.target, s.filter]:
+                continue
+            for slot, m in s.members.items():
+                t = float(m["mjd"])
+                if slot_label(slot) not in filled and min(mjds) <= t <= max(mjds) + timeout / 86400.0:
+                    out.append((str(m["path"]), r["key"]))
+    return out
 
 
 def check_timeouts(ledger, cfg, outdir, now: float | None = None) -> dict:
