@@ -292,7 +292,9 @@ def _set_table(s: SetView, now: float) -> Table:
     return t
 
 
-def sets_panel(snap, width: int) -> Panel:
+def sets_panel(snap, width: int, room: int | None = None) -> Panel:
+    """The set board: the newest open set's slots (cubes per slot), the empty slots, the blocks
+    filling and a legend; ``room``: rows available (the legend and wrapping go first)."""
     if not snap.open_sets:
         sc = snap.set_counts
         if sum(sc.values()):
@@ -305,7 +307,7 @@ def sets_panel(snap, width: int) -> Panel:
             body = Text("no open set (waiting for the next HWP cycle)", style="dim")
         return Panel(body, title="HWP sets", title_align="left", box=box.ROUNDED)
     s = snap.open_sets[-1]  # the newest open set
-    parts: list[RenderableType] = [_set_table(s, snap.taken), *_board_lines(snap)]
+    parts: list[RenderableType] = [_set_table(s, snap.taken), *_board_lines(snap, _level(snap, width, room))]
     have, total = len(s.members), len(s.members) + len(s.missing)
     age = dur(snap.taken - s.created) if s.created else "?"
     title = f"HWP set filling: {s.target or '?'} {s.filter or ''} {have}/{total} · age {age}"
@@ -314,8 +316,9 @@ def sets_panel(snap, width: int) -> Panel:
     )
 
 
-def _board_lines(snap) -> list[Text]:
-    """The lines under the table: empty slots, the blocks filling, other open sets, the legend."""
+def _board_lines(snap, level: int = 0) -> list[Text]:
+    """The lines under the table: empty slots, the blocks filling, other open sets, the legend.
+    ``level`` 1 leaves out the legend, 2 also keeps the filling blocks to one line (small screens)."""
     s = snap.open_sets[-1]
     empty = [m for m in s.missing if m not in s.cells]
     missing = Text()
@@ -326,21 +329,39 @@ def _board_lines(snap) -> list[Text]:
         missing.append("none" if not s.missing else f"none empty, {len(s.missing)} in progress", style="green")
     out = [missing]
     if s.filling:  # the HWP blocks still taking cubes
-        out.append(Text("block filling: " + "; ".join(s.filling), style="yellow"))
+        filling = Text("block filling: " + "; ".join(s.filling), style="yellow")
+        if level >= 2:
+            filling.no_wrap, filling.overflow = True, "ellipsis"
+        out.append(filling)
     if len(snap.open_sets) > 1:
         others = ", ".join(
             f"{o.target} {o.filter} {len(o.members)}/{len(o.members) + len(o.missing)}"
             for o in snap.open_sets[:-1][-3:]
         )
         out.append(Text(f"also open: {others}", style="dim"))
-    out.append(Text(LEGEND, style="dim"))
+    if level == 0:
+        out.append(Text(LEGEND, style="dim"))
     return out
 
 
-def board_height(snap, width: int) -> int:
-    """Rows the set board needs at ``width`` (outer, borders included; 0 without an open set)."""
-    if not snap.open_sets:
-        return 0
+def _height(snap, width: int, level: int) -> int:
     inner = max(width - 4, 10)
     # borders 2, table header and the HWP rows, then the lines under it as rich wraps them
-    return 2 + 1 + len(HWP_GRID) + sum(len(textwrap.wrap(t.plain, inner)) or 1 for t in _board_lines(snap))
+    lines = _board_lines(snap, level)
+    return 2 + 1 + len(HWP_GRID) + sum(1 if t.no_wrap else len(textwrap.wrap(t.plain, inner)) or 1 for t in lines)
+
+
+def _level(snap, width: int, room: int | None) -> int:
+    """The fullest variant of the board that fits in ``room`` rows (the smallest if none does)."""
+    for level in (0, 1):
+        if room is None or _height(snap, width, level) <= room:
+            return level
+    return 2
+
+
+def board_height(snap, width: int, room: int | None = None) -> int:
+    """Rows the set board needs at ``width`` (outer, borders included; 0 without an open set),
+    in its fullest variant that fits in ``room`` rows."""
+    if not snap.open_sets:
+        return 0
+    return _height(snap, width, _level(snap, width, room))

@@ -452,10 +452,10 @@ def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layo
     sum_h = min(len(lines) + 2, max(left - latest_min, 3))
     out = [("summary", Layout(Panel(Group(*lines[: sum_h - 2]), box=box.ROUNDED, padding=(0, 1)), size=sum_h))]
     left -= sum_h
-    sets_h = board_height(snap, width)
+    sets_h = board_height(snap, width, left - 7)
     extra = []
     if sets_h and left - sets_h >= 7:
-        extra.append(("sets", Layout(sets_panel(snap, width), size=sets_h)))
+        extra.append(("sets", Layout(sets_panel(snap, width, sets_h), size=sets_h)))
         left -= sets_h
     out.append(("latest", Layout(_latest_panel(snap, width, max(left - 3, 0)), size=left)))
     return out + extra
@@ -464,17 +464,19 @@ def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layo
 def _wide_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]]:
     latest_min = 7
     avail = left - latest_min
-    open_h = board_height(snap, width * 11 // 20)
-    mid_h = max(open_h or 3, 7 if snap.trends else 3)
     pdi_rows = len(snap.pdi.sets) if snap.pdi and snap.pdi.sets else 0
     pdi_h = (1 + 2 + min(pdi_rows, 4) + 2) if pdi_rows else 3
+    # the board's legend and wrapped lines give way to the running PDI and parked files below
+    open_h = board_height(snap, width * 11 // 20, avail - pdi_h)
+    mid_h = max(open_h or 3, 7 if snap.trends else 3)
     left_w = width * 3 // 5
     extra: list[tuple[str, Layout]] = []
     bot_h = max(pdi_h, _problems_height(snap, width - left_w, max(avail - mid_h, 3)))
     if avail >= mid_h + bot_h or avail >= mid_h:
         mid = Layout(size=mid_h)
         mid.split_row(
-            Layout(sets_panel(snap, width // 2), ratio=11), Layout(_trends_panel(snap, width * 9 // 20), ratio=9)
+            Layout(sets_panel(snap, width * 11 // 20, mid_h), ratio=11),
+            Layout(_trends_panel(snap, width * 9 // 20), ratio=9),
         )
         extra.append(("middle", mid))
         avail -= mid_h
