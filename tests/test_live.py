@@ -630,12 +630,17 @@ def test_set_board_counts_cubes_per_slot(cubes_night):
     assert (s.source, len(s.members), s.cells["HWP 45 FLC B cam1"].kind) == ("ledger", 6, "processing")
     text = render_text(snap, 120, 48)
     assert "HWP set filling: ABAUR 750-50 6/16" in text
-    assert _board_rows(text) == {
+    want = {
         "0": ["✓×2", "✓×2", "✓×2", "✓×2"],
         "45": ["✓×2", "✓×2", "⚙×2", "…×2"],
         "22.5": ["…×1", "…×1", "…×1", "·"],
         "67.5": ["·", "·", "·", "·"],
     }
+    assert _board_rows(text) == want
+    # at 100×30 the legend goes and the filling line is cut, the counts and the panels below stay
+    small = render_text(snap, 100, 30)
+    assert _board_rows(small) == want and "running PDI" in small and "parked files" in small
+    assert "block filling: HWP 45 FLC B cam2, 2 cubes so far;" in small and "×n cubes" not in small
     assert "missing: 5 slots (·)" in text and "block filling: HWP 45 FLC B cam2, 2 cubes so far;" in text
     assert s.filling == [
         "HWP 45 FLC B cam2, 2 cubes so far",
