@@ -298,6 +298,26 @@ def test_helpers():
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 
 
+def _read_pty(fd: int, timeout: float, until=None) -> bytes:
+    """What the pseudo-terminal ``fd`` shows until it closes, ``timeout`` s pass or
+    ``until(bytes so far)`` is true."""
+    buf = b""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        r, _, _ = select.select([fd], [], [], 0.5)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            if until is not None and until(buf):
+                break
+    return buf
+
+
 @pytest.mark.slow
 def test_live_in_a_pty_sees_the_count_grow(tmp_path):
     night = tmp_path / "night"
@@ -347,25 +367,16 @@ def test_live_in_a_pty_sees_the_count_grow(tmp_path):
         if pid == 0:  # child: the live view on the pty
             os.environ.update(_env(COLUMNS="100", LINES="30", TERM="xterm-256color"))
             os.execv(PY, [PY, "-m", "vampd", "live", str(out), "--refresh", "0.3"])
-        buf = b""
         seen: list[int] = []
-        t0 = time.time()
-        while time.time() - t0 < 90:
-            r, _, _ = select.select([fd], [], [], 0.5)
-            if r:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                buf += chunk
-                text = _ANSI.sub(b"", buf[-20000:]).decode(errors="ignore")
-                found = re.findall(r"files (\d+): (\d+) done", text)
-                if found:
-                    seen.append(int(found[-1][1]))
-                if seen and seen[-1] >= 6 and min(seen) < seen[-1]:
-                    break
+
+        def grown(buf: bytes) -> bool:
+            text = _ANSI.sub(b"", buf[-20000:]).decode(errors="ignore")
+            found = re.findall(r"files (\d+): (\d+) done", text)
+            if found:
+                seen.append(int(found[-1][1]))
+            return bool(seen) and seen[-1] >= 6 and min(seen) < seen[-1]
+
+        buf = _read_pty(fd, 90, grown)
         assert seen, _ANSI.sub(b"", buf[-3000:]).decode(errors="ignore")
         assert min(seen) < max(seen) and max(seen) >= 6, seen
         screen = _ANSI.sub(b"", buf[-20000:]).decode(errors="ignore")
@@ -479,19 +490,8 @@ def _pty_once(out: Path, cols: int, rows: int) -> list[str]:
         env.pop("COLUMNS", None)
         env.pop("LINES", None)
         os.execve(PY, [PY, "-m", "vampd", "live", str(out), "--once"], env)
-    buf = b""
-    t0 = time.time()
     try:
-        while time.time() - t0 < 120:
-            r, _, _ = select.select([fd], [], [], 0.5)
-            if r:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                buf += chunk
+        buf = _read_pty(fd, 120)
     finally:
         _pid, status = os.waitpid(pid, 0)
         os.close(fd)
@@ -552,3 +552,94 @@ def test_status_survives_a_closed_pipe(pdi_night):
     st = _vampd("status", pdi_night["out"]).stdout
     assert "1 parked" in st and "failed" not in st.split("files", 1)[1].splitlines()[0]
     assert f"parked  {pdi_night['bad'].name}" in st and "header incomplete" in st
+
+
+# -- several cubes per HWP with combine.method = "pdi": the board counts cubes per slot --------------
+def _reduce(runner, paths: list[str], blocks: bool = True) -> None:
+    """Offer ``paths`` to the engine and reduce them with the triggers inline, as ``vampd run``
+    does but without its end-of-batch close of the open HWP blocks. ``blocks=False``: the blocks
+    that close are left ``ready`` (not coadded yet): ``pump`` runs once, before they close."""
+    for p in paths:
+        runner.offer(p, t_complete=time.time())
+    runner.pump()
+    while runner.pool.jobs or runner.ledger.next_pending(1) or (blocks and runner.ledger.block_rows("ready")):
+        runner.collect(0.2)
+        if blocks:
+            runner.pump()
+
+
+@pytest.fixture(scope="module")
+def cubes_night(tmp_path_factory):
+    """2 cubes per camera/FLC at each HWP position (``vampd simulate --cubes-per-hwp 2``),
+    ``combine.method = "pdi"``. Reduced: HWP 0 and 45 of every stream, the first HWP 22.5
+    cube of FLC A (both cameras); then the first HWP 22.5 cube of FLC B camera 1, whose
+    HWP 45 block closes but is not coadded yet."""
+    from vampd.config.io import save_config
+    from vampd.config.presets import preset_config
+    from vampd.engine.commands import open_engine
+    from vampd.simulate.night import SimConfig, simulate_night
+
+    root = tmp_path_factory.mktemp("livecubes")
+    truth = simulate_night(root / "night", SimConfig(size=64, nframes=2, cubes_per_hwp=2, noise_free=True, calib=False))
+    cfg = preset_config("pdi-triplediff")
+    cfg.name = "lc"
+    cfg.align.crop_width = 48
+    cfg.combine.method = "pdi"
+    cfg.polarimetry.use_ideal_mm = True
+    cfg.diff_images.make_diff = False
+    save_config(cfg, root / "lc.toml")
+    # in observation order, as they arrive at night (the plan's order)
+    path = {(f["hwp"], f["flc"], f["camera"], f["cube"]): str(root / "night" / f["path"]) for f in truth["files"]}
+    first = [p for (h, flc, _c, k), p in path.items() if h in (0.0, 45.0) or (h == 22.5 and flc == "A" and k == 0)]
+    out = root / "out"
+    _cfg, _out, ledger, pool, runner = open_engine(str(root / "lc.toml"), str(out), 2)
+    pool.start()
+    try:
+        _reduce(runner, first)
+        _reduce(runner, [path[(22.5, "B", 1, 0)]], blocks=False)
+    finally:
+        pool.shutdown(30)
+        ledger.close()
+    return {"out": out, "nfirst": len(first)}
+
+
+def _board_rows(text: str) -> dict[str, list[str]]:
+    """The set board's cells by HWP row, read from the rendered screen."""
+    lines = text.splitlines()
+    i = next(i for i, ln in enumerate(lines) if "A·c1" in ln)
+    col = lines[i].index("│") + 1
+    rows = {}
+    for ln in lines[i + 1 : i + 5]:
+        cells = ln[col:].split("│")[0].split()
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_set_board_counts_cubes_per_slot(cubes_night):
+    snap = take_snapshot(cubes_night["out"])
+    s = snap.open_sets[-1]
+    assert (s.source, len(s.members), s.cells["HWP 45 FLC B cam1"].kind) == ("ledger", 6, "processing")
+    text = render_text(snap, 120, 48)
+    assert "HWP set filling: ABAUR 750-50 6/16" in text
+    want = {
+        "0": ["✓×2", "✓×2", "✓×2", "✓×2"],
+        "45": ["✓×2", "✓×2", "⚙×2", "…×2"],
+        "22.5": ["…×1", "…×1", "…×1", "·"],
+        "67.5": ["·", "·", "·", "·"],
+    }
+    assert _board_rows(text) == want
+    # at 100×30 the legend goes and the filling line is cut, the counts and the panels below stay
+    small = render_text(snap, 100, 30)
+    assert _board_rows(small) == want and "running PDI" in small and "parked files" in small
+    assert "block filling: HWP 45 FLC B cam2, 2 cubes so far;" in small and "×n cubes" not in small
+    assert "missing: 5 slots (·)" in text and "block filling: HWP 45 FLC B cam2, 2 cubes so far;" in text
+    assert s.filling == [
+        "HWP 45 FLC B cam2, 2 cubes so far",
+        "HWP 22.5 FLC A cam1, 1 cube so far",
+        "HWP 22.5 FLC A cam2, 1 cube so far",
+        "HWP 22.5 FLC B cam1, 1 cube so far",
+    ]
+    assert "│ ×n cubes: ✓ in set … filling ⚙ processing ✗ failed · empty" in text
+    # vampd status --json: the HWP blocks by state, and open/closed
+    st = json.loads(_vampd("status", cubes_night["out"], "--json").stdout)
+    assert st["blocks"] == {"open": 4, "ready": 1, "running": 0, "done": 6, "failed": 0, "closed": 7}

@@ -63,16 +63,21 @@ def _tol(cfg) -> float:
 # ledger side (parent process)
 
 
-def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
+def update_blocks(ledger, cfg, outdir, final: bool = False, now: float | None = None) -> dict:
     """Rebuild the open blocks from the ledger; record newly closed ones as ``ready``.
 
+    ``now``: the daemon's wall-clock check (:func:`vampd.engine.pdi_trigger.check_timeouts`): a
+    block without a new cube for ``polarimetry.set_timeout`` s closes. A new block right after a
+    block of the same stream and HWP angle that closed by timeout is a late cube: warned.
     Returns ``{"closed": [keys], "open": n}``.
     """
     old = {r["key"]: r for r in ledger.block_rows("open")}
     cands = [f for f in ledger.pdi_files(_WINDOW_DAYS) if f["state"] == "done" and f["taken"] is None]
-    blocks = split_blocks(cands, _tol(cfg), cfg.polarimetry.set_timeout, final, ledger.unfinished_horizon())
+    blocks = split_blocks(cands, _tol(cfg), cfg.polarimetry.set_timeout, final, ledger.unfinished_horizon(), now)
     closed, current = [], set()
     for b in blocks:
+        if b.key not in old:
+            _warn_late(ledger, b)
         row = {
             "camera": b.camera,
             "flc": b.flc,
@@ -101,6 +106,28 @@ def update_blocks(ledger, cfg, outdir, final: bool = False) -> dict:
             ledger.upsert_block(b.key, row)
     ledger.delete_blocks([k for k in old if k not in current and k not in closed])
     return {"closed": closed, "open": len(current)}
+
+
+def _warn_late(ledger, b: Block) -> None:
+    """A new block whose stream's previous block (same HWP angle and target) closed by timeout:
+    its first cube came too late for that block, which stays as it was (closed blocks are
+    permanent); the cube starts a block of its own."""
+    prev = [
+        r
+        for r in ledger.block_rows(("ready", "running", "done", "failed"))
+        if (r["camera"], r["flc"]) == (b.camera, b.flc) and (r["mjd"] or 0.0) < b.mjd
+    ]
+    if not prev:
+        return
+    p = prev[-1]  # rows are in time order
+    if (p["hwp"], p["target"] or "", p["filter"] or "") != (b.hwp, b.target, b.filter):
+        return
+    if not str(p["reason"] or "").startswith("timeout"):
+        return
+    name = Path(b.paths[0]).name
+    msg = f"late cube {name}: HWP block {b.label()} ({p['key']}) was already closed by {p['reason']}; not added to it"
+    log.warning(msg)
+    ledger.event("warning", msg)
 
 
 def _nframes(b: Block) -> int:
@@ -173,7 +200,8 @@ def _failed(ledger, key: str, error: str) -> None:
 
 def record_block(runner, result) -> None:
     """Record a finished block job (``result``: a :class:`vampd.engine.pool.JobResult`), then
-    rebuild the sets (the block is now a set member)."""
+    rebuild the sets (the block is now a set member): in the daemon on its trigger thread, where
+    every other set rebuild runs (two rebuilds at once could process one set twice)."""
     spec = json.loads(Path(result.path[len(BLOCK_PREFIX) :]).read_text())
     if result.ok:
         runner.ledger.upsert_block(
@@ -182,6 +210,9 @@ def record_block(runner, result) -> None:
         log.info("HWP block %s coadded: %s", spec["key"], Path(spec["product"]).name)
     else:
         _failed(runner.ledger, spec["key"], result.error)
+    if getattr(runner, "trigger_thread", None) is not None:  # the daemon: all set work on one thread
+        runner.trigger_thread.put(("sets", None, runner.cfg))
+        return
     from vampd.engine import pdi_trigger
 
     try:

@@ -40,9 +40,18 @@ from vampd.pdi.diffimages import (
 from vampd.pdi.mmfiles import file_mueller, mm_path, write_mm_file
 from vampd.pdi.process import SetInvalid, load_member, make_set_stokes, write_set_file
 from vampd.pdi.running import RunningStokes, append_table_row, running_paths, write_running_products
-from vampd.pdi.sets import HWPSet, all_slots, assemble_sets, slot_label
+from vampd.pdi.sets import WALL_TIMEOUT, HWPSet, all_slots, assemble_sets, slot_label
 
-__all__ = ["on_file_done", "on_finalize", "update_sets", "set_members", "stokes_path", "refresh_calibrated"]
+__all__ = [
+    "on_file_done",
+    "on_finalize",
+    "update_sets",
+    "check_timeouts",
+    "late_members",
+    "set_members",
+    "stokes_path",
+    "refresh_calibrated",
+]
 
 log = logging.getLogger("vampd.pdi")
 _INVALID = "invalid: "
@@ -143,12 +152,18 @@ def _process_set(ledger, cfg, outdir, key: str, products: list[str], acc: Runnin
     return {"key": key, "index": index, "path": str(spath), "star": result.star, "seconds": time.perf_counter() - t0}
 
 
+def _permanent_break(reason) -> bool:
+    """A broken set that stays broken: found invalid, or given up by the wall-clock timeout (a
+    member arriving later must not revive it, docs/instrument.md §14)."""
+    return str(reason or "").startswith((_INVALID, WALL_TIMEOUT))
+
+
 def _locked_keys(rows: dict) -> set:
-    """Permanent sets: complete, or found invalid."""
+    """Permanent sets: complete, found invalid or given up by the wall-clock timeout."""
     return {
         k
         for k, r in rows.items()
-        if r["state"] == "complete" or (r["state"] == "broken" and str(r["reason"] or "").startswith(_INVALID))
+        if r["state"] == "complete" or (r["state"] == "broken" and _permanent_break(r["reason"]))
     }
 
 
@@ -162,7 +177,7 @@ def _backfill_taken(ledger, rows: dict, locked: set) -> None:
 _WINDOW_DAYS = 0.01  # taken members older than the oldest free one by more than this cannot matter
 
 
-def _candidates(ledger, cfg, outdir, final: bool) -> tuple[list[dict], dict, dict | None, list[dict]]:
+def _candidates(ledger, cfg, outdir, final: bool, now=None) -> tuple[list[dict], dict, dict | None, list[dict]]:
     """``(members, locked, cube_of, unplaced)``: the set members (HWP blocks with
     ``combine.method = "pdi"``, else cubes with their index in their HWP block), the permanent
     sets' members among them (key → paths; kept near the free ones to recognise duplicates),
@@ -175,7 +190,7 @@ def _candidates(ledger, cfg, outdir, final: bool) -> tuple[list[dict], dict, dic
     files = ledger.pdi_files(_WINDOW_DAYS)
     unplaced = [f for f in files if f["state"] == "parked" and (f["hwp"] is None or f["mjd"] is None)]
     if blocks_enabled(cfg):
-        update_blocks(ledger, cfg, outdir, final=final)
+        update_blocks(ledger, cfg, outdir, final=final, now=now)
         members = block_members(ledger)
         cube_of = None
     else:
@@ -271,9 +286,11 @@ def _resume_recorded(ledger, cfg, outdir, rows, by_path, acc, summary) -> None:
                     log.error("set %s: %s", k, exc)
 
 
-def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
+def update_sets(ledger, cfg, outdir, final: bool = False, now: float | None = None) -> dict:
     """Rebuild the set assignment from the ledger and act on it (see the module docstring).
 
+    ``now``: apply the wall-clock timeout (:func:`check_timeouts`) to the blocks and, once no
+    HWP block is still open or being coadded, to the sets.
     Returns ``{"processed": [...], "complete": n, "open": n, "broken": n, "invalid": [...]}``.
     """
     pc = cfg.polarimetry
@@ -287,16 +304,24 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     rows = {r["key"]: r for r in ledger.set_rows()}
     permanent = _locked_keys(rows)
     _backfill_taken(ledger, rows, permanent)
-    members, locked, cube_of, unplaced = _candidates(ledger, cfg, outdir, final)
+    members, locked, cube_of, unplaced = _candidates(ledger, cfg, outdir, final, now)
     by_path = {m["path"]: m for m in members}
+    if now is not None and ledger.block_rows(("open", "ready", "running")):
+        now = None  # a block still filling or being coadded may complete a set: sets wait for it
     asm = assemble_sets(
-        members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked, cube_of, ledger.unfinished_horizon()
+        members, mode, pc.hwp_tolerance, pc.set_timeout, final, locked, cube_of, ledger.unfinished_horizon(), now
     )
     _blame(asm, unplaced)
     acc = RunningStokes.load(running_paths(outdir, _name(cfg))["accumulator"])
     summary = {"processed": [], "invalid": []}
     _resume_recorded(ledger, cfg, outdir, rows, by_path, acc, summary)
     _process_complete(ledger, cfg, outdir, asm, acc, summary)
+    for path, key in late_members(
+        rows.values(), [s for s in asm.open + asm.broken if s.key not in rows], by_path, pc.set_timeout
+    ):
+        msg = f"late member {Path(path).name}: HWP set {key} was already given up by the timeout; not added to it"
+        log.warning(msg)
+        ledger.event("warning", msg)
     current = {s.key for s in asm.complete}
     for s in asm.open + asm.broken:
         current.add(s.key)
@@ -312,6 +337,10 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
         if s.key in permanent:
             continue
         ledger.upsert_set(s.key, mode, s.state, s.member_list(), reason)
+        if s.state == "broken" and _permanent_break(reason):  # given up for good: members taken
+            ledger.take(s.key, [m["path"] for m in s.member_list()])
+            ledger.event("warning", f"HWP set {s.key} given up: {reason}")
+            log.warning("HWP set %s given up: %s", s.key, reason)
     ledger.delete_sets(
         k for k, r in rows.items() if k not in current and k not in permanent and r["state"] in ("open", "broken")
     )
@@ -320,6 +349,57 @@ def update_sets(ledger, cfg, outdir, final: bool = False) -> dict:
     if cal:
         summary["calibrated"] = cal
     return summary
+
+
+def late_members(rows, new_sets: list[HWPSet], by_path: dict, timeout: float) -> list[tuple[str, str]]:
+    """``[(path, key)]``: members of newly formed sets that would have filled an empty slot of a
+    set given up by the wall-clock timeout (same target and filter, observed within its time
+    span plus ``timeout``). That set stays as it was; the member is only named."""
+    out = []
+    for r in rows:
+        if r["state"] != "broken" or not str(r["reason"] or "").startswith(WALL_TIMEOUT):
+            continue
+        mem = json.loads(r["members"] or "[]")
+        mjds = [float(by_path[m["path"]]["mjd"]) for m in mem if m["path"] in by_path]
+        if not mjds:
+            continue
+        filled = {m["slot"] for m in mem}
+        for s in new_sets:
+            if r["key"].split(":")[1:3] != [s.target, s.filter]:
+                continue
+            for slot, m in s.members.items():
+                t = float(m["mjd"])
+                if slot_label(slot) not in filled and min(mjds) <= t <= max(mjds) + timeout / 86400.0:
+                    out.append((str(m["path"]), r["key"]))
+    return out
+
+
+def check_timeouts(ledger, cfg, outdir, now: float | None = None) -> dict:
+    """The daemon's periodic wall-clock check (every few seconds, on the trigger thread).
+
+    ``polarimetry.set_timeout`` s after its last cube arrived, an open HWP block closes even
+    when no further file arrives (it is then coadded like any closed block and may complete its
+    set); once the files stopped arriving for that long and no block is left open or being
+    coadded, the open sets are given up (broken for good, their members taken). Cheap when
+    there is nothing to do: ledger counts only. Returns what was done (``{}`` if nothing).
+    """
+    from vampd.engine.blocks import blocks_enabled, update_blocks
+
+    pc = cfg.polarimetry
+    if pc is None or pc.method == "leastsq" or not pc.set_timeout:
+        return {}
+    now = time.time() if now is None else now
+    out: dict = {}
+    if blocks_enabled(cfg) and ledger.block_counts()["open"]:
+        res = update_blocks(ledger, cfg, outdir, now=now)
+        if res["closed"]:
+            out["blocks"] = res
+    last = ledger.last_arrival()
+    quiet = last is not None and now - last > pc.set_timeout
+    # the stream stopped: stale sets are given up (not while a block may still complete one)
+    if quiet and ledger.set_counts().get("open") and not ledger.block_rows(("open", "ready", "running")):
+        out["sets"] = update_sets(ledger, cfg, outdir, now=now)
+    return out
 
 
 def refresh_calibrated(cfg, outdir) -> dict:

@@ -514,5 +514,12 @@ def trigger_work(ledger: Ledger, item: tuple) -> None:
         from vampd.engine import leastsq_trigger
 
         leastsq_trigger.tick(ledger, cfg, outdir)
+    elif what in ("timeouts", "sets"):  # wall-clock set timeout (issue 12); sets after an HWP block
+        from vampd.engine import pdi_trigger
+
+        if what == "timeouts":
+            pdi_trigger.check_timeouts(ledger, cfg, outdir)
+        else:
+            pdi_trigger.update_sets(ledger, cfg, outdir)
     else:
         run_file_triggers(ledger, cfg, outdir, path)

@@ -56,7 +56,8 @@ def collect_status(outdir: os.PathLike | str, now: float | None = None, ledger: 
             "ignored": counts["ignored"],
         },
         "sets": {"complete": sets["complete"], "broken": sets["broken"], "open": sets["open"]},
-        "blocks": blocks,
+        # HWP blocks (combine.method = "pdi") by state; closed = ready, running, done or failed
+        "blocks": {**blocks, "closed": sum(n for k, n in blocks.items() if k != "open")},
         "daemon": {
             "alive": daemon_alive(info, now=now),
             "pid": info["pid"] if info else None,
@@ -109,6 +110,12 @@ def format_status(st: dict) -> str:
         f"{f['pending']} pending",
         f"sets    {s['complete']} complete, {s['broken']} broken, {s['open']} open",
     ]
+    b = st.get("blocks") or {}
+    if b.get("open") or b.get("closed"):
+        lines.append(
+            f"blocks  {b['open']} open, {b['closed']} closed ({b.get('done', 0)} coadded,"
+            f" {b.get('ready', 0) + b.get('running', 0)} to coadd, {b.get('failed', 0)} failed)"
+        )
     for a in st.get("leastsq", []):
         cov = " ".join(f"{h}:{n}" for h, n in a["coverage"].items())
         snr = f"{a['snr']:.1f}" if a["snr"] is not None else "-"

@@ -9,8 +9,6 @@ every parked file, then the latest files (and the set board if there is room).
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
 import os
 
 from rich import box
@@ -22,63 +20,20 @@ from rich.table import Table
 from rich.text import Text
 
 from vampd.live.alerts import Alert, compute_alerts
-from vampd.live.snapshot import HWP_GRID, FileRow, SetView, Snapshot, camera_of
+from vampd.live.common import STATE_STYLES, FileRow, camera_of, mjd_ut, ut
+from vampd.live.common import dur as _dur
+from vampd.live.common import flux_str as _flux
+from vampd.live.common import fmt as _g
+from vampd.live.common import state_text as _state
+from vampd.live.pdiview import pdi_line, pdi_panel
+from vampd.live.setboard import board_height, sets_panel
+from vampd.live.snapshot import Snapshot
 from vampd.live.sparkline import sparkline
 
 __all__ = ["render", "STATE_STYLES", "render_text"]
 
-STATE_STYLES = {
-    "done": "green",
-    "failed": "red",
-    "parked": "magenta",
-    "pending": "dim",
-    "queued": "dim",
-    "running": "cyan",
-    "ignored": "dim",
-}
 LEVEL_STYLES = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _WIDE = 100
-
-
-# -- formatting ---------------------------------------------------------------------------------------
-def _dur(s: float | None) -> str:
-    if s is None or not math.isfinite(s):
-        return "–"
-    s = max(0.0, s)
-    if s < 60:
-        return f"{s:.0f}s"
-    if s < 3600:
-        return f"{int(s // 60)}m{int(s % 60):02d}s"
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
-
-
-def _ut(t: float | None) -> str:
-    if t is None:
-        return "–"
-    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%H:%M:%S")
-
-
-def _mjd_ut(mjd: float | None) -> str | None:
-    if mjd is None:
-        return None
-    return _ut((mjd - 40587.0) * 86400.0)
-
-
-def _g(v: float | None, fmt: str = ".2f") -> str:
-    return "–" if v is None or not math.isfinite(v) else format(v, fmt)
-
-
-def _flux(v: float | None) -> str:
-    if v is None or not math.isfinite(v):
-        return "–"
-    if abs(v) < 1e4:
-        return f"{v:.0f}"
-    e = int(math.floor(math.log10(abs(v))))
-    return f"{v / 10**e:.2f}e{e}"
-
-
-def _state(state: str) -> Text:
-    return Text(state, style=STATE_STYLES.get(state, ""))
 
 
 # -- panels --------------------------------------------------------------------------------------------
@@ -130,7 +85,7 @@ def _daemon_segments(snap: Snapshot, compact: bool) -> list[Text]:
         _seg(
             f"pid {d.get('pid')} {how} {ago} ago"
             if compact
-            else f"last recorded state: pid {d.get('pid')} {how} at {_ut(last)} UT (wall clock), {ago} ago",
+            else f"last recorded state: pid {d.get('pid')} {how} at {ut(last)} UT (wall clock), {ago} ago",
             "red",
         ),
     ]
@@ -192,7 +147,7 @@ def header_lines(snap: Snapshot, width: int) -> list[Text]:
             _seg("vampd live", "bold"),
             _seg(f"{snap.target or '?'}", "bold"),
             _seg(f"night {snap.night or '?'}"),
-            _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim"),
+            _seg(f"now {ut(snap.taken)} UT (wall clock)", "dim"),
         ]
     else:
         first = [
@@ -200,7 +155,7 @@ def header_lines(snap: Snapshot, width: int) -> list[Text]:
             _seg(f"night {snap.night or '?'} HST"),
             _seg(f"target {snap.target or '?'}", "bold"),
             _seg(f"config {snap.config_name or '–'}"),
-            _seg(f"now {_ut(snap.taken)} UT (wall clock)", "dim"),
+            _seg(f"now {ut(snap.taken)} UT (wall clock)", "dim"),
         ]
     if not snap.ledger_found:
         return _pack([first, [_seg(f"no ledger yet: {snap.problem}", "bold red")]], width)
@@ -284,7 +239,7 @@ def _file_cells(f: FileRow) -> dict:
     cam = camera_of(f)
     return {
         # observation time; a file without one shows its arrival on the wall clock, marked "~"
-        "obs UT": _mjd_ut(f.mjd) or ("~" + _ut(f.t_arrival) if f.t_arrival else "–"),
+        "obs UT": mjd_ut(f.mjd) or ("~" + ut(f.t_arrival) if f.t_arrival else "–"),
         "file": f.name,
         "cam": str(cam) if cam else "?",
         "FLC": f.flc or "–",
@@ -331,59 +286,6 @@ def _latest_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
     return Panel(t, title=title, title_align="left", box=box.ROUNDED, padding=(0, 0))
 
 
-def _set_table(s: SetView, now: float) -> Table:
-    triple = s.mode == "triplediff"
-    cols = [("A", 1), ("A", 2), ("B", 1), ("B", 2)] if triple else [(None, 1), (None, 2)]
-    t = Table(box=None, show_edge=False, padding=(0, 1), header_style="bold")
-    t.add_column("HWP", justify="right", no_wrap=True)
-    for flc, cam in cols:
-        t.add_column(f"{flc}·c{cam}" if flc else f"cam{cam}", justify="center", no_wrap=True)
-    for h in HWP_GRID:
-        row = [f"{h:g}"]
-        for flc, cam in cols:
-            label = f"HWP {h:g} FLC {flc} cam{cam}" if flc else f"HWP {h:g} cam{cam}"
-            if label in s.members:
-                name, state = s.members[label]
-                tag = os.path.splitext(name)[0][-4:]
-                mark = "✗" if state in ("parked", "failed") else "✓"
-                row.append(Text(f"{mark}{tag}", style=STATE_STYLES.get(state, "green")))
-            else:
-                row.append(Text("·", style="bold yellow"))
-        t.add_row(*row)
-    return t
-
-
-def _sets_panel(snap: Snapshot, width: int) -> Panel:
-    if not snap.open_sets:
-        sc = snap.set_counts
-        if sum(sc.values()):
-            body: RenderableType = Text(
-                f"no open set ({sc.get('complete', 0)} complete, {sc.get('broken', 0)} broken)", style="dim"
-            )
-        elif snap.set_mode is None:
-            body = Text("no polarimetric data (no HWP sets)", style="dim")
-        else:
-            body = Text("no open set (waiting for the next HWP cycle)", style="dim")
-        return Panel(body, title="HWP sets", title_align="left", box=box.ROUNDED)
-    s = snap.open_sets[-1]  # the newest open set
-    missing = Text()
-    missing.append("missing: ", style="yellow")
-    missing.append(", ".join(s.missing) if s.missing else "none", style="bold yellow" if s.missing else "green")
-    parts: list[RenderableType] = [_set_table(s, snap.taken), missing]
-    if len(snap.open_sets) > 1:
-        others = ", ".join(
-            f"{o.target} {o.filter} {len(o.members)}/{len(o.members) + len(o.missing)}"
-            for o in snap.open_sets[:-1][-3:]
-        )
-        parts.append(Text(f"also open: {others}", style="dim"))
-    have, total = len(s.members), len(s.members) + len(s.missing)
-    age = _dur(snap.taken - s.created) if s.created else "?"
-    title = f"HWP set filling: {s.target or '?'} {s.filter or ''} {have}/{total} · age {age}"
-    return Panel(
-        Group(*parts), title=title, title_align="left", box=box.ROUNDED, border_style="yellow" if s.missing else "green"
-    )
-
-
 def _trends_panel(snap: Snapshot, width: int) -> Panel:
     if not snap.trends:
         return Panel(Text("no finished files yet", style="dim"), title="trends", title_align="left", box=box.ROUNDED)
@@ -409,46 +311,6 @@ def _trends_panel(snap: Snapshot, width: int) -> Panel:
             row.append(_flux(good[-1]) if fmt is None and good else (_g(good[-1], fmt) if good else "–"))
         t.add_row(*row)
     return Panel(t, title="trends (per camera, oldest → newest)", title_align="left", box=box.ROUNDED)
-
-
-def _pdi_panel(snap: Snapshot, width: int, nrows: int) -> Panel:
-    """Sets done, Q_φ S/N and one row per set and field; columns are dropped from the right
-    (model IP, then measured IP) when ``width`` (the panel's outer width) cannot hold them, so the
-    star's DoLP is never cut."""
-    p = snap.pdi
-    if p is None or (not p.sets and not p.nsets):
-        return Panel(Text("no PDI yet", style="dim"), title="running PDI", title_align="left", box=box.ROUNDED)
-    head = Text()
-    head.append(f"sets done {p.nsets}", style="bold")
-    if p.qphi_snr is not None:
-        head.append(f"   Qphi S/N (annulus) {p.qphi_snr:.1f}", style="bold green" if p.qphi_snr > 5 else "yellow")
-
-    def pct(v):
-        return _g(None if v is None else 100 * v, "+.2f")
-
-    shown = p.sets[-max(nrows, 1) :]
-    rows = [
-        [
-            str(s.index if s.index is not None else "?"),
-            s.field or "",
-            f"{pct(s.dolp)}±{_g(None if s.dolp_err is None else 100 * s.dolp_err, '.2f')}",
-            f"{_g(s.aolp, '.1f')}±{'>90' if (s.aolp_err or 0) > 90 else _g(s.aolp_err, '.1f')}",
-            f"{pct(s.ip_pq)}/{pct(s.ip_pu)}",
-            f"{pct(s.mm_ip_pq)}/{pct(s.mm_ip_pu)}",
-        ]
-        for s in shown
-    ]
-    names = ["set", "field", "DoLP %", "AoLP °", "IP q/u %", "model q/u %"]
-    need = [max([len(n)] + [len(r[j]) for r in rows]) + 2 for j, n in enumerate(names)]  # + cell padding
-    ncol = len(names)
-    while ncol > 4 and sum(need[:ncol]) + 1 > width - 4:  # panel border and margins
-        ncol -= 1
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
-    for c in names[:ncol]:
-        t.add_column(c, justify="left" if c == "field" else "right", no_wrap=True, overflow="ellipsis")
-    for r in rows:
-        t.add_row(*r[:ncol])
-    return Panel(Group(head, t) if p.sets else head, title="running PDI", title_align="left", box=box.ROUNDED)
 
 
 def problem_reason(f: FileRow) -> str:
@@ -522,19 +384,7 @@ def _compact_lines(snap: Snapshot, width: int, max_parked: int) -> list[Text]:
         )
         if o.missing:
             sets.append(f", missing: {', '.join(o.missing)}", style="yellow")
-    p = snap.pdi
-    pdi = Text()
-    pdi.append("running PDI: ", style="bold")
-    if p is None or (not p.sets and not p.nsets):
-        pdi.append("no PDI yet", style="dim")
-    else:
-        pdi.append(f"sets done {p.nsets}")
-        if p.qphi_snr is not None:
-            pdi.append(f" · Qphi S/N {p.qphi_snr:.1f}", style="bold green" if p.qphi_snr > 5 else "yellow")
-        if p.sets:
-            s = p.sets[-1]
-            dolp = _g(None if s.dolp is None else 100 * s.dolp, "+.2f")
-            pdi.append(f" · DoLP {dolp} % AoLP {_g(s.aolp, '.0f')}° (set {s.index})")
+    pdi = pdi_line(snap.pdi)
     out = [sets, pdi]
     for f in snap.problems[:max_parked]:
         t = Text()
@@ -602,10 +452,10 @@ def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layo
     sum_h = min(len(lines) + 2, max(left - latest_min, 3))
     out = [("summary", Layout(Panel(Group(*lines[: sum_h - 2]), box=box.ROUNDED, padding=(0, 1)), size=sum_h))]
     left -= sum_h
-    sets_h = len(HWP_GRID) + 5 + (1 if len(snap.open_sets) > 1 else 0) if snap.open_sets else 0
+    sets_h = board_height(snap, width, left - 7)
     extra = []
     if sets_h and left - sets_h >= 7:
-        extra.append(("sets", Layout(_sets_panel(snap, width), size=sets_h)))
+        extra.append(("sets", Layout(sets_panel(snap, width, sets_h), size=sets_h)))
         left -= sets_h
     out.append(("latest", Layout(_latest_panel(snap, width, max(left - 3, 0)), size=left)))
     return out + extra
@@ -614,17 +464,19 @@ def _compact_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layo
 def _wide_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]]:
     latest_min = 7
     avail = left - latest_min
-    open_h = len(HWP_GRID) + 5 + (1 if len(snap.open_sets) > 1 else 0) if snap.open_sets else 0
-    mid_h = max(open_h or 3, 7 if snap.trends else 3)
     pdi_rows = len(snap.pdi.sets) if snap.pdi and snap.pdi.sets else 0
     pdi_h = (1 + 2 + min(pdi_rows, 4) + 2) if pdi_rows else 3
+    # the board's legend and wrapped lines give way to the running PDI and parked files below
+    open_h = board_height(snap, width * 11 // 20, avail - pdi_h)
+    mid_h = max(open_h or 3, 7 if snap.trends else 3)
     left_w = width * 3 // 5
     extra: list[tuple[str, Layout]] = []
     bot_h = max(pdi_h, _problems_height(snap, width - left_w, max(avail - mid_h, 3)))
     if avail >= mid_h + bot_h or avail >= mid_h:
         mid = Layout(size=mid_h)
         mid.split_row(
-            Layout(_sets_panel(snap, width // 2), ratio=11), Layout(_trends_panel(snap, width * 9 // 20), ratio=9)
+            Layout(sets_panel(snap, width * 11 // 20, mid_h), ratio=11),
+            Layout(_trends_panel(snap, width * 9 // 20), ratio=9),
         )
         extra.append(("middle", mid))
         avail -= mid_h
@@ -633,7 +485,7 @@ def _wide_rows(snap: Snapshot, width: int, left: int) -> list[tuple[str, Layout]
         bot = Layout(size=bot_h)
         # the set table needs more room than the parked-files list (3:2)
         bot.split_row(
-            Layout(_pdi_panel(snap, left_w, bot_h - 5), size=left_w),
+            Layout(pdi_panel(snap.pdi, left_w, bot_h - 5), size=left_w),
             Layout(_problems_panel(snap, width - left_w, bot_h - 2), ratio=1),
         )
         extra.append(("bottom", bot))

@@ -11,7 +11,10 @@ A pure, deterministic function of the member records (the ledger's file rows), l
 * A block is *closed* when the next cube of its stream is known (reason ``hwp moved on``
   or ``target changed``), when a later cube of another target/filter exists (``target
   changed``), when the newest cube of the night is more than ``timeout`` s after its last
-  cube (``timeout``), or at the end of the night (``end of night``). A closing fact only
+  cube (``timeout``), when ``timeout`` s of wall clock passed since its last cube arrived and
+  no cube arrived in that time is still unknown (``now`` given: the daemon's periodic check,
+  so a block closes even when no further file arrives), or at the end of the night
+  (``end of night``). A closing fact only
   counts once every file that arrived before it is known (``horizon``): a cube still being
   reduced may belong to the block.
 * ``combine.method = "pdi"``: a closed block is coadded into one product, the set member.
@@ -115,6 +118,7 @@ def split_blocks(
     timeout: float | None = 900.0,
     final: bool = False,
     horizon: float = math.inf,
+    now: float | None = None,
 ) -> list[Block]:
     """Blocks of every stream, closed or open (see the module docstring).
 
@@ -133,6 +137,10 @@ def split_blocks(
     horizon : float
         Arrival time of the earliest file not yet known (still being reduced); a fact that
         arrived at or after it cannot close a block yet.
+    now : float, optional
+        Wall-clock time: a block whose last cube arrived (``t_complete``) more than ``timeout``
+        s before ``now`` closes (``timeout``, wall clock) once every file that arrived in that
+        time is known. None (batch runs, per-file rebuilds): observation time only.
 
     Returns
     -------
@@ -159,7 +167,7 @@ def split_blocks(
         for i, b in enumerate(blocks):
             b.reason = _close_reason(
                 b, blocks[i + 1] if i + 1 < len(blocks) else None, recs, later, newest, timeout, final, horizon
-            )
+            ) or _stale(b, timeout, horizon, now)
             b.closed = b.reason is not None
             out.append(b)
     out.sort(key=lambda b: (b.mjd, b.key))
@@ -215,6 +223,17 @@ def _close_reason(b: Block, nxt: Block | None, recs, later_idx, newest, timeout,
     if timeout is not None and gap > timeout and _arrived(newest, horizon):
         return f"timeout: no cube for {gap:.0f} s (> {timeout:g} s)"
     return None
+
+
+def _stale(b: Block, timeout: float | None, horizon: float, now: float | None) -> str | None:
+    """The wall-clock rule: no cube for ``timeout`` s since the block's last one arrived, and
+    every file that arrived in that time is known (none of them is the block's)."""
+    if now is None or timeout is None:
+        return None
+    last = b.t_complete
+    if last <= 0.0 or now - last <= timeout or horizon < last + timeout:
+        return None
+    return f"timeout: no cube arrived for {now - last:.0f} s (> {timeout:g} s, wall clock)"
 
 
 def cube_index(records: Iterable[Mapping], tolerance: float = 0.1) -> dict[str, tuple[int, int]]:

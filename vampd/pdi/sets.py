@@ -32,8 +32,10 @@ Rules (documented deviations from the reference's exact-equality, consecutive-wi
   daemon has not reduced yet may belong to it.
 * The open set at the end of a group is broken when the night is over (``end of night``), when
   later data of another target/filter exist (``target changed``), or when the newest member of the
-  night is more than ``timeout`` seconds after its last member (``timeout``); otherwise it stays
-  open. Broken and open groups are recomputed at every rebuild; only complete sets (and sets that
+  night is more than ``timeout`` seconds after its last member (``timeout``), or (``now`` given:
+  the daemon's periodic check) when ``timeout`` s of wall clock passed since its last member
+  arrived and every file that arrived in that time is known (``timeout (wall clock)``, a
+  permanent decision: the PDI trigger locks such a set); otherwise it stays open. Broken and open groups are recomputed at every rebuild; only complete sets (and sets that
   processing found invalid) are permanent: pass their keys and members as ``locked`` and their
   members are left out of the assembly.
 * A member in state ``parked`` whose slot the ledger knows occupies it but makes the set unusable
@@ -53,6 +55,7 @@ from vampd.fitsio import output_stem
 
 __all__ = [
     "HWP_ANGLES",
+    "WALL_TIMEOUT",
     "MODES",
     "HWPSet",
     "SetAssembly",
@@ -64,6 +67,7 @@ __all__ = [
 ]
 
 HWP_ANGLES = (0.0, 45.0, 22.5, 67.5)
+WALL_TIMEOUT = "timeout (wall clock): "  # reason prefix of a set given up by the wall-clock rule
 MODES = ("triplediff", "doublediff")
 _DUP_MJD = 1e-7  # days (~9 ms): two records of the same exposure
 _DAY = 86400.0
@@ -244,6 +248,7 @@ def assemble_sets(
     locked: Mapping[str, Iterable[str]] | None = None,
     cube_of: Mapping[str, tuple[int, int]] | None = None,
     horizon: float = math.inf,
+    now: float | None = None,
 ) -> SetAssembly:
     """Group member records into HWP sets (see the module docstring for the rules).
 
@@ -269,6 +274,10 @@ def assemble_sets(
     horizon : float
         Arrival time (``t_complete``) of the earliest file still being reduced: a set whose
         latest member arrived at or after it stays open (a file not yet known may belong to it).
+    now : float, optional
+        Wall-clock time: an open set whose latest member arrived (``t_complete``) more than
+        ``timeout`` s before it is broken, reason starting with :data:`WALL_TIMEOUT`, once every
+        file that arrived in that time is known. None: observation time only.
 
     Returns
     -------
@@ -291,15 +300,7 @@ def assemble_sets(
         if g.waiting:
             out.open.append(_finish(mode, target, filt, g.current, "open", "waiting for earlier files", g.dups))
         elif g.current:
-            last = max(float(r["mjd"]) for r in g.current.values())
-            if final:
-                reason = "end of night"
-            elif any(t > last for k, t in group_last.items() if k != (target, filt)):
-                reason = "target changed"
-            elif timeout is not None and (newest - last) * _DAY > timeout:
-                reason = f"timeout: no member for {(newest - last) * _DAY:.0f} s (> {timeout:g} s)"
-            else:
-                reason = None
+            reason = _end_reason(g, group_last, newest, timeout, final, now)
             if reason is None:
                 out.open.append(_finish(mode, target, filt, g.current, "open", None, g.dups))
             else:
@@ -314,6 +315,28 @@ def assemble_sets(
     for lst in (out.complete, out.open, out.broken):
         lst.sort(key=lambda s: (s.mjd_range[0], s.key))
     return out
+
+
+def _end_reason(g: _Group, group_last: dict, newest: float, timeout, final: bool, now) -> str | None:
+    """Why the open set at the end of a group is broken (None: it stays open)."""
+    last = max(float(r["mjd"]) for r in g.current.values())
+    if final:
+        return "end of night"
+    if any(t > last for k, t in group_last.items() if k != (g.target, g.filt)):
+        return "target changed"
+    if timeout is not None and (newest - last) * _DAY > timeout:
+        return f"timeout: no member for {(newest - last) * _DAY:.0f} s (> {timeout:g} s)"
+    return _stale(g.current, timeout, g.horizon, now)
+
+
+def _stale(current: dict, timeout: float | None, horizon: float, now: float | None) -> str | None:
+    """The wall-clock rule of an open set (see :func:`assemble_sets`)."""
+    if now is None or timeout is None:
+        return None
+    last = max(float(r.get("t_complete") or 0.0) for r in current.values())
+    if last <= 0.0 or now - last <= timeout or horizon < last + timeout:
+        return None
+    return f"{WALL_TIMEOUT}no member arrived for {now - last:.0f} s (> {timeout:g} s)"
 
 
 def _group_members(members, mode, tolerance, locked, cube_of, out: SetAssembly) -> tuple[dict, dict]:

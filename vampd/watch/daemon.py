@@ -7,7 +7,10 @@ heartbeat the ledger, supervise the observer and the pool, and ping systemd's wa
 only when both are healthy.
 
 Set and sequence work (PDI, specphot) runs in a separate thread with its own ledger
-connection (:mod:`vampd.engine.triggers`): the ping never waits on science.
+connection (:mod:`vampd.engine.triggers`): the ping never waits on science. Every 2 s the
+wall-clock set timeout is queued there too (:func:`vampd.engine.pdi_trigger.check_timeouts`):
+HWP blocks and sets close ``polarimetry.set_timeout`` s after their last cube even when no
+further file arrives.
 
 Degrade, don't die: every step of a tick is guarded; an error about one file is recorded
 for that file; a full or read-only output (a worker's product write or the ledger itself)
@@ -38,6 +41,7 @@ from vampd.watch.observer import CompletenessTracker, Watcher
 __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
+_TIMEOUT_CHECK = 2.0  # s between wall-clock set-timeout checks
 
 
 class Daemon:
@@ -257,6 +261,7 @@ class Daemon:
         from vampd.live.alerts import AlertMonitor  # alerts reach the journal as log records
 
         alerts, next_alerts = AlertMonitor(self.outdir, self.config_path), time.time() + 5.0
+        next_timeouts = time.time() + _TIMEOUT_CHECK
         while not self._stop:
             now = time.time()
             if self._reload:
@@ -285,6 +290,9 @@ class Daemon:
             if now >= next_beat:
                 next_beat = now + 1.0
                 last_ping = self._beat(now, wd, last_ping)
+            if now >= next_timeouts:
+                next_timeouts = now + _TIMEOUT_CHECK
+                self._queue_timeouts()
             if now >= next_alerts:
                 next_alerts = now + 10.0
                 try:
@@ -295,6 +303,16 @@ class Daemon:
             if self._guard("collect", runner.collect, self.tick) is None:
                 time.sleep(self.tick)
         return self.shutdown()
+
+    def _queue_timeouts(self) -> None:
+        """Queue the wall-clock set-timeout check on the trigger thread (at most one waiting):
+        a block or set closes ``polarimetry.set_timeout`` s after its last cube even when no
+        further file arrives (:func:`vampd.engine.pdi_trigger.check_timeouts`)."""
+        pc = self.runner.cfg.polarimetry
+        trig = self.trigger_thread
+        if pc is None or pc.method == "leastsq" or trig is None or trig.queue.qsize():
+            return
+        trig.put(("timeouts", None, self.runner.cfg))
 
     def _beat(self, now: float, wd: float | None, last_ping: float) -> float:
         """Once a second: retries due, input check, heartbeat, the systemd watchdog ping."""

@@ -112,6 +112,11 @@ class SetsMixin:
         ).fetchone()
         return float("inf") if row is None or row[0] is None else float(row[0])
 
+    def last_arrival(self) -> float | None:
+        """When the newest file arrived (complete on disk, else first seen); None without files."""
+        row = self.conn.execute("SELECT MAX(COALESCE(t_complete, t_seen)) FROM files").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def delete_sets(self, keys: Iterable[str]) -> None:
         """Remove set rows (open/broken rows a rebuild no longer produces)."""
         keys = list(keys)
@@ -167,12 +172,15 @@ class SetsMixin:
             if c in row
         ]
         vals = [json.dumps(row[c]) if isinstance(row[c], (list, dict)) else _plain(row[c]) for c in cols]
+        # an open block's row never overwrites a closed one (another connection may have closed
+        # it since this one read it: closed blocks are permanent)
+        only_open = " WHERE blocks.state = 'open'" if row.get("state") == "open" else ""
         with self.transaction():
             self.conn.execute(self._BLOCKS_SQL)
             self.conn.execute(
                 f"INSERT INTO blocks (key, {', '.join(cols)}, updated) VALUES (?{',?' * len(cols)},?)"
                 f" ON CONFLICT(key) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in cols)},"
-                f" updated=excluded.updated",
+                f" updated=excluded.updated{only_open}",
                 (key, *vals, time.time()),
             )
             if take is not None:
