@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,12 +339,3 @@ def coadd_block(spec: dict, cfg) -> dict:
         hdr = recenter_header(hdr, cfg.coadd.recenter_method, shift[0], shift[1], copy=False)
     write_product(Path(spec["product"]), image, err, hdr, fields)
     return {"path": spec["product"], "ncoadd": int(ncoadd)}
-
-
-def blocks_summary(ledger) -> dict:
-    """Counts for ``status --json``: blocks per state and cubes per closed block."""
-    counts = ledger.block_counts()
-    sizes = [len(json.loads(r["members"] or "[]")) for r in ledger.block_rows() if r["state"] != "open"]
-    counts["cubes_per_block"] = sorted(set(sizes))
-    counts["mean_cubes"] = float(np.mean(sizes)) if sizes else math.nan
-    return counts

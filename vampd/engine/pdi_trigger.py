@@ -48,7 +48,6 @@ __all__ = [
     "update_sets",
     "check_timeouts",
     "late_members",
-    "set_members",
     "stokes_path",
     "refresh_calibrated",
 ]
@@ -64,14 +63,6 @@ def _name(cfg) -> str:
 def stokes_path(outdir, cfg, index: int) -> Path:
     """``pdi/stokes/{name}_stokes_{index:03d}.fits``."""
     return Path(outdir) / "pdi" / "stokes" / f"{_name(cfg)}_stokes_{index:03d}.fits"
-
-
-def set_members(ledger) -> list[dict]:
-    """Member records for :func:`assemble_sets` from what the ledger recorded (no header of an
-    input file is ever read here, issue 18): done files with a coadded product, and parked
-    files whose slot the ledger knows. Parked files without a recorded slot are not members.
-    """
-    return [f for f in ledger.pdi_files() if f["state"] == "done" or (f["hwp"] is not None and f["mjd"] is not None)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,32 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-__all__ = ["cmd_status", "cmd_live"]
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print a one-shot summary of the ledger in ``args.outdir`` (``--json`` for machines).
-
-    Exit status 0, or 2 if there is no ledger there.
-    """
-    from vampd.live.snapshot import status_with_alerts
-    from vampd.live.status import format_status
-
-    try:
-        st = status_with_alerts(args.outdir)
-    except FileNotFoundError as exc:
-        print(f"vampd status: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(st, indent=2))
-    else:
-        print(format_status(st))
-        for a in st.get("alerts", []):
-            print(f"alert   {a['level']}: {a['message']}")
-    return 0
+__all__ = ["cmd_live"]
 
 
 def cmd_live(args: argparse.Namespace) -> int:

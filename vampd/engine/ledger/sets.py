@@ -93,16 +93,6 @@ class SetsMixin:
                 out.append(d)
         return out
 
-    def done_near(self, mjd: float, half_window_days: float) -> list[dict]:
-        """Done files with a coadded product within ``half_window_days`` of ``mjd`` (diff images)."""
-        rows = self.conn.execute(
-            "SELECT f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd, f.nframes, f.exptime,"
-            " p.path AS product FROM files f JOIN products p ON p.file = f.path AND p.kind = 'coadded'"
-            " WHERE +f.state = 'done' AND f.mjd BETWEEN ? AND ?",  # the MJD index, not a scan of every done file
-            (float(mjd) - half_window_days, float(mjd) + half_window_days),
-        ).fetchall()
-        return [dict(r) for r in rows]
-
     def unfinished_horizon(self) -> float:
         """Arrival time of the earliest file still to be reduced (inf if none): set and block
         decisions wait for every file that arrived before the facts they rest on."""
