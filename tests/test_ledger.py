@@ -253,3 +253,69 @@ def test_bytes_appended_after_the_fits_structure_are_not_content(tmp_path):
         fh.seek(2880 + 5)
         fh.write(b"\x7f")
     assert file_identity(f).chash != before.chash
+
+
+def _pdi_ledger(tmp_path, rng):
+    """A ledger of 120 done and parked files at random MJDs (a few without one), some taken."""
+    led = Ledger(tmp_path / "out")
+    prod = _write(tmp_path / "p.fits", b"p")
+    paths = []
+    for i in range(120):
+        f = _write(tmp_path / f"f{i:03d}.fits", bytes([i]))
+        led.register(f, "h")
+        mjd = None if i % 29 == 0 else 60000.0 + float(rng.uniform(0, 0.05))
+        if i % 7 == 3:
+            led.record_failure(f, "bad", max_tries=1, permanent=True)
+            with led.transaction():
+                led.conn.execute("UPDATE files SET mjd=? WHERE path=?", (mjd, f))
+        else:
+            led.record_done(f, [("coadded", prod)], {"mjd": mjd})
+        paths.append(f)
+    return led, paths
+
+
+def _windowed_by_definition(rows: list[dict], window: float) -> list[dict]:
+    """``pdi_files(window)`` by its definition: free rows, and taken rows no older than the
+    oldest free done file minus ``window`` (none when there is no free done file with an MJD)."""
+    free_done = [r["mjd"] for r in rows if r["state"] == "done" and r["taken"] is None and r["mjd"] is not None]
+    lo = min(free_done) - window if free_done else None
+    return [r for r in rows if r["taken"] is None or (lo is not None and r["mjd"] is not None and r["mjd"] >= lo)]
+
+
+def test_pdi_files_window_equals_its_definition(tmp_path):
+    """The indexed window query (issue 18: per-file cost independent of the night's length)
+    returns exactly the rows the definition selects, in the same order, as files are taken."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    led, paths = _pdi_ledger(tmp_path, rng)
+    order = sorted(paths, key=lambda p: (led.get(p)["mjd"] is None, led.get(p)["mjd"] or 0))
+    for step in range(0, 121, 20):  # take the oldest files, 20 at a time, as sets complete
+        if step:
+            led.take(f"set{step}", order[step - 20 : step])
+        full = led.pdi_files()
+        for window in (0.0, 0.005, 0.02):
+            assert led.pdi_files(window) == _windowed_by_definition(full, window), (step, window)
+    plan = led.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT MIN(mjd) FROM files INDEXED BY files_free WHERE state = 'done' AND taken IS NULL"
+    ).fetchall()
+    assert "files_free" in str([tuple(r) for r in plan])
+
+
+def test_ledger_from_before_the_taken_column_is_migrated(tmp_path):
+    """A ledger written before ``files.taken`` existed: opening it marks what ``pdi_taken``
+    holds, so the window still leaves out exactly the taken files."""
+    import numpy as np
+
+    led, paths = _pdi_ledger(tmp_path, np.random.default_rng(4))
+    led.take("old", paths[:50])
+    expected = led.pdi_files(0.001)
+    with led.transaction():  # back to the old schema: no column, no triggers, no partial index
+        for name in ("pdi_taken_mark", "pdi_taken_unmark"):
+            led.conn.execute(f"DROP TRIGGER {name}")
+        led.conn.execute("DROP INDEX files_free")
+        led.conn.execute("ALTER TABLE files DROP COLUMN taken")
+    led.close()
+    again = Ledger(tmp_path / "out")
+    assert again.conn.execute("SELECT COUNT(*) FROM files WHERE taken = 1").fetchone()[0] == 50
+    assert again.pdi_files(0.001) == expected
