@@ -427,9 +427,10 @@ class Runner:
                     continue
                 break
             self.collect(timeout=poll)
-        from vampd.engine import leastsq_trigger
+        if getattr(self.cfg, "polarimetry", None) is not None:  # else no least squares (nor its imports)
+            from vampd.engine import leastsq_trigger
 
-        leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
+            leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
         return {
             "given": len(paths),
             "processed": todo,
@@ -482,11 +483,13 @@ def run_file_triggers(ledger: Ledger, cfg: Any, outdir: os.PathLike | str, path:
 def resume_all_triggers(ledger: Ledger, cfg: Any, outdir: os.PathLike | str) -> dict:
     """Start-up pass of both triggers over what the ledger already holds (see
     :meth:`Runner.resume_triggers`)."""
-    from vampd.engine import pdi_trigger, specphot_trigger
+    from vampd.engine import specphot_trigger
 
     outdir = Path(outdir)
     out: dict = {}
-    if getattr(cfg, "polarimetry", None) is not None:
+    if getattr(cfg, "polarimetry", None) is not None:  # else no PDI work (nor its imports)
+        from vampd.engine import pdi_trigger
+
         try:
             out["pdi"] = pdi_trigger.update_sets(ledger, cfg, outdir, final=False)
         except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on
