@@ -97,9 +97,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """
     import time
 
+    from vampd.engine.pool import DEFAULT_PROCESS, prestart, stop_fork_server
+
+    prestart(os.environ.get("VAMPD_PROCESS", DEFAULT_PROCESS))  # the workers' imports overlap ours
     try:
         cfg, out, ledger, pool, runner = open_engine(args.config, args.outdir, args.jobs, args.force)
     except (ValueError, OSError) as exc:
+        stop_fork_server()
         print(f"vampd run: {exc}", file=sys.stderr)
         return 2
     pool.start()  # spawn and warm the workers while the inputs are scanned and registered
