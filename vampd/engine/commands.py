@@ -118,6 +118,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             runner.drain(cfg.watch.stop_timeout)
         except KeyboardInterrupt:
             runner.drain(0)
+        # a file marked running whose job the interrupt kept from the pool (between the two)
+        # is in flight nowhere now: pending again, for the next run
+        ledger.reset_interrupted()
         summary = {
             "given": len(args.files),
             "processed": runner.n_done + runner.n_failed,
