@@ -51,10 +51,10 @@ def close_sequences(ledger, cfg, outdir, since: float = 0.0) -> dict:
     from pathlib import Path
 
     from vampd.engine import specphot_trigger
-    from vampd.specphot.factors import slug
 
     if not specphot_trigger.specphot_enabled(cfg):
         return {}
+    from vampd.specphot.factors import slug
 
     done = specphot_trigger.on_finalize(ledger, cfg, outdir)
     rows = ledger.specphot_rows("done")

@@ -46,6 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PROCESS = "vampd.engine.pipeline:process_file"
+#: job key prefix of the HWP block coadds (:mod:`vampd.engine.blocks`), the pool's non-file jobs
+BLOCK_PREFIX = "block:"
 BLAS_ENV = (
     "OPENBLAS_NUM_THREADS",
     "OMP_NUM_THREADS",

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from vampd.engine.ledger import Ledger, ledger_key, printable, stat_identity
-from vampd.engine.pool import JobResult, WorkerPool
+from vampd.engine.pool import BLOCK_PREFIX, JobResult, WorkerPool
 from vampd.errors import VampdError
-from vampd.fitsbytes import data_layout, decompressed_bytes
-from vampd.fitsio import fits_structure_complete
+
+# fitsbytes, not fitsio: no numpy or astropy in the parent process of a run without PDI
+from vampd.fitsbytes import data_layout, decompressed_bytes, structure_complete
 
 __all__ = ["Runner", "config_hash_of", "resolve_outdir", "watch_settings"]
 
@@ -276,6 +277,8 @@ class Runner:
 
     def _pump_blocks(self) -> int:
         """Closed HWP blocks (``combine.method = "pdi"``) are coadded as pool jobs too."""
+        if getattr(self.cfg, "polarimetry", None) is None:  # no blocks (nor their imports)
+            return 0
         from vampd.engine.blocks import pump_blocks
 
         try:
@@ -308,9 +311,9 @@ class Runner:
         self.output_blocked = why
 
     def record(self, r: JobResult) -> None:
-        from vampd.engine.blocks import BLOCK_PREFIX, record_block
-
         if r.path.startswith(BLOCK_PREFIX):  # an HWP block coadd, not an input file
+            from vampd.engine.blocks import record_block
+
             record_block(self, r)
             return
         name = printable(os.path.basename(r.path))
@@ -403,7 +406,7 @@ class Runner:
         t_batch = time.time()
         for p in paths:
             p = os.path.abspath(p)
-            ok, reason = fits_structure_complete(p)
+            ok, reason = structure_complete(p)
             if not ok:
                 self.reject(p, reason)
                 decisions[p] = "rejected"
@@ -441,6 +444,8 @@ class Runner:
 
     def _end_of_batch(self) -> bool:
         """End of ``vampd run``: close the open HWP blocks; True if block coadds are left to run."""
+        if getattr(self.cfg, "polarimetry", None) is None:  # no blocks (nor their imports)
+            return False
         from vampd.engine.blocks import end_of_batch
 
         try:
