@@ -159,16 +159,18 @@ def stop_fork_server() -> None:
     import signal
     from multiprocessing import forkserver
 
-    server = forkserver._forkserver  # the stdlib's per-process singleton
-    pid = getattr(server, "_forkserver_pid", None)
-    if pid is None or _server_pools[0]:
+    # the stdlib's per-process singleton (private names: missing ones leave the server to end
+    # by itself once this process exits)
+    server = getattr(forkserver, "_forkserver", None)
+    pid, stop = getattr(server, "_forkserver_pid", None), getattr(server, "_stop", None)
+    if pid is None or stop is None or _server_pools[0]:
         return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     try:
-        server._stop()  # closes its "alive" pipe, waits for it, forgets it
+        stop()  # closes its "alive" pipe, waits for it, forgets it
     except OSError as exc:
         log.debug("fork server stop: %s", exc)
 
