@@ -130,15 +130,16 @@ def _start_server() -> None:
     import signal
     from multiprocessing import forkserver
 
-    # the server inherits an ignored SIGHUP: a terminal's hang-up (the daemon's reload signal)
-    # must not kill it under the running workers; handlers can only be set in the main thread
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGHUP, signal.SIG_IGN) if main else None
+    # the server inherits ignored SIGHUP and SIGINT (it ignores Ctrl-C itself only once its
+    # imports are done): a terminal's hang-up (the daemon's reload signal) or Ctrl-C is for the
+    # parent, which decides when workers stop; handlers can only be set in the main thread
+    sigs = (signal.SIGHUP, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
     try:
         forkserver.ensure_running()
     finally:
-        if old is not None:
-            signal.signal(signal.SIGHUP, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 #: started pools whose workers are forks of the fork server
