@@ -288,13 +288,17 @@ class Runner:
             self.ledger.event("error", f"HWP block scheduling failed: {exc}")
             return 0
 
-    def collect(self, timeout: float = 0.0) -> int:
+    def collect(self, timeout: float = 0.0, refill: bool = False) -> int:
         """Record finished jobs; returns how many were recorded.
 
         Results the ledger cannot take now (disk full) are held and recorded by a later call.
+        With ``refill`` (batch runs), the freed workers get their next files before the results
+        are recorded, so no worker waits on a commit (see :meth:`_refill`).
         """
         results = self.held + self.pool.collect(timeout)
         self.held = []
+        if refill:
+            self._refill(results)
         for i, r in enumerate(results):
             try:
                 self.record(r)
@@ -303,6 +307,21 @@ class Runner:
                 self.block_output(f"{self.ledger.path}: ledger not writable ({exc})")
                 break
         return len(results) - len(self.held)
+
+    def _refill(self, results: list[JobResult]) -> None:
+        # only after input files that finished well: a failure may block the output side or
+        # make a suspect, and a finished block must be recorded before blocks are pumped again
+        # (its row still says running); the next pending file does not depend on these records
+        if not results or self.output_blocked or not all(r.ok and not r.path.startswith(BLOCK_PREFIX) for r in results):
+            return
+        try:
+            self.pump()
+        except sqlite3.OperationalError as exc:  # the results are recorded (or held) below
+            self.block_output(f"{self.ledger.path}: ledger not writable ({exc})")
+        except KeyboardInterrupt:  # Ctrl-C: the drain records only what is still in the pool
+            for r in results:
+                self.record(r)
+            raise
 
     def block_output(self, why: str) -> None:
         """Pause intake: the output side refused a write."""
@@ -429,7 +448,7 @@ class Runner:
                 if self._end_of_batch() and self.pump():  # block coadds submitted: wait for them
                     continue
                 break
-            self.collect(timeout=poll)
+            self.collect(timeout=poll, refill=True)
         if getattr(self.cfg, "polarimetry", None) is not None:  # else no least squares (nor its imports)
             from vampd.engine import leastsq_trigger
 
