@@ -424,6 +424,34 @@ def test_worker_death_charges_only_the_file_that_ran_alone(tmp_path):
         led.close()
 
 
+def env_process(path, cfg, outdir, force):
+    """A stand-in for the per-file chain that reports the worker's ``VAMPD_TEST_ENV``."""
+    return SimpleNamespace(products=[], summary={"env": os.environ.get("VAMPD_TEST_ENV")}, metrics={})
+
+
+def test_pool_workers_get_the_environment_of_the_pool_start_and_the_server_is_reaped(tmp_path, monkeypatch):
+    """Workers forked from a fork server started earlier still see the parent's environment as it
+    is when the pool starts (as spawned ones would), and shutting the pool down stops the server."""
+    from multiprocessing import forkserver
+
+    from vampd.engine.pool import WorkerPool, prestart
+
+    prestart("test_harden:env_process")  # the server's own environment is older
+    monkeypatch.setenv("VAMPD_TEST_ENV", "set after the server started")
+    pool = WorkerPool(workers=1, memory_limit=1 << 30, process="test_harden:env_process")
+    pool.start()
+    try:
+        pool.submit(str(tmp_path / "x.fits"), 1, None, tmp_path)
+        results, deadline = [], time.time() + 120
+        while not results and time.time() < deadline:
+            results = pool.collect(timeout=0.5)
+        assert len(results) == 1 and results[0].ok, results
+        assert results[0].summary == {"env": "set after the server started"}
+    finally:
+        pool.shutdown(0)
+    assert getattr(forkserver._forkserver, "_forkserver_pid", None) is None  # stopped and reaped
+
+
 def test_growing_file_settles_on_its_fits_structure(tmp_path):
     """Bytes appended after a whole FITS structure do not keep the file 'settling' forever."""
     raw = fits_with_endtime()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from vampd.engine.pool import BLOCK_PREFIX
 from vampd.fitsio import output_stem
 from vampd.pdi.blocks import Block, block_name, split_blocks
 
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("vampd.pdi")
-BLOCK_PREFIX = "block:"
 _JOB = "vampd.engine.blocks:coadd_block_job"
 _CHUNK_BYTES = 64 << 20
 _WINDOW_DAYS = 0.01  # taken rows older than the oldest free one by more than this cannot matter

@@ -51,10 +51,10 @@ def close_sequences(ledger, cfg, outdir, since: float = 0.0) -> dict:
     from pathlib import Path
 
     from vampd.engine import specphot_trigger
-    from vampd.specphot.factors import slug
 
     if not specphot_trigger.specphot_enabled(cfg):
         return {}
+    from vampd.specphot.factors import slug
 
     done = specphot_trigger.on_finalize(ledger, cfg, outdir)
     rows = ledger.specphot_rows("done")
@@ -97,9 +97,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """
     import time
 
+    from vampd.engine.pool import DEFAULT_PROCESS, prestart, stop_fork_server
+
+    prestart(os.environ.get("VAMPD_PROCESS", DEFAULT_PROCESS))  # the workers' imports overlap ours
     try:
         cfg, out, ledger, pool, runner = open_engine(args.config, args.outdir, args.jobs, args.force)
     except (ValueError, OSError) as exc:
+        stop_fork_server()
         print(f"vampd run: {exc}", file=sys.stderr)
         return 2
     pool.start()  # spawn and warm the workers while the inputs are scanned and registered
@@ -114,6 +118,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             runner.drain(cfg.watch.stop_timeout)
         except KeyboardInterrupt:
             runner.drain(0)
+        # a file marked running whose job the interrupt kept from the pool (between the two)
+        # is in flight nowhere now: pending again, for the next run
+        ledger.reset_interrupted()
         summary = {
             "given": len(args.files),
             "processed": runner.n_done + runner.n_failed,

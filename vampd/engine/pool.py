@@ -1,14 +1,20 @@
 """A bounded pool of worker processes with memory admission.
 
-* ``spawn`` start method (no forked SQLite handles or threads), one BLAS thread per worker
-  (set in the environment before the spawn *and* in the worker initializer);
+* workers are forks of a *fork server* (a fresh interpreter started by the pool, never a fork
+  of the parent: no forked SQLite handles or threads) that has imported the worker module
+  once, so a worker starts without an interpreter start-up and imports of its own and exits at
+  once (``spawn`` where there is no fork server); one BLAS thread per worker (set in the
+  environment before the server starts *and* in the worker initializer), the parent's
+  environment at pool start replayed in each worker;
 * a job is admitted only while the summed memory estimate of the running jobs stays under
   the limit (a single job larger than the limit still runs, alone);
 * at most ``workers`` jobs are in flight: the queue of work is the ledger, not RAM;
 * workers never touch the ledger: a job returns a plain dict, the parent commits it;
 * a worker that notices its parent died exits (no orphan keeps writing after a SIGKILL);
-* warm start: every worker is spawned when the pool starts and imports the pipeline in its
-  initializer, so the night's first files do not wait for interpreter start-up and imports.
+* warm start: every worker is started when the pool starts (from a thread: the caller scans
+  its inputs meanwhile) and runs the pipeline's ``warm_up`` in its initializer, so the night's
+  first files do not wait for start-up work; :func:`prestart` starts the fork server earlier
+  still, before the parent's own imports.
 """
 
 from __future__ import annotations
@@ -26,11 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_PROCESS", "BLAS_ENV", "JobResult", "WorkerPool", "run_job", "estimate_bytes"]
+__all__ = [
+    "DEFAULT_PROCESS",
+    "BLAS_ENV",
+    "JobResult",
+    "WorkerPool",
+    "prestart",
+    "run_job",
+    "stop_fork_server",
+    "estimate_bytes",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROCESS = "vampd.engine.pipeline:process_file"
+#: job key prefix of the HWP block coadds (:mod:`vampd.engine.blocks`), the pool's non-file jobs
+BLOCK_PREFIX = "block:"
 BLAS_ENV = (
     "OPENBLAS_NUM_THREADS",
     "OMP_NUM_THREADS",
@@ -51,16 +68,22 @@ def _single_thread_env() -> None:
         os.environ[key] = "1"
 
 
-def _watch_parent(ppid: int) -> None:
+def _watch_parent(ppid: int | None) -> None:
+    # a fork server's worker is the server's child: the parent's death shows on the sentinel
+    # pipe multiprocessing keeps to it (the server itself lives on while any worker does)
+    parent = multiprocessing.parent_process()
     while True:
         time.sleep(0.5)
-        if os.getppid() != ppid:
+        if (ppid is not None and os.getppid() != ppid) or (parent is not None and not parent.is_alive()):
             os._exit(70)  # parent gone: abandon the job, the restarted daemon redoes it
 
 
-def _worker_init(ppid: int, process: str | None = None) -> None:
+def _worker_init(ppid: int, process: str | None = None, env: dict | None = None) -> None:
     import signal
 
+    if env is not None and env != os.environ:  # a fork server's environment is from its start
+        os.environ.clear()
+        os.environ.update(env)
     _single_thread_env()
     from vampd.logs import setup_worker_logging
 
@@ -68,7 +91,8 @@ def _worker_init(ppid: int, process: str | None = None) -> None:
     # Ctrl-C and a terminal hang-up are for the parent, which decides when workers stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True, name="vampd-parent-watch").start()
+    watch_ppid = ppid if os.getppid() == ppid else None  # else a fork server's child
+    threading.Thread(target=_watch_parent, args=(watch_ppid,), daemon=True, name="vampd-parent-watch").start()
     if process:
         # warm start: pay the imports (numpy, astropy, scipy, the stages) now, not on the
         # night's first file; nothing file- or config-specific is computed here
@@ -78,6 +102,78 @@ def _worker_init(ppid: int, process: str | None = None) -> None:
                 warm()
         except Exception as exc:  # noqa: BLE001 -- the first real job reports it specifically
             log.warning("worker warm-up: cannot import %s: %s", process, exc)
+
+
+def _context(process: str):
+    """The workers' start method: a fork server that imports ``process``'s module once, else spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # one server per parent process: the first pool's module stays the preloaded one
+    ctx.set_forkserver_preload([process.partition(":")[0]])
+    return ctx
+
+
+def prestart(process: str = DEFAULT_PROCESS) -> None:
+    """Start the workers' fork server now, importing ``process``'s module in the background.
+
+    ``vampd run`` calls it first thing, so the server's imports overlap the parent's own
+    (config, ledger) instead of following them; the pool started later forks its workers from
+    it. Returns at once; a no-op where workers are spawned.
+    """
+    _single_thread_env()  # inherited by the server before numpy loads
+    if _context(process).get_start_method() == "forkserver":
+        _start_server()
+
+
+def _start_server() -> None:
+    import signal
+    from multiprocessing import forkserver
+
+    # the server inherits ignored SIGHUP and SIGINT (it ignores Ctrl-C itself only once its
+    # imports are done): a terminal's hang-up (the daemon's reload signal) or Ctrl-C is for the
+    # parent, which decides when workers stop; handlers can only be set in the main thread
+    sigs = (signal.SIGHUP, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+#: started pools whose workers are forks of the fork server
+_server_pools = [0]
+
+
+def _server_users(delta: int) -> None:
+    _server_pools[0] += delta
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server if one runs and no started pool uses it.
+
+    It holds no state, so SIGTERM ends it at once; reaping it here puts its CPU time and its
+    workers' (which it reaped) in this process's children's usage, and leaves no process
+    behind the command. The next pool starts a new one.
+    """
+    import signal
+    from multiprocessing import forkserver
+
+    # the stdlib's per-process singleton (private names: missing ones leave the server to end
+    # by itself once this process exits)
+    server = getattr(forkserver, "_forkserver", None)
+    pid, stop = getattr(server, "_forkserver_pid", None), getattr(server, "_stop", None)
+    if pid is None or stop is None or _server_pools[0]:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        stop()  # closes its "alive" pipe, waits for it, forgets it
+    except OSError as exc:
+        log.debug("fork server stop: %s", exc)
 
 
 def _warm_up() -> float:
@@ -168,29 +264,57 @@ class WorkerPool:
         self.jobs: dict[str, _Job] = {}
         self.crashes = 0
         self.warming: list[cf.Future] = []
+        self._warmer: threading.Thread | None = None
+        self._uses_server = False
         self._executor: cf.ProcessPoolExecutor | None = None
         self._broken = False
 
     def start(self, warm: bool = True) -> None:
-        """Create the executor; with ``warm``, spawn every worker now and let it import the
-        pipeline (in the background: this returns at once)."""
-        _single_thread_env()  # inherited by the spawned interpreters before numpy loads
+        """Create the executor; with ``warm``, start every worker now and let it warm up
+        (in the background: this returns at once)."""
+        _single_thread_env()  # inherited by the workers' interpreters before numpy loads
+        ctx = _context(self.process)
         self._executor = cf.ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=ctx,
             initializer=_worker_init,
-            initargs=(os.getpid(), self.process),
+            initargs=(os.getpid(), self.process, dict(os.environ)),
         )
         self._broken = False
-        # the executor spawns lazily, one process per submit that finds no idle worker:
+        if ctx.get_start_method() == "forkserver":
+            _start_server()  # here, in the caller's (main) thread: see _start_server
+            if not self._uses_server:
+                self._uses_server = True
+                _server_users(+1)
+        self.warming = []
+        self._warmer = None
+        if warm:
+            # starting a worker waits for the fork server's imports: done from a thread
+            self._warmer = threading.Thread(
+                target=self._warm, args=(self._executor, self.warming), daemon=True, name="vampd-warm"
+            )
+            self._warmer.start()
+
+    def _warm(self, executor: cf.ProcessPoolExecutor, futures: list[cf.Future]) -> None:
+        # the executor starts lazily, one process per submit that finds no idle worker:
         # one no-op per worker starts them all at once
-        self.warming = [self._executor.submit(_warm_up) for _ in range(self.workers)] if warm else []
+        try:
+            for _ in range(self.workers):
+                futures.append(executor.submit(_warm_up))
+        except Exception as exc:  # noqa: BLE001 -- shut down or broken meanwhile; a real submit reports it
+            log.debug("pool warm-up stopped: %s", exc)
 
     def wait_warm(self, timeout: float | None = None) -> bool:
         """Wait until every warm-up no-op has run (all workers started); True if they have."""
+        t0 = time.monotonic()
+        if self._warmer is not None:
+            self._warmer.join(timeout)
+            if self._warmer.is_alive():
+                return False
         if not self.warming:
             return True
-        done, _ = cf.wait(self.warming, timeout=timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+        done, _ = cf.wait(self.warming, timeout=left)
         return len(done) == len(self.warming)
 
     # -- admission ----------------------------------------------------------------------------
@@ -308,6 +432,8 @@ class WorkerPool:
         while self.jobs and time.time() < deadline:
             results.extend(self.collect(timeout=min(0.2, max(0.0, deadline - time.time()))))
         abandoned = list(self.jobs)
+        if self._warmer is not None:
+            self._warmer.join()  # no warm-up submit after the executor's shutdown
         ex = self._executor
         self._executor = None
         if ex is not None:
@@ -315,6 +441,10 @@ class WorkerPool:
                 _stop_children(grace=2.0)
             ex.shutdown(wait=not abandoned, cancel_futures=True)
         self.jobs.clear()
+        if self._uses_server:  # the workers are reaped (joined): the server can go
+            self._uses_server = False
+            _server_users(-1)
+            stop_fork_server()
         return results, abandoned
 
 

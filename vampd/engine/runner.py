@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from vampd.engine.ledger import Ledger, ledger_key, printable, stat_identity
-from vampd.engine.pool import JobResult, WorkerPool
+from vampd.engine.pool import BLOCK_PREFIX, JobResult, WorkerPool
 from vampd.errors import VampdError
-from vampd.fitsbytes import data_layout, decompressed_bytes
-from vampd.fitsio import fits_structure_complete
+
+# fitsbytes, not fitsio: no numpy or astropy in the parent process of a run without PDI
+from vampd.fitsbytes import data_layout, decompressed_bytes, structure_complete
 
 __all__ = ["Runner", "config_hash_of", "resolve_outdir", "watch_settings"]
 
@@ -276,6 +277,8 @@ class Runner:
 
     def _pump_blocks(self) -> int:
         """Closed HWP blocks (``combine.method = "pdi"``) are coadded as pool jobs too."""
+        if getattr(self.cfg, "polarimetry", None) is None:  # no blocks (nor their imports)
+            return 0
         from vampd.engine.blocks import pump_blocks
 
         try:
@@ -285,13 +288,17 @@ class Runner:
             self.ledger.event("error", f"HWP block scheduling failed: {exc}")
             return 0
 
-    def collect(self, timeout: float = 0.0) -> int:
+    def collect(self, timeout: float = 0.0, refill: bool = False) -> int:
         """Record finished jobs; returns how many were recorded.
 
         Results the ledger cannot take now (disk full) are held and recorded by a later call.
+        With ``refill`` (batch runs), the freed workers get their next files before the results
+        are recorded, so no worker waits on a commit (see :meth:`_refill`).
         """
         results = self.held + self.pool.collect(timeout)
         self.held = []
+        if refill:
+            self._refill(results)
         for i, r in enumerate(results):
             try:
                 self.record(r)
@@ -301,6 +308,21 @@ class Runner:
                 break
         return len(results) - len(self.held)
 
+    def _refill(self, results: list[JobResult]) -> None:
+        # only after input files that finished well: a failure may block the output side or
+        # make a suspect, and a finished block must be recorded before blocks are pumped again
+        # (its row still says running); the next pending file does not depend on these records
+        if not results or self.output_blocked or not all(r.ok and not r.path.startswith(BLOCK_PREFIX) for r in results):
+            return
+        try:
+            self.pump()
+        except sqlite3.OperationalError as exc:  # the results are recorded (or held) below
+            self.block_output(f"{self.ledger.path}: ledger not writable ({exc})")
+        except KeyboardInterrupt:  # Ctrl-C: the drain records only what is still in the pool
+            for r in results:
+                self.record(r)
+            raise
+
     def block_output(self, why: str) -> None:
         """Pause intake: the output side refused a write."""
         if self.output_blocked is None:
@@ -308,9 +330,9 @@ class Runner:
         self.output_blocked = why
 
     def record(self, r: JobResult) -> None:
-        from vampd.engine.blocks import BLOCK_PREFIX, record_block
-
         if r.path.startswith(BLOCK_PREFIX):  # an HWP block coadd, not an input file
+            from vampd.engine.blocks import record_block
+
             record_block(self, r)
             return
         name = printable(os.path.basename(r.path))
@@ -403,7 +425,7 @@ class Runner:
         t_batch = time.time()
         for p in paths:
             p = os.path.abspath(p)
-            ok, reason = fits_structure_complete(p)
+            ok, reason = structure_complete(p)
             if not ok:
                 self.reject(p, reason)
                 decisions[p] = "rejected"
@@ -426,10 +448,11 @@ class Runner:
                 if self._end_of_batch() and self.pump():  # block coadds submitted: wait for them
                     continue
                 break
-            self.collect(timeout=poll)
-        from vampd.engine import leastsq_trigger
+            self.collect(timeout=poll, refill=True)
+        if getattr(self.cfg, "polarimetry", None) is not None:  # else no least squares (nor its imports)
+            from vampd.engine import leastsq_trigger
 
-        leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
+            leastsq_trigger.tick(self.ledger, self.cfg, self.outdir, idle=True)  # least-squares products up to date
         return {
             "given": len(paths),
             "processed": todo,
@@ -440,6 +463,8 @@ class Runner:
 
     def _end_of_batch(self) -> bool:
         """End of ``vampd run``: close the open HWP blocks; True if block coadds are left to run."""
+        if getattr(self.cfg, "polarimetry", None) is None:  # no blocks (nor their imports)
+            return False
         from vampd.engine.blocks import end_of_batch
 
         try:
@@ -482,11 +507,13 @@ def run_file_triggers(ledger: Ledger, cfg: Any, outdir: os.PathLike | str, path:
 def resume_all_triggers(ledger: Ledger, cfg: Any, outdir: os.PathLike | str) -> dict:
     """Start-up pass of both triggers over what the ledger already holds (see
     :meth:`Runner.resume_triggers`)."""
-    from vampd.engine import pdi_trigger, specphot_trigger
+    from vampd.engine import specphot_trigger
 
     outdir = Path(outdir)
     out: dict = {}
-    if getattr(cfg, "polarimetry", None) is not None:
+    if getattr(cfg, "polarimetry", None) is not None:  # else no PDI work (nor its imports)
+        from vampd.engine import pdi_trigger
+
         try:
             out["pdi"] = pdi_trigger.update_sets(ledger, cfg, outdir, final=False)
         except Exception as exc:  # noqa: BLE001 -- reported, the daemon goes on

@@ -40,12 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astropy.io import fits
-
-from vampd.fitsio import output_stem, write_fits_atomic
-from vampd.specphot.calibrate import calibrate_hdul, conversion_factor, instrumental_flux
-from vampd.specphot.factors import FACTOR_DIR, factor_file_name, save_factor_file, slug
-
 __all__ = [
     "PRODUCT_KIND",
     "Member",
@@ -74,6 +68,8 @@ class Member:
 
     @property
     def stem(self) -> str:
+        from vampd.fitsio import output_stem
+
         return output_stem(self.path)
 
     @property
@@ -177,6 +173,8 @@ def _member_results(sp, header, metrics, seq_flux, fields: list[str], coronagrap
 
     ``seq_flux`` is the sequence's pooled flux (None when the source is ``zeropoints``, which
     uses the member's own flux, or none if its metrics lack the flux metric)."""
+    from vampd.specphot.calibrate import conversion_factor, instrumental_flux
+
     if seq_flux is not None:
         flux = seq_flux
     else:
@@ -203,7 +201,14 @@ def _member_results(sp, header, metrics, seq_flux, fields: list[str], coronagrap
 
 def calibrate_sequence(cfg, outdir: Path, members: list[Member]) -> tuple[dict, list[tuple[str, str, str]]]:
     """Compute and write the calibration of one sequence; return (ledger row, products)."""
+    # numpy, astropy and the specphot package only here: the engine imports this module in
+    # every run to ask specphot_enabled (docs/design.md: the run path's imports)
+    from astropy.io import fits
+
     from vampd.config import resolve_data_dir
+    from vampd.fitsio import output_stem, write_fits_atomic
+    from vampd.specphot.calibrate import calibrate_hdul, instrumental_flux
+    from vampd.specphot.factors import FACTOR_DIR, factor_file_name, save_factor_file, slug
 
     sp = cfg.specphot
     data_dir = resolve_data_dir(cfg)
