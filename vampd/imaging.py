@@ -63,8 +63,10 @@ _NTAP = 2 * LANCZOS_A
 # Frames are processed in blocks of about this many source pixels so that the eight
 # multiply-add passes of each axis run in cache (about 3x faster than whole-cube passes).
 _BLOCK_PIXELS = 1 << 18
-#: output block of the banded matrix products in :func:`shift_window`
-_BAND = 16
+#: output block B of the banded matrix products in :func:`shift_window`: each output costs
+#: B + 7 multiply-adds per axis; B = 8 measured ~10% faster than 16 at 536² (the extra taps
+#: are exact zeros, so the values do not depend on B)
+_BAND = 8
 
 
 def fast_size(n: int) -> int:
