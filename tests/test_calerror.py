@@ -1,0 +1,57 @@
+"""Deferred calibration errors (vampd.stages.calerror) equal the error cube of calibrate_cube."""
+
+import numpy as np
+import pytest
+from test_calibrate import _masters, _scene  # noqa: E402
+
+from vampd.stages.align import variance_sum_nearest
+from vampd.stages.calerror import FrameVariance, band_error, calibrate_data, calibration_model
+from vampd.stages.calibrate import calibrate_cube
+
+
+@pytest.fixture(params=[2, 1], ids=["cam2", "cam1-flipped"])
+def scene(request):
+    rng = np.random.default_rng(7)
+    s = _scene(rng, cam=request.param)
+    for y, x in [(5, 7), (30, 50), (47, 0), (21, 33)]:  # hot pixels: repaired
+        s["darks"][:, y, x] += 400
+        s["sci"][:, y, x] += 400
+    s["sci"][3, 10:12, 40] = 65535  # saturated: NaN
+    back, flat = _masters(s)
+    return s, back, flat
+
+
+def test_deferred_error_matches_error_cube(scene):
+    s, back, flat = scene
+    data0, err0, _ = calibrate_cube(s["sci"], s["h"], background=back, flat=flat, fix_bad_pixels=True)
+    cm = calibration_model(s["h"], back, flat, True, data0.shape[1:])
+    assert cm.nbad == 4
+    data = np.empty_like(data0)
+    bad_err = calibrate_data(s["sci"], cm, data)
+    np.testing.assert_array_equal(data, data0)  # same data, bit for bit (NaN included)
+    for band in (slice(0, 48), slice(3, 31), slice(40, 48)):
+        np.testing.assert_array_equal(band_error(data, cm, band, bad_err), err0[:, band])
+    # variances from the data: the squared error (up to the rounding of its square root)
+    fv = FrameVariance(data, cm, bad_err)
+    out = np.empty((20, 64), np.float32)
+    for f in (0, 3, 23):
+        fv.variance(f, slice(20, 40), slice(0, 64), out)
+        np.testing.assert_allclose(out, np.square(err0[f, 20:40]), rtol=3e-7)
+    frames = np.array([1, 3, 5])
+    ys, xs = np.array([5, 10, 30, 2]), np.array([7, 40, 50, 2])
+    np.testing.assert_allclose(fv.variance_at(frames, ys, xs), np.square(err0[frames[:, None], ys, xs]), rtol=3e-7)
+
+
+def test_variance_sum_from_data_equals_error_cube(scene):
+    s, back, flat = scene
+    data0, err0, _ = calibrate_cube(s["sci"], s["h"], background=back, flat=flat, fix_bad_pixels=True)
+    cm = calibration_model(s["h"], back, flat, True, data0.shape[1:])
+    data = np.empty_like(data0)
+    fv = FrameVariance(data, cm, calibrate_data(s["sci"], cm, data))
+    rng = np.random.default_rng(3)
+    centers = np.array([24.0, 32.0]) + rng.normal(0, 1.2, (24, 1, 2))  # several whole-pixel groups
+    region = (slice(0, 30), slice(0, 30))
+    expect = variance_sum_nearest(err0, centers, 30, False, region)
+    got = variance_sum_nearest(fv, centers, 30, False, region)
+    assert np.isfinite(expect).all() and expect.max() > 0
+    np.testing.assert_allclose(got, expect, rtol=2e-6)

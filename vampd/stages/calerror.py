@@ -1,0 +1,190 @@
+"""Calibration with the error cube computed later, only where it is needed (docs/instrument.md §2.1).
+
+A coadd-only reduction never writes the calibrated error cube: the per-frame metrics read the
+error in the PSF windows, and the coadd error needs ``Σσ²`` of the kept frames. Computing
+and storing ``σ`` for every pixel of every frame was half the calibration time (and twice
+the memory traffic of the data). Here the data are calibrated alone; the error model of
+:func:`vampd.stages.calibrate.calibrate_cube` is applied afterwards to the calibrated
+values (:func:`~vampd.stages.calibrate.error_from_values`, the same float32 operations, so
+the errors are bit-identical) in a row band for the metrics and, per kept frame, as
+variances for the coadd (:class:`FrameVariance`). Repaired bad pixels keep the error of the
+repair, computed from their neighbours' errors and stored per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.io import fits
+
+from vampd.stages.badpix import neighbour_table, repair_bad_pixels
+from vampd.stages.calibrate import (
+    CalibFrame,
+    _calibrate_blocks,
+    _header_constants,
+    _pixel_model,
+    _PixelModel,
+    _repair_mask,
+    error_from_values,
+)
+
+__all__ = ["CalibModel", "calibration_model", "calibrate_data", "band_error", "band_rows", "FrameVariance"]
+
+
+@dataclass
+class CalibModel:
+    """The calibration constants of one file (output orientation), built once by :func:`calibration_model`."""
+
+    model: _PixelModel
+    satlevel: float
+    flip: bool
+    nbad: int
+    table: tuple | None = None  # bad-pixel neighbour table (badpix.neighbour_table)
+    bad_yx: tuple[np.ndarray, np.ndarray] | None = None  # bad pixels, order of np.nonzero
+    _windows: dict = field(default_factory=dict)
+
+    def const(self, name: str, sy: slice, sx: slice):
+        """Constant ``name`` (``c1 c2 var_c``) over the window ``(sy, sx)``; scalars and None pass through."""
+        a = getattr(self.model, name)
+        return a[sy, sx] if isinstance(a, np.ndarray) and a.ndim == 2 else a
+
+    def neighbour_err(self, values: np.ndarray, nby: np.ndarray, nbx: np.ndarray) -> np.ndarray:
+        """Errors of pixels ``(nby, nbx)`` from their calibrated values (for the bad-pixel repair)."""
+        m = self.model
+
+        def at(a):
+            return a[nby, nbx] if isinstance(a, np.ndarray) and a.ndim == 2 else a
+
+        out = np.empty(values.shape, np.float32)
+        return error_from_values(values, at(m.c1), None if m.c2 is None else at(m.c2), at(m.var_c), out)
+
+    def bad_index(self) -> np.ndarray:
+        """(ny, nx) int map: index into ``bad_yx`` of each bad pixel, -1 elsewhere."""
+        if "index" not in self._windows:
+            idx = np.full(self.model.badpix.shape, -1, np.int64)
+            idx[self.bad_yx] = np.arange(self.nbad)
+            self._windows["index"] = idx
+        return self._windows["index"]
+
+    def bad_in(self, sy: slice, sx: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(j, y, x)``: the bad pixels inside the window (index into ``bad_yx``, window coordinates)."""
+        key = (sy.start, sy.stop, sx.start, sx.stop)
+        if key not in self._windows:
+            ys, xs = self.bad_yx
+            j = np.flatnonzero((ys >= sy.start) & (ys < sy.stop) & (xs >= sx.start) & (xs < sx.stop))
+            self._windows[key] = (j, ys[j] - sy.start, xs[j] - sx.start)
+        return self._windows[key]
+
+
+def calibration_model(
+    header: fits.Header,
+    background: CalibFrame | None,
+    flat: CalibFrame | None,
+    fix_bad_pixels: bool,
+    shape: tuple[int, int],
+    path=None,
+) -> CalibModel:
+    """The per-pixel constants of :func:`~vampd.stages.calibrate.calibrate_cube` for frames of ``shape``."""
+    shape = (int(shape[0]), int(shape[1]))
+    scale, poisson, satlevel, flip = _header_constants(header, path)
+    model = _pixel_model(header, scale, poisson, background, flat, shape, path)
+    if fix_bad_pixels:
+        model.badpix = _repair_mask(background, flat, None, shape, path)
+    if flip:  # work directly in output orientation (docs/instrument.md §1.4)
+        model = model.flipped()
+    cm = CalibModel(model, satlevel, flip, 0)
+    if model.badpix is not None and model.badpix.any():
+        cm.nbad = int(model.badpix.sum())
+        cm.table = neighbour_table(model.badpix, 5)
+        cm.bad_yx = cm.table[0], cm.table[1]
+    return cm
+
+
+def calibrate_data(raw: np.ndarray, cm: CalibModel, data: np.ndarray) -> np.ndarray | None:
+    """Calibrate ``raw`` (nframes, ny, nx) into ``data`` without the error cube; the repaired pixels' errors.
+
+    ``data`` ends as :func:`~vampd.stages.calibrate.calibrate_cube` gives it. Returns
+    ``bad_err`` (nframes, nbad): the error of each repaired pixel (order of ``bad_yx``),
+    from its neighbours' errors as the repair computes it; None without bad-pixel repair.
+    """
+    _calibrate_blocks(raw, data, None, cm.model, cm.satlevel, cm.flip, None)
+    if not cm.nbad:
+        return None
+    bad_err = np.empty((len(data), cm.nbad), np.float32)
+    repair_bad_pixels(data, cm.model.badpix, table=cm.table, neighbour_err=cm.neighbour_err, err_out=bad_err)
+    return bad_err
+
+
+def band_error(data: np.ndarray, cm: CalibModel, band: slice, bad_err: np.ndarray | None) -> np.ndarray:
+    """The error cube's rows ``band`` (nframes, band rows, nx) for data from :func:`calibrate_data`.
+
+    Bit-identical to the rows of :func:`~vampd.stages.calibrate.calibrate_cube`'s error: the
+    model on the calibrated values, the repair's errors at the repaired pixels.
+    """
+    full = slice(0, data.shape[2])
+    d = data[:, band]
+    err = np.empty(d.shape, np.float32)
+    error_from_values(d, cm.const("c1", band, full), cm.const("c2", band, full), cm.const("var_c", band, full), err)
+    if bad_err is not None:
+        j, y, x = cm.bad_in(band, full)
+        err[:, y, x] = bad_err[:, j]
+    return err
+
+
+def band_rows(centers: dict, analysis, ny: int) -> slice:
+    """Frame rows every per-frame metric reads: the PSF windows and photometry boxes around
+    ``centers`` (field -> [(y, x), ...]), with margin; ``analysis``: the analysis configuration."""
+    ann = [float(r) for r in analysis.phot_ann_rad] if analysis.phot_ann_rad else [0.0]
+    reach = int(analysis.window_size) + int(np.ceil(max(float(analysis.phot_aper_rad), *ann))) + 4
+    ys = [float(c[0]) for cs in centers.values() for c in cs]
+    return slice(max(0, int(np.floor(min(ys))) - reach), min(ny, int(np.ceil(max(ys))) + reach + 1))
+
+
+class FrameVariance:
+    """Per-frame variances ``σ²`` of calibrated frames, computed on demand from the data.
+
+    The source :func:`vampd.stages.align.variance_sum_nearest` reads instead of an error cube:
+    ``shape`` and ``variance(f, sy, sx, out)``. Same values as the square of the
+    calibration's error (within the rounding of its square root).
+    """
+
+    def __init__(self, data: np.ndarray, cm: CalibModel, bad_err: np.ndarray | None):
+        self.data, self.cm, self.bad_err = data, cm, bad_err
+        self.shape = data.shape
+
+    def variance(self, f: int, sy: slice, sx: slice, out: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+        """``σ²`` of frame ``f`` over the window ``(sy, sx)`` into ``out`` (NaN where the data are NaN).
+
+        ``tmp``: optional float32 scratch of ``out``'s shape.
+        """
+        cm = self.cm
+        error_from_values(
+            self.data[f, sy, sx],
+            cm.const("c1", sy, sx),
+            cm.const("c2", sy, sx),
+            cm.const("var_c", sy, sx),
+            out,
+            tmp,
+            variance=True,
+        )
+        if self.bad_err is not None:
+            j, y, x = cm.bad_in(sy, sx)
+            out[y, x] = np.square(self.bad_err[f, j])
+        return out
+
+    def variance_at(self, frames: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """``σ²`` of ``frames`` at the pixels ``(ys, xs)``: shape (len(frames), len(ys))."""
+        m = self.cm.model
+
+        def at(a):
+            return a[ys, xs] if isinstance(a, np.ndarray) and a.ndim == 2 else a
+
+        d = self.data[np.asarray(frames)[:, None], ys[None], xs[None]]
+        out = np.empty(d.shape, np.float32)
+        error_from_values(d, at(m.c1), None if m.c2 is None else at(m.c2), at(m.var_c), out, variance=True)
+        if self.bad_err is not None:
+            idx = self.cm.bad_index()[ys, xs]
+            k = np.flatnonzero(idx >= 0)
+            out[:, k] = np.square(self.bad_err[np.asarray(frames)[:, None], idx[k][None]])
+        return out
