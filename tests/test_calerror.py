@@ -33,10 +33,11 @@ def test_deferred_error_matches_error_cube(scene):
         np.testing.assert_array_equal(band_error(data, cm, band, bad_err), err0[:, band])
     # variances from the data: the squared error (up to the rounding of its square root)
     fv = FrameVariance(data, cm, bad_err)
-    out = np.empty((20, 64), np.float32)
-    for f in (0, 3, 23):
-        fv.variance(f, slice(20, 40), slice(0, 64), out)
-        np.testing.assert_allclose(out, np.square(err0[f, 20:40]), rtol=3e-7)
+    for frames in ([0], [1, 2, 5, 23]):  # rows 0:40 hold repaired pixels, the saturated one is frame 3
+        got = fv.group_sum(np.array(frames), slice(0, 40), slice(0, 64))
+        np.testing.assert_allclose(got, np.sum(np.square(err0[frames, :40]), axis=0), rtol=2e-6)
+    nan = np.isnan(fv.group_sum(np.array([2, 3]), slice(0, 48), slice(0, 64)))
+    assert nan.sum() == 2 and np.array_equal(nan, np.isnan(err0[3]))  # the saturated pixels of frame 3
     frames = np.array([1, 3, 5])
     ys, xs = np.array([5, 10, 30, 2]), np.array([7, 40, 50, 2])
     np.testing.assert_allclose(fv.variance_at(frames, ys, xs), np.square(err0[frames[:, None], ys, xs]), rtol=3e-7)

@@ -309,7 +309,7 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
     Parameters
     ----------
     err : ndarray (nframes_all, ny, nx), or a source of variances
-        (:class:`vampd.stages.calerror.FrameVariance`: ``shape``, ``variance``, ``variance_at``)
+        (:class:`vampd.stages.calerror.FrameVariance`: ``shape``, ``group_sum``, ``variance_at``)
     centers : array (nframes, nfields, 2)
         Centres of the frames summed (``frames`` selects them from ``err``).
     crop_width : int
@@ -326,7 +326,7 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
     -------
     ndarray float64 (nfields, h, w)
     """
-    if not hasattr(err, "variance"):
+    if not hasattr(err, "group_sum"):
         err = np.asarray(err)
         if err.ndim == 2:
             err = err[None]
@@ -374,37 +374,23 @@ def _shift_groups(near: np.ndarray, good: np.ndarray):
     return [((int(keys[j, 0]), int(keys[j, 1])), idx[inv == j]) for j in range(len(keys))]
 
 
-#: pixels of one row band of :func:`_group_variance`
-_VAR_BAND_PIXELS = 1 << 16
-
-
 def _group_variance(err, frames: np.ndarray, sy: slice, sx: slice) -> np.ndarray:
     """``Σ σ²`` over ``frames`` of the window ``(sy, sx)``, NaN σ counting 0.
 
     The frames are summed as they are (two passes per frame instead of four); the few pixels
     where some frame is NaN (saturation, an unusable flat) are summed again without them.
-    ``err``: error cube, or a source of variances (``variance(f, sy, sx, out)`` and
+    ``err``: error cube, or a source of variances (``group_sum(frames, sy, sx)`` and
     ``variance_at(frames, ys, xs)``, e.g. :class:`vampd.stages.calerror.FrameVariance`).
     """
-    source = hasattr(err, "variance")
-    h, w = sy.stop - sy.start, sx.stop - sx.start
-    acc = np.empty((h, w), np.float32)
-    # row bands of ~128 kB: the band's constants and sums stay in cache over the group's frames
-    step = max(1, _VAR_BAND_PIXELS // max(w, 1))
-    tmp = np.empty((min(step, h), w), np.float32)
-    scratch = np.empty_like(tmp) if source else None
-    for a in range(0, h, step):
-        b = min(a + step, h)
-        band = slice(sy.start + a, sy.start + b)
-        t, sums = tmp[: b - a], acc[a:b]
-        for i, f in enumerate(frames):
-            dst = sums if i == 0 else t
-            if source:
-                err.variance(f, band, sx, dst, scratch[: b - a])
-            else:
-                np.square(err[f, band, sx], out=dst, dtype=np.float32)
-            if i:
-                sums += t
+    source = hasattr(err, "group_sum")
+    if source:
+        acc = err.group_sum(frames, sy, sx)
+    else:
+        acc = np.square(err[frames[0], sy, sx], dtype=np.float32)
+        tmp = np.empty_like(acc)
+        for f in frames[1:]:
+            np.square(err[f, sy, sx], out=tmp, dtype=np.float32)
+            acc += tmp
     bad = np.isnan(acc)
     if bad.any():
         yy, xx = np.nonzero(bad)
