@@ -125,7 +125,10 @@ def band_error(data: np.ndarray, cm: CalibModel, band: slice, bad_err: np.ndarra
     full = slice(0, data.shape[2])
     d = data[:, band]
     err = np.empty(d.shape, np.float32)
-    error_from_values(d, cm.const("c1", band, full), cm.const("c2", band, full), cm.const("var_c", band, full), err)
+    consts = cm.const("c1", band, full), cm.const("c2", band, full), cm.const("var_c", band, full)
+    tmp = np.empty(d.shape[1:], np.float32)
+    for f in range(len(d)):  # frame by frame: the band of one frame and the constants stay in cache
+        error_from_values(d[f], *consts, err[f], tmp)
     if bad_err is not None:
         j, y, x = cm.bad_in(band, full)
         err[:, y, x] = bad_err[:, j]
