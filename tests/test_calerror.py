@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from test_calibrate import _masters, _scene  # noqa: E402
 
 from vampd.stages.align import variance_sum_nearest
@@ -56,3 +57,43 @@ def test_variance_sum_from_data_equals_error_cube(scene):
     got = variance_sum_nearest(fv, centers, 30, False, region)
     assert np.isfinite(expect).all() and expect.max() > 0
     np.testing.assert_allclose(got, expect, rtol=2e-6)
+
+
+@pytest.mark.parametrize("mbi", [False, True], ids=["single", "mbi-spread"])
+def test_chain_without_error_cube_matches_error_cube(tmp_path, monkeypatch, mbi):
+    """process_file gives the same metrics and coadd with deferred errors (coadd only) as with the
+    error cube (forced by also writing the calibrated product); MBI fields spread over the rows fall
+    back to the error cube."""
+    from test_pipeline import _cfg, _night, _raw
+
+    import vampd.engine.chain as chain
+    from vampd.engine.pipeline import process_file
+    from vampd.stages.analyze import load_metrics
+
+    made = []
+    real = chain.FrameVariance
+    monkeypatch.setattr(chain, "FrameVariance", lambda *a: made.append(1) or real(*a))
+    truth, _ = _night(tmp_path, mbi=mbi, size=64 if mbi else 128)
+    sections = {
+        "coadd": {"coadd": True, "method": "median"},
+        "frame_select": {"frame_select": True, "cutoff": 0.3},
+        "analysis": {"window_size": 15, "phot_aper_rad": 5, "phot_ann_rad": [8, 12]},  # a band of < half the rows
+    }
+    path = _raw(tmp_path, truth, 0)[0]
+    out = {}
+    for mode in ("deferred", "cube"):
+        cfg = _cfg(tmp_path, preset="mbi" if mbi else "quicklook", crop=48, **sections)
+        cfg.calibrate.save_intermediate = mode == "cube"
+        r = process_file(path, cfg, tmp_path / mode)
+        prods = dict(r.products)
+        assert ("calibrated" in prods) == (mode == "cube")
+        with fits.open(prods["coadded"]) as h:
+            out[mode] = [hdu.data.copy() for hdu in h if hdu.data is not None], load_metrics(prods["metrics"])[0]
+        if mode == "deferred":
+            assert bool(made) != mbi  # single field: deferred; MBI: fell back
+    (dd, md), (dc, mc) = out["deferred"], out["cube"]
+    for a, b in zip(dd, dc):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0, equal_nan=True)
+    assert md.keys() == mc.keys()
+    for k in md:
+        np.testing.assert_allclose(md[k], mc[k], rtol=1e-12, atol=1e-9, equal_nan=True)

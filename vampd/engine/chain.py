@@ -84,7 +84,8 @@ class FileContext:
     psfs: dict[str, np.ndarray] | None = None  # synthetic PSF per field (None: planetary)
     chunks: list[slice] = field(default_factory=list)
     hold: bool = False
-    # deferred errors (see defer_err)
+    # deferred errors (see can_defer_err); deferred: None until the first chunk decides
+    deferred: bool | None = None
     calib: CalibModel | None = None
     band: slice | None = None  # rows of the error computed in pass 1 (around the PSFs)
     bad_err: np.ndarray | None = None  # (nframes, nbad) errors of the repaired pixels
@@ -122,7 +123,7 @@ class FileContext:
         return self.shape[0]
 
     @property
-    def defer_err(self) -> bool:
+    def can_defer_err(self) -> bool:
         """Coadd only, calibrated cube held: no error cube (docs/instrument.md §2.1 error model
         applied later, :mod:`vampd.stages.calerror`): pass 1 computes the error in a row band
         around the PSFs for the metrics, pass 2 the variances of the kept frames for the coadd.
@@ -225,7 +226,7 @@ class Calibrate(Stage):
         nframes, ny, nx = ctx.shape
         n = len(range(*ctx.chunk.indices(nframes)))
         raw = read_frames(ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16))
-        if ctx.defer_err:
+        if ctx.can_defer_err and ctx.deferred is not False:
             _calibrate_deferred(ctx, raw)
             return
         first = ctx.cal_header is None
@@ -270,8 +271,16 @@ def _calibrate_deferred(ctx: FileContext, raw: np.ndarray) -> None:
         ctx.bad_err[ctx.chunk] = bad_err
     if ctx.centers is None:
         ctx.centers = _find_centers(ctx)
-    if ctx.band is None:
-        ctx.band = band_rows(ctx.centers, ctx.cfg.analysis, ctx.shape[1])
+    if ctx.deferred is None:
+        band = band_rows(ctx.centers, ctx.cfg.analysis, ny)
+        # PSFs spread over the frame (e.g. MBI): a band of most rows saves little and pass 2 would
+        # pay for the variances; the first chunk gets its full error, the rest is calibrated as usual
+        ctx.deferred = band.stop - band.start <= ny // 2
+        if not ctx.deferred:
+            err = _SCRATCH.get("err", (nframes, ny, nx), ctx.limits.hold_bytes // 2)[ctx.chunk]
+            ctx.err = band_error(ctx.data, ctx.calib, slice(0, ny), bad_err, out=err)
+            return
+        ctx.band = band
     ctx.err = band_error(ctx.data, ctx.calib, ctx.band, bad_err)
 
 
@@ -426,7 +435,7 @@ class Align(Stage):
             view = ctx.coadder.slot(len(idx), (len(ctx.fields), h, w))
             align_into(ctx.data, ctr_k, crop, pad, ctx.region, view, frames=idx)
             err = ctx.err
-            if ctx.defer_err:
+            if ctx.deferred:
                 err = FrameVariance(ctx.data, ctx.calib, None if ctx.bad_err is None else ctx.bad_err[ctx.chunk])
             var_sum = variance_sum_nearest(err, ctr_k, crop, pad, ctx.region, frames=idx)
             ctx.pending = (view, None, var_sum)

@@ -116,15 +116,18 @@ def calibrate_data(raw: np.ndarray, cm: CalibModel, data: np.ndarray) -> np.ndar
     return bad_err
 
 
-def band_error(data: np.ndarray, cm: CalibModel, band: slice, bad_err: np.ndarray | None) -> np.ndarray:
+def band_error(
+    data: np.ndarray, cm: CalibModel, band: slice, bad_err: np.ndarray | None, out: np.ndarray | None = None
+) -> np.ndarray:
     """The error cube's rows ``band`` (nframes, band rows, nx) for data from :func:`calibrate_data`.
 
     Bit-identical to the rows of :func:`~vampd.stages.calibrate.calibrate_cube`'s error: the
-    model on the calibrated values, the repair's errors at the repaired pixels.
+    model on the calibrated values, the repair's errors at the repaired pixels. ``out``: an
+    optional float32 array of the result's shape to fill.
     """
     full = slice(0, data.shape[2])
     d = data[:, band]
-    err = np.empty(d.shape, np.float32)
+    err = np.empty(d.shape, np.float32) if out is None else out
     consts = cm.const("c1", band, full), cm.const("c2", band, full), cm.const("var_c", band, full)
     tmp = np.empty(d.shape[1:], np.float32)
     for f in range(len(d)):  # frame by frame: the band of one frame and the constants stay in cache
