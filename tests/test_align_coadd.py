@@ -465,3 +465,28 @@ def test_circular_mean_and_average_cameras():
     assert circular_mean(a) == pytest.approx(math.degrees(math.atan2(np.sin(r).mean(), np.cos(r).mean())))
     d, e = average_cameras(np.full(3, 2.0), np.full(3, 3.0), np.full(3, 4.0), np.full(3, 4.0))
     assert np.allclose(d, 3.0) and np.allclose(e, 2.5)
+
+
+def test_coadder_median_row_store_matches_nanmedian():
+    """The preallocated median store (row-interleaved) gives np.nanmedian, also for rows wider
+    than one sort block (600 frames x 300 px) and with NaN cut-outs and all-NaN pixels."""
+    rng = np.random.default_rng(5)
+    n, h, w = 600, 3, 300
+    data = rng.normal(size=(n, 2, h, w)).astype(np.float32)
+    data[:200, 0, 1, :40] = np.nan  # part of the frames cut off
+    data[:, 1, 2, 7] = np.nan  # never valid
+    err = np.ones_like(data)
+    c = Coadder("median", capacity=n)
+    for a in range(0, n, 256):
+        view = c.slot(min(256, n - a), (2, h, w))
+        view[...] = data[a : a + len(view)]
+        c.add(view, var_sum=np.sum(err[a : a + len(view)] ** 2, axis=0))
+    image, e, ncoadd = c.result()
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        expect = np.nanmedian(data, axis=0)
+    assert ncoadd == n
+    np.testing.assert_allclose(image, expect, rtol=1e-6, atol=1e-7)
+    assert np.isnan(image[1, 2, 7]) and np.isnan(e[1, 2, 7])
+    count = np.isfinite(data).sum(axis=0)
+    with np.errstate(all="ignore"):
+        np.testing.assert_allclose(e[count > 0], (np.sqrt(n) / count * 1.2533141373155)[count > 0], rtol=1e-5)

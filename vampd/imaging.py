@@ -63,8 +63,10 @@ _NTAP = 2 * LANCZOS_A
 # Frames are processed in blocks of about this many source pixels so that the eight
 # multiply-add passes of each axis run in cache (about 3x faster than whole-cube passes).
 _BLOCK_PIXELS = 1 << 18
-#: output block of the banded matrix products in :func:`shift_window`
-_BAND = 16
+#: output block B of the banded matrix products in :func:`shift_window`: each output costs
+#: B + 7 multiply-adds per axis; B = 8 measured ~10% faster than 16 at 536² (the extra taps
+#: are exact zeros, so the values do not depend on B)
+_BAND = 8
 
 
 def fast_size(n: int) -> int:
@@ -206,18 +208,21 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
             frame = frames[src_of[f]]
             _copy_clipped(s[i], frame, int(sy0[f]), int(sx0[f]))
             _fill_outside(s[i], frame.shape, int(sy0[f]), int(sx0[f]))
+        # NaN are few (saturation, unusable flat): found in one pass, then handled by index
         np.isnan(s, out=m)
-        has_nan = bool(m.any())
-        if has_nan:
-            np.copyto(s, 0, where=m)
+        fi, yi, xi = np.unravel_index(np.flatnonzero(m), m.shape)
+        s[fi, yi, xi] = 0
         o = _band_products(s_all, my_band[c0:c1], mx_band[c0:c1], ybuf[:nc], xbuf[:nc], bsz)
         dst = out[c0:c1]
         dst[...] = o[:, :h, :w]
+        if fi.size:  # the output pixels whose nearest source pixel is NaN
+            oy = yi - (LANCZOS_A - 1) - ry[c0 + fi]
+            ox = xi - (LANCZOS_A - 1) - rx[c0 + fi]
+            inside = (oy >= 0) & (oy < h) & (ox >= 0) & (ox < w)
+            dst[fi[inside], oy[inside], ox[inside]] = np.nan
         for i in range(nc):
             f = c0 + i
             yy, xx = LANCZOS_A - 1 + ry[f], LANCZOS_A - 1 + rx[f]
-            if has_nan:
-                np.copyto(dst[i], np.nan, where=m[i, yy : yy + h, xx : xx + w])
             # nearest source pixel outside the frame -> NaN rows / columns
             _nan_outside(dst[i], frames.shape[-2:], int(sy0[f]) + yy, int(sx0[f]) + xx)
     return out

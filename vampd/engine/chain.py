@@ -22,7 +22,6 @@ frame store; the coadd error uses per-frame variances shifted by the nearest who
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 from astropy.io import fits
 
 from vampd.engine.products import centroid_file, pdi_blocks, provenance, reprojection, write_product
+from vampd.engine.scratch import SCRATCH as _SCRATCH
 from vampd.fitsio import InputError, read_frames
 from vampd.instrument.wcs import apply_wcs
 from vampd.stages.align import (
@@ -46,7 +46,8 @@ from vampd.stages.align import (
     variance_sum_nearest,
 )
 from vampd.stages.analyze import analyze_cube, save_metrics
-from vampd.stages.calibrate import calibrate_cube
+from vampd.stages.calerror import CalibModel, FrameVariance, band_error, band_rows, calibrate_data, calibration_model
+from vampd.stages.calibrate import calibrate_cube, calibration_header
 from vampd.stages.centroids import resolve_centers
 from vampd.stages.coadd import Coadder, coadd_header, recenter, recenter_header
 from vampd.stages.select import METRIC_KEYS, frame_cutoffs, select_frames
@@ -83,6 +84,11 @@ class FileContext:
     psfs: dict[str, np.ndarray] | None = None  # synthetic PSF per field (None: planetary)
     chunks: list[slice] = field(default_factory=list)
     hold: bool = False
+    # deferred errors (see can_defer_err); deferred: None until the first chunk decides
+    deferred: bool | None = None
+    calib: CalibModel | None = None
+    band: slice | None = None  # rows of the error computed in pass 1 (around the PSFs)
+    bad_err: np.ndarray | None = None  # (nframes, nbad) errors of the repaired pixels
     # current chunk (set by ChunkPass)
     index: int = 0
     chunk: slice | None = None
@@ -117,6 +123,22 @@ class FileContext:
         return self.shape[0]
 
     @property
+    def can_defer_err(self) -> bool:
+        """Coadd only, calibrated cube held: no error cube (docs/instrument.md §2.1 error model
+        applied later, :mod:`vampd.stages.calerror`): pass 1 computes the error in a row band
+        around the PSFs for the metrics, pass 2 the variances of the kept frames for the coadd.
+        """
+        c = self.cfg
+        return (
+            self.hold
+            and bool(c.coadd.coadd)
+            and c.coadd.method != "varmean"
+            and not self.need_aligned
+            and not c.calibrate.save_intermediate
+            and not c.planetary
+        )
+
+    @property
     def need_aligned(self) -> bool:
         """Aligned frames are written (no coadd, or an aligned/selected intermediate)."""
         c = self.cfg
@@ -127,36 +149,6 @@ class FileContext:
             or (fs.frame_select and fs.save_intermediate)
             or pdi_blocks(c)
         )
-
-
-class _Scratch(threading.local):
-    """Reusable float32 memory of one worker thread, kept from one file to the next.
-
-    Writing a freshly allocated cube costs a page fault per 4 kB: for the calibrated data and
-    error cubes that was 5x the calibration arithmetic (536², measured on a loaded 2-core
-    machine; ~1 ms/frame even idle). Files are processed one at a time per thread, so the
-    calibrated cube of the next file reuses the pages of the previous one. Thread-local:
-    a process running several files at once in threads (e.g. a Dask worker) stays safe.
-    """
-
-    def __init__(self):
-        self.buffers: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], limit: int, dtype=np.float32) -> np.ndarray:
-        """An array of ``shape`` over reused memory (fresh if over ``limit`` bytes)."""
-        dtype = np.dtype(dtype)
-        n = int(np.prod(shape))
-        if dtype.itemsize * n > limit:
-            self.buffers.pop(name, None)
-            return np.empty(shape, dtype)
-        buf = self.buffers.get(name)
-        if buf is None or buf.size < n or buf.dtype != dtype:
-            self.buffers.pop(name, None)  # free the old pages before taking new ones
-            buf = self.buffers[name] = np.empty(n, dtype)
-        return buf[:n].reshape(shape)
-
-
-_SCRATCH = _Scratch()
 
 
 class Stage:
@@ -234,6 +226,9 @@ class Calibrate(Stage):
         nframes, ny, nx = ctx.shape
         n = len(range(*ctx.chunk.indices(nframes)))
         raw = read_frames(ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16))
+        if ctx.can_defer_err and ctx.deferred is not False:
+            _calibrate_deferred(ctx, raw)
+            return
         first = ctx.cal_header is None
         ctx.data, ctx.err, hdr = calibrate_cube(
             raw,
@@ -262,6 +257,37 @@ class Calibrate(Stage):
         return _SCRATCH.get("data", tuple(shape), limit), _SCRATCH.get("err", tuple(shape), limit)
 
 
+def _calibrate_deferred(ctx: FileContext, raw: np.ndarray) -> None:
+    """Pass 1 without the error cube: the data (held), the error of the PSF row band, the repaired pixels' errors."""
+    nframes, ny, nx = ctx.shape
+    if ctx.calib is None:
+        fix = ctx.cfg.calibrate.fix_bad_pixels
+        ctx.calib = calibration_model(ctx.header, ctx.back, ctx.flat, fix, (ny, nx), path=ctx.path)
+        ctx.cal_header = calibration_header(ctx.header, ctx.back, ctx.flat, fix, nbad=ctx.calib.nbad, path=ctx.path)
+        ctx.bad_err = np.empty((nframes, ctx.calib.nbad), np.float32) if ctx.calib.nbad else None
+    ctx.data = _SCRATCH.get("data", (nframes, ny, nx), ctx.limits.hold_bytes // 2)[ctx.chunk]
+    bad_err = calibrate_data(raw, ctx.calib, ctx.data)
+    if bad_err is not None:
+        ctx.bad_err[ctx.chunk] = bad_err
+    if ctx.centers is None:
+        ctx.centers = _find_centers(ctx)
+    if ctx.deferred is None:
+        band = band_rows(ctx.centers, ctx.cfg.analysis, ny)
+        # PSFs spread over the frame (e.g. MBI): a band of most rows saves little and pass 2 would
+        # pay for the variances; the first chunk gets its full error, the rest is calibrated as usual
+        ctx.deferred = band.stop - band.start <= ny // 2
+        if not ctx.deferred:
+            err = _SCRATCH.get("err", (nframes, ny, nx), ctx.limits.hold_bytes // 2)[ctx.chunk]
+            ctx.err = band_error(ctx.data, ctx.calib, slice(0, ny), bad_err, out=err)
+            return
+        ctx.band = band
+    ctx.err = band_error(ctx.data, ctx.calib, ctx.band, bad_err)
+
+
+#: metrics in frame rows: shifted back from the row band of a deferred-error pass 1
+_Y_METRICS = ("comy", "peaky", "dfty", "modely")
+
+
 class Analyze(Stage):
     """PSF windows (first chunk) and per-frame metrics (docs/instrument.md §3) of the current chunk."""
 
@@ -271,9 +297,16 @@ class Analyze(Stage):
         if ctx.centers is None:
             ctx.centers = _find_centers(ctx)
         cfg = ctx.cfg
-        ctx.metric_parts.append(
-            analyze_cube(ctx.data, ctx.err, ctx.centers, cfg.analysis, psf=ctx.psfs, planetary=cfg.planetary)
-        )
+        data, centers, r0 = ctx.data, ctx.centers, 0
+        if ctx.band is not None:  # the error is known in the band only: measure in band coordinates
+            r0 = ctx.band.start
+            data = data[:, ctx.band]
+            centers = {f: [(c[0] - r0, c[1]) for c in cs] for f, cs in centers.items()}
+        m = analyze_cube(data, ctx.err, centers, cfg.analysis, psf=ctx.psfs, planetary=cfg.planetary)
+        for k in _Y_METRICS if r0 else ():
+            if k in m:
+                m[k] += r0
+        ctx.metric_parts.append(m)
         if ctx.hold:
             ctx.held.append((ctx.data, ctx.err))
 
@@ -401,7 +434,10 @@ class Align(Stage):
             h, w = (s.stop - s.start for s in ctx.region)
             view = ctx.coadder.slot(len(idx), (len(ctx.fields), h, w))
             align_into(ctx.data, ctr_k, crop, pad, ctx.region, view, frames=idx)
-            var_sum = variance_sum_nearest(ctx.err, ctr_k, crop, pad, ctx.region, frames=idx)
+            err = ctx.err
+            if ctx.deferred:
+                err = FrameVariance(ctx.data, ctx.calib, None if ctx.bad_err is None else ctx.bad_err[ctx.chunk])
+            var_sum = variance_sum_nearest(err, ctr_k, crop, pad, ctx.region, frames=idx)
             ctx.pending = (view, None, var_sum)
             return
         d4, e4 = align_cube(ctx.data[k], ctx.err[k], ctr_k, crop, pad)

@@ -308,7 +308,8 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
 
     Parameters
     ----------
-    err : ndarray (nframes_all, ny, nx)
+    err : ndarray (nframes_all, ny, nx), or a source of variances
+        (:class:`vampd.stages.calerror.FrameVariance`: ``shape``, ``group_sum``, ``variance_at``)
     centers : array (nframes, nfields, 2)
         Centres of the frames summed (``frames`` selects them from ``err``).
     crop_width : int
@@ -325,9 +326,10 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
     -------
     ndarray float64 (nfields, h, w)
     """
-    err = np.asarray(err)
-    if err.ndim == 2:
-        err = err[None]
+    if not hasattr(err, "group_sum"):
+        err = np.asarray(err)
+        if err.ndim == 2:
+            err = err[None]
     frames = np.arange(err.shape[0]) if frames is None else np.asarray(frames, dtype=np.int64).reshape(-1)
     centers = np.asarray(centers, dtype=np.float64)
     if centers.ndim == 2:
@@ -346,33 +348,60 @@ def variance_sum_nearest(err, centers, crop_width: int, pad: bool, region, out=N
         out = np.zeros((nf, h, w), np.float64)
     if len(frames) == 0 or h <= 0 or w <= 0:
         return out
-    near, good = [], []
+    # frames shifted by the same whole pixel are summed first, then placed once
     for k in range(nf):
         g = _field_geometry(centers[:, k, :], crop, (ny, nx))
         if g is None:
-            near.append(None)
-            good.append(None)
             continue
         # nearest source pixel of output (y, x): origin + (y - npad) + round-half-up(q)
-        near.append(g["origin"] + np.floor(g["q"] + 0.5).astype(np.int64) + np.array([ys.start, xs.start]) - npad)
-        good.append(g["good"])
-    acc = np.zeros((nf, h, w), np.float32)
-    var = np.empty((ny, nx), np.float32)
-    nan = np.empty((ny, nx), bool)
-    for i, f in enumerate(frames):
-        np.square(err[f], out=var, dtype=np.float32)
-        np.isnan(var, out=nan)
-        np.copyto(var, 0, where=nan)
-        for k in range(nf):
-            if near[k] is None or not good[k][i]:
-                continue
-            r0, c0 = int(near[k][i, 0]), int(near[k][i, 1])
+        near = g["origin"] + np.floor(g["q"] + 0.5).astype(np.int64) + np.array([ys.start, xs.start]) - npad
+        for (r0, c0), sel in _shift_groups(near, g["good"]):
             y0, y1 = max(r0, 0), min(r0 + h, ny)
             x0, x1 = max(c0, 0), min(c0 + w, nx)
             if y1 > y0 and x1 > x0:
-                acc[k, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] += var[y0:y1, x0:x1]
-    out += acc
+                dst = out[k, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0]
+                dst += _group_variance(err, frames[sel], slice(y0, y1), slice(x0, x1))
     return out
+
+
+def _shift_groups(near: np.ndarray, good: np.ndarray):
+    """``((r0, c0), frame positions)`` for each whole-pixel shift shared by good frames."""
+    idx = np.flatnonzero(good)
+    if idx.size == 0:
+        return []
+    keys, inv = np.unique(near[idx], axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    return [((int(keys[j, 0]), int(keys[j, 1])), idx[inv == j]) for j in range(len(keys))]
+
+
+def _group_variance(err, frames: np.ndarray, sy: slice, sx: slice) -> np.ndarray:
+    """``Σ σ²`` over ``frames`` of the window ``(sy, sx)``, NaN σ counting 0.
+
+    The frames are summed as they are (two passes per frame instead of four); the few pixels
+    where some frame is NaN (saturation, an unusable flat) are summed again without them.
+    ``err``: error cube, or a source of variances (``group_sum(frames, sy, sx)`` and
+    ``variance_at(frames, ys, xs)``, e.g. :class:`vampd.stages.calerror.FrameVariance`).
+    """
+    source = hasattr(err, "group_sum")
+    if source:
+        acc = err.group_sum(frames, sy, sx)
+    else:
+        acc = np.square(err[frames[0], sy, sx], dtype=np.float32)
+        tmp = np.empty_like(acc)
+        for f in frames[1:]:
+            np.square(err[f, sy, sx], out=tmp, dtype=np.float32)
+            acc += tmp
+    bad = np.isnan(acc)
+    if bad.any():
+        yy, xx = np.nonzero(bad)
+        yy, xx = yy + sy.start, xx + sx.start
+        if source:
+            var = err.variance_at(frames, yy, xx)
+        else:
+            vals = err[frames[:, None], yy[None], xx[None]].astype(np.float32)
+            var = vals * vals
+        acc[bad] = np.nansum(var, axis=0)
+    return acc
 
 
 def align_header(header, method: str | None, fields, copy: bool = True) -> tuple[fits.Header, list[fits.Header]]:

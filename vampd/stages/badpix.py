@@ -121,7 +121,7 @@ def isolated_invalid(valid: np.ndarray, min_valid_neighbours: int = 5) -> np.nda
     return ~valid & (counts >= min_valid_neighbours)
 
 
-def _neighbour_table(mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def neighbour_table(mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bad-pixel coordinates and, for each, the (clipped) coordinates of its window
     neighbours and whether each neighbour is usable (inside the frame, not bad itself)."""
     ys, xs = np.nonzero(mask)
@@ -145,6 +145,9 @@ def repair_bad_pixels(
     err: np.ndarray | None = None,
     size: int = 5,
     max_elements: int = 4_000_000,
+    neighbour_err=None,
+    err_out: np.ndarray | None = None,
+    table: tuple | None = None,
 ) -> int:
     """Replace masked pixels, in place, by the median of their valid neighbours.
 
@@ -165,6 +168,15 @@ def repair_bad_pixels(
         valid neighbour becomes NaN.
     max_elements : int
         Frames are processed in blocks so the gathered neighbour array stays below this.
+    neighbour_err : callable, optional
+        Instead of ``err``: ``neighbour_err(values, nby, nbx)`` gives the errors of neighbour
+        pixels ``(nby, nbx)`` from their (unrepaired) values, shape ``(F, nbad, size**2 - 1)``
+        (when the error cube is not computed, see :mod:`vampd.stages.calerror`).
+    table : tuple, optional
+        :func:`neighbour_table` of ``(mask, size)``, precomputed for repeated calls.
+    err_out : ndarray (nframes, nbad), optional
+        Receives the repaired pixels' errors (order of ``np.nonzero(mask)``), with
+        ``err`` or ``neighbour_err``.
 
     Returns
     -------
@@ -183,21 +195,27 @@ def repair_bad_pixels(
     nbad = int(mask.sum())
     if nbad == 0:
         return 0
-    ys, xs, nby, nbx, usable = _neighbour_table(mask, size)
+    ys, xs, nby, nbx, usable = neighbour_table(mask, size) if table is None else table
     nframes = cube.shape[0]
     step = max(1, max_elements // max(1, nby.size))
     dtype = cube.dtype
     for f0 in range(0, nframes, step):
         fs = slice(f0, min(f0 + step, nframes))
-        vals = np.where(usable, cube[fs, nby, nbx], np.nan)  # (F, M, K)
+        got = cube[fs, nby, nbx]
+        vals = np.where(usable, got, np.nan)  # (F, M, K)
         med, n = nanmedian_lastaxis(vals)
         cube[fs, ys, xs] = med
-        if err is not None:
-            enb = np.where(usable, err[fs, nby, nbx], np.nan)
+        if err is not None or neighbour_err is not None:
+            enb = err[fs, nby, nbx] if err is not None else neighbour_err(got, nby, nbx)
+            enb = np.where(usable, enb, np.nan)
             emed, _ = nanmedian_lastaxis(enb)
             with np.errstate(invalid="ignore"):
                 mad, _ = nanmedian_lastaxis(np.abs(vals - med[..., None]))
                 inflate = np.sqrt(1.0 + (math.pi / 2.0) / np.maximum(n, 1))
                 e = np.fmax(emed, MAD_TO_SIGMA * mad) * inflate
-            err[fs, ys, xs] = np.where(n > 0, e, np.nan).astype(dtype, copy=False)
+            e = np.where(n > 0, e, np.nan).astype(dtype, copy=False)
+            if err is not None:
+                err[fs, ys, xs] = e
+            if err_out is not None:
+                err_out[fs] = e
     return nbad

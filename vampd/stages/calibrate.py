@@ -369,8 +369,8 @@ def _block_steps(ny: int, nx: int) -> tuple[int, int]:
     return max(1, _BLOCK_PIXELS // npix), ny
 
 
-def _calibrate_block(r: np.ndarray, d: np.ndarray, e: np.ndarray, m: _PixelModel, rs: slice, tmp) -> None:
-    """Raw block ``r`` → ``d`` [e-/s] and its error ``e``, in place (``rs``: output rows of the constants).
+def _calibrate_block(r: np.ndarray, d: np.ndarray, e: np.ndarray | None, m: _PixelModel, rs: slice, tmp) -> None:
+    """Raw block ``r`` → ``d`` [e-/s] and its error ``e`` (None: data only), in place (``rs``: output rows of the constants).
 
     A plain casting copy then float32 arithmetic is ~2x faster than mixed-dtype ufuncs;
     ``tmp`` is float32 scratch space at least the block's size (None without a flat).
@@ -378,17 +378,34 @@ def _calibrate_block(r: np.ndarray, d: np.ndarray, e: np.ndarray, m: _PixelModel
     np.copyto(d, r, casting="unsafe")
     np.subtract(d, _rows(m.back, rs), out=d)  # D [adu]
     np.multiply(d, _rows(m.gain_map, rs), out=d)  # Df [e-/s], NaN on bad flat
+    if e is not None:
+        t = None if tmp is None else tmp[: e.shape[0], : e.shape[1]]
+        error_from_values(d, _rows(m.c1, rs), None if m.c2 is None else m.c2[rs], _rows(m.var_c, rs), e, t)
+
+
+def error_from_values(d, c1, c2, var_c, out: np.ndarray, tmp: np.ndarray | None = None, variance: bool = False):
+    """The error model of :func:`calibrate_cube` applied to calibrated values ``d`` (before any repair).
+
+    ``err**2 = h (c1 + c2 h) + var_c`` with ``h = |d| + d`` (``c2`` None: ``c1 h + var_c``);
+    the constants are the (broadcastable) per-pixel terms of the calibration model at the
+    pixels of ``d``. Exactly the float32 operations of the calibration, so the result is
+    bit-identical to the error it writes; ``variance=True`` stops before the square root.
+    ``tmp``: scratch of ``d``'s shape when ``c2`` is given (allocated if None).
+    """
+    e = out
     np.abs(d, out=e)
     np.add(e, d, out=e)  # h = |Df| + Df = 2 max(Df, 0)
-    if m.c2 is not None:
-        t = tmp[: e.shape[0], : e.shape[1]]
-        np.multiply(e, m.c2[rs], out=t)
-        np.add(t, _rows(m.c1, rs), out=t)
+    if c2 is not None:
+        t = np.empty_like(e) if tmp is None else tmp
+        np.multiply(e, c2, out=t)
+        np.add(t, c1, out=t)
         np.multiply(e, t, out=e)  # h (c1 + c2 h)
     else:
-        np.multiply(e, _rows(m.c1, rs), out=e)
-    np.add(e, _rows(m.var_c, rs), out=e)
-    np.sqrt(e, out=e)
+        np.multiply(e, c1, out=e)
+    np.add(e, var_c, out=e)
+    if not variance:
+        np.sqrt(e, out=e)
+    return e
 
 
 def _flag_saturated(r_raw, r, d, e, satlevel: float, is_int: bool, nsat: np.ndarray | None) -> None:
@@ -407,7 +424,8 @@ def _flag_saturated(r_raw, r, d, e, satlevel: float, is_int: bool, nsat: np.ndar
         if nsat is not None:
             nsat += sat.sum(axis=(1, 2))
         np.copyto(d, np.float32(np.nan), where=sat)
-        np.copyto(e, np.float32(np.nan), where=sat)
+        if e is not None:
+            np.copyto(e, np.float32(np.nan), where=sat)
 
 
 def _calibrate_blocks(raw, data, err, model: _PixelModel, satlevel: float, flip: bool, nsat) -> None:
@@ -418,7 +436,7 @@ def _calibrate_blocks(raw, data, err, model: _PixelModel, satlevel: float, flip:
     """
     nframes, ny, nx = raw.shape
     fstep, rstep = _block_steps(ny, nx)
-    tmp = np.empty((fstep, rstep, nx), np.float32) if model.c2 is not None else None
+    tmp = np.empty((fstep, rstep, nx), np.float32) if model.c2 is not None and err is not None else None
     is_int = np.issubdtype(raw.dtype, np.integer)
     for f0 in range(0, nframes, fstep):
         fs = slice(f0, min(f0 + fstep, nframes))
@@ -428,7 +446,7 @@ def _calibrate_blocks(raw, data, err, model: _PixelModel, satlevel: float, flip:
             # the same raw pixels, contiguous (for the saturation test) and as output rows
             r_raw = raw[fs, ny - r1 : ny - r0] if flip else raw[fs, rs]
             r = r_raw[:, ::-1] if flip else r_raw
-            d, e = data[fs, rs], err[fs, rs]
+            d, e = data[fs, rs], None if err is None else err[fs, rs]
             _calibrate_block(r, d, e, model, rs, tmp)
             _flag_saturated(r_raw, r, d, e, satlevel, is_int, None if nsat is None else nsat[fs])
 

@@ -84,44 +84,77 @@ def _nanmedian_count(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     and its median is taken over its finite values; an all-NaN column gives NaN.
     """
     n, npix = flat.shape
-    dtype = np.result_type(flat.dtype, np.float32)
-    med = np.empty(npix, dtype)
-    cnt = np.empty(npix, np.int64)
+    med, cnt, buf = _median_outputs(npix, n, flat.dtype)
     if n == 0:
-        med.fill(np.nan)
-        cnt.fill(0)
         return med, cnt
-    step = max(1, min(npix, _SORT_BLOCK_BYTES // (n * flat.dtype.itemsize)))
-    buf = np.empty((step, n), flat.dtype)
-    k = n // 2
+    step = len(buf)
     for p0 in range(0, npix, step):
         p1 = min(npix, p0 + step)
         b = buf[: p1 - p0]
         np.copyto(b, flat[:, p0:p1].T)
-        b.sort(axis=-1)  # NaN sorts last, -inf first, +inf before NaN
-        m = med[p0:p1]
-        if n % 2:
-            m[:] = b[:, k]
-        else:
-            np.add(b[:, k - 1], b[:, k], out=m, dtype=dtype)
-            m *= 0.5
-        cnt[p0:p1] = n
-        bad = ~(np.isfinite(b[:, 0]) & np.isfinite(b[:, -1]))
-        if bad.any():
-            rows = np.flatnonzero(bad)
-            sub = b[rows]
-            fin = np.isfinite(sub)
-            c = fin.sum(axis=1)
-            sub = np.where(fin, sub, np.inf)
-            sub.sort(axis=-1)
-            r = np.arange(len(rows))
-            lo, hi = np.maximum((c - 1) // 2, 0), c // 2
-            hi = np.minimum(hi, n - 1)
-            with np.errstate(invalid="ignore"):
-                v = 0.5 * (sub[r, lo].astype(dtype) + sub[r, hi].astype(dtype))
-            m[rows] = np.where(c > 0, v, np.nan)
-            cnt[p0 + rows] = c
+        _median_sorted(b, med[p0:p1], cnt[p0:p1])
     return med, cnt
+
+
+def _nanmedian_slabs(slabs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_nanmedian_count` of frame-interleaved rows: ``slabs`` (R, n, w) → median, count (R, w).
+
+    Each row's ``(n, w)`` slab is contiguous (see :class:`Coadder`'s row-interleaved store),
+    so the transpose into the sort buffer reads a few contiguous kB per frame.
+    """
+    nrows, n, w = slabs.shape
+    med, cnt, buf = _median_outputs(nrows * w, n, slabs.dtype, unit=w)
+    if n == 0:
+        return med.reshape(nrows, w), cnt.reshape(nrows, w)
+    rows = max(1, len(buf) // w)
+    for r0 in range(0, nrows, rows):
+        r1 = min(nrows, r0 + rows)
+        m = (r1 - r0) * w
+        b = buf[:m]
+        np.copyto(b.reshape(r1 - r0, w, n), slabs[r0:r1].transpose(0, 2, 1))
+        _median_sorted(b, med[r0 * w : r0 * w + m], cnt[r0 * w : r0 * w + m])
+    return med.reshape(nrows, w), cnt.reshape(nrows, w)
+
+
+def _median_outputs(npix: int, n: int, dtype, unit: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median and count arrays (NaN / 0 when ``n == 0``) and a sort buffer of about ``_SORT_BLOCK_BYTES``
+    (a multiple of ``unit`` pixels, at least one)."""
+    med = np.empty(npix, np.result_type(dtype, np.float32))
+    cnt = np.empty(npix, np.int64)
+    if n == 0:
+        med.fill(np.nan)
+        cnt.fill(0)
+    step = max(1, min(npix, _SORT_BLOCK_BYTES // max(1, n * np.dtype(dtype).itemsize)) // unit) * unit
+    return med, cnt, np.empty((step, max(n, 1)), dtype)
+
+
+def _median_sorted(b: np.ndarray, m: np.ndarray, cnt: np.ndarray) -> None:
+    """Sort the pixel-major block ``b`` (pixels, n) in place; its medians into ``m``, finite counts into ``cnt``."""
+    n = b.shape[1]
+    k = n // 2
+    dtype = m.dtype
+    b.sort(axis=-1)  # NaN sorts last, -inf first, +inf before NaN
+    if n % 2:
+        m[:] = b[:, k]
+    else:
+        np.add(b[:, k - 1], b[:, k], out=m, dtype=dtype)
+        m *= 0.5
+    cnt[:] = n
+    bad = ~(np.isfinite(b[:, 0]) & np.isfinite(b[:, -1]))
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        sub = b[rows]
+        fin = np.isfinite(sub)
+        c = fin.sum(axis=1)
+        sub = np.where(fin, sub, np.inf)
+        sub.sort(axis=-1)
+        r = np.arange(len(rows))
+        lo, hi = np.maximum((c - 1) // 2, 0), c // 2
+        hi = np.minimum(hi, n - 1)
+        with np.errstate(invalid="ignore"):
+            v = 0.5 * (sub[r, lo].astype(dtype) + sub[r, hi].astype(dtype))
+        m[rows] = np.where(c > 0, v, np.nan)
+        cnt[rows] = c
 
 
 def nanmedian0(block: np.ndarray) -> np.ndarray:
@@ -202,6 +235,7 @@ class Coadder:
         self._sum = self._sumvar = self._count = None  # running sums (float64)
         self._chunks = []
         self._buffer = None  # preallocated in-memory store (capacity frames)
+        self._slabs = None  # median: the store's memory, row-interleaved (see _init_shape)
         self._pending = None  # the last view handed out by slot()
         self._file = None
         self._path = None
@@ -219,7 +253,13 @@ class Coadder:
                 self._count = np.zeros(self.shape, np.int64)
             if self.method == "varmean":
                 self._sumw = np.zeros(self.shape, np.float64)
-            if self._stores_frames and self.tmpdir is None and self.capacity:
+            if self.method == "median" and self.tmpdir is None and self.capacity:
+                # row-interleaved store (nfields * N rows, capacity, N): the frames of one image
+                # row are contiguous, so the median's transpose reads one slab at a time
+                nf, ny, nx = self.shape
+                self._slabs = self.alloc((nf * ny, self.capacity, nx), np.float32)
+                self._buffer = self._slabs.reshape(nf, ny, self.capacity, nx).transpose(2, 0, 1, 3)
+            elif self._stores_frames and self.tmpdir is None and self.capacity:
                 # frame stride = an odd number of cache lines: the median's blocked transpose
                 # reads ~40 frames at once, which alias in cache at power-of-two strides (4x slower)
                 npix = int(np.prod(self.shape))
@@ -353,6 +393,10 @@ class Coadder:
                 elif self.method == "varmean":
                     image = np.where(self._sumw > 0, self._sum / self._sumw, np.nan)
                     err = np.where(self._sumw > 0, np.sqrt(self._sumvar) / self._sumw, np.nan)
+                elif self._slabs is not None and self._buffer is not None:
+                    med, count = _nanmedian_slabs(self._slabs[:, : self.nframes])
+                    image, count = med.reshape(self.shape), count.reshape(self.shape)
+                    err = np.where(count > 0, np.sqrt(self._sumvar) / count, np.nan) * MEDIAN_ERROR_FACTOR
                 else:
                     store = self._store()
                     image = np.empty(self.shape, np.float32)
@@ -391,6 +435,7 @@ class Coadder:
             self._path = None
         self._chunks = []
         self._buffer = None
+        self._slabs = None
         self._pending = None
 
     def __enter__(self):
