@@ -206,11 +206,20 @@ def test_pdi_blocks_batch_and_daemon(night, tmp_path):
     d = start_daemon(cfg, raw, dout)
     try:
         feed(files, raw)
-        assert wait_for(dout, lambda o: files_done(o) == 96 and Ledger(o, readonly=True).block_counts()["done"] == 28)
+        # the set rebuild after the last block coadd runs on the trigger thread, after the block
+        # is recorded: wait for it too (a set seen while a block of its cycle was still being
+        # coadded is "broken" until that rebuild)
+        want = (96, 28, 4, {"open": 1, "complete": 1, "broken": 0})
+
+        def settled(o):
+            with Ledger(o, readonly=True) as led:
+                bc = led.block_counts()
+                return (files_done(o), bc["done"], bc["open"], led.set_counts()) == want
+
+        ok = wait_for(dout, settled, timeout=300)
     finally:
         stop(d)
-    with Ledger(dout, readonly=True) as led:
-        assert led.block_counts()["open"] == 4 and led.set_counts() == {"open": 1, "complete": 1, "broken": 0}
+    assert ok, (sets(dout), blocks(dout))
     vampd("finalize", cfg, "-o", dout)
     drows = sets(dout)
     assert [r["state"] for r in drows] == ["complete", "complete"], drows
