@@ -41,9 +41,9 @@ def rows(out: Path, sql: str) -> list[dict]:
     return r
 
 
-def rows_kv(out: Path, sql: str) -> list[tuple]:
+def rows_kv(out: Path, sql: str, args: tuple = ()) -> list[tuple]:
     con = sqlite3.connect(f"file:{out / 'vampd.sqlite'}?mode=ro", uri=True, timeout=5)
-    r = con.execute(sql).fetchall()
+    r = con.execute(sql, args).fetchall()
     con.close()
     return r
 
@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=64, help="raw files (multiple of 16)")
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--cadence", type=float, default=None, help="seconds between files (default 1)")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--nframes", type=int, default=20)
+    # jobs of ~0.1 s: with tiny cubes the daemon is idle between files and a kill rarely finds a job
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--nframes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     n = 16 * sim.ncycles
     cadence = args.cadence if args.cadence is not None else 1.0
     rng = random.Random(args.seed)
-    # the i-th kill once more than marks[i] files are done: kills spread over the whole night
+    # the i-th kill once more than marks[i] files are done (kills spread over the night), at a
+    # moment when a job started by the current incarnation of the daemon is running
     marks = sorted(rng.sample(range(1, max(args.kills + 2, n - 8)), args.kills))
     t0 = time.time()
     proc = start()
@@ -115,13 +117,21 @@ def main(argv=None) -> int:
             c = {}
         return {k: c.get(k, 0) for k in ("pending", "queued", "running", "done", "failed", "parked")}
 
-    def busy_after(done_before: int, timeout: float = 120.0) -> dict | None:
-        """Wait until this incarnation recorded a file beyond ``done_before`` and a job runs."""
+    def busy_after(done_before: int, since: float, timeout: float = 120.0) -> dict | None:
+        """Wait until more than ``done_before`` files are done and a job started at or after
+        ``since`` (by this incarnation of the daemon) is running."""
         t_end = time.time() + timeout
         while time.time() < t_end:
             c = states()
             if c["running"] > 0 and c["done"] > done_before:
-                return c
+                try:
+                    fresh = rows_kv(
+                        out, "SELECT COUNT(*) FROM files WHERE state='running' AND t_started >= ?", (since,)
+                    )
+                except sqlite3.Error:
+                    fresh = [(0,)]
+                if fresh[0][0]:
+                    return c
             time.sleep(0.02)
         return None
 
@@ -130,9 +140,10 @@ def main(argv=None) -> int:
             for p in rows(out, "SELECT path, mtime_ns FROM products"):
                 recorded.setdefault(p["path"], p["mtime_ns"])
 
+    t_start = time.time()  # when the current incarnation was started
     while kills < args.kills:
-        before = max(states()["done"], marks[kills])
-        if busy_after(before) is None:
+        before = marks[kills]
+        if busy_after(before, t_start) is None:
             problems.append(f"kill {kills + 1}: no running job after {before} done within 120 s")
             break
         time.sleep(rng.uniform(0.0, 0.1))
@@ -145,9 +156,10 @@ def main(argv=None) -> int:
         kills += 1
         busy_kills += 1
         print(f"kill {kills}: {c['done']}/{n} done, {c['running']} running ({time.time() - t0:.0f} s)", flush=True)
+        t_start = time.time()
         proc = start()
     # one SIGTERM while jobs run: a clean drain, exit 0 within the stop timeout
-    c = busy_after(states()["done"])
+    c = busy_after(states()["done"], t_start)
     snapshot()
     t_term = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -165,6 +177,10 @@ def main(argv=None) -> int:
     t_end = time.time() + 300
     while states()["done"] < n and time.time() < t_end:
         time.sleep(0.5)
+    # a SIGTERM before the interpreter has even started vampd kills it by default: stop the
+    # daemon once it has recorded its start (its handlers are in place by then)
+    while time.time() < t_end and rows_kv(out, "SELECT pid FROM daemon") != [(proc.pid,)]:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(60)
 
