@@ -36,7 +36,8 @@ class SetsMixin:
         """The ``blocks`` table exists (created on first write; absent in older ledgers)."""
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='blocks'").fetchone() is not None
 
-    _TAKEN_SQL = "CREATE TABLE IF NOT EXISTS pdi_taken (path TEXT PRIMARY KEY, owner TEXT NOT NULL)"
+    # ``pdi_taken`` is created with the schema (``core._TAKEN_SCHEMA``): a ledger opened for
+    # writing has it; only a read-only ledger of an older vampd may lack it
 
     def _taken_table(self) -> bool:
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='pdi_taken'").fetchone() is not None
@@ -46,7 +47,6 @@ class SetsMixin:
         per-file trigger reads only the free rows and their neighbours."""
         rows = [(str(p), owner) for p in paths]
         with self.transaction():
-            self.conn.execute(self._TAKEN_SQL)
             self.conn.executemany("INSERT OR REPLACE INTO pdi_taken VALUES (?,?)", rows)
 
     def taken_count(self) -> int:
@@ -59,9 +59,6 @@ class SetsMixin:
         their coadded product, and parked files. Each row has ``taken`` (owner or None). With
         ``window_days``, taken rows older than the oldest free done file by more than that are
         left out: the trigger's work then depends on the open part of the night only."""
-        if not self._taken_table():
-            with self.transaction():
-                self.conn.execute(self._TAKEN_SQL)
         q = (
             "SELECT f.rowid AS _rid, f.path, f.state, f.target, f.filter, f.camera, f.flc, f.hwp, f.mjd,"
             " f.nframes, f.t_complete, f.mtime_ns, f.error, p.path AS product, t.owner AS taken FROM files f"
@@ -126,9 +123,6 @@ class SetsMixin:
         """Done/failed blocks whose product is free, or within ``window_days`` of the oldest free one."""
         if not self._blocks_table():
             return []
-        if not self._taken_table():
-            with self.transaction():
-                self.conn.execute(self._TAKEN_SQL)
         return self.conn.execute(
             "SELECT b.*, t.owner AS taken FROM blocks b LEFT JOIN pdi_taken t ON t.path = b.product"
             " WHERE b.state IN ('done','failed')"
@@ -174,7 +168,6 @@ class SetsMixin:
                 (key, *vals, time.time()),
             )
             if take is not None:
-                self.conn.execute(self._TAKEN_SQL)
                 self.conn.executemany(
                     "INSERT OR REPLACE INTO pdi_taken VALUES (?,?)", [(str(p), "block:" + key) for p in take]
                 )
