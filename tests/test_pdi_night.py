@@ -17,7 +17,7 @@ import pytest
 from astropy.io import fits
 
 from vampd.config.presets import preset_config
-from vampd.engine import pdi_trigger
+from vampd.engine import pdi_members, pdi_trigger
 from vampd.engine.ledger import Ledger
 from vampd.engine.pipeline import process_file
 from vampd.fitsio import fits_structure_complete
@@ -138,6 +138,38 @@ def ip_night(tmp_path_factory):
     cfg = pdi_config()
     truth, led, results = run_night(tmp, NIGHT.replace(ip=0.01, seed=3), cfg)
     return tmp, truth, cfg, led, results
+
+
+def test_members_derotated_on_arrival(tmp_path):
+    """The trigger derotates each member while its set is open; the completing call reads those
+    results, forgets them, and the Stokes file equals one made from the products cold. A
+    rewritten product is derotated again, never served from the cache."""
+    cfg = pdi_config()
+    simulate_night(tmp_path / "sim", NIGHT)
+    paths = sorted((tmp_path / "sim" / "raw").glob("*.fits"))
+    pdi_members.clear()
+    led, _ = reduce_night(paths[:-1], cfg, tmp_path / "red")
+    cached = {k[0] for k in pdi_members._entries}
+    prods = dict(led.conn.execute("SELECT file, path FROM products WHERE kind='coadded'").fetchall())
+    assert cached == set(prods.values()) and len(cached) == len(paths) - 1
+    first = next(iter(cached))
+    _m, (img, _v) = pdi_members.get(first, True)
+    assert img is pdi_members.get(first, True)[1][0]  # served, not recomputed
+
+    led2, results = reduce_night(paths[-1:], cfg, tmp_path / "red")
+    assert [p["index"] for p in results[-1]["sets"]["processed"]] == [0]
+    assert not {k[0] for k in pdi_members._entries} & set(prods.values())  # forgotten once used
+    cold = make_set_stokes([load_member(p) for p in set_products(led2)], cfg.polarimetry, "triplediff", cfg.analysis)
+    with fits.open(tmp_path / "red" / "pdi" / "stokes" / "t_stokes_000.fits") as h:
+        np.testing.assert_array_equal(h[0].data, cold.stokes)
+        np.testing.assert_array_equal(h["ERR"].data, cold.err)
+
+    with fits.open(first) as h:  # rewrite a product (size or mtime change): derotated afresh
+        h[0].data = h[0].data * 2
+        h.writeto(tmp_path / "rewritten.fits")
+    (tmp_path / "rewritten.fits").replace(first)
+    _m, (img2, _v) = pdi_members.get(first, True)
+    np.testing.assert_allclose(img2, 2 * img, rtol=1e-5, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------

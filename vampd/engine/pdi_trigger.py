@@ -28,6 +28,7 @@ from pathlib import Path
 
 from astropy.io import fits
 
+from vampd.engine import pdi_members
 from vampd.pdi.calibrated import update_calibrated_running
 from vampd.pdi.diffimages import (
     diff_paths,
@@ -38,7 +39,7 @@ from vampd.pdi.diffimages import (
     write_single_diff,
 )
 from vampd.pdi.mmfiles import file_mueller, mm_path, write_mm_file
-from vampd.pdi.process import SetInvalid, load_member, make_set_stokes, write_set_file
+from vampd.pdi.process import SetInvalid, make_set_stokes, write_set_file
 from vampd.pdi.running import RunningStokes, append_table_row, running_paths, write_running_products
 from vampd.pdi.sets import WALL_TIMEOUT, HWPSet, all_slots, assemble_sets, slot_label
 
@@ -128,8 +129,9 @@ def _process_set(ledger, cfg, outdir, key: str, products: list[str], acc: Runnin
         index = acc.keys.index(key)
         return {"key": key, "index": index, "path": str(stokes_path(outdir, cfg, index)), "skipped": True}
     index = acc.nsets
-    members = [load_member(p) for p in products]
-    result = make_set_stokes(members, pc, pc.method, cfg.analysis, cfg.coronagraphic)
+    loaded = [pdi_members.get(p, bool(pc.derotate)) for p in products]
+    members, rotated = [m for m, _ in loaded], [r for _, r in loaded]
+    result = make_set_stokes(members, pc, pc.method, cfg.analysis, cfg.coronagraphic, rotated)
     spath = write_set_file(stokes_path(outdir, cfg, index), result, index, key, products)
     tint = float(result.header.get("TINT", 0.0) or 0.0)
     acc.add(key, result.stokes, result.err, tint if math.isfinite(tint) else 0.0)
@@ -140,6 +142,7 @@ def _process_set(ledger, cfg, outdir, key: str, products: list[str], acc: Runnin
     hdr["HIERARCH DPP PDI SET KEY"] = key
     write_running_products(outdir, name, acc, hdr, result.field_headers, result.fields, pc.cyl_stokes)
     append_table_row(running_paths(outdir, name)["table"], hdr)
+    pdi_members.forget(products)
     return {"key": key, "index": index, "path": str(spath), "star": result.star, "seconds": time.perf_counter() - t0}
 
 
@@ -336,6 +339,8 @@ def update_sets(ledger, cfg, outdir, final: bool = False, now: float | None = No
         k for k, r in rows.items() if k not in current and k not in permanent and r["state"] in ("open", "broken")
     )
     summary.update(complete=len(asm.complete), open=len(asm.open), broken=len(asm.broken), rejected=asm.rejected)
+    # derotate the open sets' members now, so that completing a set costs only its last member
+    pdi_members.warm([m["product"] for s in asm.open for m in s.members.values() if m.get("product")], pc.derotate)
     cal = refresh_calibrated(cfg, outdir)
     if cal:
         summary["calibrated"] = cal

