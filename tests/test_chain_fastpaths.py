@@ -14,6 +14,7 @@ import pytest
 from astropy.io import fits
 from astropy.time import Time
 
+from vampd import imaging
 from vampd.fitsio import read_cube, read_frames, write_hdus_atomic
 from vampd.imaging import LANCZOS_A, lanczos_weights, shift_cube, shift_window
 from vampd.instrument.angles import SUBARU, local_sidereal_hours
@@ -136,6 +137,51 @@ def test_banded_lanczos_matches_direct_sum():
         inside = out[i][np.isfinite(out[i])]
         assert inside.size > 0.9 * out[i].size
         np.testing.assert_allclose(out[i][np.isfinite(out[i])], ref[np.isfinite(out[i])], atol=2e-5)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_banded_lanczos_matches_direct_sum_both_paths(compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(imaging, "_kernels", None)
+    rng = np.random.default_rng(5)
+    frames = rng.normal(size=(2, 37, 41)).astype(np.float32)
+    q = np.array([[2.3, -4.45], [-3.2, 0.15]])  # windows reaching beyond every edge
+    out = np.empty((2, 37, 41), np.float32)
+    shift_window(frames, [0, 0], [0, 0], q[:, 0], q[:, 1], (37, 41), out)
+    for i in range(2):
+        ok = np.isfinite(out[i])
+        assert 0.6 * out[i].size < ok.sum() < out[i].size
+        np.testing.assert_allclose(out[i][ok], _lanczos_reference(frames[i], q[i, 0], q[i, 1])[ok], atol=2e-5)
+
+
+def test_compiled_shift_equals_numpy_path(monkeypatch):
+    """The C kernel (vampd/_kernels.c) against the numpy banded products: NaN inside and on the
+    edges, windows beyond the frame, a frame selection and a strided output view."""
+    assert imaging._kernels is not None, "vampd._kernels was not built (C compiler missing at install?)"
+    rng = np.random.default_rng(11)
+    frames = rng.normal(size=(6, 70, 90)).astype(np.float32)
+    frames[0, 33, 40] = np.nan
+    frames[1, 0, :] = np.nan
+    frames[2, :, -1] = np.nan
+    frames[3, 5:9, 0] = np.inf
+    index = np.array([5, 0, 1, 2, 3])
+    r0, c0 = np.array([-12, 3, -2, 30, 60]), np.array([0, -20, 50, 2, -3])
+    qy, qx = rng.uniform(-2, 2, 5), rng.uniform(-2, 2, 5)
+
+    def run():
+        big = np.full((5, 2, 50, 70), -7.0, np.float32)
+        shift_window(frames, r0, c0, qy, qx, (46, 61), big[:, 1, 2:48, 3:64], index=index)
+        return big
+
+    fast = run()
+    monkeypatch.setattr(imaging, "_kernels", None)
+    slow = run()
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
+    np.testing.assert_array_equal(np.isinf(fast), np.isinf(slow))
+    ok = np.isfinite(slow)
+    assert np.isnan(fast).sum() > 100 and ok.sum() > 0.5 * fast.size
+    np.testing.assert_allclose(fast[ok], slow[ok], rtol=0, atol=3e-6)
+    assert (fast[:, 0] == -7).all() and (fast[:, 1, :2] == -7).all()  # nothing written outside the view
 
 
 def test_shift_finite_equals_full_shift():

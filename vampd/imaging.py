@@ -14,6 +14,11 @@ from numpy.lib.stride_tricks import as_strided
 from scipy import fft as _sfft
 from scipy import ndimage
 
+try:  # the compiled shift kernel (setup.py builds it when a C compiler is there)
+    from vampd import _kernels
+except ImportError:  # pragma: no cover - exercised by the numpy-path test
+    _kernels = None
+
 __all__ = [
     "frame_center",
     "window_slices",
@@ -181,6 +186,8 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
     h, w = int(shape[0]), int(shape[1])
     wy, ry, sy0 = _axis_taps(row0, qy, n)
     wx, rx, sx0 = _axis_taps(col0, qx, n)
+    if _kernels is not None and frames.dtype == np.float32 and out.dtype == np.float32 and n and h and w:
+        return _shift_compiled(frames, src_of, (wy, ry, sy0), (wx, rx, sx0), out)
 
     # Each axis is a banded matrix product: output block rows [bB, bB+B) are M^T @ source
     # rows [bB, bB+B+7), M (B+7, B) holding the 8 taps on its diagonals. The same M serves
@@ -225,6 +232,35 @@ def shift_window(frames, row0, col0, qy, qx, shape, out, index=None) -> np.ndarr
             yy, xx = LANCZOS_A - 1 + ry[f], LANCZOS_A - 1 + rx[f]
             # nearest source pixel outside the frame -> NaN rows / columns
             _nan_outside(dst[i], frames.shape[-2:], int(sy0[f]) + yy, int(sx0[f]) + xx)
+    return out
+
+
+def _shift_compiled(frames, src_of, ytaps, xtaps, out) -> np.ndarray:
+    """:func:`shift_window` with the compiled kernel (``vampd/_kernels.c``): the same sums,
+    computed row by row from the frames; NaN marking as in the numpy path."""
+    (wy, ry, sy0), (wx, rx, sx0) = ytaps, xtaps
+    h, w = out.shape[-2:]
+    nan_read = _kernels.lanczos_shift(
+        frames,
+        np.ascontiguousarray(src_of, np.int64),
+        np.ascontiguousarray(sy0, np.int64),
+        np.ascontiguousarray(sx0, np.int64),
+        wy,
+        wx,
+        out,
+    )
+    for f in range(len(src_of)):
+        frame = frames[src_of[f]]
+        if nan_read[f]:  # rare (saturation, unusable flat): find the NaN in the frame's window
+            win = np.empty((h + _NTAP - 1, w + _NTAP - 1), np.float32)
+            _copy_clipped(win, frame, int(sy0[f]), int(sx0[f]))
+            _fill_outside(win, frame.shape, int(sy0[f]), int(sx0[f]))
+            yi, xi = np.nonzero(np.isnan(win))
+            oy, ox = yi - (LANCZOS_A - 1) - ry[f], xi - (LANCZOS_A - 1) - rx[f]
+            inside = (oy >= 0) & (oy < h) & (ox >= 0) & (ox < w)
+            out[f, oy[inside], ox[inside]] = np.nan
+        yy, xx = LANCZOS_A - 1 + ry[f], LANCZOS_A - 1 + rx[f]
+        _nan_outside(out[f], frame.shape, int(sy0[f]) + yy, int(sx0[f]) + xx)
     return out
 
 

@@ -1,0 +1,239 @@
+/* Compiled kernels of vampd (optional: vampd/imaging.py falls back to numpy without them).
+ *
+ * lanczos_shift: the separable 8-tap resampling of vampd.imaging.shift_window, done row by row
+ * in L1 cache straight from the frames (no padded copy, no banded-matrix overhead). It computes
+ * exactly what the numpy path computes (docs/design.md, "Alignment kernel"):
+ *
+ *   out[f, y, x] = sum_t wx[f, t] * sum_s wy[f, s] * src_f(r0[f] + y + s, c0[f] + x + t)
+ *
+ * where src_f is frame index[f] extended beyond its edges by edge replication and with NaN read
+ * as 0. Marking the outputs whose nearest source pixel is NaN or outside the frame stays in
+ * Python; the kernel returns, per frame, whether it read a NaN.
+ *
+ * Only the CPython buffer protocol is used (no numpy headers at build time). On x86-64 the kernel
+ * is compiled twice (AVX2+FMA and baseline) and the one the CPU runs is picked at run time.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NTAP 8
+
+typedef struct {
+    const char *base;
+    Py_ssize_t s0, s1, s2; /* byte strides */
+    Py_ssize_t n0, n1, n2;
+} view3;
+
+static inline Py_ssize_t clampi(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+static inline float nan0(float v) { return v == v ? v : 0.0f; }
+
+/* The body of one output frame, compiled once per instruction set (SHIFT_FRAME below).
+ * Vertical pass: tmp[x] = sum_s a[s] * row_s[c0 + x] for x < w + 7 (columns clamped to the frame
+ * = edge replication); the fast loop sums without looking for NaN and the row is redone with NaN
+ * read as 0 only if its sum came out NaN (NaN are rare: saturation, an unusable flat).
+ * Horizontal pass: out[y, x] = sum_t b[t] * tmp[x + t]. tmp holds w + 7 floats. */
+#define SHIFT_FRAME_BODY                                                                                    \
+    const Py_ssize_t ny = fr->n1, nx = fr->n2, wt = w + NTAP - 1;                                        \
+    const char *fbase = fr->base + src * fr->s0;                                                         \
+    const Py_ssize_t xlo = clampi(-c0, 0, wt), xhi = clampi(nx - c0, xlo, wt);                           \
+    int nan_seen = 0;                                                                                    \
+    for (Py_ssize_t y = 0; y < h; y++) {                                                                 \
+        const char *rows[NTAP];                                                                          \
+        for (int s = 0; s < NTAP; s++)                                                                   \
+            rows[s] = fbase + clampi(r0 + y + s, 0, ny - 1) * fr->s1;                                    \
+        int row_nan = 0, contiguous = fr->s2 == (Py_ssize_t)sizeof(float);                              \
+        const float *p0 = (const float *)rows[0] + c0, *p1 = (const float *)rows[1] + c0;                \
+        const float *p2 = (const float *)rows[2] + c0, *p3 = (const float *)rows[3] + c0;                \
+        const float *p4 = (const float *)rows[4] + c0, *p5 = (const float *)rows[5] + c0;                \
+        const float *p6 = (const float *)rows[6] + c0, *p7 = (const float *)rows[7] + c0;                \
+        if (contiguous) {                                                                                \
+            for (Py_ssize_t x = xlo; x < xhi; x++)                                                       \
+                tmp[x] = a[0] * p0[x] + a[1] * p1[x] + a[2] * p2[x] + a[3] * p3[x] + a[4] * p4[x] +      \
+                         a[5] * p5[x] + a[6] * p6[x] + a[7] * p7[x];                                     \
+            for (Py_ssize_t x = xlo; x < xhi; x++)                                                       \
+                row_nan |= tmp[x] != tmp[x];                                                             \
+        }                                                                                                \
+        if (row_nan) { /* a NaN was read (or made from infinities): again, with NaN read as 0 */        \
+            int nn = 0;                                                                                  \
+            for (Py_ssize_t x = xlo; x < xhi; x++) {                                                     \
+                nn |= (p0[x] != p0[x]) | (p1[x] != p1[x]) | (p2[x] != p2[x]) | (p3[x] != p3[x]) |        \
+                      (p4[x] != p4[x]) | (p5[x] != p5[x]) | (p6[x] != p6[x]) | (p7[x] != p7[x]);         \
+                tmp[x] = a[0] * nan0(p0[x]) + a[1] * nan0(p1[x]) + a[2] * nan0(p2[x]) +                  \
+                         a[3] * nan0(p3[x]) + a[4] * nan0(p4[x]) + a[5] * nan0(p5[x]) +                  \
+                         a[6] * nan0(p6[x]) + a[7] * nan0(p7[x]);                                        \
+            }                                                                                            \
+            nan_seen |= nn;                                                                              \
+        } else if (!contiguous) { /* strided frames */                                                   \
+            for (Py_ssize_t x = xlo; x < xhi; x++) {                                                     \
+                float acc = 0.0f;                                                                        \
+                for (int s = 0; s < NTAP; s++) {                                                         \
+                    float v = *(const float *)(rows[s] + (c0 + x) * fr->s2);                             \
+                    nan_seen |= v != v;                                                                  \
+                    acc += a[s] * nan0(v);                                                               \
+                }                                                                                        \
+                tmp[x] = acc;                                                                            \
+            }                                                                                            \
+        }                                                                                                \
+        if (xlo > 0 || xhi < wt) { /* window beyond the left / right edge: replicated edge columns */   \
+            float el = 0.0f, er = 0.0f;                                                                  \
+            for (int s = 0; s < NTAP; s++) {                                                             \
+                float vl = *(const float *)rows[s], vr = *(const float *)(rows[s] + (nx - 1) * fr->s2);  \
+                nan_seen |= (xlo > 0 && vl != vl) || (xhi < wt && vr != vr);                             \
+                el += a[s] * nan0(vl);                                                                   \
+                er += a[s] * nan0(vr);                                                                   \
+            }                                                                                            \
+            for (Py_ssize_t x = 0; x < xlo; x++)                                                         \
+                tmp[x] = el;                                                                             \
+            for (Py_ssize_t x = xhi; x < wt; x++)                                                        \
+                tmp[x] = er;                                                                             \
+        }                                                                                                \
+        char *orow = obase + y * os1;                                                                    \
+        if (os2 == (Py_ssize_t)sizeof(float)) {                                                          \
+            float *o = (float *)orow;                                                                    \
+            for (Py_ssize_t x = 0; x < w; x++) {                                                         \
+                const float *t = tmp + x;                                                                \
+                o[x] = b[0] * t[0] + b[1] * t[1] + b[2] * t[2] + b[3] * t[3] + b[4] * t[4] +             \
+                       b[5] * t[5] + b[6] * t[6] + b[7] * t[7];                                          \
+            }                                                                                            \
+        } else {                                                                                         \
+            for (Py_ssize_t x = 0; x < w; x++) {                                                         \
+                const float *t = tmp + x;                                                                \
+                *(float *)(orow + x * os2) = b[0] * t[0] + b[1] * t[1] + b[2] * t[2] + b[3] * t[3] +     \
+                                             b[4] * t[4] + b[5] * t[5] + b[6] * t[6] + b[7] * t[7];      \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    return nan_seen;
+
+#define SHIFT_FRAME_ARGS                                                                                  \
+    const view3 *fr, Py_ssize_t src, Py_ssize_t r0, Py_ssize_t c0, const float *restrict a,              \
+        const float *restrict b, char *obase, Py_ssize_t os1, Py_ssize_t os2, Py_ssize_t h, Py_ssize_t w, \
+        float *restrict tmp
+
+typedef int (*shift_frame_fn)(SHIFT_FRAME_ARGS);
+
+static int shift_frame_base(SHIFT_FRAME_ARGS) { SHIFT_FRAME_BODY }
+
+#if defined(__GNUC__) && defined(__x86_64__)
+/* the same code for AVX2 + FMA (8 floats per instruction), chosen at run time */
+__attribute__((target("avx2,fma"))) static int shift_frame_avx2(SHIFT_FRAME_ARGS) { SHIFT_FRAME_BODY }
+
+static shift_frame_fn pick_shift_frame(void)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return shift_frame_avx2;
+    return shift_frame_base;
+}
+#else
+static shift_frame_fn pick_shift_frame(void) { return shift_frame_base; }
+#endif
+
+static int get_view(PyObject *obj, Py_buffer *buf, int writable, int ndim, const char *what)
+{
+    if (PyObject_GetBuffer(obj, buf, PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (buf->ndim != ndim || buf->itemsize != 4 || buf->format == NULL || strcmp(buf->format, "f") != 0) {
+        PyErr_Format(PyExc_TypeError, "lanczos_shift: %s must be a %d-D float32 array", what, ndim);
+        PyBuffer_Release(buf);
+        return -1;
+    }
+    return 0;
+}
+
+/* A C-contiguous vector of n bytes whose item type is one of the format characters in fmts
+ * (numpy calls int64 "l" on LP64 platforms, "q" elsewhere). */
+static int get_vector(PyObject *obj, Py_buffer *buf, Py_ssize_t n, const char *fmts, const char *what)
+{
+    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    const char *f = buf->format;
+    if (f[0] == '<' || f[0] == '=' || f[0] == '@')
+        f++;
+    if (buf->len != n || strlen(f) != 1 || strchr(fmts, f[0]) == NULL) {
+        PyErr_Format(PyExc_TypeError, "lanczos_shift: %s: wrong size or type", what);
+        PyBuffer_Release(buf);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(lanczos_shift_doc,
+             "lanczos_shift(frames, index, r0, c0, wy, wx, out) -> bytes\n\n"
+             "Separable 8-tap resampling of windows of float32 ``frames`` (N, ny, nx) into ``out``\n"
+             "(n, h, w); ``index``, ``r0``, ``c0`` int64 (n,), ``wy``, ``wx`` float32 (n, 8), C-contiguous.\n"
+             "Returns one byte per output frame: 1 if a NaN was read.");
+
+static PyObject *lanczos_shift(PyObject *self, PyObject *args)
+{
+    PyObject *ofr, *oidx, *or0, *oc0, *owy, *owx, *oout;
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &ofr, &oidx, &or0, &oc0, &owy, &owx, &oout))
+        return NULL;
+    Py_buffer fb, ob, ib, rb, cb, yb, xb;
+    if (get_view(ofr, &fb, 0, 3, "frames") < 0)
+        return NULL;
+    if (get_view(oout, &ob, 1, 3, "out") < 0) {
+        PyBuffer_Release(&fb);
+        return NULL;
+    }
+    Py_ssize_t n = ob.shape[0], h = ob.shape[1], w = ob.shape[2];
+    PyObject *result = NULL;
+    int got = 0;
+    if (get_vector(oidx, &ib, n * 8, sizeof(long) == 8 ? "ql" : "q", "index") == 0) got++;
+    if (got == 1 && get_vector(or0, &rb, n * 8, sizeof(long) == 8 ? "ql" : "q", "r0") == 0) got++;
+    if (got == 2 && get_vector(oc0, &cb, n * 8, sizeof(long) == 8 ? "ql" : "q", "c0") == 0) got++;
+    if (got == 3 && get_vector(owy, &yb, n * NTAP * 4, "f", "wy") == 0) got++;
+    if (got == 4 && get_vector(owx, &xb, n * NTAP * 4, "f", "wx") == 0) got++;
+    if (got == 5) {
+        view3 fr = {fb.buf, fb.strides[0], fb.strides[1], fb.strides[2], fb.shape[0], fb.shape[1], fb.shape[2]};
+        const int64_t *idx = ib.buf, *r0 = rb.buf, *c0 = cb.buf;
+        const float *wy = yb.buf, *wx = xb.buf;
+        int bad_index = 0;
+        for (Py_ssize_t f = 0; f < n; f++)
+            bad_index |= idx[f] < 0 || idx[f] >= fr.n0;
+        float *tmp = malloc(sizeof(float) * (size_t)(w + NTAP));
+        result = PyBytes_FromStringAndSize(NULL, n);
+        if (bad_index || fr.n1 < 1 || fr.n2 < 1) {
+            PyErr_SetString(PyExc_IndexError, "lanczos_shift: frame index out of range or empty frames");
+            Py_CLEAR(result);
+        } else if (tmp == NULL || result == NULL) {
+            Py_CLEAR(result);
+            if (!PyErr_Occurred())
+                PyErr_NoMemory();
+        } else {
+            char *flags = PyBytes_AS_STRING(result);
+            shift_frame_fn shift_frame = pick_shift_frame();
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t f = 0; f < n; f++)
+                flags[f] = (char)shift_frame(&fr, idx[f], r0[f], c0[f], wy + NTAP * f, wx + NTAP * f,
+                                             (char *)ob.buf + f * ob.strides[0], ob.strides[1], ob.strides[2], h, w,
+                                             tmp);
+            Py_END_ALLOW_THREADS
+        }
+        free(tmp);
+    }
+    if (got >= 5) PyBuffer_Release(&xb);
+    if (got >= 4) PyBuffer_Release(&yb);
+    if (got >= 3) PyBuffer_Release(&cb);
+    if (got >= 2) PyBuffer_Release(&rb);
+    if (got >= 1) PyBuffer_Release(&ib);
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&fb);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"lanczos_shift", lanczos_shift, METH_VARARGS, lanczos_shift_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "vampd._kernels", "Compiled kernels of vampd.", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
