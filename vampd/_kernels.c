@@ -15,6 +15,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -173,6 +174,7 @@ PyDoc_STRVAR(lanczos_shift_doc,
 
 static PyObject *lanczos_shift(PyObject *self, PyObject *args)
 {
+    (void)self;
     PyObject *ofr, *oidx, *or0, *oc0, *owy, *owx, *oout;
     if (!PyArg_ParseTuple(args, "OOOOOOO", &ofr, &oidx, &or0, &oc0, &owy, &owx, &oout))
         return NULL;
@@ -229,8 +231,87 @@ static PyObject *lanczos_shift(PyObject *self, PyObject *args)
     return result;
 }
 
+PyDoc_STRVAR(abs_moments_doc,
+             "abs_moments(frames, index, y0, x0, s1, s2) -> None\n\n"
+             "With h = |d| + d of the window of float32 ``frames`` (N, ny, nx) at (y0, x0) the shape of\n"
+             "``s1``: s1 = sum of h, s2 = sum of h * h over the frames ``index`` (int64, C-contiguous),\n"
+             "summed in float32 in the order given (as numpy would); NaN propagates.");
+
+/* The two sums of vampd.stages.calerror.FrameVariance.group_sum in one pass per frame, over row
+ * bands small enough for s1 and s2 to stay in cache. */
+static PyObject *abs_moments(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *ofr, *oidx, *os1, *os2;
+    Py_ssize_t y0, x0;
+    if (!PyArg_ParseTuple(args, "OOnnOO", &ofr, &oidx, &y0, &x0, &os1, &os2))
+        return NULL;
+    Py_buffer fb, ib, ab, bb;
+    if (get_view(ofr, &fb, 0, 3, "frames") < 0)
+        return NULL;
+    int got = 0;
+    if (get_view(os1, &ab, 1, 2, "s1") == 0) got++;
+    if (got == 1 && get_view(os2, &bb, 1, 2, "s2") == 0) got++;
+    Py_ssize_t n = 0;
+    if (got == 2) {
+        n = PyObject_Length(oidx);
+        if (n < 0 || get_vector(oidx, &ib, n * 8, sizeof(long) == 8 ? "ql" : "q", "index") < 0)
+            n = -1;
+        else
+            got++;
+    }
+    PyObject *result = NULL;
+    if (got == 3) {
+        Py_ssize_t h = ab.shape[0], w = ab.shape[1];
+        const int64_t *idx = ib.buf;
+        int ok = bb.shape[0] == h && bb.shape[1] == w && y0 >= 0 && x0 >= 0 && y0 + h <= fb.shape[1] &&
+                 x0 + w <= fb.shape[2] && ab.strides[1] == 4 && bb.strides[1] == 4 && fb.strides[2] == 4;
+        for (Py_ssize_t f = 0; f < n; f++)
+            ok &= idx[f] >= 0 && idx[f] < fb.shape[0];
+        if (!ok || n < 1) {
+            PyErr_SetString(PyExc_ValueError, "abs_moments: window, index or strides out of range");
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            Py_ssize_t band = w > 0 ? (8192 + w - 1) / w : 1;
+            for (Py_ssize_t ya = 0; ya < h; ya += band) {
+                Py_ssize_t yb = ya + band < h ? ya + band : h;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    const char *fr = (const char *)fb.buf + idx[i] * fb.strides[0];
+                    for (Py_ssize_t y = ya; y < yb; y++) {
+                        const float *d = (const float *)(fr + (y0 + y) * fb.strides[1]) + x0;
+                        float *p = (float *)((char *)ab.buf + y * ab.strides[0]);
+                        float *q = (float *)((char *)bb.buf + y * bb.strides[0]);
+                        if (i == 0) {
+                            for (Py_ssize_t x = 0; x < w; x++) {
+                                float v = fabsf(d[x]) + d[x];
+                                p[x] = v;
+                                q[x] = v * v;
+                            }
+                        } else {
+                            for (Py_ssize_t x = 0; x < w; x++) {
+                                float v = fabsf(d[x]) + d[x];
+                                p[x] += v;
+                                q[x] += v * v;
+                            }
+                        }
+                    }
+                }
+            }
+            Py_END_ALLOW_THREADS
+            result = Py_None;
+            Py_INCREF(result);
+        }
+    }
+    if (got >= 3) PyBuffer_Release(&ib);
+    if (got >= 2) PyBuffer_Release(&bb);
+    if (got >= 1) PyBuffer_Release(&ab);
+    PyBuffer_Release(&fb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"lanczos_shift", lanczos_shift, METH_VARARGS, lanczos_shift_doc},
+    {"abs_moments", abs_moments, METH_VARARGS, abs_moments_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.io import fits
 
+from vampd.imaging import _kernels
 from vampd.stages.badpix import neighbour_table, repair_bad_pixels
 from vampd.stages.calibrate import (
     CalibFrame,
@@ -167,11 +168,33 @@ class FrameVariance:
         """``Σ σ²`` over ``frames`` of the window ``(sy, sx)`` (NaN where some frame's data are NaN).
 
         With ``h = |d| + d`` the model ``σ² = c1 h + c2 h² + var_c`` sums to
-        ``c1 Σh + c2 Σh² + n var_c``: five float32 passes per frame (instead of the model's
-        six and a sum), in row bands that stay in cache; the constants are applied once.
+        ``c1 Σh + c2 Σh² + n var_c``: one compiled pass per frame, or without the compiled kernels
+        five float32 passes in row bands that stay in cache; the constants are applied once.
         """
         cm, n = self.cm, len(frames)
         h, w = sy.stop - sy.start, sx.stop - sx.start
+        if (
+            _kernels is not None
+            and n
+            and h > 0
+            and w > 0
+            and self.data.dtype == np.float32
+            and self.data.strides[2] == 4
+        ):
+            # both sums in one compiled pass per frame (vampd/_kernels.c), same order and values
+            s1, s2 = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
+            _kernels.abs_moments(self.data, np.ascontiguousarray(frames, np.int64), sy.start, sx.start, s1, s2)
+            out = self._apply_model(s1, s2, n, sy, sx, s1, s2)
+        else:
+            out = self._group_sum_numpy(frames, sy, sx)
+        if self.bad_err is not None:  # repaired pixels: the repair's errors
+            j, y, x = cm.bad_in(sy, sx)
+            sel = self.bad_err[np.asarray(frames)[:, None], j[None]]
+            out[y, x] = np.sum(sel * sel, axis=0)
+        return out
+
+    def _group_sum_numpy(self, frames, sy: slice, sx: slice) -> np.ndarray:
+        n, h, w = len(frames), sy.stop - sy.start, sx.stop - sx.start
         out = np.empty((h, w), np.float32)
         step = max(1, _BAND_PIXELS // max(w, 1))
         s1, s2, hh, t = (np.empty((min(step, h), w), np.float32) for _ in range(4))
@@ -190,19 +213,20 @@ class FrameVariance:
                     S1 += H
                     np.multiply(H, H, out=T)
                     S2 += T
-            o = out[a:b]
-            np.multiply(S1, cm.const("c1", band, sx), out=o)
-            c2 = cm.const("c2", band, sx)
-            if c2 is not None:
-                np.multiply(S2, c2, out=T)
-                o += T
-            np.multiply(cm.const("var_c", band, sx), np.float32(n), out=T)
-            o += T
-        if self.bad_err is not None:  # repaired pixels: the repair's errors
-            j, y, x = cm.bad_in(sy, sx)
-            sel = self.bad_err[np.asarray(frames)[:, None], j[None]]
-            out[y, x] = np.sum(sel * sel, axis=0)
+            self._apply_model(S1, S2, n, band, sx, out[a:b], T)
         return out
+
+    def _apply_model(self, S1, S2, n: int, sy: slice, sx: slice, o, T):
+        """``o = c1 S1 + c2 S2 + n var_c`` on rows ``sy`` (``T``: scratch; may be ``S2``)."""
+        cm = self.cm
+        np.multiply(S1, cm.const("c1", sy, sx), out=o)
+        c2 = cm.const("c2", sy, sx)
+        if c2 is not None:
+            np.multiply(S2, c2, out=T)
+            o += T
+        np.multiply(cm.const("var_c", sy, sx), np.float32(n), out=T)
+        o += T
+        return o
 
     def variance_at(self, frames: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """``σ²`` of ``frames`` at the pixels ``(ys, xs)``: shape (len(frames), len(ys))."""
