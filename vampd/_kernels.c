@@ -35,6 +35,12 @@ static inline Py_ssize_t clampi(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi)
 
 static inline float nan0(float v) { return v == v ? v : 0.0f; }
 
+static inline uint16_t load_u16(const char *p, int swap, uint16_t xm)
+{
+    uint16_t v = *(const uint16_t *)p;
+    return (uint16_t)((swap ? (uint16_t)((v >> 8) | (v << 8)) : v) ^ xm);
+}
+
 /* The body of one output frame, compiled once per instruction set (SHIFT_FRAME below).
  * Vertical pass: tmp[x] = sum_s a[s] * row_s[c0 + x] for x < w + 7 (columns clamped to the frame
  * = edge replication); the fast loop sums without looking for NaN and the row is redone with NaN
@@ -309,9 +315,37 @@ static PyObject *abs_moments(PyObject *self, PyObject *args)
     return result;
 }
 
+/* One contiguous row of calibrate_u16: d = (float(r ^ xm) - b) * g; returns the row's max of
+ * r ^ xm. Separate functions, so that the compiler vectorises them. */
+static uint16_t cal_row(const uint16_t *restrict r, const float *restrict b, const float *restrict g,
+                        float *restrict d, Py_ssize_t nx, uint16_t xm)
+{
+    uint16_t mx = 0;
+    for (Py_ssize_t x = 0; x < nx; x++) {
+        uint16_t v = (uint16_t)(r[x] ^ xm);
+        d[x] = ((float)v - b[x]) * g[x];
+        mx = v > mx ? v : mx;
+    }
+    return mx;
+}
+
+/* the same for byte-swapped input (a big-endian view of the mapped FITS file) */
+static uint16_t cal_row_swapped(const uint16_t *restrict r, const float *restrict b, const float *restrict g,
+                                float *restrict d, Py_ssize_t nx, uint16_t xm)
+{
+    uint16_t mx = 0;
+    for (Py_ssize_t x = 0; x < nx; x++) {
+        uint16_t v = (uint16_t)((uint16_t)((r[x] >> 8) | (r[x] << 8)) ^ xm);
+        d[x] = ((float)v - b[x]) * g[x];
+        mx = v > mx ? v : mx;
+    }
+    return mx;
+}
+
 PyDoc_STRVAR(calibrate_u16_doc,
-             "calibrate_u16(raw, back, gain, satlevel, data, nsat) -> None\n\n"
-             "data = (float32(raw) - back) * gain in float32, NaN where raw >= satlevel (counted per\n"
+             "calibrate_u16(raw, xor, back, gain, satlevel, data, nsat) -> None\n\n"
+             "With v = raw ^ xor (raw uint16 in either byte order, e.g. a big-endian view of the mapped\n"
+             "file): data = (float32(v) - back) * gain in float32, NaN where v >= satlevel (counted per\n"
              "frame into the int64 vector ``nsat`` unless it is None). ``raw`` uint16 (n, ny, nx),\n"
              "``back``/``gain`` float32 (ny, nx) (any strides, zero for a constant), ``data`` float32\n"
              "(n, ny, nx).");
@@ -323,12 +357,24 @@ static PyObject *calibrate_u16(PyObject *self, PyObject *args)
     (void)self;
     PyObject *oraw, *oback, *ogain, *odata, *onsat;
     double sat;
-    if (!PyArg_ParseTuple(args, "OOOdOO", &oraw, &oback, &ogain, &sat, &odata, &onsat))
+    unsigned int xor_mask;
+    if (!PyArg_ParseTuple(args, "OIOOdOO", &oraw, &xor_mask, &oback, &ogain, &sat, &odata, &onsat))
         return NULL;
     Py_buffer rb, bb, gb, db, nb;
     int got = 0, with_nsat = onsat != Py_None;
     if (PyObject_GetBuffer(oraw, &rb, PyBUF_RECORDS_RO) == 0) got++;
-    if (got == 1 && (rb.ndim != 3 || rb.itemsize != 2 || strcmp(rb.format, "H") != 0)) {
+    const uint16_t one = 1;
+    const char host = *(const char *)&one ? '<' : '>';
+    int swap = 0;
+    const char *fmt = "";
+    if (got == 1) { /* "H", "=H", "<H", ">H", "!H": swap when the declared order is not the host's */
+        fmt = rb.format == NULL ? "B" : rb.format;
+        if (fmt[0] == '<' || fmt[0] == '>' || fmt[0] == '!')
+            swap = (fmt[0] == '<' ? '<' : '>') != host;
+        if (fmt[0] != '\0' && strchr("<>!=@", fmt[0]) != NULL)
+            fmt++;
+    }
+    if (got == 1 && (rb.ndim != 3 || rb.itemsize != 2 || strcmp(fmt, "H") != 0)) {
         PyErr_SetString(PyExc_TypeError, "calibrate_u16: raw must be a 3-D uint16 array");
     } else if (got == 1) {
         if (get_view(oback, &bb, 0, 2, "back") == 0) got++;
@@ -348,6 +394,7 @@ static PyObject *calibrate_u16(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "calibrate_u16: shapes differ");
         } else {
             int64_t *nsat = with_nsat ? (int64_t *)nb.buf : NULL;
+            const uint16_t xm = (uint16_t)xor_mask;
             const int fast = rb.strides[2] == 2 && bb.strides[1] == 4 && gb.strides[1] == 4 && db.strides[2] == 4;
             Py_BEGIN_ALLOW_THREADS
             /* rows outside, frames inside: a row of the constants is read from memory once per
@@ -360,16 +407,11 @@ static PyObject *calibrate_u16(PyObject *self, PyObject *args)
                     float *d = (float *)((char *)db.buf + f * db.strides[0] + y * db.strides[1]);
                     uint16_t mx = 0; /* saturation is rare: a row's max decides whether to look */
                     if (fast) {
-                        const uint16_t *restrict rr = (const uint16_t *)r;
-                        const float *restrict bp = (const float *)b, *restrict gp = (const float *)g;
-                        float *restrict dd = d;
-                        for (Py_ssize_t x = 0; x < nx; x++) {
-                            dd[x] = ((float)rr[x] - bp[x]) * gp[x];
-                            mx = rr[x] > mx ? rr[x] : mx;
-                        }
+                        mx = (swap ? cal_row_swapped : cal_row)((const uint16_t *)r, (const float *)b,
+                                                                  (const float *)g, d, nx, xm);
                     } else {
                         for (Py_ssize_t x = 0; x < nx; x++) {
-                            uint16_t v = *(const uint16_t *)(r + x * rb.strides[2]);
+                            uint16_t v = load_u16(r + x * rb.strides[2], swap, xm);
                             float bv = *(const float *)(b + x * bb.strides[1]);
                             float gv = *(const float *)(g + x * gb.strides[1]);
                             *(float *)((char *)d + x * db.strides[2]) = ((float)v - bv) * gv;
@@ -379,7 +421,7 @@ static PyObject *calibrate_u16(PyObject *self, PyObject *args)
                     if ((double)mx >= sat) {
                         int64_t cnt = 0;
                         for (Py_ssize_t x = 0; x < nx; x++) {
-                            if ((double)*(const uint16_t *)(r + x * rb.strides[2]) >= sat) {
+                            if ((double)load_u16(r + x * rb.strides[2], swap, xm) >= sat) {
                                 *(float *)((char *)d + x * db.strides[2]) = NAN;
                                 cnt++;
                             }

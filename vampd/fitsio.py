@@ -36,6 +36,7 @@ __all__ = [
     "read_header",
     "read_cube",
     "read_frames",
+    "map_frames",
     "write_hdus_atomic",
     "fits_structure_complete",
     "output_stem",
@@ -337,8 +338,31 @@ def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.nd
     errors as ``read_cube(path, frames)[0]``. ``out``: optional uint16 array of the result's
     shape to fill (reused memory) for the usual unsigned-16-bit cube; ignored otherwise.
     """
-    if data_hdu_index(path) != 0:
+    mapped = map_frames(path, frames)
+    if mapped is None:
         return read_cube(path, frames)[0]
+    data, xor = mapped
+    if xor is not None:  # the instrument's uint16 stored as int16 + BZERO 32768
+        if out is not None and out.shape == data.shape and out.dtype == np.uint16:
+            np.copyto(out, data)
+        else:
+            out = data.astype(np.uint16)
+        out ^= np.uint16(xor)  # exact
+        return out
+    return np.array(data, dtype=data.dtype.newbyteorder("="))
+
+
+def map_frames(path: os.PathLike | str, frames: slice | None = None) -> tuple[np.ndarray, int | None] | None:
+    """The frames of a plain primary-HDU cube as a read-only view of the mapped file, or None
+    (compressed, extension, BLANK, scaled: use :func:`read_frames`).
+
+    Returns ``(view, xor)``: for the instrument's unsigned 16-bit data (int16 + BZERO 32768) the
+    view is big-endian ``>u2`` and the values are ``view ^ xor`` (xor = 0x8000, exact); for
+    unscaled data ``xor`` is None and the view holds the values (big-endian). Reading the map
+    directly spares a converted copy (the calibration's compiled pass reads it as it is).
+    """
+    if data_hdu_index(path) != 0:
+        return None
     lay = _checked_layout(path)
     try:
         shape = lay.shape
@@ -347,28 +371,20 @@ def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.nd
     except NotFitsError as exc:
         raise InputError(path, str(exc)) from None
     if len(shape) not in (2, 3) or "BLANK" in lay.cards or lay.int("PCOUNT", 0) or lay.int("GCOUNT", 1) != 1:
-        return read_cube(path, frames)[0]  # unusual: astropy decides (and names the problem)
+        return None  # unusual: astropy decides (and names the problem)
+    u16 = bscale == 1 and bzero == 32768 and dt.kind == "i" and dt.itemsize == 2
+    if not u16 and not (bscale == 1 and bzero == 0):
+        return None
     if len(shape) == 2:
         shape = (1,) + shape
     try:
         mm = np.memmap(path, dtype=dt, mode="r", offset=lay.data_start, shape=shape)
     except (OSError, ValueError) as exc:  # shrank or vanished since the check
         raise InputError(path, f"cannot map the data ({exc})") from exc
-    try:
-        data = mm if frames is None else mm[frames]
-        if bscale == 1 and bzero == 32768 and dt.kind == "i" and dt.itemsize == 2:
-            src = data.view(dt.newbyteorder(">").str.replace("i", "u"))
-            if out is not None and out.shape == src.shape and out.dtype == np.uint16:
-                np.copyto(out, src)
-            else:
-                out = src.astype(np.uint16)
-            out ^= np.uint16(0x8000)  # the instrument's uint16-as-int16: exact
-            return out
-        if bscale == 1 and bzero == 0:
-            return np.array(data, dtype=dt.newbyteorder("="))
-        return data.astype(np.float32) * np.float32(bscale) + np.float32(bzero)
-    finally:
-        del mm
+    data = mm if frames is None else mm[frames]
+    if u16:
+        return data.view(dt.newbyteorder(">").str.replace("i", "u")), 0x8000
+    return data, None
 
 
 def output_stem(path: os.PathLike | str) -> str:

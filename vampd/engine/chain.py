@@ -33,7 +33,8 @@ from astropy.io import fits
 
 from vampd.engine.products import centroid_file, pdi_blocks, provenance, reprojection, write_product
 from vampd.engine.scratch import SCRATCH as _SCRATCH
-from vampd.fitsio import InputError, read_frames
+from vampd.fitsio import InputError, map_frames, read_frames
+from vampd.imaging import _kernels
 from vampd.instrument.wcs import apply_wcs
 from vampd.stages.align import (
     align_cube,
@@ -225,6 +226,11 @@ class Calibrate(Stage):
             return
         nframes, ny, nx = ctx.shape
         n = len(range(*ctx.chunk.indices(nframes)))
+        if ctx.can_defer_err and ctx.deferred is not False:
+            mapped = map_frames(ctx.path, ctx.chunk) if _kernels is not None else None
+            if mapped is not None and mapped[1] is not None:  # the compiled pass reads the map
+                _calibrate_deferred(ctx, *mapped)
+                return
         raw = read_frames(ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16))
         if ctx.can_defer_err and ctx.deferred is not False:
             _calibrate_deferred(ctx, raw)
@@ -257,7 +263,7 @@ class Calibrate(Stage):
         return _SCRATCH.get("data", tuple(shape), limit), _SCRATCH.get("err", tuple(shape), limit)
 
 
-def _calibrate_deferred(ctx: FileContext, raw: np.ndarray) -> None:
+def _calibrate_deferred(ctx: FileContext, raw: np.ndarray, xor: int | None = None) -> None:
     """Pass 1 without the error cube: the data (held), the error of the PSF row band, the repaired pixels' errors."""
     nframes, ny, nx = ctx.shape
     if ctx.calib is None:
@@ -266,7 +272,7 @@ def _calibrate_deferred(ctx: FileContext, raw: np.ndarray) -> None:
         ctx.cal_header = calibration_header(ctx.header, ctx.back, ctx.flat, fix, nbad=ctx.calib.nbad, path=ctx.path)
         ctx.bad_err = np.empty((nframes, ctx.calib.nbad), np.float32) if ctx.calib.nbad else None
     ctx.data = _SCRATCH.get("data", (nframes, ny, nx), ctx.limits.hold_bytes // 2)[ctx.chunk]
-    bad_err = calibrate_data(raw, ctx.calib, ctx.data)
+    bad_err = calibrate_data(raw, ctx.calib, ctx.data, xor)
     if bad_err is not None:
         ctx.bad_err[ctx.chunk] = bad_err
     if ctx.centers is None:

@@ -102,14 +102,17 @@ def calibration_model(
     return cm
 
 
-def calibrate_data(raw: np.ndarray, cm: CalibModel, data: np.ndarray) -> np.ndarray | None:
+def calibrate_data(raw: np.ndarray, cm: CalibModel, data: np.ndarray, xor: int | None = None) -> np.ndarray | None:
     """Calibrate ``raw`` (nframes, ny, nx) into ``data`` without the error cube; the repaired pixels' errors.
+
+    ``raw``: the raw values, or with ``xor`` a view of the mapped file whose values are ``raw ^ xor``
+    (:func:`vampd.fitsio.map_frames`).
 
     ``data`` ends as :func:`~vampd.stages.calibrate.calibrate_cube` gives it. Returns
     ``bad_err`` (nframes, nbad): the error of each repaired pixel (order of ``bad_yx``),
     from its neighbours' errors as the repair computes it; None without bad-pixel repair.
     """
-    _calibrate_blocks(raw, data, None, cm.model, cm.satlevel, cm.flip, None)
+    _calibrate_blocks(raw, data, None, cm.model, cm.satlevel, cm.flip, None, xor)
     if not cm.nbad:
         return None
     bad_err = np.empty((len(data), cm.nbad), np.float32)

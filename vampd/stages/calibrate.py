@@ -429,20 +429,25 @@ def _flag_saturated(r_raw, r, d, e, satlevel: float, is_int: bool, nsat: np.ndar
             np.copyto(e, np.float32(np.nan), where=sat)
 
 
-def _calibrate_blocks(raw, data, err, model: _PixelModel, satlevel: float, flip: bool, nsat) -> None:
+def _calibrate_blocks(
+    raw, data, err, model: _PixelModel, satlevel: float, flip: bool, nsat, xor: int | None = None
+) -> None:
     """Fill ``data``/``err`` block by block: frames, or row bands of big frames, sized to stay in L2.
 
     With ``flip`` the constants are already flipped and each output row band reads its raw
     rows in reverse, so the flip costs no extra pass.
     """
     nframes, ny, nx = raw.shape
-    if err is None and _kernels is not None and raw.dtype == np.uint16 and (nsat is None or nsat.dtype == np.int64):
+    u16 = raw.dtype.kind == "u" and raw.dtype.itemsize == 2
+    if err is None and _kernels is not None and u16 and (nsat is None or nsat.dtype == np.int64):
         # data only (the chain's deferred-error pass): one compiled pass, the same float32
-        # operations (vampd/_kernels.c calibrate_u16)
+        # operations (vampd/_kernels.c calibrate_u16), reading the mapped file as it is
         back = np.broadcast_to(np.asarray(model.back, np.float32), (ny, nx))
         gain = np.broadcast_to(np.asarray(model.gain_map, np.float32), (ny, nx))
-        _kernels.calibrate_u16(raw[:, ::-1] if flip else raw, back, gain, float(satlevel), data, nsat)
+        _kernels.calibrate_u16(raw[:, ::-1] if flip else raw, xor or 0, back, gain, float(satlevel), data, nsat)
         return
+    if xor is not None:  # a raw view of the file (fitsio.map_frames): its values first
+        raw = raw.astype(np.uint16) ^ np.uint16(xor)
     fstep, rstep = _block_steps(ny, nx)
     tmp = np.empty((fstep, rstep, nx), np.float32) if model.c2 is not None and err is not None else None
     is_int = np.issubdtype(raw.dtype, np.integer)
