@@ -8,6 +8,11 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("vampd._kernels", ["vampd/_kernels.c"], extra_compile_args=["-O3", "-std=c99"], optional=True)
+        Extension(
+            "vampd._kernels",
+            ["vampd/_kernels.c"],
+            extra_compile_args=["-O3", "-std=c99", "-fno-math-errno"],
+            optional=True,
+        )
     ]
 )

@@ -22,6 +22,13 @@
 
 #define NTAP 8
 
+/* inlined into a function that also releases the GIL, GCC 12 does not vectorise a loop */
+#if defined(__GNUC__)
+#define VAMPD_NOINLINE __attribute__((noinline))
+#else
+#define VAMPD_NOINLINE
+#endif
+
 typedef struct {
     const char *base;
     Py_ssize_t s0, s1, s2; /* byte strides */
@@ -444,10 +451,83 @@ static PyObject *calibrate_u16(PyObject *self, PyObject *args)
     return result;
 }
 
+/* One row of error_model: e = sqrt(h (c1 + c2 h) + var_c), h = |d| + d, the float32 operations of
+ * vampd.stages.calibrate.error_from_values in its order (c2 == NULL: h c1 + var_c). */
+VAMPD_NOINLINE static void error_row(const float *restrict d, const float *restrict c1, const float *restrict c2,
+                      const float *restrict vc, float *restrict e, Py_ssize_t nx, int variance)
+{
+    if (c2 != NULL) {
+        for (Py_ssize_t x = 0; x < nx; x++) {
+            float h = fabsf(d[x]) + d[x];
+            float t = h * c2[x];
+            t = t + c1[x];
+            e[x] = h * t + vc[x];
+        }
+    } else {
+        for (Py_ssize_t x = 0; x < nx; x++) {
+            float h = fabsf(d[x]) + d[x];
+            e[x] = h * c1[x] + vc[x];
+        }
+    }
+    if (!variance)
+        for (Py_ssize_t x = 0; x < nx; x++)
+            e[x] = sqrtf(e[x]);
+}
+
+PyDoc_STRVAR(error_model_doc,
+             "error_model(d, c1, c2, var_c, out, variance) -> None\n\n"
+             "out = sqrt(h (c1 + c2 h) + var_c) with h = |d| + d (c2 None: h c1 + var_c; variance: no\n"
+             "square root), all float32 (rows, nx) with unit column stride.");
+
+static PyObject *error_model(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *od, *o1, *o2, *ov, *oo;
+    int variance;
+    if (!PyArg_ParseTuple(args, "OOOOOp", &od, &o1, &o2, &ov, &oo, &variance))
+        return NULL;
+    Py_buffer db, b1, b2, bv, bo;
+    int with_c2 = o2 != Py_None, got = 0;
+    if (get_view(od, &db, 0, 2, "d") == 0) got++;
+    if (got == 1 && get_view(o1, &b1, 0, 2, "c1") == 0) got++;
+    if (got == 2 && (!with_c2 || get_view(o2, &b2, 0, 2, "c2") == 0)) got++;
+    if (got == 3 && get_view(ov, &bv, 0, 2, "var_c") == 0) got++;
+    if (got == 4 && get_view(oo, &bo, 1, 2, "out") == 0) got++;
+    PyObject *result = NULL;
+    if (got == 5) {
+        Py_ssize_t ny = db.shape[0], nx = db.shape[1];
+        int ok = db.strides[1] == 4 && b1.strides[1] == 4 && bv.strides[1] == 4 && bo.strides[1] == 4 &&
+                 b1.shape[0] == ny && b1.shape[1] == nx && bv.shape[0] == ny && bv.shape[1] == nx &&
+                 bo.shape[0] == ny && bo.shape[1] == nx &&
+                 (!with_c2 || (b2.strides[1] == 4 && b2.shape[0] == ny && b2.shape[1] == nx));
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "error_model: shapes differ or columns not contiguous");
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t y = 0; y < ny; y++)
+                error_row((const float *)((const char *)db.buf + y * db.strides[0]),
+                          (const float *)((const char *)b1.buf + y * b1.strides[0]),
+                          with_c2 ? (const float *)((const char *)b2.buf + y * b2.strides[0]) : NULL,
+                          (const float *)((const char *)bv.buf + y * bv.strides[0]),
+                          (float *)((char *)bo.buf + y * bo.strides[0]), nx, variance);
+            Py_END_ALLOW_THREADS
+            result = Py_None;
+            Py_INCREF(result);
+        }
+    }
+    if (got >= 5) PyBuffer_Release(&bo);
+    if (got >= 4) PyBuffer_Release(&bv);
+    if (got >= 3 && with_c2) PyBuffer_Release(&b2);
+    if (got >= 2) PyBuffer_Release(&b1);
+    if (got >= 1) PyBuffer_Release(&db);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"lanczos_shift", lanczos_shift, METH_VARARGS, lanczos_shift_doc},
     {"abs_moments", abs_moments, METH_VARARGS, abs_moments_doc},
     {"calibrate_u16", calibrate_u16, METH_VARARGS, calibrate_u16_doc},
+    {"error_model", error_model, METH_VARARGS, error_model_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -394,6 +394,10 @@ def error_from_values(d, c1, c2, var_c, out: np.ndarray, tmp: np.ndarray | None 
     ``tmp``: scratch of ``d``'s shape when ``c2`` is given (allocated if None).
     """
     e = out
+    if _kernels is not None and _unit_rows(d, c1, c2, var_c, e):
+        # one compiled pass, the same float32 operations (vampd/_kernels.c error_model)
+        _kernels.error_model(d, c1, c2, var_c, e, variance)
+        return e
     np.abs(d, out=e)
     np.add(e, d, out=e)  # h = |Df| + Df = 2 max(Df, 0)
     if c2 is not None:
@@ -407,6 +411,18 @@ def error_from_values(d, c1, c2, var_c, out: np.ndarray, tmp: np.ndarray | None 
     if not variance:
         np.sqrt(e, out=e)
     return e
+
+
+def _unit_rows(d, *arrays) -> bool:
+    """True if ``d`` and every non-None array are float32 (rows, nx) of ``d``'s shape with unit column stride."""
+    return (
+        all(
+            a is None
+            or (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == d.shape and a.strides[1] == 4)
+            for a in (d, *arrays)
+        )
+        and d.ndim == 2
+    )
 
 
 def _flag_saturated(r_raw, r, d, e, satlevel: float, is_int: bool, nsat: np.ndarray | None) -> None:
