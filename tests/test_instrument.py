@@ -784,3 +784,25 @@ def test_default_field_centers():
     }
     single = default_field_centers(make_header(EMCCD_SAMPLE), (256, 256))
     assert single == {"750-50": (127.5, 127.5)}
+
+
+@pytest.mark.parametrize(
+    "text, hours",
+    [
+        ("17:56:21.288", True),
+        ("00:00:00.0", True),
+        ("23 59 59.999", True),
+        ("-21:57:21.87", False),
+        ("-00:30:00", False),  # the sign of a zero degree field
+        ("+89:59:59.9", False),
+        ("05:04:03", False),
+        ("12h30m00s", True),  # not the headers' form: astropy parses it
+    ],
+)
+def test_sexagesimal_equals_astropy_angle(text, hours):
+    from astropy.coordinates import Angle
+
+    from vampd.instrument.headers import sexagesimal_deg
+
+    expect = Angle(text, unit=u.hourangle if hours else u.deg).deg
+    assert sexagesimal_deg(text, hours) == pytest.approx(expect, abs=1e-12)

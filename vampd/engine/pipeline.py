@@ -199,18 +199,20 @@ def warm_up() -> None:
 
 
 def _warm_coordinates() -> None:
-    """First use of what ``update_angles`` needs per file: sexagesimal parsing (parser tables),
-    a proper-motion propagation (frame transforms, erfa) and formatting."""
+    """First use of what ``update_angles`` needs per file: a SkyCoord, a proper-motion
+    propagation (frame transforms, erfa) and formatting."""
     import warnings
 
     import astropy.units as u
     from astropy.coordinates import SkyCoord
     from astropy.time import Time
 
+    from vampd.instrument.headers import sexagesimal_deg
+
     c = SkyCoord(
-        "05:30:00.000",
-        "+25:00:00.00",
-        unit=(u.hourangle, u.deg),
+        sexagesimal_deg("05:30:00.000", hours=True),
+        sexagesimal_deg("+25:00:00.00", hours=False),
+        unit=u.deg,
         frame="icrs",
         pm_ra_cosdec=1.0 * u.mas / u.yr,
         pm_dec=1.0 * u.mas / u.yr,

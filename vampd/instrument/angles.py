@@ -22,7 +22,7 @@ from astropy.coordinates import ICRS, AltAz, Distance, EarthLocation, SkyCoord
 from astropy.io import fits
 from astropy.time import Time
 
-from vampd.instrument.headers import HeaderError, header_mjd
+from vampd.instrument.headers import HeaderError, header_mjd, sexagesimal_deg
 
 __all__ = [
     "wrap",
@@ -262,10 +262,12 @@ def target_coord(header, target=None, path=None) -> SkyCoord:
 
 @functools.lru_cache(maxsize=64)
 def _header_coord(ra, dec, frame: str, equinox: float | None) -> SkyCoord:
-    """SkyCoord of header RA/DEC (parsing sexagesimal strings costs ~3 ms: cached)."""
+    """SkyCoord of header RA/DEC (degrees, or sexagesimal strings: :func:`~vampd.instrument.headers.sexagesimal_deg`; cached)."""
     kwargs = {"equinox": f"J{equinox}"} if equinox is not None else {}
     if isinstance(ra, str):
-        return SkyCoord(ra, dec, unit=(u.hourangle, u.deg), frame=frame, **kwargs)
+        ra = sexagesimal_deg(ra, hours=True)
+    if isinstance(dec, str):
+        dec = sexagesimal_deg(dec, hours=False)
     return SkyCoord(ra, dec, unit=u.deg, frame=frame, **kwargs)
 
 

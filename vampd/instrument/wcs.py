@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 
-import astropy.units as u
-from astropy.coordinates import Angle
 from astropy.io import fits
 
-from vampd.instrument.headers import HeaderError
+from vampd.instrument.headers import HeaderError, sexagesimal_deg
 
 __all__ = ["apply_wcs"]
 
@@ -21,8 +19,8 @@ def _ra_dec_deg(h, path) -> tuple[float, float]:
             raise HeaderError(key, "missing (needed for the WCS reference value)", path)
     ra, dec = h["RA"], h["DEC"]
     try:
-        ra_deg = Angle(ra, unit=u.hourangle).deg if isinstance(ra, str) else float(ra)
-        dec_deg = Angle(dec, unit=u.deg).deg if isinstance(dec, str) else float(dec)
+        ra_deg = sexagesimal_deg(ra, hours=True) if isinstance(ra, str) else float(ra)
+        dec_deg = sexagesimal_deg(dec, hours=False) if isinstance(dec, str) else float(dec)
     except (ValueError, TypeError):
         raise HeaderError("RA/DEC", f"values {ra!r}/{dec!r} not parsed", path) from None
     return ra_deg, dec_deg
