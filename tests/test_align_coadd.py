@@ -8,7 +8,7 @@ from astropy.io import fits
 from astropy.stats import biweight_location
 from scipy.optimize import least_squares
 
-from vampd.imaging import derotate, fast_size, frame_center, shift_cube
+from vampd.imaging import derotate, frame_center, shift_cube
 from vampd.instrument.wcs import apply_wcs
 from vampd.stages.align import (
     align_cube,
@@ -99,11 +99,6 @@ def test_derotate_batched_and_nan():
 )
 def test_frame_center(shape, center):
     assert frame_center(shape) == center
-
-
-def test_fast_size():
-    assert fast_size(536) == 540
-    assert fast_size(512) == 512
 
 
 def test_shift_cube_recovers_gaussian_position():

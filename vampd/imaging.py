@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from scipy import fft as _sfft
 from scipy import ndimage
 
 try:  # the compiled shift kernel (setup.py builds it when a C compiler is there)
@@ -22,7 +21,6 @@ except ImportError:  # pragma: no cover - exercised by the numpy-path test
 __all__ = [
     "frame_center",
     "window_slices",
-    "fast_size",
     "lanczos_weights",
     "shift_cube",
     "shift_window",
@@ -72,14 +70,6 @@ _BLOCK_PIXELS = 1 << 18
 #: B + 7 multiply-adds per axis; B = 8 measured ~10% faster than 16 at 536² (the extra taps
 #: are exact zeros, so the values do not depend on B)
 _BAND = 8
-
-
-def fast_size(n: int) -> int:
-    """Smallest FFT-friendly length ``>= n`` (``scipy.fft.next_fast_len``, real input).
-
-    536 = 8·67 has a large prime factor; ``fast_size(536) == 540`` is ~2.5x faster.
-    """
-    return int(_sfft.next_fast_len(int(n), real=True))
 
 
 def lanczos_weights(frac) -> np.ndarray:
