@@ -1,3 +1,3 @@
-from vampd.cli import main
+from vampd.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -258,5 +258,28 @@ def main(argv: list[str] | None = None) -> int:
     return _run(fn, args)
 
 
+#: one-shot commands whose process ends the moment they return: their products are written and
+#: synced, the workers reaped and the ledger closed, so the interpreter's teardown (freeing ~300
+#: modules, ~40 ms of every ``vampd run``) has nothing left to do
+_FAST_EXIT = frozenset({"run"})
+
+
+def entry() -> None:
+    """The ``vampd`` program (console script and ``python -m vampd``): :func:`main`, then exit."""
+    rc = main()
+    if next((a for a in sys.argv[1:] if not a.startswith("-")), None) in _FAST_EXIT:
+        import logging
+        import os
+
+        logging.shutdown()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        os._exit(rc)
+    raise SystemExit(rc)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
