@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from scipy import ndimage
 
-try:  # the compiled shift kernel (setup.py builds it when a C compiler is there)
+try:  # the compiled kernels (setup.py builds them when a C compiler is there; docs/design.md)
     from vampd import _kernels
-except ImportError:  # pragma: no cover - exercised by the numpy-path test
+except ImportError:  # pragma: no cover - the tests run the numpy twins by switching this to None
+    _kernels = None
+if os.environ.get("VAMPD_NO_KERNELS"):  # the numpy twins, e.g. to compare speed
     _kernels = None
 
 __all__ = [
