@@ -238,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         from vampd import install_early_stop
 
         install_early_stop()  # before any heavy import: an early SIGTERM drains cleanly
+    elif command == "run" and not {"-h", "--help"} & set(argv):
+        import os
+
+        from vampd.engine.pool import DEFAULT_PROCESS, prestart
+
+        # the workers' fork server imports the pipeline (~0.6 s, the run's start-up): begin before
+        # our own parser and logging (it ends by itself if the arguments turn out wrong)
+        prestart(os.environ.get("VAMPD_PROCESS", DEFAULT_PROCESS))
     parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if not args.command:
