@@ -1,22 +1,14 @@
 """The per-file chain as data: stage objects over one small context, run and timed by :func:`run_chain`.
 
-BANZAI's shape with photutils-style array-in functions underneath: each stage is an object with a
-``name`` and one entry point ``run(ctx)`` over a :class:`FileContext` (arrays, headers, metrics,
-products); the science lives in :mod:`vampd.stages` (pure functions over numpy arrays and
-headers). :func:`build_chain` builds the list from the configuration (a stage that the config
-turns off is not in the list); :func:`run_chain` runs it, accumulates each stage's wall time in
-``ctx.timing[stage.name]`` and logs the split once per file.
+Each stage has a ``name`` and one entry point ``run(ctx)`` over a :class:`FileContext`; the science
+lives in :mod:`vampd.stages`. :func:`build_chain` builds the list from the configuration (a stage
+the config turns off is not in it); :func:`run_chain` runs it and times each stage by name.
 
-The cube is read in frame chunks. A :class:`ChunkPass` runs its sub-stages once per chunk
-(``ctx.chunk``, ``ctx.data``, ``ctx.err``): pass 1 calibrates and measures, pass 2 aligns and
-coadds. Calibrated chunks are kept in RAM between the passes only while the whole calibrated
-cube fits in ``limits.hold_bytes``; a larger cube is calibrated twice rather than held, and its
-aligned frames go through a disk-backed coadder beyond ``limits.coadd_ram_bytes``.
-
-Fast path (coadd only, any method but ``varmean``): only the part of the aligned frame that can
-hold data (:func:`~vampd.stages.align.align_region`) is resampled, straight into the coadder's
-frame store; the coadd error uses per-frame variances shifted by the nearest whole pixel
-(:func:`~vampd.stages.align.variance_sum_nearest`). The data path is identical to ``align_cube``.
+The cube is read in frame chunks: a :class:`ChunkPass` runs its sub-stages once per chunk (pass 1
+calibrates and measures, pass 2 aligns and coadds). Calibrated chunks stay in RAM between the
+passes only while the cube fits ``limits.hold_bytes``, else they are calibrated twice; beyond
+``limits.coadd_ram_bytes`` the coadder's store is on disk. The coadd-only fast path and the
+deferred errors are described in docs/design.md ("The per-file chain is data").
 """
 
 from __future__ import annotations
@@ -226,15 +218,20 @@ class Calibrate(Stage):
             return
         nframes, ny, nx = ctx.shape
         n = len(range(*ctx.chunk.indices(nframes)))
-        if ctx.can_defer_err and ctx.deferred is not False:
-            mapped = map_frames(ctx.path, ctx.chunk) if _kernels is not None else None
-            if mapped is not None and mapped[1] is not None:  # the compiled pass reads the map
-                _calibrate_deferred(ctx, *mapped)
-                return
-        raw = read_frames(ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16))
-        if ctx.can_defer_err and ctx.deferred is not False:
-            _calibrate_deferred(ctx, raw)
+        defer = ctx.can_defer_err and ctx.deferred is not False
+        # the compiled pass reads the mapped file as it is (big-endian int16 + BZERO)
+        mapped = map_frames(ctx.path, ctx.chunk) if defer and _kernels is not None else None
+        if mapped is None or mapped[1] is None:
+            mapped = (
+                read_frames(
+                    ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16)
+                ),
+                None,
+            )
+        if defer:
+            _calibrate_deferred(ctx, *mapped)
             return
+        raw = mapped[0]
         first = ctx.cal_header is None
         ctx.data, ctx.err, hdr = calibrate_cube(
             raw,
