@@ -63,25 +63,28 @@ static inline uint16_t load_u16(const char *p, int swap, uint16_t xm)
         for (int s = 0; s < NTAP; s++)                                                                   \
             rows[s] = fbase + clampi(r0 + y + s, 0, ny - 1) * fr->s1;                                    \
         int row_nan = 0, contiguous = fr->s2 == (Py_ssize_t)sizeof(float);                              \
-        const float *p0 = (const float *)rows[0] + c0, *p1 = (const float *)rows[1] + c0;                \
-        const float *p2 = (const float *)rows[2] + c0, *p3 = (const float *)rows[3] + c0;                \
-        const float *p4 = (const float *)rows[4] + c0, *p5 = (const float *)rows[5] + c0;                \
-        const float *p6 = (const float *)rows[6] + c0, *p7 = (const float *)rows[7] + c0;                \
+        /* the interior columns [xlo, xhi): pointers at its first source column (inside the row) */ \
+        const Py_ssize_t ni = xhi - xlo, first = ni > 0 ? c0 + xlo : 0;                                  \
+        const float *p0 = (const float *)rows[0] + first, *p1 = (const float *)rows[1] + first;          \
+        const float *p2 = (const float *)rows[2] + first, *p3 = (const float *)rows[3] + first;          \
+        const float *p4 = (const float *)rows[4] + first, *p5 = (const float *)rows[5] + first;          \
+        const float *p6 = (const float *)rows[6] + first, *p7 = (const float *)rows[7] + first;          \
+        float *ti = tmp + xlo;                                                                           \
         if (contiguous) {                                                                                \
-            for (Py_ssize_t x = xlo; x < xhi; x++)                                                       \
-                tmp[x] = a[0] * p0[x] + a[1] * p1[x] + a[2] * p2[x] + a[3] * p3[x] + a[4] * p4[x] +      \
-                         a[5] * p5[x] + a[6] * p6[x] + a[7] * p7[x];                                     \
-            for (Py_ssize_t x = xlo; x < xhi; x++)                                                       \
-                row_nan |= tmp[x] != tmp[x];                                                             \
+            for (Py_ssize_t i = 0; i < ni; i++)                                                          \
+                ti[i] = a[0] * p0[i] + a[1] * p1[i] + a[2] * p2[i] + a[3] * p3[i] + a[4] * p4[i] +       \
+                        a[5] * p5[i] + a[6] * p6[i] + a[7] * p7[i];                                      \
+            for (Py_ssize_t i = 0; i < ni; i++)                                                          \
+                row_nan |= ti[i] != ti[i];                                                               \
         }                                                                                                \
         if (row_nan) { /* a NaN was read (or made from infinities): again, with NaN read as 0 */        \
             int nn = 0;                                                                                  \
-            for (Py_ssize_t x = xlo; x < xhi; x++) {                                                     \
-                nn |= (p0[x] != p0[x]) | (p1[x] != p1[x]) | (p2[x] != p2[x]) | (p3[x] != p3[x]) |        \
-                      (p4[x] != p4[x]) | (p5[x] != p5[x]) | (p6[x] != p6[x]) | (p7[x] != p7[x]);         \
-                tmp[x] = a[0] * nan0(p0[x]) + a[1] * nan0(p1[x]) + a[2] * nan0(p2[x]) +                  \
-                         a[3] * nan0(p3[x]) + a[4] * nan0(p4[x]) + a[5] * nan0(p5[x]) +                  \
-                         a[6] * nan0(p6[x]) + a[7] * nan0(p7[x]);                                        \
+            for (Py_ssize_t i = 0; i < ni; i++) {                                                        \
+                nn |= (p0[i] != p0[i]) | (p1[i] != p1[i]) | (p2[i] != p2[i]) | (p3[i] != p3[i]) |        \
+                      (p4[i] != p4[i]) | (p5[i] != p5[i]) | (p6[i] != p6[i]) | (p7[i] != p7[i]);         \
+                ti[i] = a[0] * nan0(p0[i]) + a[1] * nan0(p1[i]) + a[2] * nan0(p2[i]) +                   \
+                        a[3] * nan0(p3[i]) + a[4] * nan0(p4[i]) + a[5] * nan0(p5[i]) +                   \
+                        a[6] * nan0(p6[i]) + a[7] * nan0(p7[i]);                                         \
             }                                                                                            \
             nan_seen |= nn;                                                                              \
         } else if (!contiguous) { /* strided frames */                                                   \

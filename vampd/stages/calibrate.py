@@ -415,13 +415,9 @@ def error_from_values(d, c1, c2, var_c, out: np.ndarray, tmp: np.ndarray | None 
 
 def _unit_rows(d, *arrays) -> bool:
     """True if ``d`` and every non-None array are float32 (rows, nx) of ``d``'s shape with unit column stride."""
-    return (
-        all(
-            a is None
-            or (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == d.shape and a.strides[1] == 4)
-            for a in (d, *arrays)
-        )
-        and d.ndim == 2
+    return d.ndim == 2 and all(
+        a is None or (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == d.shape and a.strides[1] == 4)
+        for a in (d, *arrays)
     )
 
 
