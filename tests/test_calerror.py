@@ -80,7 +80,7 @@ def test_group_sum_compiled_equals_numpy(scene, monkeypatch):
 
 @pytest.mark.parametrize("compiled", [True, False])
 def test_calibrate_data_from_file_view(scene, compiled, monkeypatch):
-    """The file's big-endian int16 + BZERO bytes (fitsio.map_frames: values = view ^ 0x8000) give
+    """The file's big-endian int16 + BZERO bytes (fitsio.read_raw: values = view ^ 0x8000) give
     the data of the native uint16 cube bit for bit, saturation and flip included, with the
     compiled pass and with the numpy fallback."""
     from vampd.stages import calibrate as calibrate_mod

@@ -245,3 +245,27 @@ def test_interpolated_sidereal_time_matches_astropy():
     exact = Time(mjd, format="mjd", scale="ut1", location=SUBARU).sidereal_time("apparent").hour
     diff = (local_sidereal_hours(mjd) - exact + 12) % 24 - 12
     assert np.abs(diff).max() < 1e-7  # hours: < 1.5e-6 deg of hour angle
+
+
+def test_compiled_kernels_name_bad_arguments():
+    """Wrong dtype, shape or index: a specific error naming the kernel and the argument, nothing written."""
+    from vampd import _kernels as k
+
+    f32 = np.zeros((2, 3), np.float32)
+    out = np.full((1, 3, 3), 7.0, np.float32)
+    with pytest.raises(TypeError, match="lanczos_shift: frames must be a 3-D float32 array"):
+        k.lanczos_shift(np.zeros((2, 3, 3)), 0, 0, 0, 0, 0, out)
+    idx = np.array([5])
+    with pytest.raises(IndexError, match="lanczos_shift: frame index out of range"):
+        w8 = np.zeros((1, 8), np.float32)
+        k.lanczos_shift(np.zeros((2, 3, 3), np.float32), idx, idx * 0, idx * 0, w8, w8, out)
+    assert (out == 7).all()
+    with pytest.raises(ValueError, match="error_model: shapes differ"):
+        k.error_model(f32, np.zeros((2, 4), np.float32), None, f32, f32.copy(), False)
+    with pytest.raises(TypeError, match="calibrate_u16: raw must be a 3-D uint16 array"):
+        k.calibrate_u16(
+            np.zeros((1, 2, 2), np.int16), 0, f32[:, :2], f32[:, :2], 1.0, np.zeros((1, 2, 2), np.float32), None
+        )
+    with pytest.raises(ValueError, match="abs_moments: window, index or strides out of range"):
+        s = np.zeros((2, 2), np.float32)
+        k.abs_moments(np.zeros((2, 3, 3), np.float32), idx, 0, 0, s, s.copy())

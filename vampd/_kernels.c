@@ -153,33 +153,74 @@ static shift_frame_fn pick_shift_frame(void)
 static shift_frame_fn pick_shift_frame(void) { return shift_frame_base; }
 #endif
 
-static int get_view(PyObject *obj, Py_buffer *buf, int writable, int ndim, const char *what)
+/* The buffers one call holds: released together, however far the call got. */
+typedef struct {
+    const char *fn; /* the Python-level name, for error messages */
+    Py_buffer b[8];
+    int n;
+} held_t;
+
+static void release_all(held_t *h)
 {
-    if (PyObject_GetBuffer(obj, buf, PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0)) < 0)
-        return -1;
-    if (buf->ndim != ndim || buf->itemsize != 4 || buf->format == NULL || strcmp(buf->format, "f") != 0) {
-        PyErr_Format(PyExc_TypeError, "lanczos_shift: %s must be a %d-D float32 array", what, ndim);
-        PyBuffer_Release(buf);
-        return -1;
-    }
-    return 0;
+    while (h->n > 0)
+        PyBuffer_Release(&h->b[--h->n]);
 }
 
-/* A C-contiguous vector of n bytes whose item type is one of the format characters in fmts
- * (numpy calls int64 "l" on LP64 platforms, "q" elsewhere). */
-static int get_vector(PyObject *obj, Py_buffer *buf, Py_ssize_t n, const char *fmts, const char *what)
+/* numpy exports int64 as "l" on LP64 platforms, "q" elsewhere */
+#define I64_FORMATS (sizeof(long) == 8 ? "ql" : "q")
+
+/* The item format without its byte-order prefix; *swap when the declared order is not the host's. */
+static const char *bare_format(const char *f, int *swap)
 {
-    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return -1;
-    const char *f = buf->format;
-    if (f[0] == '<' || f[0] == '=' || f[0] == '@')
-        f++;
-    if (buf->len != n || strlen(f) != 1 || strchr(fmts, f[0]) == NULL) {
-        PyErr_Format(PyExc_TypeError, "lanczos_shift: %s: wrong size or type", what);
-        PyBuffer_Release(buf);
-        return -1;
+    const uint16_t one = 1;
+    const char host = *(const char *)&one ? '<' : '>';
+    if (f == NULL)
+        return "B";
+    if (swap != NULL)
+        *swap = (f[0] == '<' || f[0] == '>' || f[0] == '!') && (f[0] == '<' ? '<' : '>') != host;
+    return (f[0] != '\0' && strchr("<>!=@", f[0]) != NULL) ? f + 1 : f;
+}
+
+/* An ndim-D array (any strides) of item "fmt" (itemsize bytes), held by h; NULL with an exception. */
+static Py_buffer *take_array(held_t *h, PyObject *obj, int writable, int ndim, const char *fmt, Py_ssize_t itemsize,
+                             const char *what, int *swap)
+{
+    Py_buffer *buf = &h->b[h->n];
+    if (PyObject_GetBuffer(obj, buf, PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return NULL;
+    h->n++;
+    if (buf->ndim != ndim || buf->itemsize != itemsize || strcmp(bare_format(buf->format, swap), fmt) != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a %d-D %s array", h->fn, what, ndim,
+                     fmt[0] == 'f' ? "float32" : "uint16");
+        return NULL;
     }
-    return 0;
+    return buf;
+}
+
+static Py_buffer *take_f32(held_t *h, PyObject *obj, int writable, int ndim, const char *what)
+{
+    return take_array(h, obj, writable, ndim, "f", 4, what, NULL);
+}
+
+/* A C-contiguous vector of nbytes bytes whose item type is one of the format characters in fmts. */
+static Py_buffer *take_vector(held_t *h, PyObject *obj, Py_ssize_t nbytes, const char *fmts, const char *what)
+{
+    Py_buffer *buf = &h->b[h->n];
+    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return NULL;
+    h->n++;
+    const char *f = bare_format(buf->format, NULL);
+    if (buf->len != nbytes || strlen(f) != 1 || strchr(fmts, f[0]) == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: %s: wrong size or type", h->fn, what);
+        return NULL;
+    }
+    return buf;
+}
+
+static PyObject *none_result(void)
+{
+    Py_INCREF(Py_None);
+    return Py_None;
 }
 
 PyDoc_STRVAR(lanczos_shift_doc,
@@ -191,59 +232,46 @@ PyDoc_STRVAR(lanczos_shift_doc,
 static PyObject *lanczos_shift(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *ofr, *oidx, *or0, *oc0, *owy, *owx, *oout;
+    PyObject *ofr, *oidx, *or0, *oc0, *owy, *owx, *oout, *result = NULL;
     if (!PyArg_ParseTuple(args, "OOOOOOO", &ofr, &oidx, &or0, &oc0, &owy, &owx, &oout))
         return NULL;
-    Py_buffer fb, ob, ib, rb, cb, yb, xb;
-    if (get_view(ofr, &fb, 0, 3, "frames") < 0)
-        return NULL;
-    if (get_view(oout, &ob, 1, 3, "out") < 0) {
-        PyBuffer_Release(&fb);
-        return NULL;
+    held_t h = {"lanczos_shift", {{0}}, 0};
+    Py_buffer *fb, *ob, *ib, *rb, *cb, *yb, *xb;
+    float *tmp = NULL;
+    if (!(fb = take_f32(&h, ofr, 0, 3, "frames")) || !(ob = take_f32(&h, oout, 1, 3, "out")))
+        goto done;
+    Py_ssize_t n = ob->shape[0], h_out = ob->shape[1], w = ob->shape[2];
+    if (!(ib = take_vector(&h, oidx, n * 8, I64_FORMATS, "index")) ||
+        !(rb = take_vector(&h, or0, n * 8, I64_FORMATS, "r0")) || !(cb = take_vector(&h, oc0, n * 8, I64_FORMATS, "c0")) ||
+        !(yb = take_vector(&h, owy, n * NTAP * 4, "f", "wy")) || !(xb = take_vector(&h, owx, n * NTAP * 4, "f", "wx")))
+        goto done;
+    view3 fr = {fb->buf, fb->strides[0], fb->strides[1], fb->strides[2], fb->shape[0], fb->shape[1], fb->shape[2]};
+    const int64_t *idx = ib->buf, *r0 = rb->buf, *c0 = cb->buf;
+    const float *wy = yb->buf, *wx = xb->buf;
+    int bad_index = fr.n1 < 1 || fr.n2 < 1;
+    for (Py_ssize_t f = 0; f < n; f++)
+        bad_index |= idx[f] < 0 || idx[f] >= fr.n0;
+    if (bad_index) {
+        PyErr_SetString(PyExc_IndexError, "lanczos_shift: frame index out of range or empty frames");
+        goto done;
     }
-    Py_ssize_t n = ob.shape[0], h = ob.shape[1], w = ob.shape[2];
-    PyObject *result = NULL;
-    int got = 0;
-    if (get_vector(oidx, &ib, n * 8, sizeof(long) == 8 ? "ql" : "q", "index") == 0) got++;
-    if (got == 1 && get_vector(or0, &rb, n * 8, sizeof(long) == 8 ? "ql" : "q", "r0") == 0) got++;
-    if (got == 2 && get_vector(oc0, &cb, n * 8, sizeof(long) == 8 ? "ql" : "q", "c0") == 0) got++;
-    if (got == 3 && get_vector(owy, &yb, n * NTAP * 4, "f", "wy") == 0) got++;
-    if (got == 4 && get_vector(owx, &xb, n * NTAP * 4, "f", "wx") == 0) got++;
-    if (got == 5) {
-        view3 fr = {fb.buf, fb.strides[0], fb.strides[1], fb.strides[2], fb.shape[0], fb.shape[1], fb.shape[2]};
-        const int64_t *idx = ib.buf, *r0 = rb.buf, *c0 = cb.buf;
-        const float *wy = yb.buf, *wx = xb.buf;
-        int bad_index = 0;
-        for (Py_ssize_t f = 0; f < n; f++)
-            bad_index |= idx[f] < 0 || idx[f] >= fr.n0;
-        float *tmp = malloc(sizeof(float) * (size_t)(w + NTAP));
-        result = PyBytes_FromStringAndSize(NULL, n);
-        if (bad_index || fr.n1 < 1 || fr.n2 < 1) {
-            PyErr_SetString(PyExc_IndexError, "lanczos_shift: frame index out of range or empty frames");
-            Py_CLEAR(result);
-        } else if (tmp == NULL || result == NULL) {
-            Py_CLEAR(result);
-            if (!PyErr_Occurred())
-                PyErr_NoMemory();
-        } else {
-            char *flags = PyBytes_AS_STRING(result);
-            shift_frame_fn shift_frame = pick_shift_frame();
-            Py_BEGIN_ALLOW_THREADS
-            for (Py_ssize_t f = 0; f < n; f++)
-                flags[f] = (char)shift_frame(&fr, idx[f], r0[f], c0[f], wy + NTAP * f, wx + NTAP * f,
-                                             (char *)ob.buf + f * ob.strides[0], ob.strides[1], ob.strides[2], h, w,
-                                             tmp);
-            Py_END_ALLOW_THREADS
-        }
-        free(tmp);
+    tmp = malloc(sizeof(float) * (size_t)(w + NTAP));
+    if (tmp == NULL || (result = PyBytes_FromStringAndSize(NULL, n)) == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
     }
-    if (got >= 5) PyBuffer_Release(&xb);
-    if (got >= 4) PyBuffer_Release(&yb);
-    if (got >= 3) PyBuffer_Release(&cb);
-    if (got >= 2) PyBuffer_Release(&rb);
-    if (got >= 1) PyBuffer_Release(&ib);
-    PyBuffer_Release(&ob);
-    PyBuffer_Release(&fb);
+    char *flags = PyBytes_AS_STRING(result);
+    shift_frame_fn shift_frame = pick_shift_frame();
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t f = 0; f < n; f++)
+        flags[f] = (char)shift_frame(&fr, idx[f], r0[f], c0[f], wy + NTAP * f, wx + NTAP * f,
+                                     (char *)ob->buf + f * ob->strides[0], ob->strides[1], ob->strides[2], h_out, w,
+                                     tmp);
+    Py_END_ALLOW_THREADS
+done:
+    free(tmp);
+    release_all(&h);
     return result;
 }
 
@@ -258,70 +286,56 @@ PyDoc_STRVAR(abs_moments_doc,
 static PyObject *abs_moments(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *ofr, *oidx, *os1, *os2;
+    PyObject *ofr, *oidx, *os1, *os2, *result = NULL;
     Py_ssize_t y0, x0;
     if (!PyArg_ParseTuple(args, "OOnnOO", &ofr, &oidx, &y0, &x0, &os1, &os2))
         return NULL;
-    Py_buffer fb, ib, ab, bb;
-    if (get_view(ofr, &fb, 0, 3, "frames") < 0)
-        return NULL;
-    int got = 0;
-    if (get_view(os1, &ab, 1, 2, "s1") == 0) got++;
-    if (got == 1 && get_view(os2, &bb, 1, 2, "s2") == 0) got++;
-    Py_ssize_t n = 0;
-    if (got == 2) {
-        n = PyObject_Length(oidx);
-        if (n < 0 || get_vector(oidx, &ib, n * 8, sizeof(long) == 8 ? "ql" : "q", "index") < 0)
-            n = -1;
-        else
-            got++;
+    held_t hd = {"abs_moments", {{0}}, 0};
+    Py_buffer *fb, *ab, *bb, *ib;
+    Py_ssize_t n = PyObject_Length(oidx);
+    if (n < 0 || !(fb = take_f32(&hd, ofr, 0, 3, "frames")) || !(ab = take_f32(&hd, os1, 1, 2, "s1")) ||
+        !(bb = take_f32(&hd, os2, 1, 2, "s2")) || !(ib = take_vector(&hd, oidx, n * 8, I64_FORMATS, "index")))
+        goto done;
+    Py_ssize_t h = ab->shape[0], w = ab->shape[1];
+    const int64_t *idx = ib->buf;
+    int ok = n >= 1 && bb->shape[0] == h && bb->shape[1] == w && y0 >= 0 && x0 >= 0 && y0 + h <= fb->shape[1] &&
+             x0 + w <= fb->shape[2] && ab->strides[1] == 4 && bb->strides[1] == 4 && fb->strides[2] == 4;
+    for (Py_ssize_t f = 0; f < n; f++)
+        ok &= idx[f] >= 0 && idx[f] < fb->shape[0];
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "abs_moments: window, index or strides out of range");
+        goto done;
     }
-    PyObject *result = NULL;
-    if (got == 3) {
-        Py_ssize_t h = ab.shape[0], w = ab.shape[1];
-        const int64_t *idx = ib.buf;
-        int ok = bb.shape[0] == h && bb.shape[1] == w && y0 >= 0 && x0 >= 0 && y0 + h <= fb.shape[1] &&
-                 x0 + w <= fb.shape[2] && ab.strides[1] == 4 && bb.strides[1] == 4 && fb.strides[2] == 4;
-        for (Py_ssize_t f = 0; f < n; f++)
-            ok &= idx[f] >= 0 && idx[f] < fb.shape[0];
-        if (!ok || n < 1) {
-            PyErr_SetString(PyExc_ValueError, "abs_moments: window, index or strides out of range");
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            Py_ssize_t band = w > 0 ? (8192 + w - 1) / w : 1;
-            for (Py_ssize_t ya = 0; ya < h; ya += band) {
-                Py_ssize_t yb = ya + band < h ? ya + band : h;
-                for (Py_ssize_t i = 0; i < n; i++) {
-                    const char *fr = (const char *)fb.buf + idx[i] * fb.strides[0];
-                    for (Py_ssize_t y = ya; y < yb; y++) {
-                        const float *d = (const float *)(fr + (y0 + y) * fb.strides[1]) + x0;
-                        float *p = (float *)((char *)ab.buf + y * ab.strides[0]);
-                        float *q = (float *)((char *)bb.buf + y * bb.strides[0]);
-                        if (i == 0) {
-                            for (Py_ssize_t x = 0; x < w; x++) {
-                                float v = fabsf(d[x]) + d[x];
-                                p[x] = v;
-                                q[x] = v * v;
-                            }
-                        } else {
-                            for (Py_ssize_t x = 0; x < w; x++) {
-                                float v = fabsf(d[x]) + d[x];
-                                p[x] += v;
-                                q[x] += v * v;
-                            }
-                        }
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t band = w > 0 ? (8192 + w - 1) / w : 1;
+    for (Py_ssize_t ya = 0; ya < h; ya += band) {
+        Py_ssize_t yb = ya + band < h ? ya + band : h;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const char *fr = (const char *)fb->buf + idx[i] * fb->strides[0];
+            for (Py_ssize_t y = ya; y < yb; y++) {
+                const float *d = (const float *)(fr + (y0 + y) * fb->strides[1]) + x0;
+                float *p = (float *)((char *)ab->buf + y * ab->strides[0]);
+                float *q = (float *)((char *)bb->buf + y * bb->strides[0]);
+                if (i == 0) {
+                    for (Py_ssize_t x = 0; x < w; x++) {
+                        float v = fabsf(d[x]) + d[x];
+                        p[x] = v;
+                        q[x] = v * v;
+                    }
+                } else {
+                    for (Py_ssize_t x = 0; x < w; x++) {
+                        float v = fabsf(d[x]) + d[x];
+                        p[x] += v;
+                        q[x] += v * v;
                     }
                 }
             }
-            Py_END_ALLOW_THREADS
-            result = Py_None;
-            Py_INCREF(result);
         }
     }
-    if (got >= 3) PyBuffer_Release(&ib);
-    if (got >= 2) PyBuffer_Release(&bb);
-    if (got >= 1) PyBuffer_Release(&ab);
-    PyBuffer_Release(&fb);
+    Py_END_ALLOW_THREADS
+    result = none_result();
+done:
+    release_all(&hd);
     return result;
 }
 
@@ -365,92 +379,66 @@ PyDoc_STRVAR(calibrate_u16_doc,
 static PyObject *calibrate_u16(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *oraw, *oback, *ogain, *odata, *onsat;
+    PyObject *oraw, *oback, *ogain, *odata, *onsat, *result = NULL;
     double sat;
     unsigned int xor_mask;
     if (!PyArg_ParseTuple(args, "OIOOdOO", &oraw, &xor_mask, &oback, &ogain, &sat, &odata, &onsat))
         return NULL;
-    Py_buffer rb, bb, gb, db, nb;
-    int got = 0, with_nsat = onsat != Py_None;
-    if (PyObject_GetBuffer(oraw, &rb, PyBUF_RECORDS_RO) == 0) got++;
-    const uint16_t one = 1;
-    const char host = *(const char *)&one ? '<' : '>';
+    held_t h = {"calibrate_u16", {{0}}, 0};
+    Py_buffer *rb, *bb, *gb, *db, *nb = NULL;
     int swap = 0;
-    const char *fmt = "";
-    if (got == 1) { /* "H", "=H", "<H", ">H", "!H": swap when the declared order is not the host's */
-        fmt = rb.format == NULL ? "B" : rb.format;
-        if (fmt[0] == '<' || fmt[0] == '>' || fmt[0] == '!')
-            swap = (fmt[0] == '<' ? '<' : '>') != host;
-        if (fmt[0] != '\0' && strchr("<>!=@", fmt[0]) != NULL)
-            fmt++;
+    if (!(rb = take_array(&h, oraw, 0, 3, "H", 2, "raw", &swap)) || !(bb = take_f32(&h, oback, 0, 2, "back")) ||
+        !(gb = take_f32(&h, ogain, 0, 2, "gain")) || !(db = take_f32(&h, odata, 1, 3, "data")) ||
+        (onsat != Py_None && !(nb = take_vector(&h, onsat, rb->shape[0] * 8, I64_FORMATS, "nsat"))))
+        goto done;
+    Py_ssize_t n = rb->shape[0], ny = rb->shape[1], nx = rb->shape[2];
+    if (db->shape[0] != n || db->shape[1] != ny || db->shape[2] != nx || bb->shape[0] != ny || bb->shape[1] != nx ||
+        gb->shape[0] != ny || gb->shape[1] != nx) {
+        PyErr_SetString(PyExc_ValueError, "calibrate_u16: shapes differ");
+        goto done;
     }
-    if (got == 1 && (rb.ndim != 3 || rb.itemsize != 2 || strcmp(fmt, "H") != 0)) {
-        PyErr_SetString(PyExc_TypeError, "calibrate_u16: raw must be a 3-D uint16 array");
-    } else if (got == 1) {
-        if (get_view(oback, &bb, 0, 2, "back") == 0) got++;
-        if (got == 2 && get_view(ogain, &gb, 0, 2, "gain") == 0) got++;
-        if (got == 3 && get_view(odata, &db, 1, 3, "data") == 0) got++;
-        if (got == 4 && with_nsat && get_vector(onsat, &nb, rb.shape[0] * 8, sizeof(long) == 8 ? "ql" : "q", "nsat") < 0)
-            got = -4; /* release the four above */
-        else if (got == 4)
-            got = 5;
-    }
-    PyObject *result = NULL;
-    if (got == 5) {
-        Py_ssize_t n = rb.shape[0], ny = rb.shape[1], nx = rb.shape[2];
-        int ok = db.shape[0] == n && db.shape[1] == ny && db.shape[2] == nx && bb.shape[0] == ny && bb.shape[1] == nx &&
-                 gb.shape[0] == ny && gb.shape[1] == nx;
-        if (!ok) {
-            PyErr_SetString(PyExc_ValueError, "calibrate_u16: shapes differ");
-        } else {
-            int64_t *nsat = with_nsat ? (int64_t *)nb.buf : NULL;
-            const uint16_t xm = (uint16_t)xor_mask;
-            const int fast = rb.strides[2] == 2 && bb.strides[1] == 4 && gb.strides[1] == 4 && db.strides[2] == 4;
-            Py_BEGIN_ALLOW_THREADS
-            /* rows outside, frames inside: a row of the constants is read from memory once per
-             * chunk, not once per frame (at 536² they are 2.3 MB, past the L2 cache) */
-            for (Py_ssize_t y = 0; y < ny; y++) {
-                const char *b = (const char *)bb.buf + y * bb.strides[0];
-                const char *g = (const char *)gb.buf + y * gb.strides[0];
-                for (Py_ssize_t f = 0; f < n; f++) {
-                    const char *r = (const char *)rb.buf + f * rb.strides[0] + y * rb.strides[1];
-                    float *d = (float *)((char *)db.buf + f * db.strides[0] + y * db.strides[1]);
-                    uint16_t mx = 0; /* saturation is rare: a row's max decides whether to look */
-                    if (fast) {
-                        mx = (swap ? cal_row_swapped : cal_row)((const uint16_t *)r, (const float *)b,
-                                                                  (const float *)g, d, nx, xm);
-                    } else {
-                        for (Py_ssize_t x = 0; x < nx; x++) {
-                            uint16_t v = load_u16(r + x * rb.strides[2], swap, xm);
-                            float bv = *(const float *)(b + x * bb.strides[1]);
-                            float gv = *(const float *)(g + x * gb.strides[1]);
-                            *(float *)((char *)d + x * db.strides[2]) = ((float)v - bv) * gv;
-                            mx = v > mx ? v : mx;
-                        }
-                    }
-                    if ((double)mx >= sat) {
-                        int64_t cnt = 0;
-                        for (Py_ssize_t x = 0; x < nx; x++) {
-                            if ((double)load_u16(r + x * rb.strides[2], swap, xm) >= sat) {
-                                *(float *)((char *)d + x * db.strides[2]) = NAN;
-                                cnt++;
-                            }
-                        }
-                        if (nsat != NULL)
-                            nsat[f] += cnt;
-                    }
+    int64_t *nsat = nb != NULL ? (int64_t *)nb->buf : NULL;
+    const uint16_t xm = (uint16_t)xor_mask;
+    const int fast = rb->strides[2] == 2 && bb->strides[1] == 4 && gb->strides[1] == 4 && db->strides[2] == 4;
+    Py_BEGIN_ALLOW_THREADS
+    /* rows outside, frames inside: a row of the constants is read from memory once per chunk, not
+     * once per frame (at 536² they are 2.3 MB, past the L2 cache) */
+    for (Py_ssize_t y = 0; y < ny; y++) {
+        const char *b = (const char *)bb->buf + y * bb->strides[0];
+        const char *g = (const char *)gb->buf + y * gb->strides[0];
+        for (Py_ssize_t f = 0; f < n; f++) {
+            const char *r = (const char *)rb->buf + f * rb->strides[0] + y * rb->strides[1];
+            float *d = (float *)((char *)db->buf + f * db->strides[0] + y * db->strides[1]);
+            uint16_t mx = 0; /* saturation is rare: a row's max decides whether to look */
+            if (fast) {
+                mx = (swap ? cal_row_swapped : cal_row)((const uint16_t *)r, (const float *)b, (const float *)g, d,
+                                                          nx, xm);
+            } else {
+                for (Py_ssize_t x = 0; x < nx; x++) {
+                    uint16_t v = load_u16(r + x * rb->strides[2], swap, xm);
+                    float bv = *(const float *)(b + x * bb->strides[1]);
+                    float gv = *(const float *)(g + x * gb->strides[1]);
+                    *(float *)((char *)d + x * db->strides[2]) = ((float)v - bv) * gv;
+                    mx = v > mx ? v : mx;
                 }
             }
-            Py_END_ALLOW_THREADS
-            result = Py_None;
-            Py_INCREF(result);
+            if ((double)mx >= sat) {
+                int64_t cnt = 0;
+                for (Py_ssize_t x = 0; x < nx; x++) {
+                    if ((double)load_u16(r + x * rb->strides[2], swap, xm) >= sat) {
+                        *(float *)((char *)d + x * db->strides[2]) = NAN;
+                        cnt++;
+                    }
+                }
+                if (nsat != NULL)
+                    nsat[f] += cnt;
+            }
         }
     }
-    if (got == 5 && with_nsat) PyBuffer_Release(&nb);
-    if (got >= 4 || got == -4) PyBuffer_Release(&db);
-    if (got >= 3 || got == -4) PyBuffer_Release(&gb);
-    if (got >= 2 || got == -4) PyBuffer_Release(&bb);
-    if (got >= 1 || got == -4) PyBuffer_Release(&rb);
+    Py_END_ALLOW_THREADS
+    result = none_result();
+done:
+    release_all(&h);
     return result;
 }
 
@@ -485,44 +473,35 @@ PyDoc_STRVAR(error_model_doc,
 static PyObject *error_model(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *od, *o1, *o2, *ov, *oo;
+    PyObject *od, *o1, *o2, *ov, *oo, *result = NULL;
     int variance;
     if (!PyArg_ParseTuple(args, "OOOOOp", &od, &o1, &o2, &ov, &oo, &variance))
         return NULL;
-    Py_buffer db, b1, b2, bv, bo;
-    int with_c2 = o2 != Py_None, got = 0;
-    if (get_view(od, &db, 0, 2, "d") == 0) got++;
-    if (got == 1 && get_view(o1, &b1, 0, 2, "c1") == 0) got++;
-    if (got == 2 && (!with_c2 || get_view(o2, &b2, 0, 2, "c2") == 0)) got++;
-    if (got == 3 && get_view(ov, &bv, 0, 2, "var_c") == 0) got++;
-    if (got == 4 && get_view(oo, &bo, 1, 2, "out") == 0) got++;
-    PyObject *result = NULL;
-    if (got == 5) {
-        Py_ssize_t ny = db.shape[0], nx = db.shape[1];
-        int ok = db.strides[1] == 4 && b1.strides[1] == 4 && bv.strides[1] == 4 && bo.strides[1] == 4 &&
-                 b1.shape[0] == ny && b1.shape[1] == nx && bv.shape[0] == ny && bv.shape[1] == nx &&
-                 bo.shape[0] == ny && bo.shape[1] == nx &&
-                 (!with_c2 || (b2.strides[1] == 4 && b2.shape[0] == ny && b2.shape[1] == nx));
-        if (!ok) {
-            PyErr_SetString(PyExc_ValueError, "error_model: shapes differ or columns not contiguous");
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            for (Py_ssize_t y = 0; y < ny; y++)
-                error_row((const float *)((const char *)db.buf + y * db.strides[0]),
-                          (const float *)((const char *)b1.buf + y * b1.strides[0]),
-                          with_c2 ? (const float *)((const char *)b2.buf + y * b2.strides[0]) : NULL,
-                          (const float *)((const char *)bv.buf + y * bv.strides[0]),
-                          (float *)((char *)bo.buf + y * bo.strides[0]), nx, variance);
-            Py_END_ALLOW_THREADS
-            result = Py_None;
-            Py_INCREF(result);
-        }
+    held_t h = {"error_model", {{0}}, 0};
+    Py_buffer *db, *b1, *b2 = NULL, *bv, *bo;
+    if (!(db = take_f32(&h, od, 0, 2, "d")) || !(b1 = take_f32(&h, o1, 0, 2, "c1")) ||
+        (o2 != Py_None && !(b2 = take_f32(&h, o2, 0, 2, "c2"))) || !(bv = take_f32(&h, ov, 0, 2, "var_c")) ||
+        !(bo = take_f32(&h, oo, 1, 2, "out")))
+        goto done;
+    Py_ssize_t ny = db->shape[0], nx = db->shape[1];
+    int ok = 1;
+    for (int i = 0; i < h.n; i++) /* every array: d's shape, unit column stride */
+        ok &= h.b[i].shape[0] == ny && h.b[i].shape[1] == nx && h.b[i].strides[1] == 4;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "error_model: shapes differ or columns not contiguous");
+        goto done;
     }
-    if (got >= 5) PyBuffer_Release(&bo);
-    if (got >= 4) PyBuffer_Release(&bv);
-    if (got >= 3 && with_c2) PyBuffer_Release(&b2);
-    if (got >= 2) PyBuffer_Release(&b1);
-    if (got >= 1) PyBuffer_Release(&db);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t y = 0; y < ny; y++)
+        error_row((const float *)((const char *)db->buf + y * db->strides[0]),
+                  (const float *)((const char *)b1->buf + y * b1->strides[0]),
+                  b2 != NULL ? (const float *)((const char *)b2->buf + y * b2->strides[0]) : NULL,
+                  (const float *)((const char *)bv->buf + y * bv->strides[0]),
+                  (float *)((char *)bo->buf + y * bo->strides[0]), nx, variance);
+    Py_END_ALLOW_THREADS
+    result = none_result();
+done:
+    release_all(&h);
     return result;
 }
 

@@ -37,6 +37,7 @@ __all__ = [
     "read_cube",
     "read_frames",
     "map_frames",
+    "read_raw",
     "write_hdus_atomic",
     "fits_structure_complete",
     "output_stem",
@@ -338,7 +339,23 @@ def read_frames(path: os.PathLike | str, frames: slice | None = None, out: np.nd
     errors as ``read_cube(path, frames)[0]``. ``out``: optional uint16 array of the result's
     shape to fill (reused memory) for the usual unsigned-16-bit cube; ignored otherwise.
     """
+    return _values(path, frames, out, map_frames(path, frames))
+
+
+def read_raw(
+    path: os.PathLike | str, frames: slice | None = None, out: np.ndarray | None = None
+) -> tuple[np.ndarray, int | None]:
+    """``(raw, xor)`` for a calibration that reads the file's own bytes: for the instrument's
+    unsigned 16-bit data the mapped big-endian view and 0x8000 (values = ``raw ^ xor``, no copy),
+    else :func:`read_frames`'s array and None. The header is read once either way."""
     mapped = map_frames(path, frames)
+    if mapped is not None and mapped[1] is not None:
+        return mapped
+    return _values(path, frames, out, mapped), None
+
+
+def _values(path, frames, out, mapped) -> np.ndarray:
+    """:func:`read_frames` from :func:`map_frames`'s result (None: astropy reads the file)."""
     if mapped is None:
         return read_cube(path, frames)[0]
     data, xor = mapped

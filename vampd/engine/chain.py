@@ -25,7 +25,7 @@ from astropy.io import fits
 
 from vampd.engine.products import centroid_file, pdi_blocks, provenance, reprojection, write_product
 from vampd.engine.scratch import SCRATCH as _SCRATCH
-from vampd.fitsio import InputError, map_frames, read_frames
+from vampd.fitsio import InputError, read_frames, read_raw
 from vampd.imaging import _kernels
 from vampd.instrument.wcs import apply_wcs
 from vampd.stages.align import (
@@ -219,19 +219,16 @@ class Calibrate(Stage):
         nframes, ny, nx = ctx.shape
         n = len(range(*ctx.chunk.indices(nframes)))
         defer = ctx.can_defer_err and ctx.deferred is not False
-        # the compiled pass reads the mapped file as it is (big-endian int16 + BZERO)
-        mapped = map_frames(ctx.path, ctx.chunk) if defer and _kernels is not None else None
-        if mapped is None or mapped[1] is None:
-            mapped = (
-                read_frames(
-                    ctx.path, ctx.chunk, out=_SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16)
-                ),
-                None,
+        out = _SCRATCH.get("raw", (n, ny, nx), ctx.limits.chunk_bytes, np.uint16)
+        if defer:  # with the compiled kernels, calibrated straight from the mapped file
+            raw, xor = (
+                read_raw(ctx.path, ctx.chunk, out)
+                if _kernels is not None
+                else (read_frames(ctx.path, ctx.chunk, out), None)
             )
-        if defer:
-            _calibrate_deferred(ctx, *mapped)
+            _calibrate_deferred(ctx, raw, xor)
             return
-        raw = mapped[0]
+        raw = read_frames(ctx.path, ctx.chunk, out)
         first = ctx.cal_header is None
         ctx.data, ctx.err, hdr = calibrate_cube(
             raw,

@@ -48,12 +48,20 @@ def get(path: str, derotate_on: bool) -> tuple[Member, tuple]:
     """
     try:
         key = _key(path, derotate_on)
-    except OSError:
+    except OSError:  # gone: load_member names the problem
         key = None
+    return _cached(key) or _compute(path, key, derotate_on)
+
+
+def _cached(key) -> tuple[Member, tuple] | None:
     with _lock:
-        if key is not None and key in _entries:
-            _entries.move_to_end(key)
-            return _entries[key]
+        if key is None or key not in _entries:
+            return None
+        _entries.move_to_end(key)
+        return _entries[key]
+
+
+def _compute(path: str, key, derotate_on: bool) -> tuple[Member, tuple]:
     m = load_member(path)
     entry = (m, derotate_member(m, derotate_on))
     if key is not None:
@@ -72,10 +80,9 @@ def warm(paths, derotate_on: bool) -> int:
     n = 0
     for p in paths:
         try:
-            with _lock:
-                cached = _key(p, derotate_on) in _entries
-            if not cached:
-                get(p, derotate_on)
+            key = _key(p, derotate_on)
+            if _cached(key) is None:
+                _compute(p, key, derotate_on)
                 n += 1
         except Exception:  # noqa: BLE001 -- a bad product fails its set later, with its reason
             continue

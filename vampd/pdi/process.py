@@ -124,9 +124,7 @@ def derotate_member(m: Member, derotate_on: bool = True) -> tuple[np.ndarray, np
     if not derotate_on:
         return np.asarray(m.data, np.float32), var
     ang = float(m.header.get("DEROTANG", 0.0))
-    return derotate(m.data, ang, order=3).astype(np.float32, copy=False), derotate(var, ang, order=1).astype(
-        np.float32, copy=False
-    )
+    return derotate(m.data, ang, order=3), derotate(var, ang, order=1)  # float32 in, float32 out
 
 
 def _derotated(members: list[Member], derotate_on: bool, rotated) -> tuple[np.ndarray, np.ndarray]:

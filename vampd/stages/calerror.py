@@ -106,7 +106,7 @@ def calibrate_data(raw: np.ndarray, cm: CalibModel, data: np.ndarray, xor: int |
     """Calibrate ``raw`` (nframes, ny, nx) into ``data`` without the error cube; the repaired pixels' errors.
 
     ``raw``: the raw values, or with ``xor`` a view of the mapped file whose values are ``raw ^ xor``
-    (:func:`vampd.fitsio.map_frames`).
+    (:func:`vampd.fitsio.read_raw`).
 
     ``data`` ends as :func:`~vampd.stages.calibrate.calibrate_cube` gives it. Returns
     ``bad_err`` (nframes, nbad): the error of each repaired pixel (order of ``bad_yx``),

@@ -458,7 +458,7 @@ def _calibrate_blocks(
         gain = np.broadcast_to(np.asarray(model.gain_map, np.float32), (ny, nx))
         _kernels.calibrate_u16(raw[:, ::-1] if flip else raw, xor or 0, back, gain, float(satlevel), data, nsat)
         return
-    if xor is not None:  # a raw view of the file (fitsio.map_frames): its values first
+    if xor is not None:  # a raw view of the file (fitsio.read_raw): its values first
         raw = raw.astype(np.uint16) ^ np.uint16(xor)
     fstep, rstep = _block_steps(ny, nx)
     tmp = np.empty((fstep, rstep, nx), np.float32) if model.c2 is not None and err is not None else None
