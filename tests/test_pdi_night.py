@@ -164,11 +164,14 @@ def test_members_derotated_on_arrival(tmp_path):
         np.testing.assert_array_equal(h[0].data, cold.stokes)
         np.testing.assert_array_equal(h["ERR"].data, cold.err)
 
-    with fits.open(first) as h:  # rewrite a product (size or mtime change): derotated afresh
+    stale = pdi_members.get(first, True)[1][0]  # cached again, under the product's old mtime
+    assert pdi_members.get(first, True)[1][0] is stale
+    with fits.open(first) as h:  # rewrite the product (same size, new mtime): derotated afresh
         h[0].data = h[0].data * 2
         h.writeto(tmp_path / "rewritten.fits")
     (tmp_path / "rewritten.fits").replace(first)
     _m, (img2, _v) = pdi_members.get(first, True)
+    assert img2 is not stale
     np.testing.assert_allclose(img2, 2 * img, rtol=1e-5, atol=1e-3)
 
 
